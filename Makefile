@@ -1,0 +1,64 @@
+# kronos-kit: `make help` lists the targets. Every target runs the project's own venv interpreter.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON_BOOTSTRAP ?= python3
+# CPU build by default; GPU users pass their own, e.g. TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url <cuda index>"
+TORCH_SPEC ?= torch==2.13.0
+KERNEL_NAME ?= kronos-kit
+CONFIG ?= configs/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: help setup pipeline base lab test test-fast lint format strip bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+setup: $(PY)  ## create .venv with kronos-kit[dev] and register the Jupyter kernel "kronos-kit"
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') already in $(VENV); keeping it"; \
+	else \
+	  echo "installing $(TORCH_SPEC)"; $(PY) -m pip install --quiet "$(TORCH_SPEC)" $${PIP_EXTRA:-}; \
+	fi
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL_NAME) --display-name "Python ($(KERNEL_NAME))" >/dev/null
+	@echo "ready: $(VENV) with kernel '$(KERNEL_NAME)'"
+
+pipeline: $(PY)  ## run the default end-to-end pipeline (01 -> 02 -> 03) into runs/
+	$(PY) -m kronos_kit pipeline --config $(CONFIG) $(ARGS)
+
+base: $(PY)  ## re-pretrain the embedded tiny base checkpoints on the S&P 500 sample
+	$(PY) -m kronos_kit pretrain --config configs/pretrain_base.yaml
+
+lab: $(PY)  ## open JupyterLab on notebooks/
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(PY)  ## run the whole test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(PY)  ## the test suite without the slow end-to-end tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(PY)  ## ruff, and a check that notebooks carry no outputs
+	$(VENV)/bin/ruff check .
+	$(PY) -m kronos_kit strip-notebooks --check notebooks
+
+format: $(PY)  ## apply ruff's fixes
+	$(VENV)/bin/ruff check --fix .
+
+strip: $(PY)  ## remove outputs and execution counts from notebooks/*.ipynb (run before committing)
+	$(PY) -m kronos_kit strip-notebooks notebooks
+
+bench: $(PY)  ## run every benchmark script and print the figures
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+
+clean:  ## remove caches and build files (keeps .venv and runs/)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info benchmarks/out
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -exec rm -rf {} +

@@ -1,0 +1,366 @@
+"""Forecasting with Kronos: KV-cached generation that keeps every sample path.
+
+`KronosPredictor` keeps the reference's public API (`predict`, `predict_batch`: per-series z-score
+of the history, clip, tokenize with the frozen tokenizer, generate s1 then s2 per step, decode the
+last `max_context` tokens, de-normalize, return the mean path) and adds `predict_paths*`, which
+return every path with mean, median and quantiles.
+
+Generation is incremental: each new bar runs one position through the transformer against a
+key/value cache, and the s2 layer reuses cached key/value projections of the context. Once
+history plus generated bars exceed `max_context`, the reference drops the oldest bar and
+recomputes the window from position 0. `sliding="exact"` (default) does the same, so results
+equal the reference; it shares the history part of each window across sample paths, so many paths
+cost little more than one. `sliding="approx"` (opt-in) instead drops the oldest cached position
+and keeps going: much faster for long forecasts, but the remaining positions' hidden states still
+reflect the dropped bars, so it no longer equals the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
+
+PRICE_COLUMNS = ["open", "high", "low", "close"]
+FEATURES = [*PRICE_COLUMNS, "volume", "amount"]
+NORM_EPS = 1e-5  # the reference's std epsilon: (x - mean) / (std + 1e-5)
+
+
+def time_stamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> np.ndarray:
+    """(T, 5) float32 of minute, hour, weekday (Monday=0), day, month, as the model was trained."""
+    ts = pd.DatetimeIndex(pd.to_datetime(pd.Series(timestamps).to_numpy()))
+    return np.stack([ts.minute, ts.hour, ts.day_of_week, ts.day, ts.month], axis=-1).astype(np.float32)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, *, reference: bool = False):
+    """Mask logits outside the top-k and/or the top-p nucleus (at least one token always kept).
+
+    By default both filters apply when both are set. `reference=True` reproduces the reference,
+    which applies only top-k when `top_k > 0` and ignores `top_p` then.
+    """
+    logits = logits.clone()
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits[logits < kth] = float("-inf")
+        if reference:
+            return logits
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+        remove[..., 0] = False
+        logits[remove.scatter(-1, order, remove)] = float("-inf")
+    return logits
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Temperature, top-k and top-p sampling of the next token."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.9
+    reference_filtering: bool = False  # True: top-k alone when both are set, as the reference
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature T must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        logits = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p,
+                               reference=self.reference_filtering)
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Kronos,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+    stamps: torch.Tensor,
+    pred_len: int,
+    *,
+    max_context: int,
+    sample_count: int = 1,
+    sampler: Sampler | None = None,
+    use_cache: bool = True,
+    sliding: str = "exact",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generate `pred_len` (s1, s2) pairs after each history; `sample_count` paths per series.
+
+    s1, s2: (N, H) history tokens; stamps: (N, H + pred_len, 5). Returns (N * sample_count,
+    H + pred_len) token tensors, series-major (rows n * sample_count ... are series n's paths).
+    Both paths draw random numbers in the same order, so a seeded generator gives the same tokens.
+    """
+    if sliding not in ("exact", "approx"):
+        raise ValueError(f"sliding must be 'exact' or 'approx', got {sliding!r}")
+    sampler = sampler or Sampler()
+    n, hist_len = s1.shape
+    s1 = s1.repeat_interleave(sample_count, 0)
+    s2 = s2.repeat_interleave(sample_count, 0)
+    stamps_rows = stamps.repeat_interleave(sample_count, 0)
+    tokens1 = torch.cat([s1, s1.new_zeros(s1.shape[0], pred_len)], 1)
+    tokens2 = torch.cat([s2, s2.new_zeros(s2.shape[0], pred_len)], 1)
+    step = _CachedStepper(model, tokens1, tokens2, stamps, stamps_rows, n, sample_count, max_context, sliding) \
+        if use_cache else None
+    for i in tqdm(range(pred_len), desc="forecast", unit="bar", disable=not progress, leave=False):
+        cur = hist_len + i  # tokens known so far
+        if step is None:
+            start = max(0, cur - max_context)
+            logits1, context = model.decode_s1(tokens1[:, start:cur], tokens2[:, start:cur],
+                                               stamps_rows[:, start:cur])
+            next1 = sampler(logits1[:, -1], generator)
+            next2 = sampler(model.decode_s2(context, next1[:, None])[:, -1], generator)
+        else:
+            logits1, last_context = step.advance(cur)
+            next1 = sampler(logits1, generator)
+            next2 = sampler(model.decode_s2_step(last_context, next1, step.cache), generator)
+        tokens1[:, cur], tokens2[:, cur] = next1, next2
+    return tokens1, tokens2
+
+
+class _CachedStepper:
+    """Keeps a predictor cache in step with the token buffers during generation."""
+
+    def __init__(self, model, tokens1, tokens2, stamps, stamps_rows, n_series, samples, max_context, sliding):
+        self.model, self.tokens1, self.tokens2 = model, tokens1, tokens2
+        self.stamps, self.stamps_rows = stamps, stamps_rows
+        self.n_series, self.samples, self.max_context, self.sliding = n_series, samples, max_context, sliding
+        self.hist_len = 0  # set on the first advance
+        self.cache: PredictorCache | None = None
+
+    def _run(self, start: int, end: int, rows_are_series: bool):
+        """Feed positions [start, end) into the cache; rows are series (N) or paths (N * samples)."""
+        rows = slice(None, None, self.samples) if rows_are_series else slice(None)
+        stamps = self.stamps[:, start:end] if rows_are_series else self.stamps_rows[:, start:end]
+        logits, context = self.model.decode_s1(self.tokens1[rows, start:end], self.tokens2[rows, start:end],
+                                               stamps, cache=self.cache)
+        self.model.extend_s2_cache(context, self.cache)
+        return logits[:, -1], context[:, -1:]
+
+    def _rebuild(self, start: int, cur: int, hist_len: int):
+        """Recompute the window [start, cur) from position 0, sharing the history part per series."""
+        self.cache = PredictorCache.empty(self.model.n_layers)
+        logits, context = None, None
+        if start < hist_len:
+            logits, context = self._run(start, min(hist_len, cur), rows_are_series=True)
+            self.cache.repeat_interleave(self.samples)
+            logits = logits.repeat_interleave(self.samples, 0)
+            context = context.repeat_interleave(self.samples, 0)
+        if cur > max(start, hist_len):
+            logits, context = self._run(max(start, hist_len), cur, rows_are_series=False)
+        return logits, context
+
+    def advance(self, cur: int):
+        """s1 logits and last context for the window ending at token `cur` (exclusive)."""
+        if self.cache is None:  # first step: everything known is history
+            self.hist_len = cur
+            return self._rebuild(max(0, cur - self.max_context), cur, cur)
+        if cur <= self.max_context:
+            return self._run(cur - 1, cur, rows_are_series=False)
+        if self.sliding == "approx":
+            self.cache.drop_front(self.cache.length + 1 - self.max_context)
+            return self._run(cur - 1, cur, rows_are_series=False)
+        return self._rebuild(cur - self.max_context, cur, self.hist_len)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run modules in eval() (no dropout) and restore each one's previous mode afterwards."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+@dataclass
+class Forecast:
+    """Every sample path of a forecast, in price units, with summaries as DataFrames."""
+
+    paths: np.ndarray  # (series, samples, steps, features)
+    timestamps: list[pd.DatetimeIndex]  # future timestamps of each series
+    columns: tuple[str, ...] = tuple(FEATURES)
+    quantile_levels: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+
+    def _frame(self, values: np.ndarray, series: int) -> pd.DataFrame:
+        return pd.DataFrame(values, columns=list(self.columns), index=self.timestamps[series])
+
+    def mean(self, series: int = 0) -> pd.DataFrame:
+        return self._frame(self.paths[series].mean(0), series)
+
+    def median(self, series: int = 0) -> pd.DataFrame:
+        return self._frame(np.median(self.paths[series], 0), series)
+
+    def quantile(self, q: float, series: int = 0) -> pd.DataFrame:
+        return self._frame(np.quantile(self.paths[series], q, axis=0), series)
+
+    def quantiles(self, series: int = 0) -> dict[float, pd.DataFrame]:
+        return {q: self.quantile(q, series) for q in self.quantile_levels}
+
+
+class KronosPredictor:
+    """Forecast OHLCV bars with a Kronos predictor and its (frozen) tokenizer.
+
+    The reference's constructor and `predict`/`predict_batch` signatures, so existing code runs.
+    Models run in eval() during a call and get their previous mode back afterwards.
+    """
+
+    def __init__(
+        self,
+        model: Kronos,
+        tokenizer: KronosTokenizer,
+        device: str | torch.device | None = None,
+        max_context: int = 512,
+        clip: float = 5,
+    ):
+        check_pair(tokenizer, model)
+        if max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {max_context}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model, self.tokenizer = model.to(self.device), tokenizer.to(self.device)
+        self.max_context, self.clip = max_context, clip
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, df: pd.DataFrame, x_timestamp, y_timestamp, pred_len: int, where: str):
+        if not isinstance(df, pd.DataFrame):
+            raise ValueError(f"{where}: history must be a pandas DataFrame, got {type(df).__name__}")
+        missing = [c for c in PRICE_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"{where}: price columns {missing} not found; columns are {list(df.columns)}")
+        df = df.copy()
+        if "volume" not in df.columns:  # the reference fills both with 0 when volume is absent
+            df["volume"], df["amount"] = 0.0, 0.0
+        if "amount" not in df.columns:
+            df["amount"] = df["volume"] * df[PRICE_COLUMNS].mean(axis=1)
+        values = df[FEATURES].to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            rows, cols = np.nonzero(bad)
+            raise ValueError(
+                f"{where}: history has {bad.sum()} NaN/inf values, first in column "
+                f"{FEATURES[cols[0]]!r} at rows {sorted(set(rows.tolist()))[:5]}; fill or drop them first"
+            )
+        if len(df) < 2:
+            raise ValueError(f"{where}: history has {len(df)} bar(s); at least 2 are needed to normalise it")
+        if pred_len < 1:
+            raise ValueError(f"pred_len must be >= 1, got {pred_len}")
+        if len(x_timestamp) != len(df):
+            raise ValueError(f"{where}: x_timestamp has {len(x_timestamp)} entries but the history has {len(df)} rows")
+        if len(y_timestamp) != pred_len:
+            raise ValueError(f"{where}: y_timestamp has {len(y_timestamp)} entries but pred_len is {pred_len}")
+        x = values.astype(np.float32)
+        mean, std = x.mean(0), x.std(0)
+        x = np.clip((x - mean) / (std + NORM_EPS), -self.clip, self.clip)
+        stamps = np.concatenate([time_stamps(x_timestamp), time_stamps(y_timestamp)])
+        future = pd.DatetimeIndex(pd.to_datetime(pd.Series(y_timestamp).to_numpy()))
+        return x, stamps, mean, std, future
+
+    # ------------------------------------------------------------------ core
+    def predict_paths_batch(
+        self,
+        df_list: Sequence[pd.DataFrame],
+        x_timestamp_list: Sequence,
+        y_timestamp_list: Sequence,
+        pred_len: int,
+        T: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.9,
+        sample_count: int = 1,
+        verbose: bool = True,
+        *,
+        use_cache: bool = True,
+        sliding: str = "exact",
+        reference_filtering: bool = False,
+        seed: int | None = None,
+        quantile_levels: Sequence[float] | None = None,
+    ) -> Forecast:
+        """Every sample path for each series, generated in one batched pass.
+
+        Histories must share one length (as the reference requires); `seed` makes sampling
+        reproducible without touching the global RNG.
+        """
+        if not (len(df_list) == len(x_timestamp_list) == len(y_timestamp_list)) or not df_list:
+            raise ValueError(
+                f"df_list, x_timestamp_list and y_timestamp_list must be non-empty and equally long; got "
+                f"{len(df_list)}, {len(x_timestamp_list)}, {len(y_timestamp_list)}"
+            )
+        if sample_count < 1:
+            raise ValueError(f"sample_count must be >= 1, got {sample_count}")
+        sampler = Sampler(T, top_k, top_p, reference_filtering)
+        prepared = [self._prepare(df, xt, yt, pred_len, f"series {i}")
+                    for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list))]
+        lengths = {len(p[0]) for p in prepared}
+        if len(lengths) > 1:
+            raise ValueError(f"all histories must have the same length for a batch; got lengths {sorted(lengths)}")
+        x = torch.from_numpy(np.stack([p[0] for p in prepared])).to(self.device)
+        stamps = torch.from_numpy(np.stack([p[1] for p in prepared])).to(self.device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        with eval_mode(self.model, self.tokenizer), torch.no_grad():
+            s1, s2 = self.tokenizer.encode(x, half=True)
+            tokens1, tokens2 = generate_tokens(
+                self.model, s1, s2, stamps, pred_len, max_context=self.max_context, sample_count=sample_count,
+                sampler=sampler, use_cache=use_cache, sliding=sliding, generator=generator, progress=verbose,
+            )
+            start = max(0, tokens1.shape[1] - self.max_context)
+            decoded = self.tokenizer.decode([tokens1[:, start:], tokens2[:, start:]], half=True)[:, -pred_len:]
+        preds = decoded.float().cpu().numpy().reshape(len(prepared), sample_count, pred_len, len(FEATURES))
+        mean = np.stack([p[2] for p in prepared])[:, None, None]
+        std = np.stack([p[3] for p in prepared])[:, None, None]
+        paths = preds * (std + NORM_EPS) + mean
+        extra = {} if quantile_levels is None else {"quantile_levels": tuple(quantile_levels)}
+        return Forecast(paths, [p[4] for p in prepared], **extra)
+
+    def predict_paths(self, df, x_timestamp, y_timestamp, pred_len, T=1.0, top_k=0, top_p=0.9, sample_count=1,
+                      verbose=True, **kwargs) -> Forecast:
+        """Every sample path of one series (see `predict_paths_batch`)."""
+        return self.predict_paths_batch([df], [x_timestamp], [y_timestamp], pred_len, T, top_k, top_p,
+                                        sample_count, verbose, **kwargs)
+
+    # ------------------------------------------------------------------ reference API
+    def predict(self, df, x_timestamp, y_timestamp, pred_len, T=1.0, top_k=0, top_p=0.9, sample_count=1,
+                verbose=True, **kwargs) -> pd.DataFrame:
+        """Mean forecast path as a DataFrame indexed by `y_timestamp` (the reference's return)."""
+        return self.predict_paths(df, x_timestamp, y_timestamp, pred_len, T, top_k, top_p, sample_count,
+                                  verbose, **kwargs).mean(0)
+
+    def predict_batch(self, df_list, x_timestamp_list, y_timestamp_list, pred_len, T=1.0, top_k=0, top_p=0.9,
+                      sample_count=1, verbose=True, **kwargs) -> list[pd.DataFrame]:
+        """Mean forecast path of each series (the reference's return)."""
+        fc = self.predict_paths_batch(df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p,
+                                      sample_count, verbose, **kwargs)
+        return [fc.mean(i) for i in range(len(df_list))]
+
+    def as_forecast_fn(self, T: float = 1.0, top_k: int = 0, top_p: float = 0.9, seed: int | None = 0,
+                       **kwargs) -> Callable[..., np.ndarray]:
+        """Adapter for evaluation: (histories, x_ts, y_ts, pred_len, sample_count) -> paths array."""
+
+        def forecast(histories, x_timestamps, y_timestamps, pred_len, sample_count):
+            return self.predict_paths_batch(histories, x_timestamps, y_timestamps, pred_len, T, top_k, top_p,
+                                            sample_count, verbose=False, seed=seed, **kwargs).paths
+
+        return forecast
+
+
+__all__ = ["FEATURES", "Forecast", "KronosPredictor", "Sampler", "eval_mode", "filter_logits", "generate_tokens",
+           "time_stamps"]

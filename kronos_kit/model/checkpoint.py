@@ -1,0 +1,209 @@
+"""Checkpoint IO in the reference Hugging Face layout (`config.json` + `model.safetensors`), and presets.
+
+A checkpoint source is one of:
+- a local folder holding `config.json` and `model.safetensors` (e.g. a run's `tokenizer/best`);
+- a preset name (`tiny`, `tokenizer-base`, `tokenizer-2k`, `mini`, `small`, `base`, optionally
+  prefixed `preset:`), initialised from scratch with a seed;
+- a hub id `owner/name`, fetched through `huggingface_hub` (its cache, `revision`, and offline mode
+  via `HF_HUB_OFFLINE=1` / `local_files_only=True` are respected).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_TOKENIZER_BASE = dict(
+    d_in=6, d_model=256, n_heads=4, ff_dim=512, n_enc_layers=4, n_dec_layers=4, ffn_dropout_p=0.0,
+    attn_dropout_p=0.0, resid_dropout_p=0.0, s1_bits=10, s2_bits=10, beta=0.05, gamma0=1.0, gamma=1.1,
+    zeta=0.05, group_size=4,
+)
+_PREDICTOR_DROPOUT = dict(ffn_dropout_p=0.2, attn_dropout_p=0.0, resid_dropout_p=0.2, token_dropout_p=0.0)
+
+# Published shapes (the config.json of the released checkpoints) plus `tiny`, which trains in
+# seconds on a CPU. Dropouts of the published predictors are typical values: a real checkpoint's
+# own config.json always wins when you load it.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "KronosTokenizer": {
+        "tokenizer-base": _TOKENIZER_BASE,
+        "tokenizer-2k": {**_TOKENIZER_BASE, "group_size": 5},
+        "tiny": {**_TOKENIZER_BASE, "d_model": 64, "ff_dim": 128, "n_enc_layers": 3, "n_dec_layers": 3,
+                 "s1_bits": 6, "s2_bits": 6},
+    },
+    "Kronos": {
+        "mini": dict(s1_bits=10, s2_bits=10, n_layers=4, d_model=256, n_heads=4, ff_dim=512,
+                     learn_te=True, **_PREDICTOR_DROPOUT),
+        "small": dict(s1_bits=10, s2_bits=10, n_layers=8, d_model=512, n_heads=8, ff_dim=1024,
+                      learn_te=True, **_PREDICTOR_DROPOUT),
+        "base": dict(s1_bits=10, s2_bits=10, n_layers=12, d_model=832, n_heads=16, ff_dim=2048,
+                     learn_te=True, **_PREDICTOR_DROPOUT),
+        "tiny": dict(s1_bits=6, s2_bits=6, n_layers=2, d_model=64, n_heads=4, ff_dim=128, learn_te=True,
+                     ffn_dropout_p=0.0, attn_dropout_p=0.0, resid_dropout_p=0.0, token_dropout_p=0.0),
+    },
+}
+
+M = TypeVar("M", bound="CheckpointMixin")
+
+
+class CheckpointMixin:
+    """`from_pretrained` / `save_pretrained` for modules whose `config` dict holds their init kwargs."""
+
+    config: dict[str, Any]
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        return sorted(PRESETS.get(cls.__name__, {}))
+
+    @classmethod
+    def from_config(cls: type[M], config: dict[str, Any], *, source: str = "config") -> M:
+        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown, missing = set(config) - params, params - set(config)
+        if unknown or missing:
+            raise ValueError(
+                f"{source}: config does not fit {cls.__name__}: "
+                + (f"unknown keys {sorted(unknown)}; " if unknown else "")
+                + (f"missing keys {sorted(missing)}; " if missing else "")
+                + f"expected exactly {sorted(params)}"
+            )
+        return cls(**config)
+
+    @classmethod
+    def from_preset(cls: type[M], name: str, *, seed: int = 0) -> M:
+        name = name.removeprefix("preset:")
+        if name not in PRESETS.get(cls.__name__, {}):
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; presets: {cls.presets()}")
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+            torch.manual_seed(seed)
+            model = cls.from_config(dict(PRESETS[cls.__name__][name]), source=f"preset {name}")
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        source: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        seed: int = 0,
+    ) -> M:
+        """Load from a local folder, a preset name or a hub id; the model comes back in eval() mode."""
+        folder = _resolve_folder(cls, source, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only)
+        if folder is None:
+            model = cls.from_preset(str(source), seed=seed)
+            logger.info("%s: initialised preset %r from scratch (seed %d)", cls.__name__, str(source), seed)
+        else:
+            model = cls.from_config(_read_config(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+            load_weights(model, folder / WEIGHTS_NAME)
+            logger.info("%s: loaded %s in eval() mode", cls.__name__, folder)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors (each atomically) loadable by kit and reference."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config))
+        return directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _resolve_folder(cls, source, *, revision, cache_dir, local_files_only) -> Path | None:
+    """Local folder for `source`, or None when it names a preset."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; pass the checkpoint folder that holds {CONFIG_NAME}")
+        return path
+    name = str(source)
+    if name.removeprefix("preset:") in PRESETS.get(cls.__name__, {}):
+        return None
+    if name.startswith("preset:") or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ValueError(
+            f"checkpoint source {name!r} is neither an existing folder, a {cls.__name__} preset "
+            f"{cls.presets()}, nor a hub id of the form owner/name"
+        )
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+        )
+    )
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Strictly load a safetensors file, naming every missing, unexpected or misshapen tensor."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path} does not match {type(model).__name__} built from its config.json: "
+            + (f"missing tensors {missing}; " if missing else "")
+            + (f"unexpected tensors {unexpected}; " if unexpected else "")
+            + (f"shape mismatches [{'; '.join(shapes)}]" if shapes else "")
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def check_pair(tokenizer: nn.Module, predictor: nn.Module) -> None:
+    """Refuse a tokenizer and predictor whose token vocabularies differ."""
+    tok = (tokenizer.s1_bits, tokenizer.s2_bits)
+    pred = (predictor.s1_bits, predictor.s2_bits)
+    if tok != pred:
+        raise ValueError(
+            f"tokenizer has (s1_bits, s2_bits) = {tok} but predictor expects {pred}: "
+            "pair a predictor with the tokenizer it was trained on"
+        )
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (names, dtypes, shapes and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,54 @@
+"""Notebook hygiene: committed notebooks carry no outputs and no execution counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _notebook_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.ipynb")) if p.is_dir() else [p])
+    return files
+
+
+def strip_notebook(path: Path) -> bool:
+    """Remove outputs, execution counts and run metadata in place; return True if the file changed."""
+    text = path.read_text()
+    nb = json.loads(text)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        cell.get("metadata", {}).pop("papermill", None)
+        cell.get("metadata", {}).pop("execution", None)
+    nb.get("metadata", {}).pop("papermill", None)
+    new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    if new != text:
+        path.write_text(new)
+        return True
+    return False
+
+
+def has_outputs(path: Path) -> bool:
+    nb = json.loads(path.read_text())
+    return any(
+        c.get("outputs") or c.get("execution_count")
+        for c in nb.get("cells", [])
+        if c.get("cell_type") == "code"
+    )
+
+
+def strip_notebooks(paths: list[str], *, check: bool = False) -> int:
+    """Strip (or with `check`, only report) every notebook under `paths`; exit code 1 if dirty in check mode."""
+    dirty = []
+    for f in _notebook_files(paths):
+        if check:
+            if has_outputs(f):
+                dirty.append(f)
+        elif strip_notebook(f):
+            print(f"stripped {f}")
+    for f in dirty:
+        print(f"{f} has outputs: run `make strip` before committing")
+    return 1 if dirty else 0
