@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import DATA
+
 from kronos_kit.forecast import FEATURES, KronosPredictor, Sampler, filter_logits, generate_tokens
 from kronos_kit.model import Kronos, KronosTokenizer
 
@@ -39,7 +39,10 @@ def test_greedy_forecast_reproduces_reference(reference_predictor, bars, golden,
     assert list(out.index) == list(y_ts)
 
 
-@pytest.mark.parametrize("sampler", [Sampler(top_k=1), Sampler(temperature=1.3, top_k=5, top_p=0.8)], ids=["greedy", "sampled"])
+SAMPLERS = [Sampler(top_k=1), Sampler(temperature=1.3, top_k=5, top_p=0.8)]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["greedy", "sampled"])
 @pytest.mark.parametrize("hist_len", [20, 45])  # within max_context, and already past it
 def test_cached_and_uncached_give_the_same_tokens(sampler, hist_len):
     model = Kronos.from_preset("tiny", seed=3)

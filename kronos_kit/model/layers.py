@@ -7,8 +7,6 @@ implementation (shiyu-coder/Kronos `model/module.py`) so published checkpoints l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,38 +63,58 @@ class RotaryEmbedding(nn.Module):
         return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
 
 
-@dataclass
 class KVCache:
-    """Keys and values of the positions seen so far, (B, n_heads, T, head_dim) each."""
+    """Keys and values of the positions seen so far, (B, n_heads, T, head_dim) each.
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    dropped: int = 0  # positions trimmed from the front; rotary positions keep counting from here
+    Stored in preallocated buffers that grow by doubling, so appending one position copies one
+    position (re-concatenating would copy the whole cache at every generated bar).
+    """
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self.length = 0
+        self.dropped = 0  # positions trimmed from the front; rotary positions keep counting from here
 
     @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
 
     @property
     def next_position(self) -> int:
         return self.dropped + self.length
 
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[-2]
+        if self._k is None or self.length + n > self._k.shape[-2]:
+            capacity = max(64, 2 * (self.length + n))
+            grown_k = k.new_empty(*k.shape[:-2], capacity, k.shape[-1])
+            grown_v = v.new_empty(*v.shape[:-2], capacity, v.shape[-1])
+            if self.length:
+                grown_k[:, :, : self.length] = self.k
+                grown_v[:, :, : self.length] = self.v
+            self._k, self._v = grown_k, grown_v
+        self._k[:, :, self.length : self.length + n] = k
+        self._v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k, self.v
+
     def drop_front(self, n: int) -> None:
         """Forget the oldest n positions (approximate sliding window)."""
-        if self.k is not None and n > 0:
-            self.k, self.v = self.k[..., n:, :], self.v[..., n:, :]
+        if self._k is not None and n > 0:
+            self._k, self._v = self._k[:, :, n:], self._v[:, :, n:]
+            self.length -= n
             self.dropped += n
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
 
     def repeat_interleave(self, n: int) -> None:
         """Expand the batch n-fold (one shared history -> n sample paths)."""
-        if self.k is not None:
-            self.k = self.k.repeat_interleave(n, dim=0)
-            self.v = self.v.repeat_interleave(n, dim=0)
+        if self._k is not None:
+            self._k = self._k.repeat_interleave(n, dim=0)
+            self._v = self._v.repeat_interleave(n, dim=0)
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -145,11 +163,17 @@ class _Attention(nn.Module):
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
 
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask,
-            dropout_p=self.attn_dropout_p if self.training else 0.0,
-            is_causal=is_causal and mask is None,
-        )
+        if q.shape[-2] == 1 and mask is None and not self.training:
+            # one query (a generation step): a plain matvec; the CPU flash kernel is ~50x slower
+            # on the strided views of a KV cache
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask,
+                dropout_p=self.attn_dropout_p if self.training else 0.0,
+                is_causal=is_causal and mask is None,
+            )
         b, _, t, _ = out.shape
         return self.resid_dropout(self.out_proj(out.transpose(1, 2).reshape(b, t, self.d_model)))
 

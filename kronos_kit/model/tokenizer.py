@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -104,14 +105,28 @@ class BinarySphericalQuantizer(nn.Module):
         probs = torch.stack([p, 1 - p], dim=-1)
         per_sample = _entropy(probs).sum(-1).mean()
         if self.entropy_mode == "reference":
-            codebook = _entropy(probs.reshape(-1, *probs.shape[-2:]).mean(0)).sum()
+            codebook = _entropy(self._batch_mean(probs.reshape(-1, *probs.shape[-2:]))).sum()
             return self.gamma0 * per_sample - self.gamma * codebook
         # soft assignment of each group of bits to the 2**group_size group codes
         groups = z.reshape(*z.shape[:-1], -1, self.group_size)  # (..., G, g)
         logits = 2 * torch.einsum("...gc,dc->...gd", groups, self.group_codebook * self.scale)
-        avg_prob = logits.softmax(-1).reshape(-1, *logits.shape[-2:]).mean(0)  # (G, 2**g)
+        avg_prob = self._batch_mean(logits.softmax(-1).reshape(-1, *logits.shape[-2:]))  # (G, 2**g)
         codebook = _entropy(avg_prob).sum()
         return self.gamma0 * per_sample - self.gamma * codebook
+
+    def _batch_mean(self, probs: torch.Tensor) -> torch.Tensor:
+        """Mean code probabilities over the batch; over the global batch when training under DDP.
+
+        The codebook entropy is a batch statistic: averaging it per rank would train on a different
+        objective than one process with the same global batch. The autograd all-reduce makes the two
+        equal (gradients included).
+        """
+        mean = probs.mean(0)
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            mean = all_reduce(mean) / dist.get_world_size()
+        return mean
 
     def forward(self, z: torch.Tensor, *, half: bool = False, with_loss: bool = True) -> QuantizerOutput:
         if z.shape[-1] != self.bits:

@@ -1,0 +1,211 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML and from papermill parameters.
+
+`KitConfig.from_file("configs/default.yaml")` reads a YAML file whose sections mirror the
+dataclasses below; `cfg.with_overrides({"tokenizer.max_steps": 20, "seed": 1})` (or the command
+line's `key=value` words) changes single fields. Unknown keys are errors that name the key.
+Every field is documented in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    source: str = "sample:nasdaq"  # CSV/Parquet file or folder, or sample:sp500 / sample:nasdaq
+    symbol: str | None = None  # symbol for a single-instrument file without a symbol column
+    lookback: int = 90  # bars of history in a window (normalisation uses these only)
+    predict: int = 10  # bars after the lookback in a training window
+    clip: float = 5.0  # clip normalised values to +-clip
+    train_ratio: float = 0.8  # chronological split per symbol, when val_start/test_start are unset
+    val_ratio: float = 0.1
+    val_start: str | None = None  # or split by dates: first timestamp of validation ...
+    test_start: str | None = None  # ... and of test
+    stride: int = 1  # bars between consecutive training windows
+    max_samples_per_epoch: int | None = None  # cap on windows per epoch (large data)
+    fill: str | None = None  # None: NaN is an error; "ffill": forward-fill within a symbol
+
+    def __post_init__(self) -> None:
+        if self.lookback < 2 or self.predict < 1:
+            raise ValueError(f"data.lookback must be >= 2 and data.predict >= 1; got {self.lookback}, {self.predict}")
+        if not (0 < self.train_ratio < 1 and 0 < self.val_ratio < 1 and self.train_ratio + self.val_ratio < 1):
+            raise ValueError("data.train_ratio and data.val_ratio must be in (0, 1) and sum below 1 "
+                             "(test gets the rest)")
+
+    @property
+    def window(self) -> int:
+        return self.lookback + self.predict + 1  # the reference's window length
+
+
+@dataclass
+class PhaseConfig:
+    enabled: bool = True  # switch the phase off to reuse `start_from` as is
+    start_from: str = "tiny"  # checkpoint folder, preset name, or hub id
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops early when reached
+    batch_size: int = 32  # global batch (split across ranks under torchrun)
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    pct_start: float = 0.03  # OneCycle warm-up share
+    div_factor: float = 10.0  # OneCycle initial lr = lr / div_factor
+    grad_clip: float = 2.0
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines
+    eval_every: int = 50  # optimizer steps between validations (also at each epoch end)
+    patience: int | None = None  # validations without improvement before stopping early
+    max_val_batches: int | None = None  # cap validation cost on large data
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TokenizerPhaseConfig(PhaseConfig):
+    entropy_mode: str = "reference"  # BSQ codebook entropy: "reference" (as published) or "group"
+
+
+@dataclass
+class PredictorPhaseConfig(PhaseConfig):
+    start_from: str = "tiny"
+    lr: float = 4e-5
+    grad_clip: float = 3.0
+    tokenizer_from: str | None = None  # None: this run's phase-1 tokenizer if trained, else tokenizer.start_from
+    teacher_forcing: bool = False  # condition s2 on the true next s1 instead of a sampled one
+    token_cache: bool = True  # encode each window once with the frozen tokenizer and reuse it
+
+
+@dataclass
+class GateConfig:
+    max_full_mse: float = 0.5  # reconstruction MSE (normalised units) of the full decoder
+    min_s1_usage: float = 0.2  # share of s1 codes used on validation windows
+    override: bool = False  # run phase 2 even if the gate failed
+
+
+@dataclass
+class EvalConfig:
+    stride: int = 24  # bars between forecast origins on the test split
+    pred_len: int = 24  # forecast horizon
+    sample_count: int = 8  # sample paths per origin
+    max_origins: int | None = 60  # cap per model (None: every origin)
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 0
+    max_context: int = 512
+
+
+@dataclass
+class KitConfig:
+    run_dir: str | None = None  # None: runs/<config name>-<timestamp>
+    seed: int = 0  # one seed fixes Python, NumPy, torch and the data order
+    device: str = "auto"  # auto (cuda, mps, cpu), or e.g. cpu, cuda:0
+    precision: str = "fp32"  # fp32, or bf16 (autocast, CUDA only)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerPhaseConfig = field(default_factory=TokenizerPhaseConfig)
+    predictor: PredictorPhaseConfig = field(default_factory=PredictorPhaseConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "run"  # run name; the run directory is named after it
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+    # ------------------------------------------------------------------ IO
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> KitConfig:
+        return _build(cls, values, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> KitConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        values.setdefault("name", path.stem)
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> KitConfig:
+        """A copy with dotted keys replaced, e.g. {"tokenizer.max_steps": 20}; None values are skipped."""
+        values = self.to_dict()
+        for key, value in {**(overrides or {}), **kwargs}.items():
+            if value is None:
+                continue
+            *parents, leaf = key.split(".")
+            node = values
+            for p in parents:
+                if not isinstance(node.get(p), dict):
+                    raise ValueError(f"override {key!r}: {p!r} is not a config section")
+                node = node[p]
+            if leaf not in node:
+                raise ValueError(f"override {key!r}: unknown field {leaf!r}; fields here: {sorted(node)}")
+            node[leaf] = value
+        return KitConfig.from_dict(values, source="overrides")
+
+
+def parse_overrides(words: list[str]) -> dict[str, Any]:
+    """`key=value` words from a command line; values are parsed as YAML (numbers, null, true...)."""
+    out = {}
+    for word in words:
+        if "=" not in word:
+            raise ValueError(f"override {word!r} must look like key=value, e.g. tokenizer.max_steps=20")
+        key, value = word.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _build(cls, values: dict[str, Any], source: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: section for {cls.__name__} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown {cls.__name__} keys {sorted(unknown)}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{source}: {name}")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{source}: {cls.__name__}.{name}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a YAML value against a field's type hint (ints may stand for floats)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    wrong_bool = hint is int and isinstance(value, bool)  # YAML true is an int to Python
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or wrong_bool):
+        raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value

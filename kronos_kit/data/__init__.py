@@ -1,0 +1,50 @@
+"""OHLCV data layer: everything between a researcher's candles and a Kronos training window.
+
+This package owns
+* loading (`load_ohlcv`, in ``load``): CSV or Parquet files, a folder or list of them, or a
+  DataFrame, into one canonical long frame
+  ``symbol, timestamps, open, high, low, close, volume, amount``;
+* validation: bad data raises `DataError` (a ValueError) naming the file, the column, the first
+  rows at fault (with their numbers in the source) and what to do;
+* calendar features (`time_features`, in ``schema``) exactly as the Kronos reference computes them;
+* chronological per-symbol splits (`split`, in ``windows``) whose val/test parts carry look-back
+  context only, and training windows (`WindowDataset`) z-scored on the look-back bars alone, so
+  the future never leaks into the normalisation;
+* the embedded samples (`load_sample`, in ``samples``) and a notebook summary (`summarize`).
+
+Whatever the loader fills, sorts or repairs is reported with ``warnings.warn(..., DataNotice)``
+and kept in ``frame.attrs["notices"]``. Every check is vectorised: no Python loop runs over rows.
+"""
+
+from .load import load_ohlcv
+from .samples import load_sample
+from .schema import (
+    COLUMNS,
+    CONTEXT_COLUMN,
+    FEATURE_COLUMNS,
+    PRICE_COLUMNS,
+    TIME_FEATURE_COLUMNS,
+    DataError,
+    DataNotice,
+    time_features,
+)
+from .summary import DataSummary, summarize
+from .windows import Splits, WindowDataset, split
+
+__all__ = [
+    "COLUMNS",
+    "CONTEXT_COLUMN",
+    "FEATURE_COLUMNS",
+    "PRICE_COLUMNS",
+    "TIME_FEATURE_COLUMNS",
+    "DataError",
+    "DataNotice",
+    "DataSummary",
+    "Splits",
+    "WindowDataset",
+    "load_ohlcv",
+    "load_sample",
+    "split",
+    "summarize",
+    "time_features",
+]

@@ -1,0 +1,48 @@
+"""The embedded sample data sets (`load_sample`), read offline from the ``arch`` package."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from .load import load_ohlcv
+from .schema import DataError, DataNotice
+
+_SAMPLES = {
+    "sp500": ("sp500", "SP500", "S&P 500 index"),
+    "nasdaq": ("nasdaq", "NASDAQ", "NASDAQ Composite index"),
+}
+
+
+def load_sample(name: str) -> pd.DataFrame:
+    """Embedded daily OHLCV, offline: ``"sp500"`` or ``"nasdaq"`` (1999-01-04 .. 2018-12-31).
+
+    Source: the ``arch`` package's bundled data sets ``arch.data.sp500.load()`` and
+    ``arch.data.nasdaq.load()`` (Yahoo Finance daily bars: Open, High, Low, Close, Adj Close,
+    Volume, Date index; 5,031 rows each). Returned in the canonical format with symbol
+    ``"SP500"`` / ``"NASDAQ"``, close as published (Adj Close equals Close for these indices),
+    and amount = volume * mean(open, high, low, close) as the Kronos reference fills it.
+    Both pass validation unrepaired: no candle violates the high/low rules (checked in the
+    tests); NASDAQ has two days with volume 0, which are valid and kept.
+    """
+    key = str(name).lower()
+    if key not in _SAMPLES:
+        raise ValueError(f"load_sample({name!r}): unknown sample; choose one of {sorted(_SAMPLES)}.")
+    module, symbol, title = _SAMPLES[key]
+
+    raw = importlib.import_module(f"arch.data.{module}").load()
+    ohlc = raw[["Open", "High", "Low", "Close"]].astype(np.float64)
+    raw = raw.assign(Amount=raw["Volume"].astype(np.float64) * ohlc.mean(axis=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataNotice)
+        frame = load_ohlcv(raw, symbol=symbol)
+    if frame.attrs["notices"]:  # the samples load as published, without any fill, sort or repair
+        raise DataError(f"sample {key!r} no longer loads cleanly: {frame.attrs['notices']}")
+    frame.attrs["notices"] = [f"sample '{key}': {title} daily bars from arch.data.{module} (Yahoo Finance); "
+                              "amount = volume * mean(open, high, low, close)."]
+    return frame
+
+

@@ -1,0 +1,97 @@
+"""The canonical OHLCV schema and what every part of the data layer shares: column names,
+`DataError`, `DataNotice`, `time_features` and the per-symbol block helpers."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ("symbol", "timestamps", "open", "high", "low", "close", "volume", "amount")
+PRICE_COLUMNS = ("open", "high", "low", "close")
+FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")  # the order of the model's 6 inputs
+TIME_FEATURE_COLUMNS = ("minute", "hour", "weekday", "day", "month")
+CONTEXT_COLUMN = "is_context"  # set by `split`: True for look-back rows borrowed from the previous split
+SHOW = 5  # offending rows quoted in an error message
+
+
+class DataError(ValueError):
+    """Input data the kit refuses; the message names the source, column, rows at fault and the fix."""
+
+
+class DataNotice(UserWarning):
+    """Something the loader filled, sorted or repaired (also kept in ``frame.attrs["notices"]``)."""
+
+
+def notify(notices: list[str], message: str) -> None:
+    """Record a notice and warn, pointing the warning at the caller outside this package."""
+    notices.append(message)
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__ or "-"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DataNotice, stacklevel=level)
+
+
+def time_features(timestamps: pd.Series | pd.DatetimeIndex | Sequence | np.ndarray) -> pd.DataFrame:
+    """Calendar features as the Kronos reference computes them: columns exactly
+    ``minute, hour, weekday (Monday=0), day (of month, 1..31), month (1..12)``, int64.
+
+    Zoned times give the local wall-clock fields. A Series keeps its index.
+    """
+    index = timestamps.index if isinstance(timestamps, pd.Series) else None
+    try:
+        ts = pd.DatetimeIndex(timestamps)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"time_features: timestamps could not be read as times ({exc}).") from None
+    return pd.DataFrame(
+        {"minute": ts.minute, "hour": ts.hour, "weekday": ts.day_of_week, "day": ts.day, "month": ts.month},
+        index=index,
+    ).astype("int64")
+
+
+def nanoseconds(timestamps: pd.Series | pd.DatetimeIndex) -> np.ndarray:
+    """Times as int64 nanoseconds (UTC instants when zoned), whatever the stored resolution."""
+    return pd.DatetimeIndex(timestamps).as_unit("ns").asi8
+
+
+def require_canonical(frame: pd.DataFrame, where: str) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"{where}: expected a DataFrame from load_ohlcv, got {type(frame).__name__}.")
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{where}: frame lacks column(s) {missing}; columns found: {list(frame.columns)}. "
+                        "Build it with load_ohlcv(...).")
+    if len(frame) == 0:
+        raise DataError(f"{where}: frame has no rows.")
+
+
+def symbol_bounds(frame: pd.DataFrame, where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Start/end row of each symbol's block; refuse frames not sorted by symbol then time."""
+    sym = frame["symbol"].to_numpy(dtype=object)
+    starts = np.flatnonzero(np.r_[True, sym[1:] != sym[:-1]])
+    ends = np.r_[starts[1:], len(sym)]
+    names = [str(s) for s in sym[starts]]
+    ts = nanoseconds(frame["timestamps"])
+    step = np.diff(ts)
+    inner = np.ones(len(sym) - 1, bool)
+    inner[starts[1:] - 1] = False  # differences across a symbol boundary do not count
+    if len(set(names)) != len(names) or (step[inner] <= 0).any():
+        raise DataError(f"{where}: frame is not sorted by symbol then strictly increasing time; "
+                        "build it with load_ohlcv(...) (which sorts and refuses duplicate times).")
+    return starts, ends, names
+
+
+def modal_step(ts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Most frequent timestamp difference of each symbol (ns; 0 for a single bar)."""
+    out = np.zeros(len(starts), np.int64)
+    for k, (a, b) in enumerate(zip(starts, np.r_[starts[1:], len(ts)])):  # one pass per symbol
+        d = np.diff(ts[a:b])
+        if len(d):
+            vals, counts = np.unique(d, return_counts=True)
+            out[k] = vals[np.argmax(counts)]
+    return out
+
+

@@ -1,0 +1,328 @@
+"""Chronological splits and training windows: `split` cuts each symbol into train / val / test
+without sharing a target bar, `WindowDataset` cuts Kronos windows normalised on the look-back only."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from .schema import (
+    COLUMNS,
+    CONTEXT_COLUMN,
+    FEATURE_COLUMNS,
+    SHOW,
+    DataError,
+    modal_step,
+    nanoseconds,
+    notify,
+    require_canonical,
+    symbol_bounds,
+    time_features,
+)
+
+_EPS = 1e-5  # the reference's std guard: (x - mean) / (std + 1e-5)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Chronological train / val / test frames. Val and test start with up to ``lookback`` context
+    rows (``is_context`` True) borrowed from before the split; only their later rows are targets."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+    def __iter__(self):
+        return iter((self.train, self.val, self.test))
+
+
+def _bound(value: str | pd.Timestamp, tz: object, dates: object) -> pd.Timestamp:
+    """A split date comparable with the frame's times (naive dates are read in the frame's zone)."""
+    t = pd.Timestamp(value)
+    if t.tz is None and tz is not None:
+        return t.tz_localize(tz)
+    if t.tz is not None and tz is None:
+        raise DataError(f"split: dates={dates} carry a time zone but the frame's times are naive; pass naive dates.")
+    return t
+
+
+def _need(lookback: int, predict: int) -> str:
+    return f"one window needs {lookback + predict + 1} bars (lookback {lookback} + predict {predict} + 1)"
+
+
+def split(
+    frame: pd.DataFrame,
+    *,
+    lookback: int,
+    predict: int = 0,
+    ratios: tuple[float, float, float] | None = None,
+    dates: tuple[str | pd.Timestamp, str | pd.Timestamp] | None = None,
+    short: str = "error",
+) -> Splits:
+    """Split each symbol chronologically into train / val / test, without sharing a target bar.
+
+    ``ratios`` (default 0.8, 0.1, 0.1) cut each symbol by its bar count (floored); ``dates=
+    (val_start, test_start)`` cut by time instead (val holds val_start <= t < test_start; naive
+    dates are read in the frame's zone). Val and test carry up to ``lookback`` bars before their
+    first bar as context rows (``is_context`` True; they may reach back past the previous split
+    when it is shorter), so `WindowDataset` builds windows there whose target bars (those after
+    the look-back) all lie in the split. Pass the ``predict`` you will train with so the check
+    below is exact (a window is lookback + predict + 1 bars; the default 0 asks for one target).
+
+    A symbol whose part of a split cannot hold one window is a `DataError` (``short="error"``) or
+    is left out of that split with a notice (``short="drop"``); a split with no window at all is
+    always a `DataError`. Each part's ``attrs`` hold ``split`` (its name), ``lookback`` and
+    ``notices``.
+    """
+    require_canonical(frame, "split")
+    if short not in ("error", "drop"):
+        raise ValueError(f"short={short!r}: use 'error' or 'drop'.")
+    if lookback < 1 or predict < 0:
+        raise ValueError(f"lookback={lookback}, predict={predict}: need lookback >= 1 and predict >= 0.")
+    starts, ends, names = symbol_bounds(frame, "split")
+    sizes = ends - starts
+    if dates is None:
+        r = np.asarray(ratios if ratios is not None else (0.8, 0.1, 0.1), dtype=float)
+        if r.shape != (3,) or (r < 0).any() or abs(r.sum() - 1) > 1e-6:
+            raise ValueError(f"ratios={ratios}: give three non-negative shares summing to 1.")
+        cut1 = np.floor(sizes * r[0]).astype(np.int64)
+        cut2 = np.floor(sizes * (r[0] + r[1])).astype(np.int64)
+        how = f"ratios={tuple(r.tolist())}"
+    else:
+        ts = frame["timestamps"]
+        val_start, test_start = (_bound(d, getattr(ts.dt, "tz", None), dates) for d in dates)
+        if not val_start < test_start:
+            raise ValueError(f"dates={dates}: val_start must come before test_start.")
+        # rows are time-sorted within each symbol, so a cut is the count of that symbol's earlier rows
+        cut1 = np.add.reduceat((ts < val_start).to_numpy(np.int64), starts)
+        cut2 = np.add.reduceat((ts < test_start).to_numpy(np.int64), starts)
+        how = f"dates=({val_start}, {test_start})"
+
+    window = lookback + predict + 1
+    pos = np.arange(len(frame)) - np.repeat(starts, sizes)  # row position within its symbol
+    base = frame.loc[:, list(COLUMNS)]
+    parts = {}
+    for name, first, last in (("train", np.zeros_like(cut1), cut1), ("val", cut1, cut2), ("test", cut2, sizes)):
+        notices = list(frame.attrs.get("notices", []))
+        context_from = np.maximum(0, first - lookback)
+        counts = np.maximum(0, last - window - context_from + 1)  # windows whose targets lie in [first, last)
+        short_ones = np.flatnonzero(counts == 0)
+        if len(short_ones) == len(names):
+            raise DataError(f"split '{name}' is empty: no symbol has a complete window there ({how}; "
+                            f"{_need(lookback, predict)}). Lower lookback/predict, or give '{name}' a larger "
+                            "share of the data.")
+        if len(short_ones):
+            listing = ", ".join(f"'{names[k]}' ({last[k] - first[k]} of its {sizes[k]} bars)"
+                                for k in short_ones[:SHOW])
+            if short == "error":
+                raise DataError(f"split '{name}': {len(short_ones)} symbol(s) too short for one window: "
+                                f"{listing}; {_need(lookback, predict)}. Lower lookback/predict, change the "
+                                "split, or pass short='drop' to leave such symbols out of this split.")
+            notify(notices, f"split '{name}': left out {len(short_ones)} symbol(s) too short for one "
+                            f"window: {listing}.")
+        lo = np.repeat(np.where(counts > 0, context_from, 0), sizes)
+        hi = np.repeat(np.where(counts > 0, last, 0), sizes)
+        keep = (pos >= lo) & (pos < hi)
+        part = base.loc[keep].reset_index(drop=True)
+        part[CONTEXT_COLUMN] = (pos < np.repeat(first, sizes))[keep]
+        part.attrs = {"notices": notices, "split": name, "lookback": lookback}
+        parts[name] = part
+    return Splits(**parts)
+
+
+# --------------------------------------------------------------------------------------------
+# windows
+
+
+def _normalize(windows: np.ndarray, lookback: int, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Z-score (..., L, 6) windows with the mean and population std of the first ``lookback`` bars."""
+    past = windows[..., :lookback, :]
+    mean = past.mean(axis=-2, keepdims=True)
+    std = past.std(axis=-2, keepdims=True)  # ddof=0, as the reference's np.std
+    x = np.clip((windows - mean) / (std + _EPS), -clip, clip)
+    return x, mean.squeeze(-2), std.squeeze(-2)
+
+
+def _cut_at_gaps(
+    frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarray, names: list[str], *, gaps: str,
+    max_gap: float | str | pd.Timedelta, where: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unbroken stretches [lo, hi) of rows: the symbol blocks, cut at gaps when ``gaps="split"``."""
+    if gaps == "ignore":
+        return starts, ends
+    ts = nanoseconds(frame["timestamps"])
+    sym_of_row = np.repeat(np.arange(len(starts)), ends - starts)
+    if isinstance(max_gap, numbers.Real):  # a multiple of each symbol's own bar interval
+        limit = modal_step(ts, starts)[sym_of_row[1:]] * float(max_gap)
+    else:
+        limit = pd.Timedelta(max_gap).value
+    jump = np.flatnonzero((np.diff(ts) > limit) & (sym_of_row[1:] == sym_of_row[:-1])) + 1
+    if len(jump) and gaps == "error":
+        times = frame["timestamps"]
+        listing = ", ".join(f"'{names[sym_of_row[j]]}' {times.iat[j - 1]} -> {times.iat[j]}" for j in jump[:SHOW])
+        raise DataError(f"{where}: {len(jump)} gap(s) longer than max_gap={max_gap!r} (times the bar interval "
+                        f"when a number), first: {listing}. Pass gaps='split' to keep windows inside unbroken "
+                        "stretches, gaps='ignore' if such breaks are normal (overnight, weekends), or a "
+                        "larger max_gap.")
+    return np.sort(np.r_[starts, jump]), np.sort(np.r_[ends, jump])
+
+
+class WindowDataset(Dataset):
+    """Kronos training windows: ``lookback + predict + 1`` consecutive bars of one symbol.
+
+    Each feature is z-scored with the mean and population std of the first ``lookback`` bars
+    only (the reference uses the whole window, which leaks the future), ``(x - mean) / (std +
+    1e-5)``, then clipped to ``+-clip``. An item is a dict: ``x`` (L, 6) float32 in order open,
+    high, low, close, volume, amount; ``stamp`` (L, 5) float32 minute, hour, weekday, day, month;
+    ``mean`` and ``std`` (6,) float32; ``symbol`` str; ``start`` int (row of the first bar within
+    its symbol's rows in ``frame``), so the default DataLoader collate works.
+
+    Windows never cross symbols. For frames from `split`, the target bars (after the look-back)
+    of every window lie outside the ``is_context`` rows. ``gaps`` decides what a time jump larger
+    than ``max_gap`` (a multiple of the symbol's modal bar interval, or a Timedelta such as
+    ``"3D"``) means: ``"ignore"`` (the default, because overnight, lunch and weekend breaks are
+    normal for market data, e.g. intraday A-shares), ``"split"`` (no window crosses one) or
+    ``"error"``. ``short`` decides what a symbol without any window means: ``"error"`` or
+    ``"drop"`` (left out, with a notice in ``self.notices``).
+
+    Without ``max_samples`` the items are every window in order (shuffle with the DataLoader or a
+    DistributedSampler). With it, each epoch's items are the first ``max_samples`` of the
+    permutation ``numpy.random.default_rng((seed, epoch)).permutation(n_windows)``; call
+    ``set_epoch`` before each epoch (before the DataLoader starts its workers).
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        lookback: int,
+        predict: int,
+        clip: float = 5.0,  # z-scores are clipped to +-clip, as the reference does
+        stride: int = 1,  # rows between consecutive window starts
+        max_samples: int | None = None,  # windows per epoch; None: all, in order
+        seed: int = 0,
+        gaps: str = "ignore",  # "ignore" | "split" | "error"
+        max_gap: float | str | pd.Timedelta = 1.5,  # x modal interval, or a Timedelta
+        short: str = "error",  # "error" | "drop": a symbol without a single window
+    ) -> None:
+        if lookback < 1 or predict < 0 or stride < 1 or clip <= 0:
+            raise ValueError(f"lookback={lookback}, predict={predict}, stride={stride}, clip={clip}: need "
+                             "lookback >= 1, predict >= 0, stride >= 1, clip > 0.")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples={max_samples}: use None (every window) or a positive count.")
+        if gaps not in ("ignore", "split", "error") or short not in ("error", "drop"):
+            raise ValueError(f"gaps={gaps!r}, short={short!r}: gaps is 'ignore', 'split' or 'error'; "
+                             "short is 'error' or 'drop'.")
+        require_canonical(frame, "WindowDataset")
+        where = f"WindowDataset (split '{frame.attrs['split']}')" if "split" in frame.attrs else "WindowDataset"
+        self.lookback, self.predict, self.clip = lookback, predict, float(clip)
+        self.window = lookback + predict + 1
+        self.max_samples, self.seed, self.epoch = max_samples, seed, 0
+        self.notices: list[str] = []
+
+        # precomputed once; __getitem__ only slices these
+        starts, ends, names = symbol_bounds(frame, where)
+        self._features = frame.loc[:, list(FEATURE_COLUMNS)].to_numpy(np.float64)  # (N, 6)
+        if not np.isfinite(self._features).all():
+            raise DataError(f"{where}: frame holds missing or infinite values; load it with "
+                            "load_ohlcv(..., fill='ffill') or drop those rows.")
+        self._stamps = time_features(frame["timestamps"]).to_numpy(np.float32)  # (N, 5)
+        context = (frame[CONTEXT_COLUMN].to_numpy(bool) if CONTEXT_COLUMN in frame.columns
+                   else np.zeros(len(frame), bool))
+        sym_of_row = np.repeat(np.arange(len(starts)), ends - starts)
+        if (context[1:] & ~context[:-1] & (sym_of_row[1:] == sym_of_row[:-1])).any():
+            raise DataError(f"{where}: '{CONTEXT_COLUMN}' rows must come first within each symbol; "
+                            "build val/test frames with split(...).")
+        n_context = np.add.reduceat(context.astype(np.int64), starts)
+
+        seg_lo, seg_hi = _cut_at_gaps(frame, starts, ends, names, gaps=gaps, max_gap=max_gap, where=where)
+        seg_sym = np.searchsorted(starts, seg_lo, side="right") - 1
+        # a window may start in the context rows, but its targets (after the look-back) may not
+        lo = np.maximum(seg_lo, (starts + n_context)[seg_sym] - lookback)
+        count = np.maximum(0, (seg_hi - self.window - lo) // stride + 1)
+        longest = (np.maximum.reduceat(seg_hi - seg_lo, np.searchsorted(seg_sym, np.arange(len(starts))))
+                   if gaps == "split" else None)  # per symbol, to explain a symbol left without windows
+        self._check_short(np.bincount(seg_sym, weights=count, minlength=len(starts)), names,
+                          ends - starts - n_context, n_context, longest, short=short, where=where)
+
+        # every segment's starts lo, lo + stride, ... in one vectorised expression
+        within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+        self._starts = np.repeat(lo, count) + stride * within
+        self._win_symbol = np.repeat(seg_sym, count)
+        self._symbol_start = starts
+        self.symbols = names
+        self._order: np.ndarray | None = None
+        self.set_epoch(0)
+
+    def _check_short(self, per_symbol: np.ndarray, names: list[str], bars: np.ndarray, n_context: np.ndarray,
+                     longest: np.ndarray | None, *, short: str, where: str) -> None:
+        empty = np.flatnonzero(per_symbol == 0)
+        if not len(empty):
+            return
+
+        def describe(k: int) -> str:
+            extra = f" + {n_context[k]} context" if n_context[k] else ""
+            stretch = f", longest unbroken stretch {longest[k]}" if longest is not None else ""
+            return f"'{names[k]}' ({bars[k]} bars{extra}{stretch})"
+
+        listing = ", ".join(describe(k) for k in empty[:SHOW])
+        if len(empty) == len(names) or short == "error":
+            fixes = ["lower lookback/predict", "supply more history"]
+            fixes += ["use gaps='ignore'"] if longest is not None else []
+            fixes += ["pass short='drop' to leave them out"] if len(empty) < len(names) else []
+            raise DataError(f"{where}: {len(empty)} of {len(names)} symbol(s) too short for one window: "
+                            f"{listing}; {_need(self.lookback, self.predict)}. To fix: {', or '.join(fixes)}.")
+        notify(self.notices, f"{where}: left out {len(empty)} symbol(s) too short for one window: {listing}.")
+
+    @property
+    def n_windows(self) -> int:
+        """Every window the frame holds (``len(self)`` is smaller under ``max_samples``)."""
+        return len(self._starts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose this epoch's windows (only matters with ``max_samples``)."""
+        self.epoch = int(epoch)
+        if self.max_samples is not None:
+            rng = np.random.default_rng((self.seed, self.epoch))
+            self._order = rng.permutation(self.n_windows)[: self.max_samples]
+
+    def __len__(self) -> int:
+        return self.n_windows if self._order is None else len(self._order)
+
+    def _window_id(self, index: int) -> int:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"item {index} out of range for {len(self)} items")
+        index %= len(self)
+        return int(index if self._order is None else self._order[index])
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        j = self._window_id(index)
+        start, k = int(self._starts[j]), int(self._win_symbol[j])
+        x, mean, std = _normalize(self._features[start : start + self.window], self.lookback, self.clip)
+        return {
+            "x": torch.from_numpy(x.astype(np.float32)),
+            "stamp": torch.from_numpy(self._stamps[start : start + self.window].copy()),
+            "mean": torch.from_numpy(mean.astype(np.float32)),
+            "std": torch.from_numpy(std.astype(np.float32)),
+            "symbol": self.symbols[k],
+            "start": start - int(self._symbol_start[k]),
+        }
+
+    def window_array(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Normalised windows as one float32 array (N, L, 6), for codebook statistics.
+
+        ``indices`` are item indices (default: all of this epoch's items; mind the memory:
+        N * L * 6 * 4 bytes).
+        """
+        items = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64) % max(len(self), 1)
+        starts = self._starts[items if self._order is None else self._order[items]]
+        rows = starts[:, None] + np.arange(self.window)  # (N, L)
+        return _normalize(self._features[rows], self.lookback, self.clip)[0].astype(np.float32)
+
+

@@ -1,0 +1,493 @@
+"""Forecast evaluation: metrics against hand-computed values, baselines, walk-forward, report, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kronos_kit import metrics as M
+from kronos_kit.evaluate import (
+    HEADLINE,
+    drift_paths,
+    forecast_origins,
+    garch_vol,
+    persistence_paths,
+    token_metrics,
+    walk_forward,
+    write_report,
+)
+
+DATA = Path(__file__).parent / "data" / "ashare_5min_sample.csv"
+FEATS = ["open", "high", "low", "close", "volume", "amount"]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def synthetic_frame(symbols=("X", "Y"), n=300, seed=0, flat=()) -> pd.DataFrame:
+    """Geometric random walks on a shared 5-minute calendar; symbols in ``flat`` never move."""
+    rng = np.random.default_rng(seed)
+    stamps = pd.date_range("2024-01-02 09:30", periods=n, freq="5min")
+    parts = []
+    for k, sym in enumerate(symbols):
+        steps = np.zeros(n) if sym in flat else rng.normal(0, 0.002, n)
+        close = (10 + k) * np.exp(np.cumsum(steps))
+        opens = np.r_[close[0], close[:-1]]
+        vol = rng.integers(100, 1000, n).astype(float)
+        parts.append(pd.DataFrame({
+            "symbol": sym, "timestamps": stamps, "open": opens, "high": np.maximum(opens, close) * 1.001,
+            "low": np.minimum(opens, close) * 0.999, "close": close, "volume": vol, "amount": vol * close,
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def ashare_frame() -> pd.DataFrame:
+    df = pd.read_csv(DATA)
+    df["symbol"] = "A"
+    return df
+
+
+def oracle(frame: pd.DataFrame, noise: float = 0.0, seed: int = 0):
+    """A ForecastFn that looks the future up (perfect when noise=0); multiplicative noise otherwise."""
+    by_symbol = {s: g.set_index(pd.to_datetime(g["timestamps"]))[FEATS] for s, g in frame.groupby("symbol")}
+    rng = np.random.default_rng(seed)
+
+    def fn(histories, hist_stamps, future_stamps, pred_len, sample_count):
+        out = np.stack([by_symbol[h.attrs["symbol"]].loc[pd.DatetimeIndex(f)].to_numpy()
+                        for h, f in zip(histories, future_stamps)])
+        paths = np.repeat(out[:, None], sample_count, axis=1)
+        return paths * np.exp(noise * rng.standard_normal(paths.shape)) if noise else paths
+
+    return fn
+
+
+def random_walk(seed: int, scale: float = 1.0):
+    """Seeded random-walk ForecastFn with the history's log-return std times ``scale``."""
+    rng = np.random.default_rng(seed)
+
+    def fn(histories, hist_stamps, future_stamps, pred_len, sample_count):
+        out = []
+        for h in histories:
+            close = h["close"].to_numpy()
+            sigma = np.diff(np.log(close)).std() * scale
+            path = close[-1] * np.exp(np.cumsum(rng.normal(0, sigma, (sample_count, pred_len)), axis=1))
+            p = np.empty((sample_count, pred_len, 6))
+            p[..., :4] = path[..., None]
+            p[..., 4:] = h[["volume", "amount"]].to_numpy()[-1]
+            out.append(p)
+        return np.stack(out)
+
+    return fn
+
+
+# ------------------------------------------------------------------------------ point metrics
+
+
+def test_crps_of_point_mass_is_absolute_error():
+    y = np.array([1.0, -2.0, 5.5])
+    x = np.array([3.0, -2.5, 5.5])
+    np.testing.assert_allclose(M.crps(x[:, None], y, axis=1), np.abs(x - y))
+
+
+def test_crps_two_sample_ensemble_by_hand():
+    # ensemble {0, 2}: E|X-y| - 1/2 E|X-X'| with E|X-X'| = (0 + 2 + 2 + 0) / 4 = 1
+    ens = np.array([[0.0, 2.0]] * 3)
+    y = np.array([0.0, 1.0, 3.0])
+    np.testing.assert_allclose(M.crps(ens, y, axis=1), [1 - 0.5, 1 - 0.5, 2 - 0.5])
+
+
+def test_crps_sorting_estimator_equals_pairwise_and_integral():
+    rng = np.random.default_rng(3)
+    ens = rng.normal(size=(4, 7))
+    y = rng.normal(size=4)
+    pairwise = np.abs(ens - y[:, None]).mean(1) - 0.5 * np.abs(ens[:, :, None] - ens[:, None, :]).mean((1, 2))
+    np.testing.assert_allclose(M.crps(ens, y, axis=1), pairwise, rtol=1e-12)
+    # and it is the integral of (F_ens(z) - 1{z >= y})^2 for the empirical CDF
+    grid = np.linspace(-8, 8, 400_001)
+    for k in range(4):
+        F = (ens[k][:, None] <= grid).mean(0)
+        integral = np.trapezoid((F - (grid >= y[k])) ** 2, grid)
+        assert M.crps(ens[k : k + 1], y[k : k + 1], axis=1)[0] == pytest.approx(integral, abs=1e-4)
+
+
+def test_mase_by_hand_and_season():
+    history = np.array([1.0, 2.0, 4.0, 7.0])[None, :, None]
+    # season 1: in-sample naive errors 1, 2, 3 -> scale 2; forecast 5 vs 8 -> |e| 3 -> MASE 1.5
+    errs = M.point_errors(np.array([[[5.0]]]), np.array([[[8.0]]]), history, season=1)
+    assert errs["mase"][0] == pytest.approx(1.5)
+    assert errs["mae"][0] == 3 and errs["rmse"][0] == 3
+    assert errs["mape"][0] == pytest.approx(100 * 3 / 8)
+    # season 2: x_t - x_{t-2} = 3, 5 -> scale 4
+    assert M.point_errors(np.array([[[5.0]]]), np.array([[[8.0]]]), history, season=2)["mase"][0] == 0.75
+
+
+def test_mape_skips_zero_targets():
+    history = np.array([1.0, 2.0, 3.0])[None, :, None]
+    errs = M.point_errors(np.array([[[1.0], [3.0]]]), np.array([[[0.0], [2.0]]]), history)
+    assert errs["mape"][0] == pytest.approx(50.0)
+    assert np.isnan(errs["mape_by_step"][0, 0])
+
+
+def test_weighted_quantile_loss_by_hand():
+    # point forecasts (every quantile = the point): y = (3, -1), yhat = (2, 1)
+    # rho_q(1) = q, rho_q(-2) = 2 (1 - q) -> sum 2 - q; WQL_q = 2 (2 - q) / (3 + 1); mean over q -> 0.75
+    samples = np.array([[[[2.0]]], [[[1.0]]]])  # (N=2, S=1, H=1, C=1)
+    realized = np.array([[[3.0]], [[-1.0]]])
+    assert M.weighted_quantile_loss(samples, realized)[0] == pytest.approx(0.75)
+    assert M.weighted_quantile_loss(samples, realized, quantiles=(0.5,))[0] == pytest.approx(0.75)
+    assert M.weighted_quantile_loss(samples, realized, quantiles=(0.1,))[0] == pytest.approx(2 * 1.9 / 4)
+
+
+def test_coverage_and_pit_by_hand():
+    samples = np.arange(1.0, 11.0)[None, :, None, None]  # 1..10
+    realized = np.array([[[5.0]]])
+    cov = M.interval_coverage(samples, realized, levels=(0.1, 0.8))
+    # 10% interval: quantiles 0.45/0.55 -> 5.05..5.95 misses 5; 80%: 1.9..9.1 covers it
+    assert cov[0.1][0, 0] == 0 and cov[0.8][0, 0] == 1
+    assert M.pit_values(samples, realized)[0, 0, 0] == pytest.approx(0.5)
+    # randomised PIT for a tie lies in [F(y-), F(y)] = [0.4, 0.5]
+    pit = M.pit_values(samples, realized, randomize=True, rng=np.random.default_rng(1))[0, 0, 0]
+    assert 0.4 <= pit <= 0.5
+    np.testing.assert_allclose(M.pit_histogram(np.array([0.05, 0.15, 0.16, 0.95]), bins=10),
+                               [0.25, 0.5, 0, 0, 0, 0, 0, 0, 0, 0.25])
+
+
+def test_calibrated_forecast_covers_at_nominal_rate_on_any_layout():
+    rng = np.random.default_rng(7)
+    samples = rng.standard_normal((3000, 200, 2, 2))  # (N, S, H, C)
+    realized = rng.standard_normal((3000, 2, 2))
+    cov = M.interval_coverage(samples, realized)
+    for level, hits in cov.items():
+        assert abs(hits.mean() - level) < 0.02
+    # one channel with the channel axis dropped gives the same numbers (samples stay on axis 1)
+    one = M.interval_coverage(samples[..., 1], realized[..., 1])
+    for level in cov:
+        np.testing.assert_array_equal(one[level], cov[level][:, 1])
+    np.testing.assert_allclose(M.crps(samples[..., 1], realized[..., 1]), M.crps(samples, realized)[..., 1])
+    hist = M.pit_histogram(M.pit_values(samples, realized))
+    assert np.abs(hist - 0.1).max() < 0.01
+
+
+def test_perfect_forecast_scores_zero_error_and_full_coverage():
+    rng = np.random.default_rng(0)
+    realized = rng.uniform(1, 2, (5, 4, 6))
+    samples = np.repeat(realized[:, None], 3, axis=1)
+    history = rng.uniform(1, 2, (5, 10, 6))
+    errs = M.point_errors(M.point_forecast(samples), realized, history)
+    for key in ("mae", "rmse", "mape", "mase"):
+        np.testing.assert_array_equal(errs[key], 0)
+    np.testing.assert_array_equal(M.crps(samples, realized), 0)
+    np.testing.assert_array_equal(M.weighted_quantile_loss(samples, realized), 0)
+    for cov in M.interval_coverage(samples, realized).values():
+        np.testing.assert_array_equal(cov, 1)
+
+
+# ---------------------------------------------------------------------------- finance metrics
+
+
+def test_directional_accuracy_by_hand():
+    pred = np.array([1.0, -1.0, 0.0, 2.0, 1.0])
+    real = np.array([1.0, 1.0, 1.0, 0.0, -3.0])
+    # origin 4 has no realized move (skipped); hits 1, 0, 0.5 (no call), 0 -> 1.5 / 4
+    assert M.directional_accuracy(pred, real) == pytest.approx(0.375)
+    assert np.isnan(M.directional_accuracy(pred, np.zeros(5)))
+
+
+def test_ic_of_linear_and_rankic_of_monotone_transform():
+    rng = np.random.default_rng(0)
+    pred = rng.normal(size=50)
+    assert M.pearson(pred, 3 * pred - 1) == pytest.approx(1.0)
+    assert M.pearson(pred, -2 * pred) == pytest.approx(-1.0)
+    mono = np.exp(5 * pred)
+    assert M.spearman(pred, mono) == pytest.approx(1.0)
+    assert M.pearson(pred, mono) < 0.9  # Pearson is not rank-invariant, RankIC is
+    assert np.isnan(M.pearson(np.zeros(5), pred[:5]))
+
+
+def test_information_coefficients_time_series_and_cross_section():
+    rng = np.random.default_rng(1)
+    symbols = np.repeat(["a", "b", "c"], 4)
+    times = np.tile(np.arange(4), 3)
+    pred = rng.normal(size=12)
+    real = 2 * pred + 0.5
+    ic = M.information_coefficients(pred, real, symbols, times)
+    assert ic["ic"] == pytest.approx(1) and ic["rank_ic"] == pytest.approx(1)
+    assert ic["xs_ic"] == pytest.approx(1) and ic["xs_dates"] == 4
+    two = M.information_coefficients(pred[:8], real[:8], symbols[:8], times[:8])
+    assert two["xs_dates"] == 0 and np.isnan(two["xs_ic"])  # fewer than 3 symbols per date
+
+
+def test_realized_vol_by_hand_and_perfect_r2():
+    assert M.realized_vol(np.array([11.0, 12.1]), 10.0) == pytest.approx(2 * math.log(1.1) ** 2)
+    real = np.array([1.0, 2.0, 4.0])
+    assert M.vol_errors(real, real) == {"mae": 0.0, "r2": 1.0, "n": 3}
+    # R^2 = 1 - SSE/SST: predicting the realized mean everywhere gives 0
+    assert M.vol_errors(np.full(3, real.mean()), real)["r2"] == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------- baselines
+
+
+def test_persistence_baseline_values():
+    history = np.arange(2 * 3 * 6, dtype=float).reshape(2, 3, 6)
+    paths = persistence_paths(history, pred_len=4)
+    assert paths.shape == (2, 1, 4, 6)
+    for n in range(2):
+        last = history[n, -1]
+        np.testing.assert_array_equal(paths[n, 0, :, :4], last[3])
+        np.testing.assert_array_equal(paths[n, 0, :, 4], last[4])
+        np.testing.assert_array_equal(paths[n, 0, :, 5], last[5])
+
+
+def test_drift_baseline_follows_history_drift_and_is_seeded():
+    close = 10 * np.exp(0.01 * np.arange(50))  # constant log return 0.01, zero std
+    history = np.zeros((1, 50, 6))
+    history[0, :, :4] = close[:, None]
+    history[0, :, 4:] = 7.0
+    paths = drift_paths(history, 5, 3, np.random.default_rng(0))
+    np.testing.assert_allclose(paths[0, :, :, 3], np.broadcast_to(close[-1] * np.exp(0.01 * np.arange(1, 6)), (3, 5)))
+    np.testing.assert_allclose(paths[0, :, 0, 0], close[-1])  # first open = last close
+    rng_hist = np.random.default_rng(5).uniform(1, 2, (2, 30, 6))
+    a = drift_paths(rng_hist, 4, 8, np.random.default_rng(0))
+    b = drift_paths(rng_hist, 4, 8, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)
+    assert (a[..., 1] >= a[..., 2]).all()
+
+
+def test_garch_baseline_on_synthetic_garch_series():
+    rng = np.random.default_rng(0)
+    n, omega, alpha, beta = 600, 0.05, 0.1, 0.85
+    var, r = omega / (1 - alpha - beta), np.empty(n)
+    for t in range(n):
+        r[t] = math.sqrt(var) * rng.standard_normal()
+        var = omega + alpha * r[t] ** 2 + beta * var
+    close = 20 * np.exp(np.cumsum(r / 100))
+    vol, reason = garch_vol(close, pred_len=24)
+    assert reason is None
+    assert np.isfinite(vol) and vol > 0
+    # unconditional daily-scale check: 24 steps of variance ~ 1 (in 100x units) -> ~24e-4
+    assert 0.3 * 24e-4 < vol < 3 * 24e-4
+    flat_vol, flat_reason = garch_vol(np.full(100, 5.0), pred_len=24)
+    assert flat_reason == "flat history" and flat_vol == 0
+
+
+# ---------------------------------------------------------------------------------- origins
+
+
+def test_origins_respect_context_stride_and_targets():
+    frame = synthetic_frame(n=100)
+    frame["is_context"] = frame.groupby("symbol").cumcount() < 30
+    o = forecast_origins(frame, lookback=10, pred_len=5, stride=7)
+    for _, g in o.groupby("symbol"):
+        assert g["pos"].iloc[0] == 29  # first target is the first non-context row
+        assert (np.diff(g["pos"]) == 7).all()
+        assert g["pos"].iloc[-1] + 5 <= 99
+    # without is_context the history limit binds instead
+    assert forecast_origins(frame.drop(columns="is_context"), lookback=10, pred_len=5, stride=7)["pos"].min() == 9
+
+
+def test_max_origins_keeps_cross_sections_whole():
+    frame = synthetic_frame(("a", "b", "c"), n=120)
+    full = forecast_origins(frame, lookback=20, pred_len=4, stride=3)
+    thin = forecast_origins(frame, lookback=20, pred_len=4, stride=3, max_origins=20)
+    assert len(full) > 20 >= len(thin) > 0
+    assert (thin.groupby("origin_time")["symbol"].nunique() == 3).all()
+    assert thin["origin_time"].iloc[0] == full["origin_time"].iloc[0]  # evenly spread, first kept
+
+
+# ------------------------------------------------------------------------------- walk-forward
+
+
+def test_walk_forward_synthetic_two_symbols(tmp_path):
+    frame = synthetic_frame(n=160)
+    frame["is_context"] = frame.groupby("symbol").cumcount() < 40
+    calls = []
+
+    def recording(histories, hist_stamps, future_stamps, pred_len, sample_count):
+        calls.append((histories, hist_stamps, future_stamps))
+        return oracle(frame)(histories, hist_stamps, future_stamps, pred_len, sample_count)
+
+    result = walk_forward(frame, {"oracle": recording, "rw": random_walk(0)}, lookback=32, pred_len=6, stride=5,
+                          sample_count=4, baselines=("persistence", "drift"), progress=False, batch_size=8)
+    n = result.n_origins
+    assert n == 2 * len(range(39, 160 - 6, 5))
+    assert sum(len(c[0]) for c in calls) == n and max(len(c[0]) for c in calls) <= 8
+    # the model saw exactly lookback bars ending at the origin, and the next pred_len stamps
+    h, hs, fs = calls[0][0][0], calls[0][1][0], calls[0][2][0]
+    assert list(h.columns) == FEATS and len(h) == 32 and h.attrs["symbol"] == "X"
+    np.testing.assert_array_equal(h.to_numpy(), result.history[0])
+    assert fs.iloc[0] - hs.iloc[-1] == pd.Timedelta("5min") and len(fs) == 6
+    assert not frame.loc[frame.timestamps.isin(fs) & (frame.symbol == "X"), "is_context"].any()
+    # every entry scored on the same origins; the oracle is perfect
+    t = result.table
+    assert (t["n_origins"] == n).all()
+    errors = ["close_mae", "close_rmse", "close_mape", "close_mase", "close_crps", "close_wql"]
+    assert t.loc["oracle", errors].eq(0).all()
+    assert t.loc["oracle", ["coverage_50", "coverage_80", "coverage_95", "directional_accuracy"]].eq(1).all()
+    assert t.loc["oracle", "ic"] == pytest.approx(1) and t.loc["oracle", "vol_r2"] == pytest.approx(1)
+    assert t.loc["rw", "close_mae"] > 0 and t.loc["persistence", "directional_accuracy"] == 0.5
+    np.testing.assert_allclose(result.samples["persistence"][:, 0, :, 3], result.last_close[:, None].repeat(6, 1))
+    # recomputable from the stored arrays
+    mean_table = result.rescore(point="mean")
+    assert mean_table.loc["oracle", "close_mae"] == 0
+    assert result.config["point"] == "mean"
+
+
+def test_walk_forward_rejects_bad_shapes_and_names():
+    frame = synthetic_frame(n=60)
+    bad = lambda h, hs, fs, p, s: np.zeros((len(h), s, p, 5))  # noqa: E731
+    with pytest.raises(ValueError, match="shape"):
+        walk_forward(frame, {"bad": bad}, lookback=10, pred_len=3, stride=10, sample_count=2, baselines=(),
+                     progress=False)
+    with pytest.raises(ValueError, match="reserved"):
+        walk_forward(frame, {"drift": bad}, lookback=10, pred_len=3, stride=10, sample_count=2, progress=False)
+
+
+def test_garch_fallbacks_are_counted_and_cross_section_reported():
+    frame = synthetic_frame(("a", "b", "c", "flat"), n=90, flat=("flat",))
+    result = walk_forward(frame, {"rw": random_walk(1)}, lookback=40, pred_len=8, stride=20, sample_count=4,
+                          progress=False)
+    per_symbol = len(range(39, 90 - 8, 20))
+    assert result.garch_fallbacks["total"] == per_symbol == result.garch_fallbacks["flat history"]
+    assert np.isfinite(result.vol_pred["garch"]).all() and (result.vol_pred["garch"] >= 0).all()
+    assert result.table.loc["rw", "xs_dates"] == per_symbol
+    assert np.isfinite(result.table.loc["rw", "xs_rank_ic"])
+
+
+def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
+    frame = ashare_frame()
+    frame["is_context"] = np.arange(len(frame)) < 200
+    models = {"base": random_walk(0, scale=3.0), "finetuned": oracle(frame, noise=0.002, seed=1)}
+    result = walk_forward(frame, models, lookback=128, pred_len=12, stride=60, sample_count=16, max_origins=30,
+                          seed=0, progress=False)
+    assert result.n_origins == 30
+    assert result.origin_pos.min() >= 199
+    t = result.table
+    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "garch"]
+    assert t.loc["finetuned", "close_crps"] < t.loc["base", "close_crps"]
+    assert t.loc["garch", "vol_mae"] > 0 and np.isnan(t.loc["garch", "close_mae"])
+    assert np.isnan(t.loc["persistence", "coverage_80"])  # a single path has no interval
+
+    tokens = {"base": {"s1_accuracy": 0.2, "s1_perplexity": 50.0, "s2_accuracy": 0.1, "s2_perplexity": 90.0},
+              "finetuned": {"s1_accuracy": 0.25, "s1_perplexity": 40.0, "s2_accuracy": 0.1, "s2_perplexity": 99.0}}
+    paths = write_report(result, tmp_path / "run", tokens=tokens)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md"}
+    payload = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert payload["table"]["finetuned"]["n_origins"] == 30
+    assert payload["table"]["persistence"]["coverage_80"] is None  # NaN as null
+    assert len(payload["scores"]["finetuned"]["by_step"]["mae"]["close"]) == 12
+    report = paths["report"].read_text()
+    for word in ("base", "finetuned", "persistence", "garch"):
+        assert word in report
+    n_headline = len([c for c, _, _ in HEADLINE if not c.startswith("xs_")])
+    ft_base = [s for s in report.splitlines() if s.startswith("- Finetuned") and " vs base " in s]
+    assert len(ft_base) == n_headline + 4  # every headline and token metric, wins and losses alike
+    crps_line = next(s for s in ft_base if "close CRPS" in s)
+    ft, bs = t.loc["finetuned", "close_crps"], t.loc["base", "close_crps"]
+    assert f"{ft:.4g} vs base {bs:.4g}: finetuned is better ({(ft - bs) / bs * 100:+.1f}%)" in crps_line
+    assert any(" vs persistence " in s for s in report.splitlines())
+    assert "- Finetuned s1 perplexity 40 vs base 50: finetuned is better (-20.0%)." in report
+    assert "- Finetuned s2 next-token accuracy 0.1 vs base 0.1: a tie." in report
+    assert payload["token_metrics"]["finetuned"]["s2_perplexity"] == 99.0
+    assert pd.read_csv(paths["table"], index_col=0).shape == t.shape
+
+
+# ------------------------------------------------------------------------------ token metrics
+
+
+class StandInTokenizer(torch.nn.Module):
+    """s1 = floor of the close, s2 = floor of the volume: integer tokens a test can reason about."""
+
+    def encode(self, x, half=False):
+        assert half
+        return x[..., 3].long(), x[..., 4].long()
+
+
+class StandInModel(torch.nn.Module):
+    """Same call signature as Kronos; ``mode`` picks uniform logits or 'copy the current token'."""
+
+    def __init__(self, mode: str, vocab: int = 8):
+        super().__init__()
+        self.mode, self.vocab = mode, vocab
+        self.proj = torch.nn.Linear(1, 1)
+        self.seen: list[tuple[bool, bool, tuple[int, ...]]] = []
+
+    def forward(self, s1, s2, stamp, use_teacher_forcing=False, s1_targets=None):
+        assert use_teacher_forcing and s1_targets.shape == s1.shape
+        self.seen.append((self.training, torch.is_grad_enabled(), tuple(s1.shape)))
+        if self.mode == "uniform":
+            z = torch.zeros(*s1.shape, self.vocab)
+            return z, z.clone()
+        big = 10.0
+        return (torch.nn.functional.one_hot(s1, self.vocab).float() * big,
+                torch.nn.functional.one_hot(s2, self.vocab).float() * big)
+
+
+def token_batches():
+    # close tokens 0,0,1,1,2,2,3,3 (next == current on 4 of 7 transitions); volume tokens constant 5
+    x = torch.zeros(2, 8, 6)
+    x[..., 3] = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], dtype=torch.float32)
+    x[..., 4] = 5.0
+    return [{"x": x, "stamp": torch.zeros(2, 8, 5)}] * 3
+
+
+def test_token_metrics_uniform_model_has_perplexity_equal_vocab():
+    model = StandInModel("uniform", vocab=8)
+    out = token_metrics(model, StandInTokenizer(), token_batches())
+    assert out["s1_perplexity"] == pytest.approx(8.0) and out["s2_perplexity"] == pytest.approx(8.0)
+    assert out["n_tokens"] == 3 * 2 * 7 and out["n_batches"] == 3
+    # argmax of uniform logits is token 0; s1 targets are 0,1,1,2,2,3,3 -> 1 of 7
+    assert out["s1_accuracy"] == pytest.approx(1 / 7) and out["s2_accuracy"] == 0
+
+
+def test_token_metrics_uses_shifted_causal_inputs_in_eval_mode():
+    model = StandInModel("copy")
+    model.train()
+    out = token_metrics(model, StandInTokenizer(), token_batches())
+    # copying the current token is right only where the next one repeats it: inputs [0,0,1,1,2,2,3] vs
+    # targets [0,1,1,2,2,3,3] -> 4 of 7 (an unshifted, leaking call would score 7 of 7)
+    assert out["s1_accuracy"] == pytest.approx(4 / 7)
+    assert out["s2_accuracy"] == 1.0
+    assert all(seen == (False, False, (2, 7)) for seen in model.seen)  # eval, no grad, inputs [:, :-1]
+    assert model.training  # mode restored
+
+
+# ----------------------------------------------------------------------------------- plots
+
+
+def test_plots_return_figures():
+    from matplotlib.figure import Figure
+
+    from kronos_kit.plots.forecast import (
+        plot_coverage,
+        plot_error_by_horizon,
+        plot_fan_chart,
+        plot_pit_histogram,
+        plot_return_scatter,
+    )
+
+    frame = synthetic_frame(n=120)
+    result = walk_forward(frame, {"base": random_walk(0), "finetuned": random_walk(1, 0.5)}, lookback=30,
+                          pred_len=6, stride=10, sample_count=20, baselines=("persistence", "drift"), progress=False)
+    figs = [
+        plot_fan_chart(result, 0, "finetuned", history_bars=20),
+        plot_error_by_horizon(result),
+        plot_coverage(result),
+        plot_return_scatter(result, "base"),
+        plot_pit_histogram(result, "finetuned"),
+    ]
+    for fig in figs:
+        assert isinstance(fig, Figure) and fig.axes
+        fig.canvas.draw()
+    lines = figs[1].axes[0].get_lines()
+    assert len(lines) == 4  # base, finetuned, persistence, drift
+    np.testing.assert_allclose(lines[0].get_ydata(), result.scores["base"]["by_step"]["mae"]["close"])
+    assert "IC" in figs[3].axes[0].get_title()
+    cov_labels = [ln.get_label() for ln in figs[2].axes[0].get_lines()]
+    assert "persistence" not in cov_labels and "drift" in cov_labels
