@@ -2,7 +2,7 @@
 
 The question answered: did finetuning help, against the base model and naive baselines, on held-out
 data? Models enter as plain callables (:data:`ForecastFn`) so this module does not depend on the
-forecaster's internals:
+forecaster's internals (:func:`evaluate_models` wraps Kronos pairs into such callables):
 
     fn(histories, history_stamps, future_stamps, pred_len, sample_count) -> (n, S, pred_len, 6) array
 
@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,13 @@ from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
 from kronos_kit.metrics import CLOSE, FEATURES, INTERVALS
+
+if TYPE_CHECKING:  # only for annotations: walk_forward itself never touches the model
+    import torch
+
+    from kronos_kit.data import Splits
+    from kronos_kit.forecast import KronosPredictor
+    from kronos_kit.model import Kronos, KronosTokenizer
 
 ForecastFn = Callable[[list[pd.DataFrame], list[pd.Series], list[pd.Series], int, int], np.ndarray]
 """(histories, history timestamps, future timestamps, pred_len, sample_count) -> (n, S, pred_len, 6)."""
@@ -455,6 +462,72 @@ def walk_forward(
     return result
 
 
+def evaluate_models(
+    frame_or_test_split: pd.DataFrame | Splits,
+    models: Mapping[str, tuple[Kronos, KronosTokenizer] | KronosPredictor],
+    *,
+    lookback: int,
+    pred_len: int,
+    stride: int,
+    sample_count: int,
+    max_origins: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.9,
+    max_context: int = 512,
+    seed: int | None = 0,
+    device: str | torch.device = "cpu",
+    baselines: Sequence[str] = BASELINES,
+    progress: bool = True,
+    batch_size: int = 32,
+    point: str = "median",
+    season: int = 1,
+) -> EvaluationResult:
+    """Walk-forward evaluation of Kronos (predictor, tokenizer) pairs: the notebook one-liner.
+
+    ``frame_or_test_split`` is the test frame (usually ``split(...).test``, whose ``is_context`` rows
+    only feed histories) or the :class:`~kronos_kit.data.Splits` itself, whose ``test`` part is used.
+    ``models`` maps a name to ``(Kronos, KronosTokenizer)``; each pair is wrapped in a
+    :class:`~kronos_kit.forecast.KronosPredictor` on ``device`` with ``max_context`` (a ready
+    ``KronosPredictor`` is used as it is, with its own device and context). Every model samples
+    with the same ``temperature``, ``top_k``, ``top_p`` and ``seed`` (the same seed for every batch
+    and model: common random numbers, reproducible), through
+    :meth:`~kronos_kit.forecast.KronosPredictor.as_forecast_fn`; everything else is
+    :func:`walk_forward`, whose arguments these are. The sampling settings are recorded in
+    ``result.config["sampling"]``.
+    """
+    from kronos_kit.forecast import KronosPredictor
+
+    frame = frame_or_test_split
+    if not isinstance(frame, pd.DataFrame):
+        frame = getattr(frame_or_test_split, "test", None)
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"expected a DataFrame or a Splits with a .test frame, got "
+                            f"{type(frame_or_test_split).__name__}")
+    if "symbol" not in frame.columns:  # a single-series frame, e.g. one CSV read with pandas
+        frame = frame.assign(symbol=str(frame.attrs.get("symbol", "series")))
+    if not models:
+        raise ValueError("models must name at least one (predictor, tokenizer) pair")
+    fns: dict[str, ForecastFn] = {}
+    contexts: dict[str, int] = {}
+    devices: dict[str, str] = {}
+    for name, entry in models.items():
+        if isinstance(entry, KronosPredictor):
+            predictor = entry
+        elif isinstance(entry, tuple) and len(entry) == 2:
+            predictor = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context)
+        else:
+            raise TypeError(f"model {name!r}: expected a (Kronos, KronosTokenizer) pair, got {type(entry).__name__}")
+        fns[name] = predictor.as_forecast_fn(temperature, top_k, top_p, seed)
+        contexts[name], devices[name] = predictor.max_context, str(predictor.device)
+    result = walk_forward(frame, fns, lookback=lookback, pred_len=pred_len, stride=stride, sample_count=sample_count,
+                          max_origins=max_origins, baselines=baselines, seed=0 if seed is None else seed,
+                          progress=progress, batch_size=batch_size, point=point, season=season)
+    result.config["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                                 "max_context": contexts, "device": devices}
+    return result
+
+
 # --------------------------------------------------------------------------------- token level
 
 
@@ -470,6 +543,9 @@ def token_metrics(model: Any, tokenizer: Any, batches: Iterable[Mapping[str, Any
     import torch
     import torch.nn.functional as F
 
+    from kronos_kit.codebook import iter_batches
+
+    batches = iter_batches(batches)  # a window dataset is batched; batches pass through
     modules = [m for m in (model, tokenizer) if isinstance(m, torch.nn.Module)]
     modes = [m.training for m in modules]
     nll = {"s1": 0.0, "s2": 0.0}
@@ -516,6 +592,14 @@ TOKEN_HEADLINE: tuple[tuple[str, str, str], ...] = (
 
 
 # ------------------------------------------------------------------------------------- report
+
+
+def save_token_metrics(metrics: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
+    """Write {model name: token_metrics(...)} as JSON (NaN as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(dict(metrics)), indent=2) + "\n")
+    return path
 
 
 def compare(value: float, other: float, direction: str | float) -> tuple[bool | None, float | None]:

@@ -440,6 +440,16 @@ def evaluate_tokenizer(model: nn.Module, loader, ctx: DistContext) -> dict[str, 
 # phase 2: predictor on the frozen tokenizer
 
 
+def freeze(module: nn.Module) -> dict[str, Any]:
+    """Put a module in eval() with gradients off; return what shows it is frozen (for notebooks)."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return {"mode": "eval" if not module.training else "train",
+            "trainable parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in module.parameters()), "sha256": weights_hash(module)}
+
+
 class FrozenTokens:
     """Tokens of windows from a frozen tokenizer (eval mode, no grad), optionally cached per window.
 
@@ -447,9 +457,8 @@ class FrozenTokens:
     """
 
     def __init__(self, tokenizer: KronosTokenizer, *, cache: bool = True):
-        self.tokenizer = tokenizer.eval()
-        for p in self.tokenizer.parameters():
-            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        freeze(tokenizer)
         self.cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
         self.encode_seconds = 0.0
 
@@ -531,10 +540,11 @@ class DataBundle:
     splits: Any  # data.Splits
     train: Dataset
     val: Dataset
+    test: Dataset
 
 
 def load_data(cfg: KitConfig) -> DataBundle:
-    """Load, split and window the configured data (train windows per the epoch cap)."""
+    """Load, split and window the configured data (train windows per the epoch cap; val/test all)."""
     from kronos_kit.data import WindowDataset, load_ohlcv, load_sample, split
 
     d = cfg.data
@@ -552,7 +562,8 @@ def load_data(cfg: KitConfig) -> DataBundle:
     train = WindowDataset(splits.train, lookback=d.lookback, predict=d.predict, clip=d.clip, stride=d.stride,
                           max_samples=d.max_samples_per_epoch, seed=cfg.seed)
     val = WindowDataset(splits.val, lookback=d.lookback, predict=d.predict, clip=d.clip)
-    return DataBundle(frame, splits, train, val)
+    test = WindowDataset(splits.test, lookback=d.lookback, predict=d.predict, clip=d.clip)
+    return DataBundle(frame, splits, train, val, test)
 
 
 def tokenizer_source_for_phase2(cfg: KitConfig, run_dir: Path) -> str:

@@ -1,4 +1,5 @@
-"""ipywidgets for looking at a tokenizer in a notebook: a window browser and a code inspector.
+"""ipywidgets for a notebook: a window browser and a code inspector for a tokenizer, and a forecast
+explorer for one or more predictors.
 
 The widgets only read and display.  Figures are rendered to PNG and appended to an ``Output``'s
 outputs directly (not through ``with out: display(...)``), so the widgets build and update without
@@ -9,18 +10,26 @@ from __future__ import annotations
 
 import html
 import io
+import time
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 import numpy as np
+import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
 from kronos_kit.codebook import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
 
-__all__ = ["window_browser", "code_inspector", "codes_table_html"]
+if TYPE_CHECKING:
+    import torch
+
+    from kronos_kit.forecast import Forecast, KronosPredictor
+    from kronos_kit.model import Kronos, KronosTokenizer
+
+__all__ = ["window_browser", "code_inspector", "codes_table_html", "forecast_explorer"]
 
 
 def _show(out: widgets.Output, fig: Figure, *, dpi: int = 80) -> None:
@@ -163,3 +172,209 @@ def code_inspector(
     code.observe(_redraw, names="value")
     _redraw()
     return widgets.VBox([code, info, figure])
+
+
+# ------------------------------------------------------------------------------------ forecasts
+
+_ALL_MODELS = "all (side by side)"
+
+
+def _symbol_frames(frame: pd.DataFrame, lookback: int) -> dict[str, pd.DataFrame]:
+    """symbol -> its bars sorted by time (index 0..n-1), for symbols with at least ``lookback`` bars."""
+    missing = [c for c in ("timestamps", "open", "high", "low", "close") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing}; columns are {list(frame.columns)}")
+    if "symbol" not in frame.columns:  # a single series, e.g. one CSV read with pandas
+        frame = frame.assign(symbol=str(frame.attrs.get("symbol", "series")))
+    keep = ["timestamps", *[c for c in ("open", "high", "low", "close", "volume", "amount") if c in frame.columns]]
+    out = {}
+    for sym, part in frame.groupby("symbol", sort=True):
+        part = part[keep].assign(timestamps=pd.to_datetime(part["timestamps"]))
+        part = part.sort_values("timestamps", kind="stable").reset_index(drop=True)
+        if len(part) >= lookback:
+            out[str(sym)] = part
+    if not out:
+        raise ValueError(f"no symbol has the {lookback} bars one lookback needs")
+    return out
+
+
+def _future_stamps(bars: pd.DataFrame, origin: int, pred_len: int) -> pd.Series:
+    """The ``pred_len`` bar times after row ``origin``: the frame's own while it lasts, then the last
+    one plus multiples of the symbol's most frequent bar interval (session breaks are not known there)."""
+    times = bars["timestamps"]
+    known = times.iloc[origin + 1 : origin + 1 + pred_len]
+    extra = pred_len - len(known)
+    if extra == 0:
+        return known.reset_index(drop=True)
+    diffs = times.diff().dropna()
+    step = diffs.mode().iloc[0] if len(diffs) else pd.Timedelta(1, "D")
+    tail = pd.Series([times.iloc[-1] + step * k for k in range(1, extra + 1)])
+    return pd.concat([known, tail], ignore_index=True)
+
+
+def _explorer_predictors(predictors: Mapping[str, Any], max_context: int | None, device: Any) -> dict[str, Any]:
+    from kronos_kit.forecast import KronosPredictor
+
+    out = {}
+    for name, entry in predictors.items():
+        if isinstance(entry, KronosPredictor):
+            if max_context is not None and max_context != entry.max_context:
+                # a second predictor over the same modules: the caller's predictor keeps its settings
+                entry = KronosPredictor(entry.model, entry.tokenizer, device=entry.device, max_context=max_context,
+                                        clip=entry.clip)
+            out[str(name)] = entry
+        elif isinstance(entry, tuple) and len(entry) == 2:
+            out[str(name)] = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context or 512)
+        else:
+            raise TypeError(f"predictor {name!r}: expected a KronosPredictor or a (Kronos, KronosTokenizer) pair, "
+                            f"got {type(entry).__name__}")
+    return out
+
+
+def forecast_explorer(
+    predictors: Mapping[str, KronosPredictor | tuple[Kronos, KronosTokenizer]],
+    frame: pd.DataFrame,
+    *,
+    lookback: int,
+    pred_len: int,
+    max_context: int | None = None,
+    device: str | torch.device | None = None,
+    sample_count: int = 16,
+    max_sample_count: int = 64,
+    history_bars: int = 60,
+    seed: int | None = 0,
+) -> widgets.VBox:
+    """Forecast from any bar of ``frame`` and see each model's fan chart against what happened.
+
+    ``predictors`` maps a name to a :class:`~kronos_kit.forecast.KronosPredictor` (or a
+    ``(Kronos, KronosTokenizer)`` pair, wrapped on ``device``), e.g. ``{"base": ..., "finetuned": ...}``;
+    ``max_context`` overrides each predictor's context for these forecasts (None keeps it; the
+    caller's predictors are not changed). ``frame`` is a long frame (``symbol``, ``timestamps``,
+    open, high, low, close, optional volume and amount) or a single series without ``symbol``.
+
+    Controls: symbol, origin (the last history bar; from the first bar with ``lookback`` bars of
+    history up to the last bar, so the horizon may run past the data: then only the realized bars
+    that exist are drawn, and the future bar times continue at the modal interval), temperature,
+    top-p, sample count, model (or all side by side) and a Forecast button. Forecasting takes
+    seconds, so nothing runs while sliders move; the button (or ``box.run()``, which returns the
+    ``{name: Forecast}`` it drew) forecasts with the current settings and ``seed`` and redraws the
+    fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
+    """
+    from kronos_kit import metrics as M
+    from kronos_kit.forecast import FEATURES
+    from kronos_kit.plots.forecast import plot_forecast
+
+    if lookback < 2 or pred_len < 1:
+        raise ValueError(f"need lookback >= 2 and pred_len >= 1, got lookback={lookback}, pred_len={pred_len}")
+    if not predictors:
+        raise ValueError("predictors must name at least one predictor")
+    models = _explorer_predictors(predictors, max_context, device)
+    bars = _symbol_frames(frame, lookback)
+    names = list(models)
+    close = FEATURES.index("close")
+
+    def origin_range(sym: str) -> tuple[int, int, int]:
+        n = len(bars[sym])
+        # open on the latest origin whose whole horizon is realized, when there is one
+        return lookback - 1, n - 1, max(lookback - 1, n - 1 - pred_len)
+
+    first = sorted(bars)[0]
+    lo, hi, start = origin_range(first)
+    wide = {"description_width": "initial"}
+    symbol = widgets.Dropdown(options=sorted(bars), value=first, description="symbol")
+    model_options = names + ([_ALL_MODELS] if len(names) > 1 else [])
+    which = widgets.Dropdown(options=model_options, value=model_options[-1], description="model")
+    origin = widgets.IntSlider(value=start, min=lo, max=hi, description="origin bar", style=wide,
+                               continuous_update=False, layout=widgets.Layout(width="95%"))
+    temperature = widgets.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature", style=wide)
+    top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p", style=wide)
+    samples = widgets.IntSlider(value=min(sample_count, max_sample_count), min=1, max=max_sample_count,
+                                description="sample paths", style=wide)
+    button = widgets.Button(description="Forecast", button_style="primary", icon="play")
+    status = widgets.HTML()
+    info = widgets.HTML()
+    figure = widgets.Output()
+
+    def _describe(*_: Any) -> None:
+        part, o = bars[symbol.value], int(origin.value)
+        realized = min(pred_len, len(part) - 1 - o)
+        future = "all realized" if realized == pred_len else (
+            f"{realized} of {pred_len} realized" if realized else "none realized (past the data)")
+        t = part["timestamps"]
+        info.value = (
+            f"<b>{html.escape(symbol.value)}</b>: history {t.iloc[o - lookback + 1]:%Y-%m-%d %H:%M} .. "
+            f"{t.iloc[o]:%Y-%m-%d %H:%M} ({lookback} bars), horizon {pred_len} bars: {future}"
+        )
+
+    def run() -> dict[str, Forecast]:
+        """Forecast with the current settings, redraw the figure, return the forecasts drawn."""
+        part, o = bars[symbol.value], int(origin.value)
+        history = part.iloc[o - lookback + 1 : o + 1].reset_index(drop=True)
+        realized = part.iloc[o + 1 : o + 1 + pred_len].reset_index(drop=True)
+        future = _future_stamps(part, o, pred_len)
+        chosen = names if which.value == _ALL_MODELS else [which.value]
+        feats = [c for c in FEATURES if c in history.columns]
+        t0 = time.perf_counter()
+        forecasts = {
+            name: models[name].predict_paths(history[feats], history["timestamps"], future, pred_len,
+                                             T=float(temperature.value), top_p=float(top_p.value),
+                                             sample_count=int(samples.value), verbose=False, seed=seed)
+            for name in chosen
+        }
+        elapsed = time.perf_counter() - t0
+        fig = Figure(figsize=(min(16.0, 6.0 * len(chosen)) if len(chosen) > 1 else 10.0, 4.5), layout="constrained")
+        axes = fig.subplots(1, len(chosen), sharey=True, squeeze=False)[0]
+        when = f"{history['timestamps'].iloc[-1]:%Y-%m-%d %H:%M}"
+        scores = []
+        for ax, (name, fc) in zip(axes, forecasts.items()):
+            plot_forecast(history, fc, realized=realized if len(realized) else None, history_bars=history_bars,
+                          title=f"{symbol.value} @ {when}: {name}", label=name, ax=ax)
+            if len(realized):
+                paths = fc.paths[0, :, : len(realized), close]  # (S, k)
+                real = realized["close"].to_numpy(np.float64)
+                crps = float(M.crps(paths, real, axis=0).mean())
+                mae = float(np.abs(np.median(paths, axis=0) - real).mean())
+                scores.append(f"{html.escape(name)} close CRPS {crps:.4g}, median MAE {mae:.4g}")
+        _show(figure, fig)
+        over = f" over {len(realized)} realized bars: " + "; ".join(scores) if scores else " (no realized bars)"
+        status.value = (f"{len(chosen)} model(s) x {int(samples.value)} paths x {pred_len} steps in "
+                        f"{elapsed:.2f} s{over}")
+        return forecasts
+
+    def _on_click(_: Any) -> None:
+        button.disabled, button.description = True, "Forecasting..."
+        try:
+            run()
+        except Exception as exc:  # a kernel would swallow it; show it next to the button instead
+            status.value = f"<span style='color:#c62828'>forecast failed: {html.escape(repr(exc))}</span>"
+        finally:
+            button.disabled, button.description = False, "Forecast"
+
+    def _changed(*_: Any) -> None:
+        _describe()
+        if figure.outputs:
+            status.value = "settings changed: press <b>Forecast</b> to redraw"
+
+    def _on_symbol(change: dict[str, Any]) -> None:
+        _, hi, start = origin_range(change["new"])  # the lowest origin is lookback - 1 for every symbol
+        with origin.hold_trait_notifications():  # setting max may clamp value: describe once, below
+            origin.max = hi
+            origin.value = start
+        _changed()
+
+    button.on_click(_on_click)
+    symbol.observe(_on_symbol, names="value")
+    for control in (origin, which, temperature, top_p, samples):
+        control.observe(_changed, names="value")
+    _describe()
+    status.value = "press <b>Forecast</b> (nothing runs while the sliders move)"
+    box = widgets.VBox([
+        widgets.HBox([symbol, which]),
+        origin,
+        widgets.HBox([temperature, top_p, samples]),
+        widgets.HBox([button, status]),
+        info,
+        figure,
+    ])
+    box.run = run  # programmatic hook (tests, scripts): same as pressing the button, but raises on errors
+    return box

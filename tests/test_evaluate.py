@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 from pathlib import Path
@@ -10,11 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FIXTURES
 
 from kronos_kit import metrics as M
 from kronos_kit.evaluate import (
     HEADLINE,
     drift_paths,
+    evaluate_models,
     forecast_origins,
     garch_vol,
     persistence_paths,
@@ -491,3 +495,179 @@ def test_plots_return_figures():
     assert "IC" in figs[3].axes[0].get_title()
     cov_labels = [ln.get_label() for ln in figs[2].axes[0].get_lines()]
     assert "persistence" not in cov_labels and "drift" in cov_labels
+
+
+# ------------------------------------------------------------- real models (fixture checkpoints)
+
+FIXTURE_CONTEXT = 40  # the max_context the reference fixture was generated with
+
+
+@pytest.fixture(scope="module")
+def fixture_pair():
+    from kronos_kit.model import Kronos, KronosTokenizer
+
+    return Kronos.from_pretrained(FIXTURES / "predictor"), KronosTokenizer.from_pretrained(FIXTURES / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def ashare_splits():
+    from kronos_kit.data import load_ohlcv, split
+
+    return split(load_ohlcv(DATA, symbol="A"), lookback=32, predict=8)
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """A 'finetuned' stand-in: a copy with seeded multiplicative noise on every weight."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.mul_(1 + scale * torch.randn(p.shape, generator=gen))
+    return out
+
+
+def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_splits, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from kronos_kit.data import WindowDataset
+
+    model, tokenizer = fixture_pair
+    tuned = perturbed(model)
+    models = {"base": (model, tokenizer), "finetuned": (tuned, tokenizer)}
+    kw = dict(lookback=32, pred_len=8, stride=25, sample_count=4, max_origins=6, max_context=FIXTURE_CONTEXT,
+              seed=0, progress=False)
+    result = evaluate_models(ashare_splits, models, **kw)  # the Splits: its test part is used
+    t = result.table
+    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "garch"]
+    assert result.n_origins == 6 and (t["n_origins"] == 6).all()
+    assert t.loc["base", "n_samples"] == t.loc["finetuned", "n_samples"] == 4
+    # origins lie in the test split: histories may use its context rows, targets may not
+    test = ashare_splits.test
+    n_context = int(test["is_context"].sum())
+    assert result.origin_pos.min() >= n_context - 1
+    for name in ("base", "finetuned"):
+        paths = result.samples[name]
+        assert paths.shape == (6, 4, 8, 6) and np.isfinite(paths).all()
+        # price-unit paths near the history (de-normalised), not z-scores
+        assert np.abs(result.point(name)[..., 3] / result.last_close[:, None] - 1).max() < 0.2
+        assert np.isfinite(t.loc[name, ["close_mae", "close_crps", "coverage_80", "vol_mae"]].astype(float)).all()
+    assert not np.array_equal(result.samples["base"], result.samples["finetuned"])
+    assert result.config["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "seed": 0,
+                                         "max_context": {"base": 40, "finetuned": 40},
+                                         "device": {"base": "cpu", "finetuned": "cpu"}}
+    # seeded: the same call gives the same paths, and a plain test frame works like the Splits
+    again = evaluate_models(test, {"base": (model, tokenizer)}, baselines=(), **kw)
+    np.testing.assert_array_equal(again.samples["base"], result.samples["base"])
+
+    # token-level metrics of both models on the test windows (real checkpoints, causal path)
+    windows = WindowDataset(test, lookback=32, predict=8)
+    model.train()
+    tokens = {}
+    for name, m in (("base", model), ("finetuned", tuned)):
+        batches = itertools.islice(DataLoader(windows, batch_size=16), 3)
+        tokens[name] = token_metrics(m, tokenizer, batches)
+    assert model.training and not tokenizer.training  # modes restored (the tokenizer was in eval)
+    model.eval()
+    # the fixture weights are random (not trained), so its perplexity lands above the vocabulary size
+    # (2**4 = 16; about 37 on these windows): only the range and consistency are checked
+    for out in tokens.values():
+        assert out["n_batches"] == 3 and out["n_tokens"] == 3 * 16 * (32 + 8)
+        for key in ("s1", "s2"):
+            assert 0 <= out[f"{key}_accuracy"] <= 1
+            assert np.isfinite(out[f"{key}_nll"]) and out[f"{key}_nll"] > 0
+            assert out[f"{key}_perplexity"] == pytest.approx(math.exp(out[f"{key}_nll"]))
+    assert tokens["base"]["s1_nll"] != tokens["finetuned"]["s1_nll"]
+
+    paths = write_report(result, tmp_path / "run", tokens=tokens)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md"}
+    payload = json.loads(paths["json"].read_text())
+    assert payload["config"]["sampling"]["max_context"]["finetuned"] == 40
+    assert payload["table"]["finetuned"]["n_samples"] == 4
+    assert payload["token_metrics"]["base"]["s1_perplexity"] == pytest.approx(tokens["base"]["s1_perplexity"])
+    report = paths["report"].read_text()
+    assert "### finetuned vs base" in report and "## Token-level metrics" in report
+    assert pd.read_csv(paths["table"], index_col=0).index.tolist() == t.index.tolist()
+
+
+def test_evaluate_models_rejects_bad_entries(fixture_pair):
+    with pytest.raises(TypeError, match="pair"):
+        evaluate_models(ashare_frame(), {"base": fixture_pair[0]}, lookback=32, pred_len=4, stride=50,
+                        sample_count=2, progress=False)
+    with pytest.raises(TypeError, match="Splits"):
+        evaluate_models([1, 2], {"base": fixture_pair}, lookback=32, pred_len=4, stride=50, sample_count=2)
+
+
+@pytest.fixture(scope="module")
+def fixture_predictor(fixture_pair):
+    from kronos_kit.forecast import KronosPredictor
+
+    return KronosPredictor(*fixture_pair, max_context=FIXTURE_CONTEXT)
+
+
+def test_plot_forecast_draws_median_bands_and_realized(fixture_predictor):
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+    from kronos_kit.plots import plot_forecast
+
+    bars = pd.read_csv(DATA, parse_dates=["timestamps"])
+    hist, fut = bars.iloc[1000:1032], bars.iloc[1032:1040]
+    fc = fixture_predictor.predict_paths(hist[FEATS], hist["timestamps"], fut["timestamps"], 8, sample_count=12,
+                                         verbose=False, seed=1)
+    fig = plot_forecast(hist, fc, realized=fut, history_bars=20, label="base")
+    assert isinstance(fig, Figure)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    median = lines["base median"]
+    # the fan starts at the last history close, then follows Forecast.median() step by step
+    assert median.get_ydata()[0] == hist["close"].iloc[-1]
+    np.testing.assert_allclose(median.get_ydata()[1:], fc.median()["close"].to_numpy())
+    np.testing.assert_allclose(median.get_xdata(), np.arange(0, 9))
+    np.testing.assert_allclose(lines["realized close"].get_ydata()[1:], fut["close"].to_numpy())
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert sorted(c.get_label() for c in bands) == ["50% band", "90% band"]
+    assert "2024" in "".join(t.get_text() for t in ax.get_xticklabels())  # ticks read as bar times
+
+    # no realized future, another channel and a single band level
+    fig2 = plot_forecast(hist, fc, channel="volume", levels=(0.8,), history_bars=None)
+    ax2 = fig2.axes[0]
+    assert not [ln for ln in ax2.get_lines() if ln.get_label().startswith("realized")]
+    np.testing.assert_allclose(ax2.get_lines()[1].get_ydata()[1:], fc.median()["volume"].to_numpy())
+    assert [c.get_label() for c in ax2.collections if isinstance(c, PolyCollection)] == ["80% band"]
+    with pytest.raises(ValueError, match="channel"):
+        plot_forecast(hist, fc, channel="vwap")
+
+
+def test_forecast_explorer_builds_and_forecasts_without_kernel(fixture_predictor, fixture_pair):
+    import ipywidgets
+
+    from kronos_kit.widgets import forecast_explorer
+
+    frame = ashare_frame()
+    models = {"base": fixture_predictor, "tuned": (perturbed(fixture_pair[0]), fixture_pair[1])}
+    box = forecast_explorer(models, frame, lookback=32, pred_len=8, max_context=20, sample_count=6)
+    assert isinstance(box, ipywidgets.VBox)
+    assert fixture_predictor.max_context == FIXTURE_CONTEXT  # the caller's predictor is left alone
+    controls = {type(w).__name__ + ":" + str(w.description): w for w in box.children[0].children
+                + box.children[2].children + box.children[3].children[:1] + (box.children[1],)}
+    origin = controls["IntSlider:origin bar"]
+    assert (origin.min, origin.max, origin.value) == (31, len(frame) - 1, len(frame) - 1 - 8)
+    assert set(controls) >= {"Dropdown:symbol", "Dropdown:model", "FloatSlider:temperature", "FloatSlider:top-p",
+                             "IntSlider:sample paths", "Button:Forecast"}
+    figure, status = box.children[-1], box.children[3].children[1]
+    assert not figure.outputs  # nothing forecast until asked
+
+    assert controls["Dropdown:model"].value == "all (side by side)"
+
+    forecasts = box.run()  # both models side by side
+    assert sorted(forecasts) == ["base", "tuned"] and forecasts["base"].paths.shape == (1, 6, 8, 6)
+    assert len(figure.outputs) == 1 and "image/png" in figure.outputs[0]["data"]
+    assert "2 model(s)" in status.value and "8 realized bars" in status.value and "tuned close CRPS" in status.value
+
+    controls["Dropdown:model"].value = "base"
+    origin.value = origin.max  # past the end of the data: no realized path, still forecasts
+    assert "settings changed" in status.value
+    controls["Button:Forecast"].click()  # the button's handler, as a click in a notebook runs it
+    assert status.value.startswith("1 model(s)") and "no realized bars" in status.value
+    assert len(figure.outputs) == 1

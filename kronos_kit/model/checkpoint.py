@@ -4,6 +4,8 @@ A checkpoint source is one of:
 - a local folder holding `config.json` and `model.safetensors` (e.g. a run's `tokenizer/best`);
 - a preset name (`tiny`, `tokenizer-base`, `tokenizer-2k`, `mini`, `small`, `base`, optionally
   prefixed `preset:`), initialised from scratch with a seed;
+- `embedded:base/tokenizer` or `embedded:base/predictor`: the small base checkpoints shipped inside
+  the package (pretrained by the kit on the S&P 500 sample; `make base` regenerates them);
 - a hub id `owner/name`, fetched through `huggingface_hub` (its cache, `revision`, and offline mode
   via `HF_HUB_OFFLINE=1` / `local_files_only=True` are respected).
 """
@@ -24,6 +26,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_NAME = "model.safetensors"
 
 _TOKENIZER_BASE = dict(
@@ -143,6 +146,11 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _resolve_folder(cls, source, *, revision, cache_dir, local_files_only) -> Path | None:
     """Local folder for `source`, or None when it names a preset."""
+    if str(source).startswith("embedded:"):
+        path = EMBEDDED_DIR / str(source).removeprefix("embedded:")
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"embedded checkpoint {source!r} not found at {path}; run `make base` to build it")
+        return path
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

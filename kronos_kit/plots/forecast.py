@@ -1,6 +1,7 @@
 """Figures for forecast evaluation: fan chart, error by horizon, coverage, return scatter, PIT.
 
-Each function takes an :class:`kronos_kit.evaluate.EvaluationResult` and returns a
+Each function takes an :class:`kronos_kit.evaluate.EvaluationResult` (``plot_forecast``: a
+:class:`kronos_kit.forecast.Forecast` and its history) and returns a
 :class:`matplotlib.figure.Figure` built without pyplot (headless-safe, never shown twice in a
 notebook); pass ``ax=`` to draw into your own axes instead.
 """
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from kronos_kit import metrics as M
 from kronos_kit.metrics import CLOSE, FEATURES
@@ -21,9 +23,11 @@ from kronos_kit.plots.candles import draw_candles
 
 if TYPE_CHECKING:
     from kronos_kit.evaluate import EvaluationResult
+    from kronos_kit.forecast import Forecast
 
 __all__ = [
     "plot_fan_chart",
+    "plot_forecast",
     "plot_error_by_horizon",
     "plot_coverage",
     "plot_return_scatter",
@@ -46,6 +50,63 @@ def _path_models(result: EvaluationResult, models: Sequence[str] | None, min_sam
     return [n for n in names if n in result.samples and result.samples[n].shape[1] >= min_samples]
 
 
+def _band_quantiles(levels: Sequence[float]) -> list[tuple[float, float, float]]:
+    """(level, lower q, upper q) of each central band, widest first."""
+    out = []
+    for level in sorted({float(v) for v in levels}, reverse=True):
+        if not 0 < level < 1:
+            raise ValueError(f"band levels must lie in (0, 1), got {level}")
+        out.append((level, (1 - level) / 2, (1 + level) / 2))
+    return out
+
+
+def _draw_fan(
+    ax: Axes,
+    history: np.ndarray,
+    paths: np.ndarray,
+    *,
+    channel: int = CLOSE,
+    realized: np.ndarray | None = None,
+    levels: Sequence[float] = (0.5, 0.9),
+    label: str = "forecast",
+    color: str = _FAN_COLOR,
+) -> None:
+    """The fan chart body shared by :func:`plot_fan_chart` and :func:`plot_forecast`.
+
+    ``history`` (L, 6) bars in FEATURES order, drawn at x = 1 - L .. 0 as candles for a price channel
+    (a line otherwise); ``paths`` (S, H) sample paths of channel ``channel`` at x = 1 .. H, summarised
+    as the median and one central band per level (from 2 paths up); ``realized`` (<= H,) the realized
+    values of the channel (None or empty: nothing drawn). Median, bands and the realized path start at
+    the last observed value so they visibly continue the history.
+    """
+    name = FEATURES[channel]
+    xs_hist = np.arange(1 - len(history), 1)
+    if channel < 4:
+        ohlc = pd.DataFrame(history[:, :4], columns=list(FEATURES[:4]))
+        draw_candles(ax, ohlc, x=xs_hist, label="history")
+    else:
+        ax.plot(xs_hist, history[:, channel], color="grey", lw=1.2, label=f"history {name}")
+    last = history[-1, channel]
+    steps = np.arange(1, paths.shape[1] + 1)
+    xs = np.r_[0, steps]
+    bands = _band_quantiles(levels)
+    if paths.shape[0] > 1 and bands:
+        alphas = np.linspace(0.18, 0.35, len(bands)) if len(bands) > 1 else [0.25]
+        for (level, lo, hi), alpha in zip(bands, alphas):
+            q_lo, q_hi = np.quantile(paths, (lo, hi), axis=0)
+            ax.fill_between(xs, np.r_[last, q_lo], np.r_[last, q_hi], color=color, alpha=alpha,
+                            label=f"{level:.0%} band")
+    ax.plot(xs, np.r_[last, np.median(paths, axis=0)], color=color, lw=2, label=f"{label} median")
+    if realized is not None and len(realized):
+        real = np.asarray(realized, dtype=np.float64)[: paths.shape[1]]
+        ax.plot(xs[: len(real) + 1], np.r_[last, real], color=_REALIZED_COLOR, lw=1.5, ls="--", marker=".",
+                label=f"realized {name}")
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("bars from origin")
+    ax.set_ylabel("price" if channel < 4 else name)
+    ax.legend(loc="best", fontsize="small")
+
+
 def plot_fan_chart(
     result: EvaluationResult,
     origin: int,
@@ -63,26 +124,88 @@ def plot_fan_chart(
     hist = result.history[origin]
     if history_bars is not None:
         hist = hist[-history_bars:]
-    ohlc = pd.DataFrame(hist[:, :4], columns=list(FEATURES[:4]))
-    draw_candles(ax, ohlc, x=np.arange(1 - len(hist), 1), label="history")
     paths = result.samples[model][origin, :, :, CLOSE]
-    steps = np.arange(1, paths.shape[1] + 1)
-    last = result.last_close[origin]
-    # the fan starts at the last observed close so it visibly continues the candles
-    xs = np.r_[0, steps]
-    if paths.shape[0] > 1:
-        q05, q25, q75, q95 = np.quantile(paths, (0.05, 0.25, 0.75, 0.95), axis=0)
-        ax.fill_between(xs, np.r_[last, q05], np.r_[last, q95], color=_FAN_COLOR, alpha=0.18, label="90% band")
-        ax.fill_between(xs, np.r_[last, q25], np.r_[last, q75], color=_FAN_COLOR, alpha=0.35, label="50% band")
-    ax.plot(xs, np.r_[last, np.median(paths, axis=0)], color=_FAN_COLOR, lw=2, label=f"{model} median")
-    real = result.realized[origin, :, CLOSE]
-    ax.plot(xs, np.r_[last, real], color=_REALIZED_COLOR, lw=1.5, ls="--", marker=".", label="realized close")
-    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    _draw_fan(ax, hist, paths, realized=result.realized[origin, :, CLOSE], label=model)
     when = pd.Timestamp(result.origin_time[origin])
     ax.set_title(f"{result.symbols[origin]} @ {when:%Y-%m-%d %H:%M}: {model}, {paths.shape[0]} paths")
-    ax.set_xlabel("bars from origin")
-    ax.set_ylabel("price")
-    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def _times(frame: pd.DataFrame) -> pd.DatetimeIndex | None:
+    """A frame's bar times: its ``timestamps`` column, else a DatetimeIndex; None when it has neither."""
+    if "timestamps" in frame.columns:
+        return pd.DatetimeIndex(pd.to_datetime(frame["timestamps"].to_numpy()))
+    if isinstance(frame.index, pd.DatetimeIndex):
+        return frame.index
+    return None
+
+
+def plot_forecast(
+    history: pd.DataFrame,
+    forecast: Forecast,
+    *,
+    series: int = 0,
+    realized: pd.DataFrame | None = None,
+    history_bars: int | None = 60,
+    channel: str = "close",
+    levels: Sequence[float] = (0.5, 0.9),
+    title: str | None = None,
+    label: str = "forecast",
+    ax: Axes | None = None,
+) -> Figure:
+    """Fan chart of one series of a :class:`~kronos_kit.forecast.Forecast`, as :func:`plot_fan_chart` draws it.
+
+    ``history`` holds the bars the forecast was made from (open, high, low, close; volume and
+    amount optional; a ``timestamps`` column or DatetimeIndex labels the x ticks), of which the last
+    ``history_bars`` are drawn (None = all). The median of the sample paths and one central band per
+    entry of ``levels`` are drawn for ``channel``; ``realized`` (rows after the history, may be
+    shorter than the horizon or None when the future is unknown) adds the realized path. x is in
+    bars from the origin (0 = last history bar); ``label`` names the forecast in the legend.
+    """
+    if channel not in FEATURES:
+        raise ValueError(f"channel must be one of {list(FEATURES)}, got {channel!r}")
+    if not 0 <= series < forecast.paths.shape[0]:
+        raise ValueError(f"series {series} out of range: the forecast holds {forecast.paths.shape[0]} series")
+    c = FEATURES.index(channel)
+    missing = [f for f in FEATURES[:4] if f not in history.columns]
+    if missing or (c >= 4 and channel not in history.columns):
+        raise ValueError(f"history lacks columns {missing or [channel]}; columns are {list(history.columns)}")
+    if len(history) == 0:
+        raise ValueError("history is empty: the fan chart continues the last history bar")
+    hist = history if history_bars is None else history.iloc[-history_bars:]
+    values = np.full((len(hist), len(FEATURES)), np.nan)
+    for k, f in enumerate(FEATURES):
+        if f in hist.columns:
+            values[:, k] = hist[f].to_numpy(np.float64)
+    col = list(forecast.columns).index(channel)
+    paths = forecast.paths[series, :, :, col]
+    real = None
+    if realized is not None and len(realized):
+        if channel not in realized.columns:
+            raise ValueError(f"realized lacks column {channel!r}; columns are {list(realized.columns)}")
+        real = realized[channel].to_numpy(np.float64)
+
+    fig, ax = _fig_ax(ax, (10, 4.5))
+    _draw_fan(ax, values, paths, channel=c, realized=real, levels=levels, label=label)
+    past, future = _times(hist), forecast.timestamps[series]
+    if past is not None:  # x ticks read as times; bars stay evenly spaced across session breaks
+        stamps = list(past) + list(future)
+        first = 1 - len(hist)
+        fmt = "%Y-%m-%d %H:%M" if any(t != t.normalize() for t in stamps) else "%Y-%m-%d"
+
+        def tick(x: float, _pos: int) -> str:
+            i = int(round(x)) - first
+            return stamps[i].strftime(fmt) if abs(x - round(x)) < 1e-6 and 0 <= i < len(stamps) else ""
+
+        ax.xaxis.set_major_formatter(FuncFormatter(tick))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.set_xlabel("bar time (evenly spaced bars)")
+    if title is None:
+        start = f" from {pd.Timestamp(future[0]):%Y-%m-%d %H:%M}" if len(future) else ""
+        shown = "no realized path" if real is None else f"{len(real)} realized"
+        title = f"{label}: {paths.shape[0]} paths x {paths.shape[1]} steps{start} ({shown})"
+    ax.set_title(title)
     return fig
 
 

@@ -1,0 +1,70 @@
+"""Configs: every shipped YAML loads; overrides and notebook parameters map onto typed fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kronos_kit.config import KitConfig, parse_overrides
+from kronos_kit.pipeline import NOTEBOOK_PARAMETERS, notebook_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert {p.name for p in CONFIGS} >= {"default.yaml", "kronos-small.yaml", "pretrain_base.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    assert path.read_text().startswith("#"), "each config begins with a comment saying how to run it"
+    cfg = KitConfig.from_file(path)
+    assert cfg.name == path.stem
+    assert KitConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_published_hyperparameters_are_the_defaults():
+    cfg = KitConfig()
+    assert (cfg.tokenizer.lr, cfg.tokenizer.grad_clip) == (2e-4, 2.0)
+    assert (cfg.predictor.lr, cfg.predictor.grad_clip) == (4e-5, 3.0)
+    assert (cfg.tokenizer.beta1, cfg.tokenizer.beta2, cfg.tokenizer.weight_decay) == (0.9, 0.95, 0.1)
+    assert (cfg.tokenizer.pct_start, cfg.tokenizer.div_factor) == (0.03, 10.0)
+
+
+def test_overrides_are_typed_and_unknown_keys_named():
+    cfg = KitConfig().with_overrides(parse_overrides(["tokenizer.max_steps=20", "seed=3", "data.source=x.csv"]))
+    assert (cfg.tokenizer.max_steps, cfg.seed, cfg.data.source) == (20, 3, "x.csv")
+    with pytest.raises(ValueError, match="unknown field 'max_step'"):
+        KitConfig().with_overrides({"tokenizer.max_step": 2})
+    with pytest.raises(ValueError, match="Kronos|must be int"):
+        KitConfig().with_overrides({"seed": "three"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["tokenizer.max_steps"])
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# x\ntokenizer:\n  learning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*learning_rate"):
+        KitConfig.from_file(bad)
+
+
+def test_notebook_parameters_map_onto_config(tmp_path):
+    cfg = notebook_config(ROOT / "configs" / "default.yaml", tmp_path, data="sample:sp500", tokenizer_steps=7,
+                          train_predictor=False, seed=None)
+    assert (cfg.data.source, cfg.tokenizer.max_steps, cfg.predictor.enabled) == ("sample:sp500", 7, False)
+    assert cfg.seed == 0 and cfg.run_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="unknown notebook parameters"):
+        notebook_config(ROOT / "configs" / "default.yaml", tmp_path, lr=1)
+
+
+def test_notebooks_share_one_parameters_cell_with_every_parameter():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        assert "parameters" in cells[0]["metadata"].get("tags", []), path.name
+        names = {line.split("=")[0].strip() for line in "".join(cells[0]["source"]).splitlines() if "=" in line}
+        assert names == {"run_dir", "config", *NOTEBOOK_PARAMETERS}, path.name
+        assert not any(c.get("outputs") or c.get("execution_count") for c in cells), f"{path.name} has outputs"
