@@ -40,6 +40,15 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(tmp_path):
     with pytest.raises(FileExistsError, match="--resume"):
         run(run_dir)  # an existing run directory is never overwritten silently
 
+    # reproducible: a second run gives the same checkpoints and the same metrics
+    again = tmp_path / "again"
+    assert run(again, ignore_gate=True) == 0
+    manifest_again = json.loads((again / "manifest.json").read_text())
+    assert manifest_again["checkpoints"] == manifest["checkpoints"]
+    metrics, metrics_again = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, again))
+    metrics.pop("timings_s"), metrics_again.pop("timings_s")
+    assert metrics == metrics_again
+
 
 def test_failing_stage_stops_and_resume_completes(tmp_path, capsys):
     run_dir = tmp_path / "run"
