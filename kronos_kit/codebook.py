@@ -76,6 +76,20 @@ _DENSE_JSON_MAX_VOCAB = 4096
 # --------------------------------------------------------------------------------------------
 
 
+class _JsonFile:
+    """`save(path)` / `load(path)` for the JSON-serialisable results below (via to_dict / from_dict)."""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 @dataclass
 class CodeStats:
     """Usage statistics of one vocabulary (s1, s2 or the joint code) computed from its counts.
@@ -196,7 +210,7 @@ def _bit_matrix(bits: int) -> np.ndarray:
 
 
 @dataclass
-class CodebookStats:
+class CodebookStats(_JsonFile):
     """Codebook statistics of a tokenizer on some data: s1, s2 and (optionally) the joint code.
 
     ``bit_balance[i]`` is P(bit i = 1) over all tokens; bits ``0 .. s1_bits-1`` are the s1 bits and
@@ -264,15 +278,6 @@ class CodebookStats:
             int(d["s1_bits"]), int(d["s2_bits"]), s1.counts, s2.counts, joint.counts if joint else None
         )
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> CodebookStats:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_frame(self) -> pd.DataFrame:
         """One row per vocabulary (s1, s2, joint) with the headline numbers and the paper's usage."""
@@ -708,7 +713,7 @@ class _ErrorSums:
 
 
 @dataclass
-class ReconstructionReport:
+class ReconstructionReport(_JsonFile):
     """Reconstruction errors of the s1-only decoder (``z_pre``) and the full decoder (``z``).
 
     ``overall[decoder]`` covers every bar; ``per_symbol[symbol][decoder]`` each symbol (empty when
@@ -780,15 +785,6 @@ class ReconstructionReport:
             },
         )
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> ReconstructionReport:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _unpack_forward(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -876,7 +872,7 @@ class TokenizerGateError(RuntimeError):
 
 
 @dataclass
-class GateResult:
+class GateResult(_JsonFile):
     """Outcome of :func:`reconstruction_gate`; JSON-serialisable with :meth:`save` / :meth:`load`."""
 
     passed: bool
@@ -899,15 +895,6 @@ class GateResult:
     def from_dict(cls, d: Mapping[str, Any]) -> GateResult:
         return cls(bool(d["passed"]), dict(d["metrics"]), dict(d["thresholds"]), list(d.get("reasons", [])))
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> GateResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
         if self.passed:

@@ -343,7 +343,7 @@ def run_phase(
             if not torch.isfinite(out.loss):
                 parts = {k: float(v) for k, v in out.parts.items()}
                 raise NonFiniteLossError(
-                    f"{phase.name}: non-finite loss {float(out.loss)} at step {step} (epoch {epoch}, batch "
+                    f"{phase.name}: non-finite loss {out.loss.item()} at step {step} (epoch {epoch}, batch "
                     f"{batch_in_epoch}); parts {parts}. Training stopped; the last good checkpoint is {last_dir}. "
                     "Lower the learning rate or check the data for extreme values."
                 )
@@ -361,7 +361,7 @@ def run_phase(
             parts = {k: float(v) for k, v in out.parts.items()}
             bar.set_postfix(loss=f"{out.loss.item():.4f}")
             if on_step is not None:
-                on_step(step, parts)
+                on_step(step, {"loss": out.loss.item(), **parts})
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t0
                 log.write({"phase": phase.name, "kind": "train", "step": step, "epoch": epoch,

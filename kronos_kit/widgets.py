@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from kronos_kit.forecast import Forecast, KronosPredictor
     from kronos_kit.model import Kronos, KronosTokenizer
 
-__all__ = ["window_browser", "code_inspector", "codes_table_html", "forecast_explorer"]
+__all__ = ["LiveCurve", "window_browser", "code_inspector", "codes_table_html", "forecast_explorer"]
 
 
 def _show(out: widgets.Output, fig: Figure, *, dpi: int = 80) -> None:
@@ -38,6 +38,45 @@ def _show(out: widgets.Output, fig: Figure, *, dpi: int = 80) -> None:
     fig.savefig(buf, format="png", dpi=dpi)
     out.outputs = ()
     out.append_display_data(Image(data=buf.getvalue(), format="png"))
+
+
+class LiveCurve:
+    """A loss curve that redraws while a phase trains: pass it as `on_step=` to `train_tokenizer` /
+    `train_predictor` and display `.widget` above the training call.
+
+    It receives (step, {"loss": ..., <loss parts>}) after every optimizer step and redraws every
+    `every` steps; under papermill nothing renders live, and the static curves cell shows the result.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("loss",), *, every: int = 10, title: str = "training loss"):
+        self.keys, self.every, self.title = tuple(keys), max(1, every), title
+        self.steps: list[int] = []
+        self.values: dict[str, list[float]] = {k: [] for k in self.keys}
+        self.widget = widgets.Output()
+
+    def __call__(self, step: int, parts: Mapping[str, float]) -> None:
+        self.steps.append(step)
+        for k in self.keys:
+            self.values[k].append(float(parts.get(k, np.nan)))
+        if step % self.every == 0:
+            _show(self.widget, self.figure())
+
+    def figure(self) -> Figure:
+        fig = Figure(figsize=(7, 3), layout="constrained")
+        ax = fig.subplots()
+        for k in self.keys:
+            ax.plot(self.steps, self.values[k], label=k)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(self.title)
+        ax.grid(alpha=0.3)
+        if self.steps:
+            ax.legend(fontsize=8)
+        return fig
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
 
 
 def codes_table_html(s1_ids: Sequence[int], s2_ids: Sequence[int], *, max_bars: int | None = None) -> str:

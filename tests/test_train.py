@@ -181,3 +181,26 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         for key in a:
             # the BSQ codebook entropy is all-reduced over ranks, so only float summation order differs
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=2e-5, msg=f"{phase} {key}")
+
+
+def test_early_stopping_after_patience_evaluations(tmp_path, data, monkeypatch):
+    import kronos_kit.train as train_module
+
+    # a validation metric that never improves after the first evaluation
+    monkeypatch.setattr(train_module, "evaluate_tokenizer", lambda model, loader, ctx: {"val_recon_full": 1.0})
+    cfg = smoke_config(tmp_path, **{"tokenizer.eval_every": 2, "tokenizer.patience": 2})
+    result = train_tokenizer(cfg, data=data, progress=False)
+    assert result.stopped == "early_stopping"
+    assert result.steps == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
+    assert [r["best"] for r in result.history] == [True, False, False]
+
+
+def test_live_curve_follows_training(tmp_path, data):
+    from kronos_kit.widgets import LiveCurve
+
+    live = LiveCurve(("loss", "ce_s1", "ce_s2"), every=4)
+    cfg = smoke_config(tmp_path, **{"tokenizer.enabled": False, "predictor.max_steps": 8})
+    train_predictor(cfg, data=data, progress=False, on_step=live)
+    assert live.steps == list(range(1, 9))
+    assert all(len(v) == 8 and all(x > 0 for x in v) for v in live.values.values())
+    assert len(live.widget.outputs) == 1  # the figure is drawn into the Output widget
