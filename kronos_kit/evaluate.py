@@ -541,35 +541,24 @@ def token_metrics(model: Any, tokenizer: Any, batches: Iterable[Mapping[str, Any
     Perplexity = exp(mean token NLL). Returns s1/s2 accuracy, nll, perplexity and the token count.
     """
     import torch
-    import torch.nn.functional as F
 
     from kronos_kit.codebook import iter_batches
+    from kronos_kit.forecast import eval_mode
+    from kronos_kit.train import score_next_tokens
 
-    batches = iter_batches(batches)  # a window dataset is batched; batches pass through
     modules = [m for m in (model, tokenizer) if isinstance(m, torch.nn.Module)]
-    modes = [m.training for m in modules]
-    nll = {"s1": 0.0, "s2": 0.0}
-    hits = {"s1": 0, "s2": 0}
-    n_tokens, n_batches = 0, 0
-    try:
-        for m in modules:
-            m.eval()
-        with torch.no_grad():
-            for batch in batches:
-                x = torch.as_tensor(batch["x"], dtype=torch.float32, device=device)
-                stamp = torch.as_tensor(batch["stamp"], device=device)
-                s1, s2 = tokenizer.encode(x, half=True)
-                logits = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
-                for key, lg, target in zip(("s1", "s2"), logits, (s1[:, 1:], s2[:, 1:])):
-                    lg = lg.reshape(-1, lg.shape[-1]).float()
-                    target = target.reshape(-1).long()
-                    nll[key] += float(F.cross_entropy(lg, target, reduction="sum"))
-                    hits[key] += int((lg.argmax(dim=-1) == target).sum())
-                n_tokens += int(s1[:, 1:].numel())
-                n_batches += 1
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
+    sums = [0.0] * 5  # s1 NLL, s2 NLL, s1 hits, s2 hits, tokens
+    n_batches = 0
+    with eval_mode(*modules), torch.no_grad():
+        for batch in iter_batches(batches):  # a window dataset is batched; batches pass through
+            x = torch.as_tensor(batch["x"], dtype=torch.float32, device=device)
+            s1, s2 = tokenizer.encode(x, half=True)
+            scores = score_next_tokens(model, s1, s2, torch.as_tensor(batch["stamp"], device=device))
+            sums = [a + b for a, b in zip(sums, scores)]
+            n_batches += 1
+    nll = {"s1": sums[0], "s2": sums[1]}
+    hits = {"s1": sums[2], "s2": sums[3]}
+    n_tokens = int(sums[4])
     if n_tokens == 0:
         raise ValueError("token_metrics got no tokens (empty batches or windows of length 1)")
     out: dict[str, float | int] = {}
