@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kronos_kit.data.schema import FEATURE_COLUMNS, NORM_EPS
+
 __all__ = [
     "PAPER_S1_USAGE",
     "PAPER_S2_USAGE",
@@ -62,9 +64,9 @@ PAPER_S1_USAGE = 0.9766
 PAPER_S2_USAGE = 0.8525
 
 #: Channel order of the tokenizer input.
-FEATURES: tuple[str, ...] = ("open", "high", "low", "close", "volume", "amount")
+FEATURES: tuple[str, ...] = FEATURE_COLUMNS
 #: The data layer de-normalizes with ``x * (std + DENORM_EPS) + mean``.
-DENORM_EPS = 1e-5
+DENORM_EPS = NORM_EPS
 
 # Dense counts are readable in JSON for small vocabularies; the joint vocabulary (2**20 for the
 # base model) is written sparsely instead so that a stats file stays small.

@@ -26,17 +26,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from kronos_kit.data.schema import FEATURE_COLUMNS, NORM_EPS, time_features
+from kronos_kit.data.schema import PRICE_COLUMNS as _PRICE_COLUMNS
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
 
-PRICE_COLUMNS = ["open", "high", "low", "close"]
-FEATURES = [*PRICE_COLUMNS, "volume", "amount"]
-NORM_EPS = 1e-5  # the reference's std epsilon: (x - mean) / (std + 1e-5)
+PRICE_COLUMNS = list(_PRICE_COLUMNS)
+FEATURES = list(FEATURE_COLUMNS)
 
 
 def time_stamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> np.ndarray:
-    """(T, 5) float32 of minute, hour, weekday (Monday=0), day, month, as the model was trained."""
-    ts = pd.DatetimeIndex(pd.to_datetime(pd.Series(timestamps).to_numpy()))
-    return np.stack([ts.minute, ts.hour, ts.day_of_week, ts.day, ts.month], axis=-1).astype(np.float32)
+    """(T, 5) float32 calendar features (minute, hour, weekday, day, month), as the model takes them."""
+    return time_features(pd.to_datetime(pd.Series(timestamps).to_numpy())).to_numpy(np.float32)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, *, reference: bool = False):

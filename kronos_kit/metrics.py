@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-FEATURES: tuple[str, ...] = ("open", "high", "low", "close", "volume", "amount")
+from kronos_kit.data.schema import FEATURE_COLUMNS
+
+FEATURES: tuple[str, ...] = FEATURE_COLUMNS
 CLOSE = FEATURES.index("close")
 QUANTILES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 INTERVALS: tuple[float, ...] = (0.5, 0.8, 0.95)

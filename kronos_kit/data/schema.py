@@ -13,6 +13,7 @@ import pandas as pd
 COLUMNS = ("symbol", "timestamps", "open", "high", "low", "close", "volume", "amount")
 PRICE_COLUMNS = ("open", "high", "low", "close")
 FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")  # the order of the model's 6 inputs
+NORM_EPS = 1e-5  # the reference's std guard: x_norm = (x - mean) / (std + 1e-5), and back
 TIME_FEATURE_COLUMNS = ("minute", "hour", "weekday", "day", "month")
 CONTEXT_COLUMN = "is_context"  # set by `split`: True for look-back rows borrowed from the previous split
 SHOW = 5  # offending rows quoted in an error message

@@ -16,6 +16,7 @@ from .schema import (
     COLUMNS,
     CONTEXT_COLUMN,
     FEATURE_COLUMNS,
+    NORM_EPS,
     SHOW,
     DataError,
     modal_step,
@@ -25,8 +26,6 @@ from .schema import (
     symbol_bounds,
     time_features,
 )
-
-_EPS = 1e-5  # the reference's std guard: (x - mean) / (std + 1e-5)
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def _normalize(windows: np.ndarray, lookback: int, clip: float) -> tuple[np.ndar
     past = windows[..., :lookback, :]
     mean = past.mean(axis=-2, keepdims=True)
     std = past.std(axis=-2, keepdims=True)  # ddof=0, as the reference's np.std
-    x = np.clip((windows - mean) / (std + _EPS), -clip, clip)
+    x = np.clip((windows - mean) / (std + NORM_EPS), -clip, clip)
     return x, mean.squeeze(-2), std.squeeze(-2)
 
 
