@@ -7,11 +7,12 @@ import logging
 import sys
 
 
-def _config(path: str | None, overrides: list[str], **fields):
-    from kronos_kit.config import KitConfig, parse_overrides
+def _config(path: str | None, overrides: list[str], run_dir: str | None = None):
+    from kronos_kit.config import KitConfig, apply_overrides, parse_overrides
 
     cfg = KitConfig.from_file(path) if path else KitConfig()
-    return cfg.with_overrides(parse_overrides(overrides), **fields)
+    given = {"run_dir": run_dir} if run_dir is not None else {}  # --run-dir left out keeps the config's
+    return apply_overrides(cfg, {**parse_overrides(overrides), **given})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,16 @@
 """Typed configuration: one dataclass per concern, loaded from YAML and from papermill parameters.
 
 `KitConfig.from_file("configs/default.yaml")` reads a YAML file whose sections mirror the
-dataclasses below; `cfg.with_overrides({"tokenizer.max_steps": 20, "seed": 1})` (or the command
-line's `key=value` words) changes single fields. Unknown keys are errors that name the key.
-Every field is documented in the README's configuration table.
+dataclasses below. `apply_overrides` is the one override path: notebook parameters (a `None`
+parameter keeps the config's value) and dotted keys such as `{"tokenizer.max_steps": 20}` or the
+command line's `key=value` words (an explicit `None` / `null` sets the field to null). Unknown keys
+are errors that name the key. Every field is documented in the README's configuration table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,13 +19,30 @@ from typing import Any
 
 import yaml
 
+DEFAULT_MAX_CONTEXT = 512  # forecaster context window (tokens) of the published Kronos-small/base
+
+# notebook parameters (first code cell of every notebook) -> the config field they set
+NOTEBOOK_PARAMETERS = {
+    "data": "data.source",
+    "tokenizer_from": "tokenizer.start_from",
+    "predictor_from": "predictor.start_from",
+    "tokenizer_steps": "tokenizer.max_steps",
+    "predictor_steps": "predictor.max_steps",
+    "seed": "seed",
+    "device": "device",
+    "train_tokenizer": "tokenizer.enabled",
+    "train_predictor": "predictor.enabled",
+    "ignore_gate": "gate.override",
+    "eval_origins": "evaluation.max_origins",
+}
+
 
 @dataclass
 class DataConfig:
     source: str = "sample:nasdaq"  # CSV/Parquet file or folder, or sample:sp500 / sample:nasdaq
     symbol: str | None = None  # symbol for a single-instrument file without a symbol column
     lookback: int = 90  # bars of history in a window (normalisation uses these only)
-    predict: int = 10  # bars after the lookback in a training window
+    predict: int = 10  # bars after the lookback in a training window (not the forecast horizon)
     clip: float = 5.0  # clip normalised values to +-clip
     train_ratio: float = 0.8  # chronological split per symbol, when val_start/test_start are unset
     val_ratio: float = 0.1
@@ -100,13 +119,13 @@ class GateConfig:
 @dataclass
 class EvalConfig:
     stride: int = 24  # bars between forecast origins on the test split
-    pred_len: int = 24  # forecast horizon
+    pred_len: int = 24  # forecast horizon in bars (independent of data.predict)
     sample_count: int = 8  # sample paths per origin
     max_origins: int | None = 60  # cap per model (None: every origin)
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 0
-    max_context: int = 512
+    max_context: int = DEFAULT_MAX_CONTEXT
 
 
 @dataclass
@@ -125,6 +144,9 @@ class KitConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if any(sep in self.name for sep in ("/", "\\")) or ".." in self.name or not self.name.strip():
+            raise ValueError(f"name={self.name!r}: the run name names a folder under runs/, so it must be "
+                             "non-empty without '/', '\\' or '..'; use e.g. name: my-run (or set run_dir)")
 
     # ------------------------------------------------------------------ IO
     @classmethod
@@ -147,21 +169,41 @@ class KitConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> KitConfig:
-        """A copy with dotted keys replaced, e.g. {"tokenizer.max_steps": 20}; None values are skipped."""
-        values = self.to_dict()
-        for key, value in {**(overrides or {}), **kwargs}.items():
+        """A copy with dotted keys replaced, e.g. {"tokenizer.max_steps": 20}; see `apply_overrides`."""
+        return apply_overrides(self, {**(overrides or {}), **kwargs})
+
+
+def apply_overrides(cfg: KitConfig, values: dict[str, Any]) -> KitConfig:
+    """The one override path: a copy of `cfg` with notebook parameters and dotted keys applied.
+
+    A key named in `NOTEBOOK_PARAMETERS` (`data`, `tokenizer_steps`, ...) sets its field, and a None
+    value means "not given" (papermill's default), so the config keeps its value. Any other key is a
+    dotted field (`predictor.lr`, `seed`); there None is an explicit null and sets the field to None.
+    """
+    tree = cfg.to_dict()
+    for key, value in values.items():
+        if key in NOTEBOOK_PARAMETERS:
             if value is None:
                 continue
-            *parents, leaf = key.split(".")
-            node = values
-            for p in parents:
-                if not isinstance(node.get(p), dict):
-                    raise ValueError(f"override {key!r}: {p!r} is not a config section")
-                node = node[p]
-            if leaf not in node:
-                raise ValueError(f"override {key!r}: unknown field {leaf!r}; fields here: {sorted(node)}")
-            node[leaf] = value
-        return KitConfig.from_dict(values, source="overrides")
+            key = NOTEBOOK_PARAMETERS[key]
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"override {key!r}: {p!r} is not a config section")
+            node = node[p]
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise ValueError(f"override {key!r}: unknown field {leaf!r}; fields here: {sorted(node)}")
+        node[leaf] = value
+    return KitConfig.from_dict(tree, source="overrides")
+
+
+def notebook_config(config: str | Path, run_dir: str | Path, **parameters: Any) -> KitConfig:
+    """The config a notebook runs with: the YAML file, then its parameters (None = keep the file's)."""
+    unknown = set(parameters) - set(NOTEBOOK_PARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown notebook parameters {sorted(unknown)}; known: {sorted(NOTEBOOK_PARAMETERS)}")
+    return apply_overrides(KitConfig.from_file(config), {**parameters, "run_dir": str(run_dir)})
 
 
 def parse_overrides(words: list[str]) -> dict[str, Any]:
@@ -196,15 +238,26 @@ def _build(cls, values: dict[str, Any], source: str):
         raise ValueError(f"{source}: {err}") from err
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a YAML value against a field's type hint (ints may stand for floats)."""
+    """Check a YAML value against a field's type hint, reading numbers in every common notation.
+
+    YAML 1.1 reads `1e-5` (no dot) as a string, so numeric strings count as numbers; ints may stand
+    for floats, and a float or numeric string for an int when it is a whole number.
+    """
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
+    if hint in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value) if hint is float or not value.strip().lstrip("+-").isdigit() else int(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
     wrong_bool = hint is int and isinstance(value, bool)  # YAML true is an int to Python
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or wrong_bool):
         raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")

@@ -20,7 +20,6 @@ Rules that keep the comparison honest:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -35,7 +34,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
-from kronos_kit.metrics import CLOSE, FEATURES, INTERVALS
+from kronos_kit.config import DEFAULT_MAX_CONTEXT, EvalConfig
+from kronos_kit.data.schema import FEATURE_COLUMNS
+from kronos_kit.metrics import CLOSE, INTERVALS
+from kronos_kit.runs import RunDir, atomic_write_text, save_json
 
 if TYPE_CHECKING:  # only for annotations: walk_forward itself never touches the model
     import torch
@@ -129,7 +131,7 @@ def forecast_origins(
 def persistence_paths(history: np.ndarray, pred_len: int) -> np.ndarray:
     """Last close carried forward: (N, 1, H, 6) with OHLC = last close, volume/amount = last values."""
     last = history[:, -1]
-    path = np.empty((len(history), 1, pred_len, len(FEATURES)))
+    path = np.empty((len(history), 1, pred_len, len(FEATURE_COLUMNS)))
     path[..., :4] = last[:, CLOSE, None, None, None]
     path[..., 4:] = last[:, None, None, 4:]
     return path
@@ -151,7 +153,7 @@ def drift_paths(history: np.ndarray, pred_len: int, sample_count: int, rng: np.r
     last_close = history[:, -1, CLOSE]
     close = last_close[:, None, None] * np.exp(np.cumsum(steps, axis=-1))
     opens = np.concatenate([np.broadcast_to(last_close[:, None, None], close[..., :1].shape), close[..., :-1]], -1)
-    path = np.empty(close.shape + (len(FEATURES),))
+    path = np.empty(close.shape + (len(FEATURE_COLUMNS),))
     path[..., 0] = opens
     path[..., 1] = np.maximum(opens, close)
     path[..., 2] = np.minimum(opens, close)
@@ -287,7 +289,7 @@ def score_entry(result: EvaluationResult, name: str) -> dict[str, Any]:
         pit = M.pit_values(samples[..., CLOSE], realized[..., CLOSE], randomize=True, rng=np.random.default_rng(0))
         out["pit_histogram"] = M.pit_histogram(pit)
     else:
-        out["coverage"] = {f"{lvl:g}": _by_channel(np.full(len(FEATURES), np.nan)) for lvl in INTERVALS}
+        out["coverage"] = {f"{lvl:g}": _by_channel(np.full(len(FEATURE_COLUMNS), np.nan)) for lvl in INTERVALS}
         out["pit_histogram"] = None
     last = result.last_close
     pred_change = point[..., CLOSE] - last[:, None]
@@ -367,7 +369,7 @@ def walk_forward(
     clash = set(models) & set(BASELINES)
     if clash:
         raise ValueError(f"model names {sorted(clash)} are reserved for baselines")
-    missing = {"symbol", "timestamps", *FEATURES} - set(frame.columns)
+    missing = {"symbol", "timestamps", *FEATURE_COLUMNS} - set(frame.columns)
     if missing:
         raise ValueError(f"frame lacks columns {sorted(missing)}")
     frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
@@ -376,7 +378,7 @@ def walk_forward(
     if origins.empty:
         raise ValueError("no forecast origins: the split is shorter than lookback + pred_len")
     rows = origins["row"].to_numpy()
-    values = frame[list(FEATURES)].to_numpy(np.float64)
+    values = frame[list(FEATURE_COLUMNS)].to_numpy(np.float64)
     history = values[rows[:, None] + np.arange(1 - lookback, 1)]
     realized = values[rows[:, None] + np.arange(1, pred_len + 1)]
     stamps = frame["timestamps"]
@@ -408,7 +410,7 @@ def walk_forward(
         hists, hstamps, fstamps = [], [], []
         for i in batch:
             r = rows[i]
-            hist = frame.iloc[r - lookback + 1 : r + 1][list(FEATURES)].reset_index(drop=True)
+            hist = frame.iloc[r - lookback + 1 : r + 1][list(FEATURE_COLUMNS)].reset_index(drop=True)
             hist.attrs["symbol"] = result.symbols[i]
             hists.append(hist)
             hstamps.append(stamps.iloc[r - lookback + 1 : r + 1].reset_index(drop=True))
@@ -424,7 +426,7 @@ def walk_forward(
             t1 = time.perf_counter()
             out = np.asarray(fn(*args, pred_len, sample_count), dtype=np.float64)
             build_s, call_s = build_s + t1 - t0, call_s + time.perf_counter() - t1
-            if out.ndim != 4 or out.shape[0] != len(batch) or out.shape[2:] != (pred_len, len(FEATURES)):
+            if out.ndim != 4 or out.shape[0] != len(batch) or out.shape[2:] != (pred_len, len(FEATURE_COLUMNS)):
                 raise ValueError(
                     f"model {name!r} returned shape {out.shape}; expected ({len(batch)}, S, {pred_len}, 6)"
                 )
@@ -465,16 +467,17 @@ def walk_forward(
 def evaluate_models(
     frame_or_test_split: pd.DataFrame | Splits,
     models: Mapping[str, tuple[Kronos, KronosTokenizer] | KronosPredictor],
+    evaluation: EvalConfig | None = None,
     *,
     lookback: int,
-    pred_len: int,
-    stride: int,
-    sample_count: int,
+    pred_len: int | None = None,
+    stride: int | None = None,
+    sample_count: int | None = None,
     max_origins: int | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 0.9,
-    max_context: int = 512,
+    max_context: int = DEFAULT_MAX_CONTEXT,
     seed: int | None = 0,
     device: str | torch.device = "cpu",
     baselines: Sequence[str] = BASELINES,
@@ -487,8 +490,10 @@ def evaluate_models(
 
     ``frame_or_test_split`` is the test frame (usually ``split(...).test``, whose ``is_context`` rows
     only feed histories) or the :class:`~kronos_kit.data.Splits` itself, whose ``test`` part is used.
-    ``models`` maps a name to ``(Kronos, KronosTokenizer)``; each pair is wrapped in a
-    :class:`~kronos_kit.forecast.KronosPredictor` on ``device`` with ``max_context`` (a ready
+    ``evaluation`` (the run's ``cfg.evaluation``) supplies ``pred_len``, ``stride``, ``sample_count``,
+    ``max_origins``, ``temperature``, ``top_k``, ``top_p`` and ``max_context``; without it pass
+    them one by one. ``models`` maps a name to ``(Kronos, KronosTokenizer)``; each pair is wrapped in
+    a :class:`~kronos_kit.forecast.KronosPredictor` on ``device`` with ``max_context`` (a ready
     ``KronosPredictor`` is used as it is, with its own device and context). Every model samples
     with the same ``temperature``, ``top_k``, ``top_p`` and ``seed`` (the same seed for every batch
     and model: common random numbers, reproducible), through
@@ -496,8 +501,30 @@ def evaluate_models(
     :func:`walk_forward`, whose arguments these are. The sampling settings are recorded in
     ``result.config["sampling"]``.
     """
-    from kronos_kit.forecast import KronosPredictor
+    if evaluation is not None:
+        if any(v is not None for v in (pred_len, stride, sample_count, max_origins)):
+            raise ValueError("pass either evaluation (cfg.evaluation) or pred_len/stride/sample_count/max_origins")
+        e = evaluation
+        pred_len, stride, sample_count, max_origins = e.pred_len, e.stride, e.sample_count, e.max_origins
+        temperature, top_k, top_p, max_context = e.temperature, e.top_k, e.top_p, e.max_context
+    if pred_len is None or stride is None or sample_count is None:
+        raise TypeError("evaluate_models needs pred_len, stride and sample_count, or evaluation=cfg.evaluation")
+    frame = _test_frame(frame_or_test_split)
+    if not models:
+        raise ValueError("models must name at least one (predictor, tokenizer) pair")
+    predictors = _predictors(models, device=device, max_context=max_context)
+    fns: dict[str, ForecastFn] = {name: p.as_forecast_fn(temperature, top_k, top_p, seed)
+                                  for name, p in predictors.items()}
+    result = walk_forward(frame, fns, lookback=lookback, pred_len=pred_len, stride=stride, sample_count=sample_count,
+                          max_origins=max_origins, baselines=baselines, seed=0 if seed is None else seed,
+                          progress=progress, batch_size=batch_size, point=point, season=season)
+    result.config["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                                 "max_context": {n: p.max_context for n, p in predictors.items()},
+                                 "device": {n: str(p.device) for n, p in predictors.items()}}
+    return result
 
+
+def _test_frame(frame_or_test_split: pd.DataFrame | Splits) -> pd.DataFrame:
     frame = frame_or_test_split
     if not isinstance(frame, pd.DataFrame):
         frame = getattr(frame_or_test_split, "test", None)
@@ -506,26 +533,21 @@ def evaluate_models(
                             f"{type(frame_or_test_split).__name__}")
     if "symbol" not in frame.columns:  # a single-series frame, e.g. one CSV read with pandas
         frame = frame.assign(symbol=str(frame.attrs.get("symbol", "series")))
-    if not models:
-        raise ValueError("models must name at least one (predictor, tokenizer) pair")
-    fns: dict[str, ForecastFn] = {}
-    contexts: dict[str, int] = {}
-    devices: dict[str, str] = {}
+    return frame
+
+
+def _predictors(models: Mapping[str, Any], *, device: Any, max_context: int) -> dict[str, KronosPredictor]:
+    from kronos_kit.forecast import KronosPredictor
+
+    out = {}
     for name, entry in models.items():
         if isinstance(entry, KronosPredictor):
-            predictor = entry
+            out[name] = entry
         elif isinstance(entry, tuple) and len(entry) == 2:
-            predictor = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context)
+            out[name] = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context)
         else:
             raise TypeError(f"model {name!r}: expected a (Kronos, KronosTokenizer) pair, got {type(entry).__name__}")
-        fns[name] = predictor.as_forecast_fn(temperature, top_k, top_p, seed)
-        contexts[name], devices[name] = predictor.max_context, str(predictor.device)
-    result = walk_forward(frame, fns, lookback=lookback, pred_len=pred_len, stride=stride, sample_count=sample_count,
-                          max_origins=max_origins, baselines=baselines, seed=0 if seed is None else seed,
-                          progress=progress, batch_size=batch_size, point=point, season=season)
-    result.config["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-                                 "max_context": contexts, "device": devices}
-    return result
+    return out
 
 
 # --------------------------------------------------------------------------------- token level
@@ -542,18 +564,16 @@ def token_metrics(model: Any, tokenizer: Any, batches: Iterable[Mapping[str, Any
     """
     import torch
 
-    from kronos_kit.codebook import iter_batches
-    from kronos_kit.forecast import eval_mode
-    from kronos_kit.train import score_next_tokens
+    from kronos_kit.data.batches import loop_batches
+    from kronos_kit.runtime import inference
 
-    modules = [m for m in (model, tokenizer) if isinstance(m, torch.nn.Module)]
     sums = [0.0] * 5  # s1 NLL, s2 NLL, s1 hits, s2 hits, tokens
     n_batches = 0
-    with eval_mode(*modules), torch.no_grad():
-        for batch in iter_batches(batches):  # a window dataset is batched; batches pass through
+    with inference(*[m for m in (model, tokenizer) if isinstance(m, torch.nn.Module)]):
+        for batch in loop_batches(batches):  # a window dataset is batched; batches pass through
             x = torch.as_tensor(batch["x"], dtype=torch.float32, device=device)
             s1, s2 = tokenizer.encode(x, half=True)
-            scores = score_next_tokens(model, s1, s2, torch.as_tensor(batch["stamp"], device=device))
+            scores = model.score_next_tokens(s1, s2, torch.as_tensor(batch["stamp"], device=device))
             sums = [a + b for a, b in zip(sums, scores)]
             n_batches += 1
     nll = {"s1": sums[0], "s2": sums[1]}
@@ -585,10 +605,7 @@ TOKEN_HEADLINE: tuple[tuple[str, str, str], ...] = (
 
 def save_token_metrics(metrics: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
     """Write {model name: token_metrics(...)} as JSON (NaN as null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(dict(metrics)), indent=2) + "\n")
-    return path
+    return save_json(path, _jsonable(dict(metrics)))
 
 
 def compare(value: float, other: float, direction: str | float) -> tuple[bool | None, float | None]:
@@ -723,8 +740,7 @@ def write_report(
     metric saying whether ``finetuned`` beat ``base`` and persistence (and GARCH on volatility), with
     the numbers. ``tokens`` optionally maps model names to :func:`token_metrics` outputs.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rd = RunDir(run_dir)
     comparisons = report_comparisons(result, finetuned=finetuned, base=base, tokens=tokens)
     payload = {
         "config": result.config,
@@ -739,9 +755,9 @@ def write_report(
         "token_metrics": tokens or {},
         "comparisons": comparisons,
     }
-    paths = {"json": run_dir / "metrics.json", "table": run_dir / "metrics_table.csv", "report": run_dir / "report.md"}
-    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False))
-    result.table.to_csv(paths["table"])
+    paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report}
+    save_json(paths["json"], _jsonable(payload), newline=False, allow_nan=False)
+    atomic_write_text(paths["table"], result.table.to_csv())
 
     cfg = result.config
     lines = [
@@ -786,7 +802,7 @@ def write_report(
                                              orient="index")
         token_table.index.name = "model"
         lines += ["## Token-level metrics (test windows, causal path)", "", _markdown_table(token_table), ""]
-    paths["report"].write_text("\n".join(lines))
+    atomic_write_text(paths["report"], "\n".join(lines))
     return paths
 
 
@@ -801,4 +817,4 @@ def _paired_crps_line(result: EvaluationResult, a: str, b: str) -> str:
 
 
 def _by_channel(values: np.ndarray) -> dict[str, Any]:
-    return {f: values[k] for k, f in enumerate(FEATURES)}
+    return {f: values[k] for k, f in enumerate(FEATURE_COLUMNS)}

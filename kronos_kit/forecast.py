@@ -17,8 +17,7 @@ reflect the dropped bars, so it no longer equals the reference.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +25,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kronos_kit.data.schema import FEATURE_COLUMNS, NORM_EPS, time_features
-from kronos_kit.data.schema import PRICE_COLUMNS as _PRICE_COLUMNS
+from kronos_kit.config import DEFAULT_MAX_CONTEXT
+from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS, denormalize, fill_amount, normalize, time_features
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
-
-PRICE_COLUMNS = list(_PRICE_COLUMNS)
-FEATURES = list(FEATURE_COLUMNS)
+from kronos_kit.runtime import inference
 
 
 def time_stamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> np.ndarray:
@@ -179,26 +176,13 @@ class _CachedStepper:
         return self._rebuild(cur - self.max_context, cur, self.hist_len)
 
 
-@contextlib.contextmanager
-def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Run modules in eval() (no dropout) and restore each one's previous mode afterwards."""
-    modes = [m.training for m in modules]
-    try:
-        for m in modules:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
 @dataclass
 class Forecast:
     """Every sample path of a forecast, in price units, with summaries as DataFrames."""
 
     paths: np.ndarray  # (series, samples, steps, features)
     timestamps: list[pd.DatetimeIndex]  # future timestamps of each series
-    columns: tuple[str, ...] = tuple(FEATURES)
+    columns: tuple[str, ...] = FEATURE_COLUMNS
     quantile_levels: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
     def _frame(self, values: np.ndarray, series: int) -> pd.DataFrame:
@@ -229,7 +213,7 @@ class KronosPredictor:
         model: Kronos,
         tokenizer: KronosTokenizer,
         device: str | torch.device | None = None,
-        max_context: int = 512,
+        max_context: int = DEFAULT_MAX_CONTEXT,
         clip: float = 5,
     ):
         check_pair(tokenizer, model)
@@ -250,14 +234,14 @@ class KronosPredictor:
         if "volume" not in df.columns:  # the reference fills both with 0 when volume is absent
             df["volume"], df["amount"] = 0.0, 0.0
         if "amount" not in df.columns:
-            df["amount"] = df["volume"] * df[PRICE_COLUMNS].mean(axis=1)
-        values = df[FEATURES].to_numpy(dtype=np.float64)
+            df["amount"] = fill_amount(df["volume"], *(df[c] for c in PRICE_COLUMNS))
+        values = df[list(FEATURE_COLUMNS)].to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values)
         if bad.any():
             rows, cols = np.nonzero(bad)
             raise ValueError(
                 f"{where}: history has {bad.sum()} NaN/inf values, first in column "
-                f"{FEATURES[cols[0]]!r} at rows {sorted(set(rows.tolist()))[:5]}; fill or drop them first"
+                f"{FEATURE_COLUMNS[cols[0]]!r} at rows {sorted(set(rows.tolist()))[:5]}; fill or drop them first"
             )
         if len(df) < 2:
             raise ValueError(f"{where}: history has {len(df)} bar(s); at least 2 are needed to normalise it")
@@ -269,7 +253,7 @@ class KronosPredictor:
             raise ValueError(f"{where}: y_timestamp has {len(y_timestamp)} entries but pred_len is {pred_len}")
         x = values.astype(np.float32)
         mean, std = x.mean(0), x.std(0)
-        x = np.clip((x - mean) / (std + NORM_EPS), -self.clip, self.clip)
+        x = normalize(x, mean, std, self.clip)
         stamps = np.concatenate([time_stamps(x_timestamp), time_stamps(y_timestamp)])
         future = pd.DatetimeIndex(pd.to_datetime(pd.Series(y_timestamp).to_numpy()))
         return x, stamps, mean, std, future
@@ -316,7 +300,7 @@ class KronosPredictor:
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        with eval_mode(self.model, self.tokenizer), torch.no_grad():
+        with inference(self.model, self.tokenizer):
             s1, s2 = self.tokenizer.encode(x, half=True)
             tokens1, tokens2 = generate_tokens(
                 self.model, s1, s2, stamps, pred_len, max_context=self.max_context, sample_count=sample_count,
@@ -324,10 +308,10 @@ class KronosPredictor:
             )
             start = max(0, tokens1.shape[1] - self.max_context)
             decoded = self.tokenizer.decode([tokens1[:, start:], tokens2[:, start:]], half=True)[:, -pred_len:]
-        preds = decoded.float().cpu().numpy().reshape(len(prepared), sample_count, pred_len, len(FEATURES))
+        preds = decoded.float().cpu().numpy().reshape(len(prepared), sample_count, pred_len, len(FEATURE_COLUMNS))
         mean = np.stack([p[2] for p in prepared])[:, None, None]
         std = np.stack([p[3] for p in prepared])[:, None, None]
-        paths = preds * (std + NORM_EPS) + mean
+        paths = denormalize(preds, std=std, mean=mean)
         extra = {} if quantile_levels is None else {"quantile_levels": tuple(quantile_levels)}
         return Forecast(paths, [p[4] for p in prepared], **extra)
 
@@ -362,5 +346,4 @@ class KronosPredictor:
         return forecast
 
 
-__all__ = ["FEATURES", "Forecast", "KronosPredictor", "Sampler", "eval_mode", "filter_logits", "generate_tokens",
-           "time_stamps"]
+__all__ = ["Forecast", "KronosPredictor", "Sampler", "filter_logits", "generate_tokens", "time_stamps"]

@@ -19,8 +19,7 @@ from scipy.stats import rankdata
 
 from kronos_kit.data.schema import FEATURE_COLUMNS
 
-FEATURES: tuple[str, ...] = FEATURE_COLUMNS
-CLOSE = FEATURES.index("close")
+CLOSE = FEATURE_COLUMNS.index("close")  # channel index of the close price
 QUANTILES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 INTERVALS: tuple[float, ...] = (0.5, 0.8, 0.95)
 

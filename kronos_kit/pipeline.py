@@ -7,8 +7,8 @@ flag, a hash of the input data, hashes of every checkpoint written, and each sta
 duration and input hash. `--resume` skips stages that completed with unchanged inputs.
 Notebooks pass results to each other only through files in the run directory.
 
-Also here: `notebook_config` (what a notebook's parameters cell turns into) and `pretrain_base`
-(the command behind `make base`).
+Also here: `pretrain_base` (the command behind `make base`). The run directory's layout lives in
+`kronos_kit.runs`; notebook parameters and overrides go through `kronos_kit.config.apply_overrides`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -28,7 +27,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kronos_kit.config import KitConfig
+from kronos_kit.config import KitConfig, apply_overrides, parse_overrides
+from kronos_kit.model.checkpoint import WEIGHTS_NAME
+from kronos_kit.runs import RunDir, atomic_write_text, load_json, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,77 +46,7 @@ STAGE_CONFIG = {
     "02": ("predictor", "gate.override"),
     "03": ("evaluation",),
 }
-# notebook parameters (first code cell of every notebook) -> the config field they set
-NOTEBOOK_PARAMETERS = {
-    "data": "data.source",
-    "tokenizer_from": "tokenizer.start_from",
-    "predictor_from": "predictor.start_from",
-    "tokenizer_steps": "tokenizer.max_steps",
-    "predictor_steps": "predictor.max_steps",
-    "seed": "seed",
-    "device": "device",
-    "train_tokenizer": "tokenizer.enabled",
-    "train_predictor": "predictor.enabled",
-    "ignore_gate": "gate.override",
-    "eval_origins": "evaluation.max_origins",
-}
 PACKAGES = ["kronos-kit", "torch", "numpy", "pandas", "matplotlib", "papermill", "safetensors", "arch"]
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """The files of one run directory (see the README's run-directory layout)."""
-
-    path: Path
-
-    def __init__(self, path: str | Path):
-        object.__setattr__(self, "path", Path(path))
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def metrics_log(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def codebook_before(self) -> Path:
-        return self.path / "codebook_before.json"
-
-    @property
-    def codebook_after(self) -> Path:
-        return self.path / "codebook_after.json"
-
-    @property
-    def gate(self) -> Path:
-        return self.path / "reconstruction_gate.json"
-
-    @property
-    def token_metrics(self) -> Path:
-        return self.path / "token_metrics.json"
-
-    @property
-    def figures(self) -> Path:
-        folder = self.path / "figures"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def checkpoint(self, phase: str, kind: str = "best") -> Path:
-        return self.path / phase / kind
-
-
-# ---------------------------------------------------------------------------------------------
-# config from notebook parameters
-
-
-def notebook_config(config: str | Path, run_dir: str | Path, **parameters: Any) -> KitConfig:
-    """The config a notebook runs with: the YAML file, then its parameters (None = keep the file's)."""
-    unknown = set(parameters) - set(NOTEBOOK_PARAMETERS)
-    if unknown:
-        raise ValueError(f"unknown notebook parameters {sorted(unknown)}; known: {sorted(NOTEBOOK_PARAMETERS)}")
-    cfg = KitConfig.from_file(config)
-    overrides = {NOTEBOOK_PARAMETERS[k]: v for k, v in parameters.items()}
-    return cfg.with_overrides(overrides, run_dir=str(run_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +79,7 @@ def data_hash(source: str) -> str:
 
 def checkpoint_hashes(run_dir: Path) -> dict[str, str]:
     """sha256 of every model.safetensors under the run directory, by relative folder."""
-    return {str(p.parent.relative_to(run_dir)): file_sha256(p) for p in sorted(run_dir.rglob("model.safetensors"))
+    return {str(p.parent.relative_to(run_dir)): file_sha256(p) for p in sorted(run_dir.rglob(WEIGHTS_NAME))
             if not any(part.startswith(".") for part in p.relative_to(run_dir).parts)}
 
 
@@ -179,14 +110,11 @@ class Manifest:
 
     @classmethod
     def load_or_new(cls, run_dir: Path) -> Manifest:
-        path = run_dir / "manifest.json"
-        data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-        return cls(path, data)
+        path = RunDir(run_dir).manifest
+        return cls(path, load_json(path) if path.is_file() else {"stages": {}})
 
     def save(self) -> None:
-        tmp = self.path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, self.path)
+        save_json(self.path, self.data, sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +129,7 @@ def _kernel_name() -> str:
 
 
 def _failed_cell(notebook: Path) -> str:
-    nb = json.loads(notebook.read_text())
+    nb = load_json(notebook)
     code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
     for i, cell in enumerate(code_cells):
         for out in cell.get("outputs", []):
@@ -224,13 +152,8 @@ def run_pipeline(
     """Run the stages in order; 0 on success, 1 when a stage failed (its notebook is kept)."""
     import papermill
 
-    from kronos_kit.config import parse_overrides
-
     values = parse_overrides(params) if isinstance(params, list) else dict(params or {})
-    nb_params = {k: v for k, v in values.items() if k in NOTEBOOK_PARAMETERS}
-    overrides = {k: v for k, v in values.items() if k not in NOTEBOOK_PARAMETERS}
-    cfg = KitConfig.from_file(config).with_overrides(
-        {NOTEBOOK_PARAMETERS[k]: v for k, v in nb_params.items()} | overrides)
+    cfg = apply_overrides(KitConfig.from_file(config), values)
     if run_dir is None:
         run_dir = cfg.run_dir or f"runs/{cfg.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(run_dir)
@@ -241,8 +164,7 @@ def run_pipeline(
                               "reuse it, or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.with_overrides(run_dir=str(run_dir))
-    resolved = run_dir / "config.yaml"
-    resolved.write_text(f"# resolved from {config} with {values}\n" + cfg.to_yaml())
+    resolved = atomic_write_text(RunDir(run_dir).config, f"# resolved from {config} with {values}\n" + cfg.to_yaml())
     manifest = Manifest.load_or_new(run_dir)
     manifest.data.update({
         "config_file": str(config), "parameters": values, "config": cfg.to_dict(), "seed": cfg.seed,
@@ -309,13 +231,13 @@ def _stage_hash(stage: str, cfg: KitConfig, upstream: str, notebook: Path) -> st
 
 def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
     """Pretrain the shipped base tokenizer and predictor with the kit's own engine; record provenance."""
-    from kronos_kit.train import load_data, train_predictor, train_tokenizer
+    from kronos_kit.data import load_data
+    from kronos_kit.train import train_predictor, train_tokenizer
 
     out = Path(out)
     work = out.parent / f".{out.name}-run"
     shutil.rmtree(work, ignore_errors=True)
-    cfg = cfg.with_overrides(run_dir=str(work))
-    cfg = cfg.with_overrides({"predictor.tokenizer_from": None})
+    cfg = cfg.with_overrides({"run_dir": str(work), "predictor.tokenizer_from": None})
     data = load_data(cfg)
     tok = train_tokenizer(cfg, data=data)
     pred = train_predictor(cfg, data=data)
@@ -329,12 +251,12 @@ def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
                  "note": "S&P 500 daily OHLCV 1999-2018 from the arch package"},
         "seed": cfg.seed, "config": cfg.to_dict(),
         "tokenizer": {"steps": tok.steps, "best_val_recon_full": tok.best_metric,
-                      "sha256": file_sha256(out / "tokenizer" / "model.safetensors")},
+                      "sha256": file_sha256(out / "tokenizer" / WEIGHTS_NAME)},
         "predictor": {"steps": pred.steps, "best_val_loss": pred.best_metric,
-                      "sha256": file_sha256(out / "predictor" / "model.safetensors")},
+                      "sha256": file_sha256(out / "predictor" / WEIGHTS_NAME)},
         "versions": _versions(), "git": _git_state(), "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
-    (out / "PROVENANCE.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    save_json(out / "PROVENANCE.json", provenance, default=str)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("base checkpoints written to %s", out)
     return out

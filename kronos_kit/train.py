@@ -2,10 +2,11 @@
 
 Phase 1 (`train_tokenizer`) adapts the tokenizer: loss = (mse(z_pre, x) + mse(z, x) + bsq_loss) / 2.
 Phase 2 (`train_predictor`) finetunes the predictor on tokens of the frozen phase-1 tokenizer:
-loss = (ce_s1 + ce_s2) / 2 on next-token targets. Never jointly. Both run `run_phase`, which owns
-the loop: AdamW + OneCycle, gradient accumulation and clipping, evaluation, early stopping,
-checkpoints (`<run_dir>/<phase>/best|last`, reference layout), exact resume
-(`<run_dir>/state/<phase>.pt`), `metrics.jsonl`, progress bars and torchrun (DDP) support.
+loss = (ce_s1 + ce_s2) / 2 on next-token targets. Never jointly. Both run `run_phase`, which reads
+top to bottom: `setup_optimizer` (AdamW + OneCycle), `restore_state` (exact resume), then
+`train_epoch` (gradient accumulation and clipping) with `validate` (best checkpoint, early stopping)
+and `save_state` (`last` checkpoint + training state) at every evaluation. Files go where
+`kronos_kit.runs.RunDir` says; seeding, devices and DDP come from `kronos_kit.runtime`.
 The phases differ only in their `Phase`: the model trained, a step function, an evaluation
 function and the checkpoints they start from.
 """
@@ -13,12 +14,9 @@ function and the checkpoints they start from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,16 +25,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from kronos_kit import runs
+from kronos_kit.codebook import CodebookCounter
 from kronos_kit.config import KitConfig, PhaseConfig
+from kronos_kit.data import DataBundle, load_data, take
 from kronos_kit.model import Kronos, KronosTokenizer, check_pair, weights_hash
+from kronos_kit.runs import MetricsLog, RunDir, atomic_torch_save, recover_dir, replace_dir
+from kronos_kit.runtime import DistContext, freeze, inference, module_device, resolve_device, seed_everything, unwrap
 
 logger = logging.getLogger(__name__)
+
+OnStep = Callable[[int, dict[str, float]], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,56 +49,6 @@ class NonFiniteLossError(RuntimeError):
 
 class FrozenTokenizerChanged(RuntimeError):
     """The tokenizer's weights changed during phase 2, which must never happen."""
-
-
-# ---------------------------------------------------------------------------------------------
-# environment: seed, device, distributed
-
-
-def seed_everything(seed: int) -> None:
-    """One seed for Python, NumPy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> DistContext:
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Sum floats over ranks (validation totals)."""
-        if self.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
 
 
 class EpochSampler(Sampler[int]):
@@ -117,63 +71,9 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ---------------------------------------------------------------------------------------------
-# files: atomic checkpoints, training state, metrics log
-
-
 def save_checkpoint(model: nn.Module, directory: Path) -> None:
-    """Replace `directory` with a fresh checkpoint; a kill at any moment leaves a complete one."""
-    directory = Path(directory)
-    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp)
-    recover_checkpoint(directory)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(directory: Path) -> Path:
-    """Finish a checkpoint swap that a kill interrupted (the previous complete copy comes back)."""
-    old = directory.with_name(f".{directory.name}.old")
-    if not directory.exists() and old.exists():
-        os.replace(old, directory)
-    return directory
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-class MetricsLog:
-    """Append-only JSON lines (`metrics.jsonl`), written by rank 0 only."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-
-
-def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
-    """Records of `metrics.jsonl`, optionally of one phase."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if phase is None or r.get("phase") == phase]
+    """Replace `directory` with a fresh checkpoint of `model` (atomic swap, see `runs.replace_dir`)."""
+    replace_dir(directory, unwrap(model).save_pretrained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,20 +111,53 @@ class PhaseResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
 
 
-def _lr_schedule(optimizer, cfg: PhaseConfig, total_steps: int):
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=cfg.pct_start, div_factor=cfg.div_factor,
-    )
+@dataclass
+class TrainState:
+    """What resume restores besides weights, optimizer and RNG (saved under the runs.*_KEY names)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: float = math.inf
+    evals_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str | None = None  # set once the phase has finished
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+@dataclass
+class _Run:
+    """One phase in flight: what the engine's functions share."""
 
+    phase: Phase
+    cfg: PhaseConfig
+    rd: RunDir
+    seed: int
+    device: torch.device
+    ctx: DistContext
+    log: MetricsLog
+    local_batch: int  # per-rank batch
+    total_steps: int
+    autocast: torch.autocast
+    model: nn.Module = None  # the bare model: checkpoints, validation
+    train_model: nn.Module = None  # what a training step calls (DDP-wrapped under torchrun)
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer = None
+    scheduler: Any = None
+    state: TrainState = field(default_factory=TrainState)
+    window_count: int = 0  # windows since the last log line (throughput)
+    t0: float = 0.0
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    @property
+    def best_dir(self) -> Path:
+        return self.rd.checkpoint(self.phase.name, "best")
+
+    @property
+    def last_dir(self) -> Path:
+        return self.rd.checkpoint(self.phase.name, "last")
+
+    def result(self, stopped: str) -> PhaseResult:
+        st = self.state
+        return PhaseResult(self.phase.name, st.step, st.best, self.best_dir, self.last_dir, stopped, st.history)
 
 
 def run_phase(
@@ -237,164 +170,200 @@ def run_phase(
     precision: str = "fp32",
     resume: bool = False,
     progress: bool = True,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> PhaseResult:
     """Train `phase.model` per `cfg`; checkpoints, state and metrics go under `run_dir`."""
-    run_dir = Path(run_dir)
+    run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision)
+    seed_everything(seed)
+    setup_optimizer(run)
+    resumed = resume and restore_state(run)
+    if resumed and run.state.stopped:
+        return run.result(run.state.stopped)
+    if resume and not resumed:
+        logger.info("%s: nothing to resume in %s; starting fresh", phase.name, run.rd.state(phase.name))
+    run.train_model = run.model
+    if run.ctx.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        run.train_model = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+    if not resumed:
+        save_state(run)  # a complete `last` from the start: a failure before the first evaluation keeps it
+    bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"phase {phase.name}", unit="step",
+               disable=not progress)
+    stopped, run.t0 = "epochs", time.perf_counter()
+    while run.state.epoch < cfg.epochs and run.state.step < run.total_steps:
+        reason = train_epoch(run, bar, on_step)
+        if reason is not None:
+            stopped = reason
+            break
+        run.state.epoch, run.state.batch_in_epoch = run.state.epoch + 1, 0
+        if run.state.step % cfg.eval_every and validate(run):  # epoch end, unless just evaluated
+            stopped = "early_stopping"
+            break
+        save_state(run)
+    bar.close()
+    save_state(run, stopped)
+    if not run.best_dir.exists() and run.ctx.is_main:  # e.g. resumed a finished run with no improvement
+        save_checkpoint(run.model, run.best_dir)
+    return run.result(stopped)
+
+
+def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torch.device, precision: str) -> _Run:
+    """Check the sizes and work out batches and steps; nothing is trained or written yet."""
     ctx = DistContext.from_env(device)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=ctx.is_main)
-    best_dir, last_dir = run_dir / phase.name / "best", run_dir / phase.name / "last"
-    state_path = run_dir / "state" / f"{phase.name}.pt"
     if ctx.world_size > 1 and cfg.batch_size % ctx.world_size:
         raise ValueError(f"{phase.name}.batch_size={cfg.batch_size} must divide by the {ctx.world_size} ranks")
-    local_batch = cfg.batch_size // ctx.world_size
     if len(phase.train_set) < cfg.batch_size:
         raise ValueError(f"{phase.name}: only {len(phase.train_set)} training windows for batch_size "
                          f"{cfg.batch_size}; lower the batch size or bring more data")
     if len(phase.val_set) == 0:
         raise ValueError(f"{phase.name}: the validation split has no windows; enlarge data.val_ratio or the data")
-    batches_per_epoch = len(phase.train_set) // cfg.batch_size
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum_steps)
+    steps_per_epoch = max(1, len(phase.train_set) // cfg.batch_size // cfg.grad_accum_steps)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-
-    seed_everything(seed)
-    model = phase.model.to(device)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    scheduler = _lr_schedule(optimizer, cfg, total_steps)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    best, evals_since_best, history = math.inf, 0, []
-    resumed = resume and state_path.is_file()
-    if resumed:
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best, evals_since_best, history = state["best"], state["evals_since_best"], state["history"]
-        _set_rng_state(state["rng"])
-        logger.info("%s: resumed at step %d (epoch %d, batch %d)", phase.name, step, epoch, batch_in_epoch)
-        if state.get("stopped"):
-            return PhaseResult(phase.name, step, best, best_dir, last_dir, state["stopped"], history)
-    elif resume:
-        logger.info("%s: nothing to resume in %s; starting fresh", phase.name, state_path)
-    train_model = model
-    if ctx.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
-
-    def save(stopped: str | None = None) -> None:
-        phase.before_save()
-        if ctx.is_main:
-            save_checkpoint(model, last_dir)
-            _atomic_torch_save({
-                "phase": phase.name, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "best": best, "evals_since_best": evals_since_best, "history": history, "rng": _rng_state(),
-                "stopped": stopped, "config": dataclasses.asdict(cfg),
-            }, state_path)
-
-    def evaluate() -> bool:
-        """Validate, log, keep `best`; True when early stopping says stop."""
-        nonlocal best, evals_since_best
-        val_loader = DataLoader(phase.val_set, batch_size=local_batch, generator=torch.Generator(),
-                                sampler=EpochSampler(len(phase.val_set), seed=seed, epoch=0, shuffle=False,
-                                                     rank=ctx.rank, world=ctx.world_size))
-        if cfg.max_val_batches is not None:
-            val_loader = _take(val_loader, cfg.max_val_batches)
-        model.eval()
-        with torch.no_grad(), autocast:
-            metrics = phase.evaluate(model, val_loader, ctx)
-        model.train()
-        value = metrics[phase.select_metric]
-        improved = value < best
-        if improved:
-            best, evals_since_best = value, 0
-            if ctx.is_main:
-                save_checkpoint(model, best_dir)
-        else:
-            evals_since_best += 1
-        record = {"phase": phase.name, "kind": "eval", "step": step, "epoch": epoch, **metrics, "best": improved}
-        history.append(record)
-        log.write(record)
-        return cfg.patience is not None and evals_since_best >= cfg.patience
-
-    if not resumed:
-        save()  # a complete `last` from the start: a failure before the first evaluation keeps it
-    bar = tqdm(total=total_steps, initial=step, desc=f"phase {phase.name}", unit="step", disable=not progress)
-    stopped = "epochs"
-    window_count, t0 = 0, time.perf_counter()
-    while epoch < cfg.epochs and step < total_steps:
-        if hasattr(phase.train_set, "set_epoch"):
-            phase.train_set.set_epoch(epoch)
-        sampler = EpochSampler(len(phase.train_set), seed=seed, epoch=epoch, shuffle=True, rank=ctx.rank,
-                               world=ctx.world_size, skip=batch_in_epoch * local_batch)
-        # an own generator: iterating a DataLoader must not draw from the global RNG (exact resume)
-        loader = DataLoader(phase.train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
-                            generator=torch.Generator())
-        optimizer.zero_grad(set_to_none=True)
-        for batch in loader:
-            with autocast:
-                out = phase.step(train_model, batch)
-            if not torch.isfinite(out.loss):
-                parts = {k: float(v) for k, v in out.parts.items()}
-                raise NonFiniteLossError(
-                    f"{phase.name}: non-finite loss {out.loss.item()} at step {step} (epoch {epoch}, batch "
-                    f"{batch_in_epoch}); parts {parts}. Training stopped; the last good checkpoint is {last_dir}. "
-                    "Lower the learning rate or check the data for extreme values."
-                )
-            (out.loss / cfg.grad_accum_steps).backward()
-            batch_in_epoch += 1
-            window_count += len(batch["x"]) * ctx.world_size
-            if batch_in_epoch % cfg.grad_accum_steps:
-                continue
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            parts = {k: float(v) for k, v in out.parts.items()}
-            bar.set_postfix(loss=f"{out.loss.item():.4f}")
-            if on_step is not None:
-                on_step(step, {"loss": out.loss.item(), **parts})
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t0
-                log.write({"phase": phase.name, "kind": "train", "step": step, "epoch": epoch,
-                           "lr": scheduler.get_last_lr()[0], "loss": out.loss.item(), **parts,
-                           "grad_norm": grad_norm, "windows_per_s": window_count / max(elapsed, 1e-9)})
-                window_count, t0 = 0, time.perf_counter()
-            if step % cfg.eval_every == 0 or step == total_steps:
-                if evaluate():
-                    stopped = "early_stopping"
-                    break
-                save()
-            if step >= total_steps:
-                stopped = "max_steps" if cfg.max_steps is not None and step >= cfg.max_steps else "epochs"
-                break
-        if stopped == "early_stopping" or step >= total_steps:
-            break
-        epoch, batch_in_epoch = epoch + 1, 0
-        if step % cfg.eval_every and evaluate():  # epoch end, unless just evaluated
-            stopped = "early_stopping"
-            break
-        save()
-    bar.close()
-    save(stopped)
-    if not best_dir.exists() and ctx.is_main:  # e.g. resumed a finished run with no improvement
-        save_checkpoint(model, best_dir)
-    return PhaseResult(phase.name, step, best, best_dir, last_dir, stopped, history)
+    return _Run(phase, cfg, rd, seed, device, ctx, MetricsLog(rd.metrics_log, enabled=ctx.is_main),
+                cfg.batch_size // ctx.world_size, total_steps, autocast)
 
 
-def _take(loader, n: int):
-    for i, batch in enumerate(loader):
-        if i >= n:
-            return
-        yield batch
+def setup_optimizer(run: _Run) -> None:
+    """The model on its device in train mode; AdamW over its trainable parameters; the OneCycle schedule."""
+    cfg = run.cfg
+    run.model = run.phase.model.to(run.device)
+    run.model.train()
+    run.trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(run.trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        run.optimizer, max_lr=cfg.lr, total_steps=max(run.total_steps, 2), pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor,
+    )
+
+
+def restore_state(run: _Run) -> bool:
+    """Load `state/<phase>.pt` if there is one: weights, optimizer, schedule, counters and RNG."""
+    path = run.rd.state(run.phase.name)
+    if not path.is_file():
+        return False
+    state = torch.load(path, map_location=run.device, weights_only=False)
+    run.model.load_state_dict(state[runs.MODEL_KEY])
+    run.optimizer.load_state_dict(state[runs.OPT_KEY])
+    run.scheduler.load_state_dict(state[runs.SCHEDULER_KEY])
+    run.state = TrainState(state[runs.STEP_KEY], state[runs.EPOCH_KEY], state[runs.BATCH_KEY], state[runs.BEST_KEY],
+                           state[runs.EVALS_SINCE_BEST_KEY], state[runs.HISTORY_KEY], state.get(runs.STOPPED_KEY))
+    _set_rng_state(state[runs.RNG_KEY])
+    logger.info("%s: resumed at step %d (epoch %d, batch %d)", run.phase.name, run.state.step, run.state.epoch,
+                run.state.batch_in_epoch)
+    return True
+
+
+def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
+    """Train the rest of the current epoch; the stop reason when training ends inside it, else None."""
+    phase, cfg, st = run.phase, run.cfg, run.state
+    if hasattr(phase.train_set, "set_epoch"):
+        phase.train_set.set_epoch(st.epoch)
+    sampler = EpochSampler(len(phase.train_set), seed=run.seed, epoch=st.epoch, shuffle=True, rank=run.ctx.rank,
+                           world=run.ctx.world_size, skip=st.batch_in_epoch * run.local_batch)
+    # an own generator: iterating a DataLoader must not draw from the global RNG (exact resume)
+    loader = DataLoader(phase.train_set, batch_size=run.local_batch, sampler=sampler, drop_last=True,
+                        generator=torch.Generator())
+    run.optimizer.zero_grad(set_to_none=True)
+    for batch in loader:
+        out = _forward_backward(run, batch)
+        st.batch_in_epoch += 1
+        run.window_count += len(batch["x"]) * run.ctx.world_size
+        if st.batch_in_epoch % cfg.grad_accum_steps:
+            continue
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip))
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{out.loss.item():.4f}")
+        _log_step(run, out, grad_norm, on_step)
+        if st.step % cfg.eval_every == 0 or st.step == run.total_steps:
+            if validate(run):
+                return "early_stopping"
+            save_state(run)
+        if st.step >= run.total_steps:
+            return "max_steps" if cfg.max_steps is not None and st.step >= cfg.max_steps else "epochs"
+    return None
+
+
+def _forward_backward(run: _Run, batch: dict[str, Any]) -> StepOutput:
+    with run.autocast:
+        out = run.phase.step(run.train_model, batch)
+    if not torch.isfinite(out.loss):
+        st, parts = run.state, {k: float(v) for k, v in out.parts.items()}
+        raise NonFiniteLossError(
+            f"{run.phase.name}: non-finite loss {out.loss.item()} at step {st.step} (epoch {st.epoch}, batch "
+            f"{st.batch_in_epoch}); parts {parts}. Training stopped; the last good checkpoint is {run.last_dir}. "
+            "Lower the learning rate or check the data for extreme values."
+        )
+    (out.loss / run.cfg.grad_accum_steps).backward()
+    return out
+
+
+def _log_step(run: _Run, out: StepOutput, grad_norm: float, on_step: OnStep | None) -> None:
+    st, parts = run.state, {k: float(v) for k, v in out.parts.items()}
+    if on_step is not None:
+        on_step(st.step, {"loss": out.loss.item(), **parts})
+    if st.step % run.cfg.log_every == 0 or st.step == run.total_steps:
+        elapsed = time.perf_counter() - run.t0
+        run.log.write({"phase": run.phase.name, "kind": "train", "step": st.step, "epoch": st.epoch,
+                       "lr": run.scheduler.get_last_lr()[0], "loss": out.loss.item(), **parts,
+                       "grad_norm": grad_norm, "windows_per_s": run.window_count / max(elapsed, 1e-9)})
+        run.window_count, run.t0 = 0, time.perf_counter()
+
+
+def validate(run: _Run) -> bool:
+    """Validate, log, keep `best`; True when early stopping says stop."""
+    phase, cfg, st = run.phase, run.cfg, run.state
+    val_loader = DataLoader(phase.val_set, batch_size=run.local_batch, generator=torch.Generator(),
+                            sampler=EpochSampler(len(phase.val_set), seed=run.seed, epoch=0, shuffle=False,
+                                                 rank=run.ctx.rank, world=run.ctx.world_size))
+    if cfg.max_val_batches is not None:
+        val_loader = take(val_loader, cfg.max_val_batches)
+    with inference(run.model), run.autocast:
+        metrics = phase.evaluate(run.model, val_loader, run.ctx)
+    improved = metrics[phase.select_metric] < st.best
+    if improved:
+        st.best, st.evals_since_best = metrics[phase.select_metric], 0
+        if run.ctx.is_main:
+            save_checkpoint(run.model, run.best_dir)
+    else:
+        st.evals_since_best += 1
+    record = {"phase": phase.name, "kind": "eval", "step": st.step, "epoch": st.epoch, **metrics, "best": improved}
+    st.history.append(record)
+    run.log.write(record)
+    return cfg.patience is not None and st.evals_since_best >= cfg.patience
+
+
+def save_state(run: _Run, stopped: str | None = None) -> None:
+    """The `last` checkpoint and everything resume needs, each written atomically (rank 0)."""
+    run.phase.before_save()
+    if not run.ctx.is_main:
+        return
+    st = run.state
+    save_checkpoint(run.model, run.last_dir)
+    atomic_torch_save({
+        runs.PHASE_KEY: run.phase.name, runs.STEP_KEY: st.step, runs.EPOCH_KEY: st.epoch,
+        runs.BATCH_KEY: st.batch_in_epoch, runs.MODEL_KEY: run.model.state_dict(),
+        runs.OPT_KEY: run.optimizer.state_dict(), runs.SCHEDULER_KEY: run.scheduler.state_dict(),
+        runs.BEST_KEY: st.best, runs.EVALS_SINCE_BEST_KEY: st.evals_since_best, runs.HISTORY_KEY: st.history,
+        runs.RNG_KEY: _rng_state(), runs.STOPPED_KEY: stopped, runs.CONFIG_KEY: dataclasses.asdict(run.cfg),
+    }, run.rd.state(run.phase.name))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,20 +371,23 @@ def _take(loader, n: int):
 
 
 def tokenizer_step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-    """(mse(z_pre, x) + mse(z, x) + bsq_loss) / 2, as the reference trains the tokenizer."""
-    x = batch["x"].to(_device_of(model))
-    (z_pre, z), bsq_loss, _, _ = model(x)
+    """(mse(z_pre, x) + mse(z, x) + bsq_loss) / 2, as the reference trains the tokenizer.
+
+    The log gets each reconstruction term, the BSQ loss and its unweighted parts (`LossBreakdown`).
+    """
+    x = batch["x"].to(module_device(model))
+    ((z_pre, z), bsq_loss, _, _), bsq = model(x, return_loss_breakdown=True)
     recon_pre, recon_full = F.mse_loss(z_pre, x), F.mse_loss(z, x)
     loss = (recon_pre + recon_full + bsq_loss) / 2
     return StepOutput(loss, {"recon_s1": recon_pre.detach(), "recon_full": recon_full.detach(),
-                             "bsq": bsq_loss.detach()})
+                             "bsq": bsq_loss.detach(), "bsq_commitment": bsq.commitment.detach(),
+                             "bsq_per_sample_entropy": bsq.per_sample_entropy.detach(),
+                             "bsq_codebook_entropy": bsq.codebook_entropy.detach()})
 
 
 def evaluate_tokenizer(model: nn.Module, loader, ctx: DistContext) -> dict[str, float]:
     """Full-decoder and s1-only reconstruction MSE, loss, and s1/s2 codebook usage."""
-    from kronos_kit.codebook import CodebookCounter
-
-    device = _device_of(model)
+    device = module_device(model)
     counter = CodebookCounter(model.s1_bits, model.s2_bits, joint=False)
     sums = [0.0, 0.0, 0.0, 0.0]  # full mse * n, s1 mse * n, loss * n, n
     for batch in loader:
@@ -438,16 +410,6 @@ def evaluate_tokenizer(model: nn.Module, loader, ctx: DistContext) -> dict[str, 
 
 # ---------------------------------------------------------------------------------------------
 # phase 2: predictor on the frozen tokenizer
-
-
-def freeze(module: nn.Module) -> dict[str, Any]:
-    """Put a module in eval() with gradients off; return what shows it is frozen (for notebooks)."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return {"mode": "eval" if not module.training else "train",
-            "trainable parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "parameters": sum(p.numel() for p in module.parameters()), "sha256": weights_hash(module)}
 
 
 class FrozenTokens:
@@ -488,7 +450,7 @@ class FrozenTokens:
 
 def make_predictor_step(tokens: FrozenTokens, *, teacher_forcing: bool) -> Callable[[nn.Module, dict], StepOutput]:
     def step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        device = _device_of(model)
+        device = module_device(model)
         s1, s2 = tokens(batch, device)
         stamp = batch["stamp"].to(device)
         # inputs: tokens[:-1] with their time features; targets: tokens[1:]
@@ -500,28 +462,13 @@ def make_predictor_step(tokens: FrozenTokens, *, teacher_forcing: bool) -> Calla
     return step
 
 
-@torch.no_grad()
-def score_next_tokens(model: nn.Module, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor) -> list[float]:
-    """[s1 NLL sum, s2 NLL sum, s1 hits, s2 hits, tokens] of next-token prediction on one batch.
-
-    The causal path with s2 conditioned on the true next s1: no RNG, no leak of the s2 target.
-    """
-    # Kronos.forward is causal in the s2 layer by default (causal_s2=True)
-    l1, l2 = model(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
-    t1, t2 = s1[:, 1:], s2[:, 1:]
-    n = t1.numel()
-    return [F.cross_entropy(l1.reshape(n, -1).float(), t1.reshape(-1), reduction="sum").item(),
-            F.cross_entropy(l2.reshape(n, -1).float(), t2.reshape(-1), reduction="sum").item(),
-            (l1.argmax(-1) == t1).sum().item(), (l2.argmax(-1) == t2).sum().item(), n]
-
-
 def make_predictor_evaluate(tokens: FrozenTokens) -> Callable[[nn.Module, Any, DistContext], dict[str, float]]:
     def evaluate(model: nn.Module, loader, ctx: DistContext) -> dict[str, float]:
-        device = _device_of(model)
+        device = module_device(model)
         sums = [0.0] * 5
         for batch in loader:
             s1, s2 = tokens(batch, device)
-            scores = score_next_tokens(model, s1, s2, batch["stamp"].to(device))
+            scores = model.score_next_tokens(s1, s2, batch["stamp"].to(device))
             sums = [a + b for a, b in zip(sums, scores)]
         sums = ctx.sum(sums, device)
         n = max(sums[4], 1)
@@ -532,51 +479,15 @@ def make_predictor_evaluate(tokens: FrozenTokens) -> Callable[[nn.Module, Any, D
     return evaluate
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ---------------------------------------------------------------------------------------------
 # entry points
-
-
-@dataclass
-class DataBundle:
-    frame: Any  # the canonical long frame
-    splits: Any  # data.Splits
-    train: Dataset
-    val: Dataset
-    test: Dataset
-
-
-def load_data(cfg: KitConfig) -> DataBundle:
-    """Load, split and window the configured data (train windows per the epoch cap; val/test all)."""
-    from kronos_kit.data import WindowDataset, load_ohlcv, load_sample, split
-
-    d = cfg.data
-    if d.source.startswith("sample:"):
-        frame = load_sample(d.source.removeprefix("sample:"))
-    else:
-        frame = load_ohlcv(d.source, symbol=d.symbol, fill=d.fill)
-    if d.val_start or d.test_start:
-        if not (d.val_start and d.test_start):
-            raise ValueError("data.val_start and data.test_start go together: set both, or neither to use ratios")
-        splits = split(frame, lookback=d.lookback, predict=d.predict, dates=(d.val_start, d.test_start))
-    else:
-        ratios = (d.train_ratio, d.val_ratio, 1 - d.train_ratio - d.val_ratio)
-        splits = split(frame, lookback=d.lookback, predict=d.predict, ratios=ratios)
-    train = WindowDataset(splits.train, lookback=d.lookback, predict=d.predict, clip=d.clip, stride=d.stride,
-                          max_samples=d.max_samples_per_epoch, seed=cfg.seed)
-    val = WindowDataset(splits.val, lookback=d.lookback, predict=d.predict, clip=d.clip)
-    test = WindowDataset(splits.test, lookback=d.lookback, predict=d.predict, clip=d.clip)
-    return DataBundle(frame, splits, train, val, test)
 
 
 def tokenizer_source_for_phase2(cfg: KitConfig, run_dir: Path) -> str:
     """The tokenizer phase 2 uses: explicit, else this run's phase-1 best, else the base tokenizer."""
     if cfg.predictor.tokenizer_from:
         return cfg.predictor.tokenizer_from
-    own = recover_checkpoint(run_dir / "tokenizer" / "best")
+    own = recover_dir(RunDir(run_dir).checkpoint("tokenizer", "best"))
     if cfg.tokenizer.enabled or own.exists():
         if not own.exists():
             raise FileNotFoundError(f"{own} not found: run phase 1 first, or set predictor.tokenizer_from")
@@ -591,7 +502,7 @@ def _run_dir(cfg: KitConfig) -> Path:
 
 
 def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | None = None, progress: bool = True,
-                    on_step: Callable[[int, dict[str, float]], None] | None = None) -> PhaseResult:
+                    on_step: OnStep | None = None) -> PhaseResult:
     """Phase 1: adapt the tokenizer to the configured data."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
@@ -604,7 +515,7 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
 
 
 def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | None = None, progress: bool = True,
-                    on_step: Callable[[int, dict[str, float]], None] | None = None) -> PhaseResult:
+                    on_step: OnStep | None = None) -> PhaseResult:
     """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)

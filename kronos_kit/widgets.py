@@ -21,7 +21,9 @@ import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
-from kronos_kit.codebook import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
+from kronos_kit.config import DEFAULT_MAX_CONTEXT
+from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
+from kronos_kit.reconstruction import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
 
 if TYPE_CHECKING:
     import torch
@@ -177,7 +179,7 @@ def code_inspector(
     """Pick an s1 code and see how often it occurs and the mean normalized candle of its bars.
 
     The data (a window dataset or an iterable of batches) is encoded once up front
-    (:func:`~kronos_kit.codebook.code_profile`); pass a ready ``profile`` to skip that.
+    (:func:`~kronos_kit.reconstruction.code_profile`); pass a ready ``profile`` to skip that.
     """
     from kronos_kit.plots.codebook import plot_code_candle
 
@@ -220,12 +222,12 @@ _ALL_MODELS = "all (side by side)"
 
 def _symbol_frames(frame: pd.DataFrame, lookback: int) -> dict[str, pd.DataFrame]:
     """symbol -> its bars sorted by time (index 0..n-1), for symbols with at least ``lookback`` bars."""
-    missing = [c for c in ("timestamps", "open", "high", "low", "close") if c not in frame.columns]
+    missing = [c for c in ("timestamps", *PRICE_COLUMNS) if c not in frame.columns]
     if missing:
         raise ValueError(f"frame lacks columns {missing}; columns are {list(frame.columns)}")
     if "symbol" not in frame.columns:  # a single series, e.g. one CSV read with pandas
         frame = frame.assign(symbol=str(frame.attrs.get("symbol", "series")))
-    keep = ["timestamps", *[c for c in ("open", "high", "low", "close", "volume", "amount") if c in frame.columns]]
+    keep = ["timestamps", *[c for c in FEATURE_COLUMNS if c in frame.columns]]
     out = {}
     for sym, part in frame.groupby("symbol", sort=True):
         part = part[keep].assign(timestamps=pd.to_datetime(part["timestamps"]))
@@ -263,7 +265,7 @@ def _explorer_predictors(predictors: Mapping[str, Any], max_context: int | None,
                                         clip=entry.clip)
             out[str(name)] = entry
         elif isinstance(entry, tuple) and len(entry) == 2:
-            out[str(name)] = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context or 512)
+            out[str(name)] = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context or DEFAULT_MAX_CONTEXT)
         else:
             raise TypeError(f"predictor {name!r}: expected a KronosPredictor or a (Kronos, KronosTokenizer) pair, "
                             f"got {type(entry).__name__}")
@@ -300,7 +302,6 @@ def forecast_explorer(
     fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
     """
     from kronos_kit import metrics as M
-    from kronos_kit.forecast import FEATURES
     from kronos_kit.plots.forecast import plot_forecast
 
     if lookback < 2 or pred_len < 1:
@@ -310,7 +311,7 @@ def forecast_explorer(
     models = _explorer_predictors(predictors, max_context, device)
     bars = _symbol_frames(frame, lookback)
     names = list(models)
-    close = FEATURES.index("close")
+    close = M.CLOSE
 
     def origin_range(sym: str) -> tuple[int, int, int]:
         n = len(bars[sym])
@@ -352,7 +353,7 @@ def forecast_explorer(
         realized = part.iloc[o + 1 : o + 1 + pred_len].reset_index(drop=True)
         future = _future_stamps(part, o, pred_len)
         chosen = names if which.value == _ALL_MODELS else [which.value]
-        feats = [c for c in FEATURES if c in history.columns]
+        feats = [c for c in FEATURE_COLUMNS if c in history.columns]
         t0 = time.perf_counter()
         forecasts = {
             name: models[name].predict_paths(history[feats], history["timestamps"], future, pred_len,

@@ -18,24 +18,26 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import nn  # noqa: E402
 
 from kronos_kit.codebook import (  # noqa: E402
-    FEATURES,
     PAPER_S1_USAGE,
     PAPER_S2_USAGE,
     CodebookComparison,
     CodebookCounter,
     CodebookStats,
     CodeStats,
+    codebook_stats,
+    compare_codebooks,
+    js_distance,
+    total_variation,
+)
+from kronos_kit.data import FEATURE_COLUMNS  # noqa: E402
+from kronos_kit.reconstruction import (  # noqa: E402
     GateResult,
     ReconstructionReport,
     TokenizerGateError,
     code_profile,
-    codebook_stats,
-    compare_codebooks,
-    js_distance,
     reconstruct_window,
     reconstruction_gate,
     reconstruction_report,
-    total_variation,
 )
 
 REFERENCE_TOKENIZER = Path(__file__).parent / "fixtures" / "kronos_reference" / "tokenizer"
@@ -293,7 +295,7 @@ def test_reconstruction_report_offsets_by_hand():
     tok = StandInTokenizer(s1_offset=a, full_offset=b)
     windows = make_windows(n=10, length=16)
     rep = reconstruction_report(tok, loader(windows, 4), progress=False)
-    assert rep.n_windows == 10 and rep.features == list(FEATURES)
+    assert rep.n_windows == 10 and rep.features == list(FEATURE_COLUMNS)
     np.testing.assert_allclose(rep.overall["s1"].mse, a**2, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(rep.overall["s1"].mae, np.abs(a), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(rep.overall["full"].mse, b**2, rtol=1e-5, atol=1e-7)
@@ -332,7 +334,7 @@ def test_reconstruction_report_matches_numpy_and_frame(tmp_path):
     assert frame.loc[("(all)", "full", "mse"), "close"] == pytest.approx(rep.overall["full"].mse[3])
     assert frame.loc[("AAA", "s1", "mae"), "mean"] == pytest.approx(np.mean(rep.per_symbol["AAA"]["s1"].mae))
     assert math.isnan(frame.loc[("(all)", "full", "price_mse"), "mean"])  # no mean across units
-    assert list(frame.columns) == ["n_bars", *FEATURES, "mean"]
+    assert list(frame.columns) == ["n_bars", *FEATURE_COLUMNS, "mean"]
     assert len(rep.to_frame(per_symbol=False)) == 2 * 4
     back = ReconstructionReport.load(rep.save(tmp_path / "rep.json"))
     assert back.to_dict() == rep.to_dict()

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kronos_kit.config import KitConfig, parse_overrides
-from kronos_kit.pipeline import NOTEBOOK_PARAMETERS, notebook_config
+from kronos_kit.config import NOTEBOOK_PARAMETERS, KitConfig, notebook_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -68,3 +67,38 @@ def test_notebooks_share_one_parameters_cell_with_every_parameter():
         names = {line.split("=")[0].strip() for line in "".join(cells[0]["source"]).splitlines() if "=" in line}
         assert names == {"run_dir", "config", *NOTEBOOK_PARAMETERS}, path.name
         assert not any(c.get("outputs") or c.get("execution_count") for c in cells), f"{path.name} has outputs"
+
+
+def test_an_override_can_set_a_field_to_null(tmp_path):
+    # pipeline.pretrain_base clears predictor.tokenizer_from with {"predictor.tokenizer_from": None}
+    path = tmp_path / "explicit.yaml"
+    path.write_text("# test\npredictor:\n  tokenizer_from: some/tokenizer\n  max_steps: 5\n")
+    cfg = KitConfig.from_file(path)
+    assert cfg.predictor.tokenizer_from == "some/tokenizer"
+    cleared = cfg.with_overrides({"predictor.tokenizer_from": None})
+    assert cleared.predictor.tokenizer_from is None
+    assert cfg.with_overrides(parse_overrides(["predictor.max_steps=null"])).predictor.max_steps is None
+
+    # a notebook parameter left at None keeps the config's value; the same None as a dotted key clears it
+    path_cfg = notebook_config(path, tmp_path, tokenizer_from=None)
+    assert path_cfg.predictor.tokenizer_from == "some/tokenizer"
+
+
+def test_numbers_in_every_notation(tmp_path):
+    # the README's examples, verbatim: YAML 1.1 reads 1e-5 (no dot) as a string
+    assert KitConfig().with_overrides(parse_overrides(["predictor.lr=1e-5"])).predictor.lr == 1e-5
+    path = tmp_path / "lr.yaml"
+    path.write_text("# test\npredictor:\n  lr: 4e-5\ntokenizer:\n  max_steps: 1e3\n  lr: 2\n")
+    cfg = KitConfig.from_file(path)
+    assert (cfg.predictor.lr, cfg.tokenizer.max_steps, cfg.tokenizer.lr) == (4e-5, 1000, 2.0)
+    assert isinstance(cfg.tokenizer.max_steps, int) and isinstance(cfg.tokenizer.lr, float)
+    with pytest.raises(ValueError, match="max_steps must be int, got 2.5"):
+        KitConfig().with_overrides(parse_overrides(["tokenizer.max_steps=2.5e0"]))
+    with pytest.raises(ValueError, match="lr must be float"):
+        KitConfig().with_overrides({"predictor.lr": "fast"})
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "..", ""])
+def test_run_names_with_path_parts_are_refused(name):
+    with pytest.raises(ValueError, match=r"name=.*run name"):
+        KitConfig().with_overrides({"name": name})

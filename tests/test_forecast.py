@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import DATA
 
-from kronos_kit.forecast import FEATURES, KronosPredictor, Sampler, filter_logits, generate_tokens
+from kronos_kit.data import FEATURE_COLUMNS
+from kronos_kit.forecast import KronosPredictor, Sampler, filter_logits, generate_tokens
 from kronos_kit.model import Kronos, KronosTokenizer
 
 
@@ -26,7 +27,7 @@ def reference_predictor(reference_dirs) -> KronosPredictor:
 
 def window(bars, a, b, n):
     hist, fut = bars.iloc[a:b], bars.iloc[b : b + n]
-    return hist[FEATURES], hist["timestamps"], fut["timestamps"]
+    return hist[list(FEATURE_COLUMNS)], hist["timestamps"], fut["timestamps"]
 
 
 @pytest.mark.parametrize("key", ["fc_within", "fc_sliding"])
@@ -123,4 +124,4 @@ def test_bad_calls_fail_clearly(reference_predictor, bars, mutate, match):
 def test_missing_volume_is_filled_like_the_reference(reference_predictor, bars):
     hist, x_ts, y_ts = window(bars, 0, 30, 4)
     out = reference_predictor.predict(hist[["open", "high", "low", "close"]], x_ts, y_ts, 4, top_k=1, verbose=False)
-    assert list(out.columns) == FEATURES and np.isfinite(out.to_numpy()).all()
+    assert list(out.columns) == list(FEATURE_COLUMNS) and np.isfinite(out.to_numpy()).all()

@@ -11,13 +11,13 @@ import torch
 from conftest import DATA
 
 from kronos_kit.config import KitConfig
+from kronos_kit.data import load_data
 from kronos_kit.model import Kronos, KronosTokenizer, weights_hash
+from kronos_kit.runs import read_metrics
 from kronos_kit.train import (
     FrozenTokenizerChanged,
     NonFiniteLossError,
     StepOutput,
-    load_data,
-    read_metrics,
     tokenizer_step,
     train_predictor,
     train_tokenizer,
@@ -66,6 +66,12 @@ def test_run_directory_holds_reference_checkpoints_and_metrics(trained):
     records = read_metrics(run_dir / "metrics.jsonl")
     train_lines = [r for r in records if r["kind"] == "train" and r["phase"] == "tokenizer"]
     assert {"lr", "loss", "recon_s1", "recon_full", "bsq", "grad_norm", "windows_per_s"} <= set(train_lines[0])
+    # the BSQ loss is logged as its parts too, and they recombine to it (quantizer weights of the preset)
+    q = KronosTokenizer.from_pretrained(tok.best_dir).quantizer
+    for r in train_lines:
+        parts = r["bsq_commitment"], r["bsq_per_sample_entropy"], r["bsq_codebook_entropy"]
+        assert r["bsq"] == pytest.approx(q.beta * parts[0] + q.zeta * (q.gamma0 * parts[1] - q.gamma * parts[2]),
+                                         rel=1e-5, abs=1e-7)
     evals = [r for r in records if r["kind"] == "eval" and r["phase"] == "tokenizer"]
     assert len(evals) == 3 and 0 < evals[-1]["s1_usage"] <= 1
     assert {"val_ce_s1", "val_ce_s2", "val_acc_s1"} <= set(read_metrics(run_dir / "metrics.jsonl", "predictor")[-1])

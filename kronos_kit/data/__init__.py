@@ -10,22 +10,33 @@ This package owns
 * chronological per-symbol splits (`split`, in ``windows``) whose val/test parts carry look-back
   context only, and training windows (`WindowDataset`) z-scored on the look-back bars alone, so
   the future never leaks into the normalisation;
+* the normalisation, its inverse and the amount fill (`normalize`, `denormalize`, `fill_amount`,
+  in ``schema``), the one home of the column order and `NORM_EPS`;
+* the configured data in one object (`load_data` -> `DataBundle`, in ``bundle``);
+* batch plumbing (`loop_batches`, `iter_batches`, `take`, `unpack_batch`, in ``batches``): the one
+  loop every model-over-windows computation uses;
 * the embedded samples (`load_sample`, in ``samples``) and a notebook summary (`summarize`).
 
 Whatever the loader fills, sorts or repairs is reported with ``warnings.warn(..., DataNotice)``
 and kept in ``frame.attrs["notices"]``. Every check is vectorised: no Python loop runs over rows.
 """
 
+from .batches import Batch, is_window_dataset, iter_batches, loop_batches, take, unpack_batch
+from .bundle import DataBundle, load_data
 from .load import load_ohlcv
 from .samples import load_sample
 from .schema import (
     COLUMNS,
     CONTEXT_COLUMN,
     FEATURE_COLUMNS,
+    NORM_EPS,
     PRICE_COLUMNS,
     TIME_FEATURE_COLUMNS,
     DataError,
     DataNotice,
+    denormalize,
+    fill_amount,
+    normalize,
     time_features,
 )
 from .summary import DataSummary, summarize
@@ -35,16 +46,28 @@ __all__ = [
     "COLUMNS",
     "CONTEXT_COLUMN",
     "FEATURE_COLUMNS",
+    "NORM_EPS",
     "PRICE_COLUMNS",
     "TIME_FEATURE_COLUMNS",
+    "Batch",
+    "DataBundle",
     "DataError",
     "DataNotice",
     "DataSummary",
     "Splits",
     "WindowDataset",
+    "denormalize",
+    "fill_amount",
+    "is_window_dataset",
+    "iter_batches",
+    "load_data",
     "load_ohlcv",
     "load_sample",
+    "loop_batches",
+    "normalize",
     "split",
     "summarize",
+    "take",
     "time_features",
+    "unpack_batch",
 ]

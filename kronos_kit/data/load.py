@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .schema import FEATURE_COLUMNS, PRICE_COLUMNS, SHOW, DataError, nanoseconds, notify
+from .schema import FEATURE_COLUMNS, PRICE_COLUMNS, SHOW, DataError, fill_amount, nanoseconds, notify
 
 _ALIASES = {
     "timestamps": ("timestamps", "timestamp", "datetime", "date", "time"),
@@ -327,8 +327,7 @@ def _canonical_part(
         notify(notices, f"{label}: no volume column; volume and amount set to 0 as the Kronos "
                          f"reference predictor does{dropped}.")
     elif "amount" not in values:
-        values["amount"] = values["volume"] * (
-            values["open"] + values["high"] + values["low"] + values["close"]) / 4.0
+        values["amount"] = fill_amount(values["volume"], *(values[c] for c in PRICE_COLUMNS))
         notify(notices, f"{label}: no amount column; amount = volume * mean(open, high, low, close) "
                          "as the Kronos reference predictor does.")
     return _Part(codes, names, seen, timestamps, values, origin)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .load import load_ohlcv
-from .schema import DataError, DataNotice
+from .schema import DataError, DataNotice, fill_amount
 
 _SAMPLES = {
     "sp500": ("sp500", "SP500", "S&P 500 index"),
@@ -34,8 +34,8 @@ def load_sample(name: str) -> pd.DataFrame:
     module, symbol, title = _SAMPLES[key]
 
     raw = importlib.import_module(f"arch.data.{module}").load()
-    ohlc = raw[["Open", "High", "Low", "Close"]].astype(np.float64)
-    raw = raw.assign(Amount=raw["Volume"].astype(np.float64) * ohlc.mean(axis=1))
+    ohlc = [raw[c].astype(np.float64) for c in ("Open", "High", "Low", "Close")]
+    raw = raw.assign(Amount=fill_amount(raw["Volume"].astype(np.float64), *ohlc))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DataNotice)
         frame = load_ohlcv(raw, symbol=symbol)

@@ -1,5 +1,6 @@
-"""The canonical OHLCV schema and what every part of the data layer shares: column names,
-`DataError`, `DataNotice`, `time_features` and the per-symbol block helpers."""
+"""The canonical OHLCV schema and what every part of the kit shares about it: column names, the
+normalisation and its inverse, the amount fill, `DataError`, `DataNotice`, `time_features` and the
+per-symbol block helpers. Each of these constants and formulas exists here only."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pandas as pd
 COLUMNS = ("symbol", "timestamps", "open", "high", "low", "close", "volume", "amount")
 PRICE_COLUMNS = ("open", "high", "low", "close")
 FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")  # the order of the model's 6 inputs
-NORM_EPS = 1e-5  # the reference's std guard: x_norm = (x - mean) / (std + 1e-5), and back
+NORM_EPS = 1e-5  # the reference's std guard in `normalize` / `denormalize`
+# calendar features in the order the predictor's checkpoints fix (its temporal embedding reads them so)
 TIME_FEATURE_COLUMNS = ("minute", "hour", "weekday", "day", "month")
 CONTEXT_COLUMN = "is_context"  # set by `split`: True for look-back rows borrowed from the previous split
 SHOW = 5  # offending rows quoted in an error message
@@ -36,6 +38,24 @@ def notify(notices: list[str], message: str) -> None:
     warnings.warn(message, DataNotice, stacklevel=level)
 
 
+def normalize(x, mean, std, clip: float):
+    """z-score with the reference's guard, clipped to +-clip: ``clip((x - mean) / (std + NORM_EPS))``.
+
+    Works on NumPy arrays (keeping their dtype); `mean`/`std` broadcast against `x`.
+    """
+    return np.clip((x - mean) / (std + NORM_EPS), -clip, clip)
+
+
+def denormalize(x, mean, std):
+    """The inverse of `normalize` (before clipping): ``x * (std + NORM_EPS) + mean``; NumPy or torch."""
+    return x * (std + NORM_EPS) + mean
+
+
+def fill_amount(volume, open_, high, low, close):
+    """The amount the reference fills when a source has none: volume * mean(open, high, low, close)."""
+    return volume * ((open_ + high + low + close) / 4.0)
+
+
 def time_features(timestamps: pd.Series | pd.DatetimeIndex | Sequence | np.ndarray) -> pd.DataFrame:
     """Calendar features as the Kronos reference computes them: columns exactly
     ``minute, hour, weekday (Monday=0), day (of month, 1..31), month (1..12)``, int64.
@@ -47,10 +67,8 @@ def time_features(timestamps: pd.Series | pd.DatetimeIndex | Sequence | np.ndarr
         ts = pd.DatetimeIndex(timestamps)
     except (ValueError, TypeError) as exc:
         raise DataError(f"time_features: timestamps could not be read as times ({exc}).") from None
-    return pd.DataFrame(
-        {"minute": ts.minute, "hour": ts.hour, "weekday": ts.day_of_week, "day": ts.day, "month": ts.month},
-        index=index,
-    ).astype("int64")
+    fields = {"minute": ts.minute, "hour": ts.hour, "weekday": ts.day_of_week, "day": ts.day, "month": ts.month}
+    return pd.DataFrame({name: fields[name] for name in TIME_FEATURE_COLUMNS}, index=index).astype("int64")
 
 
 def nanoseconds(timestamps: pd.Series | pd.DatetimeIndex) -> np.ndarray:

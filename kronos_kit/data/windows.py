@@ -16,11 +16,11 @@ from .schema import (
     COLUMNS,
     CONTEXT_COLUMN,
     FEATURE_COLUMNS,
-    NORM_EPS,
     SHOW,
     DataError,
     modal_step,
     nanoseconds,
+    normalize,
     notify,
     require_canonical,
     symbol_bounds,
@@ -139,12 +139,12 @@ def split(
 # windows
 
 
-def _normalize(windows: np.ndarray, lookback: int, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _normalize_windows(windows: np.ndarray, lookback: int, clip: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Z-score (..., L, 6) windows with the mean and population std of the first ``lookback`` bars."""
     past = windows[..., :lookback, :]
     mean = past.mean(axis=-2, keepdims=True)
     std = past.std(axis=-2, keepdims=True)  # ddof=0, as the reference's np.std
-    x = np.clip((windows - mean) / (std + NORM_EPS), -clip, clip)
+    x = normalize(windows, mean, std, clip)
     return x, mean.squeeze(-2), std.squeeze(-2)
 
 
@@ -176,8 +176,8 @@ class WindowDataset(Dataset):
     """Kronos training windows: ``lookback + predict + 1`` consecutive bars of one symbol.
 
     Each feature is z-scored with the mean and population std of the first ``lookback`` bars
-    only (the reference uses the whole window, which leaks the future), ``(x - mean) / (std +
-    1e-5)``, then clipped to ``+-clip``. An item is a dict: ``x`` (L, 6) float32 in order open,
+    only (the reference uses the whole window, which leaks the future), then clipped to ``+-clip``
+    (`schema.normalize`). An item is a dict: ``x`` (L, 6) float32 in order open,
     high, low, close, volume, amount; ``stamp`` (L, 5) float32 minute, hour, weekday, day, month;
     ``mean`` and ``std`` (6,) float32; ``symbol`` str; ``start`` int (row of the first bar within
     its symbol's rows in ``frame``), so the default DataLoader collate works.
@@ -303,7 +303,7 @@ class WindowDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, object]:
         j = self._window_id(index)
         start, k = int(self._starts[j]), int(self._win_symbol[j])
-        x, mean, std = _normalize(self._features[start : start + self.window], self.lookback, self.clip)
+        x, mean, std = _normalize_windows(self._features[start : start + self.window], self.lookback, self.clip)
         return {
             "x": torch.from_numpy(x.astype(np.float32)),
             "stamp": torch.from_numpy(self._stamps[start : start + self.window].copy()),
@@ -322,6 +322,6 @@ class WindowDataset(Dataset):
         items = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64) % max(len(self), 1)
         starts = self._starts[items if self._order is None else self._order[items]]
         rows = starts[:, None] + np.arange(self.window)  # (N, L)
-        return _normalize(self._features[rows], self.lookback, self.clip)[0].astype(np.float32)
+        return _normalize_windows(self._features[rows], self.lookback, self.clip)[0].astype(np.float32)
 
 

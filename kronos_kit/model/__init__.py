@@ -1,16 +1,17 @@
 """Kronos model code: tokenizer, predictor, checkpoint IO (reference-compatible)."""
 
 from kronos_kit.model.checkpoint import PRESETS, CheckpointMixin, check_pair, weights_hash
-from kronos_kit.model.predictor import TIME_FEATURES, Kronos, PredictorCache
-from kronos_kit.model.tokenizer import BinarySphericalQuantizer, KronosTokenizer
+from kronos_kit.model.predictor import Kronos, NextTokenScores, PredictorCache
+from kronos_kit.model.tokenizer import BinarySphericalQuantizer, KronosTokenizer, LossBreakdown
 
 __all__ = [
     "PRESETS",
-    "TIME_FEATURES",
     "BinarySphericalQuantizer",
     "CheckpointMixin",
     "Kronos",
     "KronosTokenizer",
+    "LossBreakdown",
+    "NextTokenScores",
     "PredictorCache",
     "check_pair",
     "weights_hash",

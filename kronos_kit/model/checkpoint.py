@@ -13,7 +13,6 @@ A checkpoint source is one of:
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from kronos_kit.runs import atomic_write, load_json, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -123,25 +124,15 @@ class CheckpointMixin:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        save_json(directory / CONFIG_NAME, self.config, sort_keys=True)
         return directory
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    return load_json(path)
 
 
 def _resolve_folder(cls, source, *, revision, cache_dir, local_files_only) -> Path | None:

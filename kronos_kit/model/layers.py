@@ -13,6 +13,13 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight, in fp32.
+
+    Args:
+        dim: width of the last dimension.
+        eps: guard inside the square root.
+    """
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -25,7 +32,13 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x).
+
+    Args:
+        d_model: input and output width.
+        ff_dim: hidden width.
+        ffn_dropout_p: dropout on the output.
+    """
 
     def __init__(self, d_model: int, ff_dim: int, ffn_dropout_p: float = 0.0):
         super().__init__()
@@ -44,6 +57,9 @@ class RotaryEmbedding(nn.Module):
     cos/sin are computed from `inv_freq` for the positions asked for, on the input's device, so a
     module moved with `.to()` never uses a stale table (the reference caches them by length only).
     `inv_freq` stays a persistent buffer because published checkpoints store it.
+
+    Args:
+        dim: head dimension (even).
     """
 
     def __init__(self, dim: int):
@@ -143,6 +159,15 @@ def _with_padding(mask: torch.Tensor | None, padding_mask: torch.Tensor | None) 
 
 
 class _Attention(nn.Module):
+    """Multi-head attention projections shared by self- and cross-attention.
+
+    Args:
+        d_model: model width (divisible by n_heads).
+        n_heads: attention heads.
+        attn_dropout_p: dropout on attention weights (training only).
+        resid_dropout_p: dropout on the output projection.
+    """
+
     def __init__(self, d_model: int, n_heads: int, attn_dropout_p: float, resid_dropout_p: float):
         super().__init__()
         if d_model % n_heads:
@@ -247,7 +272,16 @@ class CrossAttention(_Attention):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+    Args:
+        d_model: model width.
+        n_heads: attention heads (d_model must divide by it).
+        ff_dim: hidden width of the SwiGLU feed-forward.
+        ffn_dropout_p: dropout after the feed-forward.
+        attn_dropout_p: dropout on attention weights.
+        resid_dropout_p: dropout on the attention output.
+    """
 
     def __init__(
         self,

@@ -13,21 +13,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kronos_kit.data.schema import TIME_FEATURE_COLUMNS
 from kronos_kit.model.checkpoint import CheckpointMixin
 from kronos_kit.model.layers import CrossAttention, KVCache, RMSNorm, TransformerBlock
 
-TIME_FEATURES = ("minute", "hour", "weekday", "day", "month")
 _TIME_SIZES = {"minute": 60, "hour": 24, "weekday": 7, "day": 32, "month": 13}
 DEP_LAYER_HEADS = 4  # the reference builds the dependency layer with 4 heads whatever n_heads is
 
 
 class HierarchicalEmbedding(nn.Module):
-    """Embed s1 and s2 separately (scaled by sqrt(d_model)) and fuse them with a linear layer."""
+    """Embed s1 and s2 separately (scaled by sqrt(d_model)) and fuse them with a linear layer.
+
+    Args:
+        s1_bits: bits of the coarse token; its vocabulary has 2**s1_bits entries.
+        s2_bits: bits of the fine token.
+        d_model: embedding width.
+    """
 
     def __init__(self, s1_bits: int, s2_bits: int, d_model: int):
         super().__init__()
@@ -60,21 +67,31 @@ class FixedEmbedding(nn.Module):
 
 
 class TemporalEmbedding(nn.Module):
-    """Sum of minute, hour, weekday, day and month embeddings; stamp is (B, T, 5) in that order."""
+    """Sum of minute, hour, weekday, day and month embeddings; stamp is (B, T, 5) in that order.
+
+    Args:
+        d_model: embedding width.
+        learn_te: True: trained tables; False: fixed sinusoidal ones.
+    """
 
     def __init__(self, d_model: int, learn_te: bool):
         super().__init__()
         make = nn.Embedding if learn_te else FixedEmbedding
-        for name in TIME_FEATURES:
+        for name in TIME_FEATURE_COLUMNS:
             setattr(self, f"{name}_embed", make(_TIME_SIZES[name], d_model))
 
     def forward(self, stamp: torch.Tensor) -> torch.Tensor:
         stamp = stamp.long()
-        return sum(getattr(self, f"{name}_embed")(stamp[..., i]) for i, name in enumerate(TIME_FEATURES))
+        return sum(getattr(self, f"{name}_embed")(stamp[..., i]) for i, name in enumerate(TIME_FEATURE_COLUMNS))
 
 
 class DependencyAwareLayer(nn.Module):
-    """norm(context + cross_attn(query=s1 embedding, key=value=context))."""
+    """norm(context + cross_attn(query=s1 embedding, key=value=context)).
+
+    Args:
+        d_model: model width.
+        n_heads: attention heads (the reference fixes 4, whatever the predictor's n_heads).
+    """
 
     def __init__(self, d_model: int, n_heads: int = DEP_LAYER_HEADS):
         super().__init__()
@@ -87,6 +104,14 @@ class DependencyAwareLayer(nn.Module):
 
 
 class DualHead(nn.Module):
+    """Linear heads to the s1 logits and (after the dependency layer) the s2 logits.
+
+    Args:
+        s1_bits: bits of the coarse token (2**s1_bits logits).
+        s2_bits: bits of the fine token (2**s2_bits logits).
+        d_model: input width.
+    """
+
     def __init__(self, s1_bits: int, s2_bits: int, d_model: int):
         super().__init__()
         self.vocab_s1, self.vocab_s2 = 2**s1_bits, 2**s2_bits
@@ -142,8 +167,32 @@ class PredictorCache:
             c.drop_front(n)
 
 
+class NextTokenScores(NamedTuple):
+    """Sums over one batch of next-token prediction (add them over batches, then divide by n_tokens)."""
+
+    s1_nll: float
+    s2_nll: float
+    s1_hits: float
+    s2_hits: float
+    n_tokens: float
+
+
 class Kronos(CheckpointMixin, nn.Module):
-    """The Kronos predictor. Constructor arguments are the keys of the published `config.json`."""
+    """The Kronos predictor. Constructor arguments are the keys of the published `config.json`.
+
+    Args:
+        s1_bits: bits of the coarse token; must equal the tokenizer's (`check_pair`).
+        s2_bits: bits of the fine token; must equal the tokenizer's.
+        n_layers: transformer blocks.
+        d_model: model width.
+        n_heads: attention heads per block (d_model must divide by it).
+        ff_dim: hidden width of each SwiGLU feed-forward.
+        ffn_dropout_p: dropout after each feed-forward.
+        attn_dropout_p: dropout on attention weights.
+        resid_dropout_p: dropout on each attention output before the residual add.
+        token_dropout_p: dropout on the summed token + time embedding.
+        learn_te: True: trained time-feature embeddings; False: fixed sinusoidal tables.
+    """
 
     def __init__(
         self,
@@ -192,10 +241,10 @@ class Kronos(CheckpointMixin, nn.Module):
             raise ValueError(
                 f"s1_ids {tuple(s1_ids.shape)} and s2_ids {tuple(s2_ids.shape)} must both be (batch, time)"
             )
-        if stamp is not None and (stamp.shape[:2] != s1_ids.shape or stamp.shape[-1] != len(TIME_FEATURES)):
+        if stamp is not None and (stamp.shape[:2] != s1_ids.shape or stamp.shape[-1] != len(TIME_FEATURE_COLUMNS)):
             raise ValueError(
-                f"stamp has shape {tuple(stamp.shape)}; expected {(*s1_ids.shape, len(TIME_FEATURES))} "
-                f"with columns {', '.join(TIME_FEATURES)}"
+                f"stamp has shape {tuple(stamp.shape)}; expected {(*s1_ids.shape, len(TIME_FEATURE_COLUMNS))} "
+                f"with columns {', '.join(TIME_FEATURE_COLUMNS)}"
             )
 
     def _context(self, s1_ids, s2_ids, stamp, padding_mask, cache: PredictorCache | None) -> torch.Tensor:
@@ -237,6 +286,20 @@ class Kronos(CheckpointMixin, nn.Module):
             sibling = sibling.view(s1_ids.shape)
         s2_logits = self.decode_s2(context, sibling, padding_mask, causal_s2=causal_s2)
         return s1_logits, s2_logits
+
+    @torch.no_grad()
+    def score_next_tokens(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor) -> NextTokenScores:
+        """Summed NLL and hits of next-token prediction on one batch of (B, T) tokens and (B, T, 5) stamps.
+
+        The causal path with s2 conditioned on the true next s1: no RNG, no leak of the s2 target.
+        Inputs are positions [:-1], targets [1:].
+        """
+        l1, l2 = self(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
+        t1, t2 = s1[:, 1:], s2[:, 1:]
+        n = t1.numel()
+        return NextTokenScores(F.cross_entropy(l1.reshape(n, -1).float(), t1.reshape(-1), reduction="sum").item(),
+                               F.cross_entropy(l2.reshape(n, -1).float(), t2.reshape(-1), reduction="sum").item(),
+                               (l1.argmax(-1) == t1).sum().item(), (l2.argmax(-1) == t2).sum().item(), n)
 
     def decode_s1(
         self,

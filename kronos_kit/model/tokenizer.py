@@ -33,6 +33,17 @@ class QuantizerOutput(NamedTuple):
     loss: torch.Tensor  # commitment + weighted entropy penalty; 0 when not asked for
 
 
+class LossBreakdown(NamedTuple):
+    """The unweighted parts of the BSQ loss (as vector-quantize-pytorch's LFQ returns them).
+
+    loss = beta * commitment + zeta * (gamma0 * per_sample_entropy - gamma * codebook_entropy)
+    """
+
+    commitment: torch.Tensor  # mean squared distance of the normalised latent to its code
+    per_sample_entropy: torch.Tensor  # low: each latent is confidently one code
+    codebook_entropy: torch.Tensor  # high: the batch spreads over the codebook
+
+
 class BinarySphericalQuantizer(nn.Module):
     """BSQ with the soft entropy penalty of the reference.
 
@@ -98,21 +109,19 @@ class BinarySphericalQuantizer(nn.Module):
         s2 = (bits[..., self.s1_bits :] * weights[: self.s2_bits]).sum(-1)
         return s1, s2
 
-    def entropy_penalty(self, z: torch.Tensor) -> torch.Tensor:
-        """gamma0 * per-sample entropy - gamma * group codebook entropy, from normalised z."""
+    def entropies(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample entropy, codebook entropy) of normalised z, the latter per `entropy_mode`."""
         # per-sample entropy in closed form: each bit is +1 with prob sigmoid(4 z / sqrt(bits))
         p = torch.sigmoid(-4 * z * self.scale)
         probs = torch.stack([p, 1 - p], dim=-1)
         per_sample = _entropy(probs).sum(-1).mean()
         if self.entropy_mode == "reference":
-            codebook = _entropy(self._batch_mean(probs.reshape(-1, *probs.shape[-2:]))).sum()
-            return self.gamma0 * per_sample - self.gamma * codebook
+            return per_sample, _entropy(self._batch_mean(probs.reshape(-1, *probs.shape[-2:]))).sum()
         # soft assignment of each group of bits to the 2**group_size group codes
         groups = z.reshape(*z.shape[:-1], -1, self.group_size)  # (..., G, g)
         logits = 2 * torch.einsum("...gc,dc->...gd", groups, self.group_codebook * self.scale)
         avg_prob = self._batch_mean(logits.softmax(-1).reshape(-1, *logits.shape[-2:]))  # (G, 2**g)
-        codebook = _entropy(avg_prob).sum()
-        return self.gamma0 * per_sample - self.gamma * codebook
+        return per_sample, _entropy(avg_prob).sum()
 
     def _batch_mean(self, probs: torch.Tensor) -> torch.Tensor:
         """Mean code probabilities over the batch; over the global batch when training under DDP.
@@ -128,7 +137,9 @@ class BinarySphericalQuantizer(nn.Module):
             mean = all_reduce(mean) / dist.get_world_size()
         return mean
 
-    def forward(self, z: torch.Tensor, *, half: bool = False, with_loss: bool = True) -> QuantizerOutput:
+    def forward(self, z: torch.Tensor, *, half: bool = False, with_loss: bool = True,
+                return_loss_breakdown: bool = False) -> QuantizerOutput | tuple[QuantizerOutput, LossBreakdown]:
+        """Quantize z (B, T, bits); with `return_loss_breakdown`, also the loss's parts."""
         if z.shape[-1] != self.bits:
             raise ValueError(f"quantizer input has {z.shape[-1]} dims, expected s1_bits + s2_bits = {self.bits}")
         z = F.normalize(z.float(), dim=-1)  # quantize in fp32
@@ -136,10 +147,15 @@ class BinarySphericalQuantizer(nn.Module):
         quantized = (z + (hard - z).detach()) * self.scale  # straight-through
         s1, s2 = self.codes_to_indices(quantized)
         indices = (s1, s2) if half else s1 | (s2 << self.s1_bits)
-        if not with_loss:
+        if not with_loss and not return_loss_breakdown:
             return QuantizerOutput(quantized, indices, quantized.new_zeros(()))
-        commit = self.beta * ((quantized.detach() - z) ** 2).sum(-1).mean()
-        return QuantizerOutput(quantized, indices, commit + self.zeta * self.entropy_penalty(z))
+        commitment = ((quantized.detach() - z) ** 2).sum(-1).mean()
+        per_sample, codebook = self.entropies(z)
+        loss = self.beta * commitment + self.zeta * (self.gamma0 * per_sample - self.gamma * codebook)
+        out = QuantizerOutput(quantized, indices, loss if with_loss else quantized.new_zeros(()))
+        if return_loss_breakdown:
+            return out, LossBreakdown(commitment, per_sample, codebook)
+        return out
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -164,9 +180,25 @@ class TokenizerOutput(NamedTuple):
 class KronosTokenizer(CheckpointMixin, nn.Module):
     """Encoder -> BSQ -> decoder over bars of `d_in` features (open, high, low, close, volume, amount).
 
-    Constructor arguments are the keys of the published `config.json`. As in the reference,
-    `n_enc_layers` / `n_dec_layers` count the input/output projections too: the encoder and decoder
-    each hold `n - 1` transformer blocks.
+    Constructor arguments are the keys of the published `config.json`.
+
+    Args:
+        d_in: features per bar (6).
+        d_model: model width.
+        n_heads: attention heads per block (d_model must divide by it).
+        ff_dim: hidden width of each SwiGLU feed-forward.
+        n_enc_layers: encoder depth counting the input projection, as the reference: n - 1 blocks.
+        n_dec_layers: decoder depth counting the output projection: n - 1 blocks.
+        ffn_dropout_p: dropout after each feed-forward.
+        attn_dropout_p: dropout on attention weights.
+        resid_dropout_p: dropout on each attention output before the residual add.
+        s1_bits: bits of the coarse token s1 (the predictor's first vocabulary).
+        s2_bits: bits of the fine token s2.
+        beta: BSQ commitment loss weight.
+        gamma0: BSQ per-sample entropy weight.
+        gamma: BSQ codebook entropy weight.
+        zeta: weight of the whole BSQ entropy penalty.
+        group_size: bits per group of the "group" codebook-entropy approximation.
     """
 
     def __init__(
@@ -237,13 +269,19 @@ class KronosTokenizer(CheckpointMixin, nn.Module):
             z = block(z)
         return self.head(z)  # (B, T, d_in)
 
-    def forward(self, x: torch.Tensor) -> TokenizerOutput:
-        """x (B, T, d_in) -> ((z_pre, z), bsq_loss, quantized, indices), the reference's order."""
-        q = self.quantizer(self._encode_latent(x))
+    def forward(self, x: torch.Tensor, *, return_loss_breakdown: bool = False
+                ) -> TokenizerOutput | tuple[TokenizerOutput, LossBreakdown]:
+        """x (B, T, d_in) -> ((z_pre, z), bsq_loss, quantized, indices), the reference's order.
+
+        With `return_loss_breakdown`, `(output, LossBreakdown)`: the BSQ loss's unweighted parts.
+        """
+        q = self.quantizer(self._encode_latent(x), return_loss_breakdown=return_loss_breakdown)
+        q, breakdown = q if return_loss_breakdown else (q, None)
         quantized = q.quantized.to(x.dtype)
         z_pre = self._decode(self.post_quant_embed_pre(quantized[..., : self.s1_bits]))
         z = self._decode(self.post_quant_embed(quantized))
-        return TokenizerOutput((z_pre, z), q.loss, quantized, q.indices)
+        out = TokenizerOutput((z_pre, z), q.loss, quantized, q.indices)
+        return (out, breakdown) if return_loss_breakdown else out
 
     def encode(self, x: torch.Tensor, half: bool = False):
         """Indices of x: one (B, T) tensor, or `(s1_ids, s2_ids)` with `half=True`."""

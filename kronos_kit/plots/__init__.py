@@ -25,13 +25,12 @@ from kronos_kit.plots.forecast import (
     plot_return_scatter,
 )
 from kronos_kit.plots.training import plot_training_curves
+from kronos_kit.runs import atomic_write
 
 
 def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Figure:
     """Write a figure as PNG (folders created) and return it, so a notebook cell still shows it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     return fig
 
 

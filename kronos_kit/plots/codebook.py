@@ -15,15 +15,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from kronos_kit.codebook import (
-    DECODERS,
-    DENORM_EPS,
-    FEATURES,
-    CodebookStats,
-    CodeProfile,
-    ReconstructionReport,
-    WindowReconstruction,
-)
+from kronos_kit.codebook import CodebookStats
+from kronos_kit.data.schema import FEATURE_COLUMNS, denormalize
+from kronos_kit.reconstruction import DECODERS, CodeProfile, ReconstructionReport, WindowReconstruction
 from kronos_kit.plots.candles import draw_candles
 
 __all__ = [
@@ -166,7 +160,7 @@ def plot_bit_balance(
 def _to_prices(a: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None) -> np.ndarray:
     if mean is None or std is None:
         return a
-    return a * (np.asarray(std) + DENORM_EPS) + np.asarray(mean)
+    return denormalize(a, np.asarray(mean), np.asarray(std))
 
 
 def plot_reconstruction(
@@ -176,7 +170,7 @@ def plot_reconstruction(
     *,
     mean: np.ndarray | None = None,
     std: np.ndarray | None = None,
-    features: Sequence[str] = FEATURES,
+    features: Sequence[str] = FEATURE_COLUMNS,
     title: str | None = None,
 ) -> Figure:
     """One window as candles in three stacked panels: original, s1-only and full reconstruction.

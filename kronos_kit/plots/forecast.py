@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from kronos_kit import metrics as M
-from kronos_kit.metrics import CLOSE, FEATURES
+from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
+from kronos_kit.metrics import CLOSE
 from kronos_kit.plots.candles import draw_candles
 
 if TYPE_CHECKING:
@@ -73,16 +74,16 @@ def _draw_fan(
 ) -> None:
     """The fan chart body shared by :func:`plot_fan_chart` and :func:`plot_forecast`.
 
-    ``history`` (L, 6) bars in FEATURES order, drawn at x = 1 - L .. 0 as candles for a price channel
+    ``history`` (L, 6) bars in FEATURE_COLUMNS order, drawn at x = 1 - L .. 0 as candles for a price channel
     (a line otherwise); ``paths`` (S, H) sample paths of channel ``channel`` at x = 1 .. H, summarised
     as the median and one central band per level (from 2 paths up); ``realized`` (<= H,) the realized
     values of the channel (None or empty: nothing drawn). Median, bands and the realized path start at
     the last observed value so they visibly continue the history.
     """
-    name = FEATURES[channel]
+    name = FEATURE_COLUMNS[channel]
     xs_hist = np.arange(1 - len(history), 1)
     if channel < 4:
-        ohlc = pd.DataFrame(history[:, :4], columns=list(FEATURES[:4]))
+        ohlc = pd.DataFrame(history[:, :4], columns=list(PRICE_COLUMNS))
         draw_candles(ax, ohlc, x=xs_hist, label="history")
     else:
         ax.plot(xs_hist, history[:, channel], color="grey", lw=1.2, label=f"history {name}")
@@ -162,19 +163,19 @@ def plot_forecast(
     shorter than the horizon or None when the future is unknown) adds the realized path. x is in
     bars from the origin (0 = last history bar); ``label`` names the forecast in the legend.
     """
-    if channel not in FEATURES:
-        raise ValueError(f"channel must be one of {list(FEATURES)}, got {channel!r}")
+    if channel not in FEATURE_COLUMNS:
+        raise ValueError(f"channel must be one of {list(FEATURE_COLUMNS)}, got {channel!r}")
     if not 0 <= series < forecast.paths.shape[0]:
         raise ValueError(f"series {series} out of range: the forecast holds {forecast.paths.shape[0]} series")
-    c = FEATURES.index(channel)
-    missing = [f for f in FEATURES[:4] if f not in history.columns]
+    c = FEATURE_COLUMNS.index(channel)
+    missing = [f for f in PRICE_COLUMNS if f not in history.columns]
     if missing or (c >= 4 and channel not in history.columns):
         raise ValueError(f"history lacks columns {missing or [channel]}; columns are {list(history.columns)}")
     if len(history) == 0:
         raise ValueError("history is empty: the fan chart continues the last history bar")
     hist = history if history_bars is None else history.iloc[-history_bars:]
-    values = np.full((len(hist), len(FEATURES)), np.nan)
-    for k, f in enumerate(FEATURES):
+    values = np.full((len(hist), len(FEATURE_COLUMNS)), np.nan)
+    for k, f in enumerate(FEATURE_COLUMNS):
         if f in hist.columns:
             values[:, k] = hist[f].to_numpy(np.float64)
     col = list(forecast.columns).index(channel)
@@ -244,7 +245,7 @@ def plot_coverage(
     Only forecasts with at least 2 sample paths have intervals; point baselines are left out.
     """
     fig, ax = _fig_ax(ax, (5, 5))
-    c = FEATURES.index(channel)
+    c = FEATURE_COLUMNS.index(channel)
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="nominal")
     for name in _path_models(result, models, min_samples=2):
         cov = M.interval_coverage(result.samples[name][..., c], result.realized[..., c], tuple(levels))
@@ -289,7 +290,7 @@ def plot_pit_histogram(
     bands are too narrow, a hump too wide.
     """
     fig, ax = _fig_ax(ax, (6, 4))
-    c = FEATURES.index(channel)
+    c = FEATURE_COLUMNS.index(channel)
     pit = M.pit_values(result.samples[model][..., c], result.realized[..., c], randomize=True,
                        rng=np.random.default_rng(0))
     density = M.pit_histogram(pit, bins) * bins

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from kronos_kit.runs import read_metrics
+
 
 def plot_training_curves(
     metrics: str | Path | list[dict],
@@ -17,8 +19,6 @@ def plot_training_curves(
     title: str | None = None,
 ) -> Figure:
     """Two panels: training loss terms by step (left), validation metrics by step (right)."""
-    from kronos_kit.train import read_metrics
-
     records = read_metrics(metrics, phase) if not isinstance(metrics, list) else [
         r for r in metrics if r.get("phase") == phase]
     train = [r for r in records if r["kind"] == "train"]

@@ -1,0 +1,126 @@
+"""Where and how code runs: one seed, the device, the torchrun (DDP) context, and inference mode.
+
+Every module that seeds, picks a device, runs a model for inference or asks where a module lives
+comes here, so each of these exists once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kronos_kit.model.checkpoint import weights_hash
+
+__all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "unwrap"]
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA (this torchrun rank's GPU), then MPS, then CPU; any other name as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> DistContext:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Sum floats over ranks (validation totals)."""
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the module itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def module_device(module: Any) -> torch.device | None:
+    """The device of a module's first parameter; None for anything without parameters."""
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError, TypeError):
+        return None
+
+
+@contextmanager
+def inference(*modules: Any, device: str | torch.device | None = None) -> Iterator[torch.device]:
+    """eval() + no_grad(), restoring each module's mode afterwards; yields the device to run on.
+
+    With `device`, modules living elsewhere move there for the block and back afterwards; without
+    it the block runs where the first module lives (CPU for modules without parameters).
+    """
+    homes = [module_device(m) for m in modules]
+    target = torch.device(device) if device is not None else next((h for h in homes if h is not None),
+                                                                  torch.device("cpu"))
+    # "cuda" and "cuda:0" name the same place; only move when the device really differs
+    moved = [h is not None and (h.type != target.type or (target.index is not None and h != target)) for h in homes]
+    modes = [getattr(m, "training", False) for m in modules]
+    for m, move in zip(modules, moved):
+        if hasattr(m, "eval"):
+            m.eval()
+        if move:
+            m.to(target)
+    try:
+        with torch.no_grad():
+            yield target
+    finally:
+        for m, home, move, mode in zip(modules, homes, moved, modes):
+            if move:
+                m.to(home)
+            if hasattr(m, "train"):
+                m.train(mode)
+
+
+def freeze(module: nn.Module) -> dict[str, Any]:
+    """Put a module in eval() with gradients off for good; return what shows it is frozen (notebooks).
+
+    `inference` is the temporary form (mode restored afterwards); this one is for the phase-2
+    tokenizer, which must never train.
+    """
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return {"mode": "eval" if not module.training else "train",
+            "trainable parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in module.parameters()), "sha256": weights_hash(module)}
