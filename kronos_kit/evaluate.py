@@ -381,7 +381,6 @@ def walk_forward(
     values = frame[list(FEATURE_COLUMNS)].to_numpy(np.float64)
     history = values[rows[:, None] + np.arange(1 - lookback, 1)]
     realized = values[rows[:, None] + np.arange(1, pred_len + 1)]
-    stamps = frame["timestamps"]
 
     result = EvaluationResult(
         symbols=origins["symbol"].to_numpy(),
@@ -405,6 +404,22 @@ def walk_forward(
             "n_symbols": int(origins["symbol"].nunique()),
         },
     )
+
+    _forecast_models(result, frame, rows, models, lookback=lookback, pred_len=pred_len, sample_count=sample_count,
+                     batch_size=batch_size, progress=progress)
+    _forecast_baselines(result, baselines, pred_len=pred_len, sample_count=sample_count, seed=seed, progress=progress)
+    t0 = time.perf_counter()
+    for name, paths in result.samples.items():
+        result.vol_pred[name] = M.predicted_vol(paths, result.last_close)
+    result.rescore()
+    result.timings["metrics"] = time.perf_counter() - t0
+    return result
+
+
+def _forecast_models(result: EvaluationResult, frame: pd.DataFrame, rows: np.ndarray, models: Mapping[str, ForecastFn],
+                     *, lookback: int, pred_len: int, sample_count: int, batch_size: int, progress: bool) -> None:
+    """Every model's sample paths at every origin, ``batch_size`` origins per call, into ``result``."""
+    stamps = frame["timestamps"]
 
     def inputs(batch: np.ndarray) -> tuple[list[pd.DataFrame], list[pd.Series], list[pd.Series]]:
         hists, hstamps, fstamps = [], [], []
@@ -438,6 +453,11 @@ def walk_forward(
         result.timings[f"model:{name}"] = call_s
         result.timings[f"inputs:{name}"] = build_s
 
+
+def _forecast_baselines(result: EvaluationResult, baselines: Sequence[str], *, pred_len: int, sample_count: int,
+                        seed: int, progress: bool) -> None:
+    """Baseline paths (persistence, drift) and GARCH volatility at every origin, into ``result``."""
+    history = result.history
     rng = np.random.default_rng(seed)
     for name in baselines:
         t0 = time.perf_counter()
@@ -447,7 +467,7 @@ def walk_forward(
             result.samples[name] = drift_paths(history, pred_len, sample_count, rng)
         else:
             vols, reasons = [], Counter()
-            for i in tqdm(range(len(rows)), desc="GARCH(1,1)", disable=not progress):
+            for i in tqdm(range(len(history)), desc="GARCH(1,1)", disable=not progress):
                 vol, reason = garch_vol(history[i, :, CLOSE], pred_len)
                 vols.append(vol)
                 if reason is not None:
@@ -455,13 +475,6 @@ def walk_forward(
             result.vol_pred[name] = np.array(vols)
             result.garch_fallbacks = {"total": sum(reasons.values()), **dict(reasons)}
         result.timings[f"baseline:{name}"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    for name, paths in result.samples.items():
-        result.vol_pred[name] = M.predicted_vol(paths, result.last_close)
-    result.rescore()
-    result.timings["metrics"] = time.perf_counter() - t0
-    return result
 
 
 def evaluate_models(

@@ -265,7 +265,8 @@ def _explorer_predictors(predictors: Mapping[str, Any], max_context: int | None,
                                         clip=entry.clip)
             out[str(name)] = entry
         elif isinstance(entry, tuple) and len(entry) == 2:
-            out[str(name)] = KronosPredictor(entry[0], entry[1], device=device, max_context=max_context or DEFAULT_MAX_CONTEXT)
+            out[str(name)] = KronosPredictor(entry[0], entry[1], device=device,
+                                             max_context=max_context or DEFAULT_MAX_CONTEXT)
         else:
             raise TypeError(f"predictor {name!r}: expected a KronosPredictor or a (Kronos, KronosTokenizer) pair, "
                             f"got {type(entry).__name__}")

@@ -102,3 +102,18 @@ def test_numbers_in_every_notation(tmp_path):
 def test_run_names_with_path_parts_are_refused(name):
     with pytest.raises(ValueError, match=r"name=.*run name"):
         KitConfig().with_overrides({"name": name})
+
+
+def test_notebook_cells_do_not_shadow_parameters():
+    import ast
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        bound = set()
+        for cell in cells[1:]:  # after the parameters cell
+            for node in ast.walk(ast.parse("".join(cell["source"]))):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    bound.add(node.id)
+                elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                    bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        assert not bound & {"run_dir", "config", *NOTEBOOK_PARAMETERS}, path.name

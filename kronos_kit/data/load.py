@@ -319,17 +319,7 @@ def _canonical_part(
         values = {**values, "open": values["open"] * factor, "high": values["high"] * factor,
                   "low": values["low"] * factor, "close": adj}
 
-    # fill as the reference KronosPredictor does, and say so
-    if "volume" not in values:
-        values["volume"] = np.zeros(len(raw))
-        values["amount"] = np.zeros(len(raw))
-        dropped = " (the amount column is discarded, as the reference does)" if "amount" in found else ""
-        notify(notices, f"{label}: no volume column; volume and amount set to 0 as the Kronos "
-                         f"reference predictor does{dropped}.")
-    elif "amount" not in values:
-        values["amount"] = fill_amount(values["volume"], *(values[c] for c in PRICE_COLUMNS))
-        notify(notices, f"{label}: no amount column; amount = volume * mean(open, high, low, close) "
-                         "as the Kronos reference predictor does.")
+    _fill_volume_amount(values, found, label, notices)
     return _Part(codes, names, seen, timestamps, values, origin)
 
 
@@ -412,18 +402,28 @@ def load_ohlcv(
                         "; check the file is not empty and the symbol is spelled as in the data.")
 
     codes, names, ts, tz, values, origin = _combine(parts)
-    order = np.lexsort((ts, codes))  # stable: equal times keep their input order
-    if not np.array_equal(order, np.arange(len(order))):
-        same = codes[order][1:] == codes[order][:-1]
-        late = same & (order[1:] < order[:-1])
-        if late.any():
-            unsorted = [names[k] for k in np.unique(codes[order][1:][late])]
-            notify(notices, f"{label}: rows were not in time order for {len(unsorted)} symbol(s) "
-                             f"({', '.join(map(str, unsorted[:5]))}); sorted by symbol then time.")
-        codes, ts, origin = codes[order], ts[order], origin.take(order)
-        values = {c: v[order] for c, v in values.items()}
+    codes, ts, values, origin = _sort_by_symbol_time(codes, names, ts, values, origin, label, notices)
     first_of_symbol = np.r_[True, codes[1:] != codes[:-1]]
 
+    _fill_missing(values, first_of_symbol, fill=fill, origin=origin, label=label, notices=notices)
+    _check_candles(values, first_of_symbol, ts, repair=repair, origin=origin, label=label, notices=notices,
+                   many=len(parts) > 1)
+
+    times = pd.DatetimeIndex(ts.view("datetime64[ns]"))
+    if tz is not None:
+        times = times.tz_localize("UTC").tz_convert(tz)
+    frame = pd.DataFrame({
+        "symbol": pd.Categorical.from_codes(codes, names).astype("str"),
+        "timestamps": times,
+        **values,
+    })
+    frame.attrs["notices"] = notices
+    return frame
+
+
+def _fill_missing(values: dict[str, np.ndarray], first_of_symbol: np.ndarray, *, fill: str | None, origin: _Origin,
+                  label: str, notices: list[str]) -> None:
+    """Refuse NaN/inf feature values, or forward-fill them within their symbol (``fill='ffill'``)."""
     for col in FEATURE_COLUMNS:
         v = values[col]
         bad = ~np.isfinite(v)
@@ -443,6 +443,10 @@ def load_ohlcv(
                               detail=_values(**{col: v}),
                               fix="Fix or drop those rows, or pass fill='ffill' to carry the last value forward.")
 
+
+def _check_candles(values: dict[str, np.ndarray], first_of_symbol: np.ndarray, ts: np.ndarray, *, repair: str | None,
+                   origin: _Origin, label: str, notices: list[str], many: bool) -> None:
+    """Positive prices, high/low around open/close (or clipped there), non-negative volumes, unique times."""
     o, h, lo, c = (values[k] for k in PRICE_COLUMNS)
     if repair == "clip":
         top, bottom = np.maximum(o, c), np.minimum(o, c)
@@ -472,18 +476,38 @@ def load_ohlcv(
     dup = np.flatnonzero(~first_of_symbol[1:] & (ts[1:] == ts[:-1])) + 1
     if len(dup):
         raise _rows_error(origin, dup, column="timestamps", problem="repeats a time within its symbol",
-                          detail=lambda pos: [f"same time as {origin.cite(p - 1, len(parts) > 1)}" for p in pos],
+                          detail=lambda pos: [f"same time as {origin.cite(p - 1, many)}" for p in pos],
                           fix="Keep one row per symbol and time (e.g. drop_duplicates on symbol, timestamps).")
 
-    times = pd.DatetimeIndex(ts.view("datetime64[ns]"))
-    if tz is not None:
-        times = times.tz_localize("UTC").tz_convert(tz)
-    frame = pd.DataFrame({
-        "symbol": pd.Categorical.from_codes(codes, names).astype("str"),
-        "timestamps": times,
-        **values,
-    })
-    frame.attrs["notices"] = notices
-    return frame
 
+def _fill_volume_amount(values: dict[str, np.ndarray], found: dict[str, object], label: str,
+                        notices: list[str]) -> None:
+    """Fill volume/amount as the reference KronosPredictor does, and say so."""
+    if "volume" not in values:
+        values["volume"] = np.zeros(len(values["open"]))
+        values["amount"] = np.zeros(len(values["open"]))
+        dropped = " (the amount column is discarded, as the reference does)" if "amount" in found else ""
+        notify(notices, f"{label}: no volume column; volume and amount set to 0 as the Kronos "
+                         f"reference predictor does{dropped}.")
+    elif "amount" not in values:
+        values["amount"] = fill_amount(values["volume"], *(values[c] for c in PRICE_COLUMNS))
+        notify(notices, f"{label}: no amount column; amount = volume * mean(open, high, low, close) "
+                         "as the Kronos reference predictor does.")
+
+
+def _sort_by_symbol_time(codes: np.ndarray, names: list[str], ts: np.ndarray, values: dict[str, np.ndarray],
+                         origin: _Origin, label: str, notices: list[str]):
+    """Rows sorted by symbol then time (stable), with a notice naming the symbols that were out of order."""
+    order = np.lexsort((ts, codes))  # stable: equal times keep their input order
+    if np.array_equal(order, np.arange(len(order))):
+        return codes, ts, values, origin
+    same = codes[order][1:] == codes[order][:-1]
+    late = same & (order[1:] < order[:-1])
+    if late.any():
+        unsorted = [names[k] for k in np.unique(codes[order][1:][late])]
+        notify(notices, f"{label}: rows were not in time order for {len(unsorted)} symbol(s) "
+                         f"({', '.join(map(str, unsorted[:5]))}); sorted by symbol then time.")
+    codes, ts, origin = codes[order], ts[order], origin.take(order)
+    values = {c: v[order] for c, v in values.items()}
+    return codes, ts, values, origin
 

@@ -17,8 +17,8 @@ from matplotlib.ticker import MaxNLocator
 
 from kronos_kit.codebook import CodebookStats
 from kronos_kit.data.schema import FEATURE_COLUMNS, denormalize
-from kronos_kit.reconstruction import DECODERS, CodeProfile, ReconstructionReport, WindowReconstruction
 from kronos_kit.plots.candles import draw_candles
+from kronos_kit.reconstruction import DECODERS, CodeProfile, ReconstructionReport, WindowReconstruction
 
 __all__ = [
     "plot_rank_frequency",
