@@ -31,6 +31,8 @@ from kronos_kit.config import KitConfig, apply_overrides, parse_overrides
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
 from kronos_kit.runs import RunDir, atomic_write_text, load_json, save_json
 
+__all__ = ["STAGES", "Manifest", "checkpoint_hashes", "data_hash", "file_sha256", "pretrain_base", "run_pipeline"]
+
 logger = logging.getLogger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"

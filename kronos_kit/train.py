@@ -38,6 +38,13 @@ from kronos_kit.model import Kronos, KronosTokenizer, check_pair, weights_hash
 from kronos_kit.runs import MetricsLog, RunDir, atomic_torch_save, recover_dir, replace_dir
 from kronos_kit.runtime import DistContext, freeze, inference, module_device, resolve_device, seed_everything, unwrap
 
+__all__ = [
+    "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteLossError", "Phase", "PhaseResult",
+    "StepOutput", "TrainState", "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "restore_state",
+    "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
+    "train_epoch", "train_predictor", "train_tokenizer", "validate",
+]
+
 logger = logging.getLogger(__name__)
 
 OnStep = Callable[[int, dict[str, float]], None]

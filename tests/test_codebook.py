@@ -383,6 +383,13 @@ def test_gate_passes_and_fails(good_and_bad, tmp_path):
     assert relaxed.passed, relaxed.reasons
     assert reconstruction_gate(good, None).passed  # codebook checks skipped without stats
     assert not reconstruction_gate(good, healthy, max_full_mse=0.005).passed
+    # the run's gate section supplies its two thresholds
+    from kronos_kit.config import GateConfig
+
+    strict = reconstruction_gate(good, healthy, GateConfig(max_full_mse=0.005, min_s1_usage=0.2))
+    assert not strict.passed and strict.thresholds["max_full_mse"] == 0.005
+    assert reconstruction_gate(bad, collapsed, GateConfig(max_full_mse=1.0, min_s1_usage=0.1),
+                               max_full_to_s1_mse_ratio=None, min_bit_balance=None).passed
 
     # JSON round trip
     path = fail.save(tmp_path / "gate.json")

@@ -561,6 +561,16 @@ def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_spl
     # seeded: the same call gives the same paths, and a plain test frame works like the Splits
     again = evaluate_models(test, {"base": (model, tokenizer)}, baselines=(), **kw)
     np.testing.assert_array_equal(again.samples["base"], result.samples["base"])
+    # the config section passed whole gives the same evaluation
+    from kronos_kit.config import EvalConfig
+
+    section = EvalConfig(stride=25, pred_len=8, sample_count=4, max_origins=6, max_context=FIXTURE_CONTEXT)
+    whole = evaluate_models(test, {"base": (model, tokenizer)}, section, lookback=32, seed=0, baselines=(),
+                            progress=False)
+    np.testing.assert_array_equal(whole.samples["base"], result.samples["base"])
+    assert whole.config["sampling"]["max_context"] == {"base": FIXTURE_CONTEXT}
+    with pytest.raises(ValueError, match="either evaluation"):
+        evaluate_models(test, {"base": (model, tokenizer)}, section, lookback=32, pred_len=8)
 
     # token-level metrics of both models on the test windows (real checkpoints, causal path)
     windows = WindowDataset(test, lookback=32, predict=8)
