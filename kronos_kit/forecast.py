@@ -13,10 +13,23 @@ equal the reference; it shares the history part of each window across sample pat
 cost little more than one. `sliding="approx"` (opt-in) instead drops the oldest cached position
 and keeps going: much faster for long forecasts, but the remaining positions' hidden states still
 reflect the dropped bars, so it no longer equals the reference.
+
+Arguments are checked before any model runs. A temperature at or below `GREEDY_TEMPERATURE` (1e-5)
+samples greedily (argmax): dividing logits by a smaller one overflows float32, and the distribution
+is a point mass anyway. `top_k` keeps exactly k tokens (ties go to the lower token id). A horizon
+longer than `max_context` is generated with the sliding window above and decoded in windows of
+`max_context` tokens counted back from the last bar (the reference decodes only the last window,
+which covers any horizon up to `max_context`, so results there are unchanged).
+
+`forecast_frame` forecasts the bars after the end of each symbol of a canonical long frame and
+returns a tidy table (symbol, timestamp, step, and per channel mean, median and quantiles), the
+library side of a forecast command.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,9 +39,38 @@ import torch
 from tqdm.auto import tqdm
 
 from kronos_kit.config import DEFAULT_MAX_CONTEXT
-from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS, denormalize, fill_amount, normalize, time_features
+from kronos_kit.data.schema import (
+    FEATURE_COLUMNS,
+    PRICE_COLUMNS,
+    denormalize,
+    fill_amount,
+    modal_step,
+    nanoseconds,
+    normalize,
+    require_canonical,
+    symbol_bounds,
+    time_features,
+)
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
 from kronos_kit.runtime import inference
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures <= this take the argmax instead of sampling
+SLIDING_MODES = ("exact", "approx")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value: object, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_sliding(sliding: object) -> None:
+    if sliding not in SLIDING_MODES:
+        raise ValueError(f"sliding must be 'exact' or 'approx', got {sliding!r}")
 
 
 def time_stamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> np.ndarray:
@@ -39,6 +81,8 @@ def time_stamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> np.ndarr
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, *, reference: bool = False):
     """Mask logits outside the top-k and/or the top-p nucleus (at least one token always kept).
 
+    Top-k keeps exactly k tokens; ties with the k-th largest logit go to the lower token ids.
+
     By default both filters apply when both are set. `reference=True` reproduces the reference,
     which applies only top-k when `top_k > 0` and ignores `top_p` then.
     """
@@ -46,7 +90,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, *, r
     if top_k > 0:
         k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits[logits < kth] = float("-inf")
+        above, tie = logits > kth, logits == kth
+        # exactly k: of the tokens tied with the k-th largest, keep the lowest ids that fill k
+        keep = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+        logits[~keep] = float("-inf")
         if reference:
             return logits
     if top_p < 1.0:
@@ -61,22 +108,32 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, *, r
 
 @dataclass(frozen=True)
 class Sampler:
-    """Temperature, top-k and top-p sampling of the next token."""
+    """Temperature, top-k and top-p sampling of the next token; greedy (argmax) when
+    `temperature <= GREEDY_TEMPERATURE`."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.9
+    temperature: float = 1.0  # >= 0; <= GREEDY_TEMPERATURE takes the argmax
+    top_k: int = 0  # keep the k most likely tokens; 0 disables it
+    top_p: float = 0.9  # keep the smallest set with this much probability; 1 disables it
     reference_filtering: bool = False  # True: top-k alone when both are set, as the reference
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature T must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        t = self.temperature
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (<= {GREEDY_TEMPERATURE:g} takes the "
+                             f"argmax), got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        p = self.top_p
+        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 < p <= 1:  # NaN fails too
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
 
     def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.greedy:  # top-k and top-p always keep the largest logit; ties take the lowest id
+            return logits.argmax(-1)
         logits = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p,
                                reference=self.reference_filtering)
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
@@ -104,8 +161,7 @@ def generate_tokens(
     H + pred_len) token tensors, series-major (rows n * sample_count ... are series n's paths).
     Both paths draw random numbers in the same order, so a seeded generator gives the same tokens.
     """
-    if sliding not in ("exact", "approx"):
-        raise ValueError(f"sliding must be 'exact' or 'approx', got {sliding!r}")
+    _check_sliding(sliding)
     sampler = sampler or Sampler()
     n, hist_len = s1.shape
     s1 = s1.repeat_interleave(sample_count, 0)
@@ -129,6 +185,24 @@ def generate_tokens(
             next2 = sampler(model.decode_s2_step(last_context, next1, step.cache), generator)
         tokens1[:, cur], tokens2[:, cur] = next1, next2
     return tokens1, tokens2
+
+
+def decode_forecast(
+    tokenizer: KronosTokenizer, tokens1: torch.Tensor, tokens2: torch.Tensor, pred_len: int, *, max_context: int
+) -> torch.Tensor:
+    """Decode the last `pred_len` token pairs into (B, pred_len, d_in) normalised bars.
+
+    As the reference, the last `max_context` tokens are decoded together and the forecast bars
+    among them kept; a longer horizon continues in windows of `max_context` tokens counted back
+    from the end (the tokenizer is causal, so no bar is decoded from later tokens).
+    """
+    parts, end, first = [], tokens1.shape[1], tokens1.shape[1] - pred_len
+    while end > first:
+        start = max(0, end - max_context)
+        decoded = tokenizer.decode([tokens1[:, start:end], tokens2[:, start:end]], half=True)
+        parts.append(decoded[:, max(start, first) - start :])
+        end = start
+    return torch.cat(parts[::-1], dim=1)
 
 
 class _CachedStepper:
@@ -185,6 +259,17 @@ class Forecast:
     columns: tuple[str, ...] = FEATURE_COLUMNS
     quantile_levels: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 
+    def summary(self, series: int = 0, quantiles: Sequence[float] | None = None) -> pd.DataFrame:
+        """One row per step: timestamp, step (1..), then per channel mean, median and each quantile
+        (`close_mean`, `close_median`, `close_q0.1`, ...); `quantiles` defaults to `quantile_levels`."""
+        paths = self.paths[series]  # (samples, steps, features)
+        levels = self.quantile_levels if quantiles is None else tuple(quantiles)
+        stats = {"mean": paths.mean(0), "median": np.median(paths, 0),
+                 **{f"q{q:g}": np.quantile(paths, q, axis=0) for q in levels}}
+        columns = {f"{c}_{name}": values[:, j] for j, c in enumerate(self.columns) for name, values in stats.items()}
+        return pd.DataFrame({"timestamp": self.timestamps[series], "step": np.arange(1, paths.shape[1] + 1),
+                             **columns})
+
     def _frame(self, values: np.ndarray, series: int) -> pd.DataFrame:
         return pd.DataFrame(values, columns=list(self.columns), index=self.timestamps[series])
 
@@ -227,10 +312,10 @@ class KronosPredictor:
     def _prepare(self, df: pd.DataFrame, x_timestamp, y_timestamp, pred_len: int, where: str):
         if not isinstance(df, pd.DataFrame):
             raise ValueError(f"{where}: history must be a pandas DataFrame, got {type(df).__name__}")
+        df = _lowercase_features(df, where)
         missing = [c for c in PRICE_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"{where}: price columns {missing} not found; columns are {list(df.columns)}")
-        df = df.copy()
         if "volume" not in df.columns:  # the reference fills both with 0 when volume is absent
             df["volume"], df["amount"] = 0.0, 0.0
         if "amount" not in df.columns:
@@ -245,8 +330,6 @@ class KronosPredictor:
             )
         if len(df) < 2:
             raise ValueError(f"{where}: history has {len(df)} bar(s); at least 2 are needed to normalise it")
-        if pred_len < 1:
-            raise ValueError(f"pred_len must be >= 1, got {pred_len}")
         if len(x_timestamp) != len(df):
             raise ValueError(f"{where}: x_timestamp has {len(x_timestamp)} entries but the history has {len(df)} rows")
         if len(y_timestamp) != pred_len:
@@ -280,16 +363,18 @@ class KronosPredictor:
         """Every sample path for each series, generated in one batched pass.
 
         Histories must share one length (as the reference requires); `seed` makes sampling
-        reproducible without touching the global RNG.
+        reproducible without touching the global RNG. `T <= GREEDY_TEMPERATURE` is greedy; `pred_len`
+        may exceed `max_context` (see `decode_forecast`). Every argument is checked before any model runs.
         """
+        pred_len = _check_count("pred_len", pred_len)
+        sample_count = _check_count("sample_count", sample_count)
+        sampler = Sampler(T, top_k, top_p, reference_filtering)
+        _check_sliding(sliding)
         if not (len(df_list) == len(x_timestamp_list) == len(y_timestamp_list)) or not df_list:
             raise ValueError(
                 f"df_list, x_timestamp_list and y_timestamp_list must be non-empty and equally long; got "
                 f"{len(df_list)}, {len(x_timestamp_list)}, {len(y_timestamp_list)}"
             )
-        if sample_count < 1:
-            raise ValueError(f"sample_count must be >= 1, got {sample_count}")
-        sampler = Sampler(T, top_k, top_p, reference_filtering)
         prepared = [self._prepare(df, xt, yt, pred_len, f"series {i}")
                     for i, (df, xt, yt) in enumerate(zip(df_list, x_timestamp_list, y_timestamp_list))]
         lengths = {len(p[0]) for p in prepared}
@@ -306,8 +391,7 @@ class KronosPredictor:
                 self.model, s1, s2, stamps, pred_len, max_context=self.max_context, sample_count=sample_count,
                 sampler=sampler, use_cache=use_cache, sliding=sliding, generator=generator, progress=verbose,
             )
-            start = max(0, tokens1.shape[1] - self.max_context)
-            decoded = self.tokenizer.decode([tokens1[:, start:], tokens2[:, start:]], half=True)[:, -pred_len:]
+            decoded = decode_forecast(self.tokenizer, tokens1, tokens2, pred_len, max_context=self.max_context)
         preds = decoded.float().cpu().numpy().reshape(len(prepared), sample_count, pred_len, len(FEATURE_COLUMNS))
         mean = np.stack([p[2] for p in prepared])[:, None, None]
         std = np.stack([p[3] for p in prepared])[:, None, None]
@@ -346,4 +430,104 @@ class KronosPredictor:
         return forecast
 
 
-__all__ = ["Forecast", "KronosPredictor", "Sampler", "filter_logits", "generate_tokens", "time_stamps"]
+def _lowercase_features(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Rename OHLCV columns written in any letter case (Open, CLOSE) to the canonical lowercase names."""
+    found: dict[str, object] = {}
+    for col in df.columns:
+        name = str(col).strip().lower()
+        if name in FEATURE_COLUMNS:
+            if name in found:
+                raise ValueError(f"{where}: columns {found[name]!r} and {col!r} both name {name!r}; keep one")
+            found[name] = col
+    return df.rename(columns={col: name for name, col in found.items() if col != name})
+
+
+# ---------------------------------------------------------------------- forecasting a frame
+
+
+def future_timestamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence, horizon: int) -> pd.DatetimeIndex:
+    """The `horizon` bar times after the last of `timestamps`, at the series' most frequent interval.
+
+    Daily bars (a modal interval of exactly one day) with no bar on a Saturday or Sunday continue
+    on business days, Monday to Friday (holidays are not known, so a holiday gets a bar). Every
+    other interval continues in plain multiples of it: intraday bars do not skip nights, breaks or
+    weekends, since the data does not say when a session closes.
+    """
+    horizon = _check_count("horizon", horizon)
+    ts = pd.DatetimeIndex(pd.to_datetime(timestamps))
+    if len(ts) < 2:
+        raise ValueError(f"future_timestamps: need at least 2 timestamps to know the bar interval, got {len(ts)}")
+    if not ts.is_monotonic_increasing or ts.has_duplicates:
+        raise ValueError("future_timestamps: timestamps must be strictly increasing; sort them and drop duplicates")
+    step = pd.Timedelta(int(modal_step(nanoseconds(ts), np.array([0]))[0]), unit="ns")
+    last = ts[-1]
+    if step == pd.Timedelta(days=1) and (ts.day_of_week < 5).all():
+        return pd.DatetimeIndex([last + pd.offsets.BDay(k) for k in range(1, horizon + 1)])
+    return pd.DatetimeIndex([last + step * k for k in range(1, horizon + 1)])
+
+
+def _check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
+    levels = tuple(float(q) for q in quantiles)
+    bad = [q for q in levels if not 0 <= q <= 1]  # NaN fails too
+    if bad:
+        raise ValueError(f"quantiles must be in [0, 1], got {bad}")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"quantiles must be distinct, got {list(levels)}")
+    return tuple(sorted(levels))
+
+
+def forecast_frame(
+    predictor: KronosPredictor,
+    frame: pd.DataFrame,
+    *,
+    horizon: int,
+    sample_count: int = 32,
+    quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+    seed: int | None = 0,
+    temperature: float = 1.0,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    lookback: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Forecast the `horizon` bars after the end of each symbol's data, as one tidy frame.
+
+    `frame` is the canonical long frame of `kronos_kit.data.load_ohlcv` (symbol, timestamps, OHLCV,
+    amount). Each symbol's last `lookback` bars (default: the predictor's `max_context`) are its
+    history; its future bar times come from `future_timestamps` over all its bars. Each symbol is
+    forecast on its own with the same `seed` (common random numbers, as the evaluation does), so
+    its forecast does not depend on the other symbols in the frame, and a rerun is identical.
+
+    Returns one row per symbol and step, sorted by symbol then step: `symbol`, `timestamp`, `step`
+    (1..horizon), then per channel (open, high, low, close, volume, amount) `<channel>_mean`,
+    `<channel>_median` and `<channel>_q<level>` for each quantile, ascending (`close_q0.1`). The
+    settings are kept in `attrs["forecast"]`.
+    """
+    require_canonical(frame, "forecast_frame")
+    starts, ends, names = symbol_bounds(frame, "forecast_frame")
+    horizon = _check_count("horizon", horizon)
+    levels = _check_quantiles(quantiles)
+    lookback = predictor.max_context if lookback is None else lookback
+    lookback = _check_count("lookback", lookback, minimum=2)
+    short = [f"{n} ({b - a} bar)" for n, a, b in zip(names, starts, ends) if b - a < 2]
+    if short:
+        raise ValueError(f"forecast_frame: symbols {short} have 1 bar; at least 2 are needed per symbol")
+    parts = []
+    for name, a, b in tqdm(list(zip(names, starts, ends)), desc="forecast", unit="symbol", disable=not progress):
+        bars = frame.iloc[a:b]
+        history = bars.iloc[-lookback:]
+        fc = predictor.predict_paths(
+            history[FEATURE_COLUMNS], history["timestamps"], future_timestamps(bars["timestamps"], horizon), horizon,
+            T=temperature, top_k=top_k, top_p=top_p, sample_count=sample_count, verbose=False, seed=seed,
+        )
+        parts.append(fc.summary(quantiles=levels).assign(symbol=name))
+    out = pd.concat(parts, ignore_index=True)
+    out = out[["symbol", *out.columns[:-1]]]
+    out.attrs["forecast"] = {"horizon": horizon, "sample_count": sample_count, "quantiles": list(levels),
+                             "seed": seed, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                             "lookback": lookback, "max_context": predictor.max_context}
+    return out
+
+
+__all__ = ["GREEDY_TEMPERATURE", "Forecast", "KronosPredictor", "Sampler", "decode_forecast",
+           "filter_logits", "forecast_frame", "future_timestamps", "generate_tokens", "time_stamps"]

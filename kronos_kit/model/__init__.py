@@ -1,6 +1,6 @@
 """Kronos model code: tokenizer, predictor, checkpoint IO (reference-compatible)."""
 
-from kronos_kit.model.checkpoint import PRESETS, CheckpointMixin, check_pair, weights_hash
+from kronos_kit.model.checkpoint import PRESETS, CheckpointMixin, CheckpointNotFoundError, check_pair, weights_hash
 from kronos_kit.model.predictor import Kronos, NextTokenScores, PredictorCache
 from kronos_kit.model.tokenizer import BinarySphericalQuantizer, KronosTokenizer, LossBreakdown
 
@@ -8,6 +8,7 @@ __all__ = [
     "PRESETS",
     "BinarySphericalQuantizer",
     "CheckpointMixin",
+    "CheckpointNotFoundError",
     "Kronos",
     "KronosTokenizer",
     "LossBreakdown",

@@ -8,13 +8,21 @@ A checkpoint source is one of:
   the package (pretrained by the kit on the S&P 500 sample; `make base` regenerates them);
 - a hub id `owner/name`, fetched through `huggingface_hub` (its cache, `revision`, and offline mode
   via `HF_HUB_OFFLINE=1` / `local_files_only=True` are respected).
+
+A source that looks local never goes to the network: a `Path`, a string starting with `.`, `/` or
+`~`, one under `runs/`, one with more than one `/`, or one whose first part is an existing folder.
+If that folder is missing, `CheckpointNotFoundError` says "folder not found" and lists the closest
+folders; a hub id that cannot be fetched (offline, unreachable, not cached, unknown) raises it too,
+saying how to use a local folder instead.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +68,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 M = TypeVar("M", bound="CheckpointMixin")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spells repository ids
+_FOLDER_HINT = f"pass the folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}, e.g. runs/<run>/predictor/best"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint source that names no loadable weights: a missing folder or a hub id that could
+    not be fetched. The message names the source and says what to do."""
 
 
 class CheckpointMixin:
@@ -137,32 +152,98 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _resolve_folder(cls, source, *, revision, cache_dir, local_files_only) -> Path | None:
     """Local folder for `source`, or None when it names a preset."""
-    if str(source).startswith("embedded:"):
-        path = EMBEDDED_DIR / str(source).removeprefix("embedded:")
+    name = str(source)
+    if name.startswith("embedded:"):
+        path = EMBEDDED_DIR / name.removeprefix("embedded:")
         if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"embedded checkpoint {source!r} not found at {path}; run `make base` to build it")
+            raise CheckpointNotFoundError(f"embedded checkpoint {name!r} not found at {path}; "
+                                          "run `make base` to build it")
         return path
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} is a file; pass the checkpoint folder that holds {CONFIG_NAME}")
         return path
-    name = str(source)
     if name.removeprefix("preset:") in PRESETS.get(cls.__name__, {}):
         return None
-    if name.startswith("preset:") or name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if isinstance(source, os.PathLike) or _looks_local(name):
+        raise CheckpointNotFoundError(_folder_not_found(name, path))
+    if name.startswith("preset:") or not _HUB_ID.fullmatch(name):
+        close = difflib.get_close_matches(name.removeprefix("preset:"), cls.presets(), n=1)
         raise ValueError(
             f"checkpoint source {name!r} is neither an existing folder, a {cls.__name__} preset "
             f"{cls.presets()}, nor a hub id of the form owner/name"
+            + (f"; did you mean {close[0]!r}?" if close else "")
         )
-    from huggingface_hub import snapshot_download
+    return _download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
 
-    return Path(
-        snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
-        )
+
+def _looks_local(name: str) -> bool:
+    """True for names that can only be meant as a path on this machine (never a hub id)."""
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return (
+        name.startswith((".", "~", "runs/", "runs" + os.sep))
+        or Path(name).is_absolute()
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or ("/" in name and Path(first).is_dir())
     )
+
+
+def _folder_not_found(name: str, path: Path) -> str:
+    """'folder not found' naming the path, with the closest folders of its deepest existing parent."""
+    absolute = path.absolute()
+    parent = absolute.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    wanted = absolute.relative_to(parent).parts[0]
+    try:  # one listing of one folder: cheap
+        folders = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        folders = []
+    close = difflib.get_close_matches(wanted, folders, n=5, cutoff=0.6)
+    if close:
+        nearby = f"; closest folders in {parent}: {close}"
+    elif folders:
+        nearby = f"; {parent} holds {folders[:10]}{' ...' if len(folders) > 10 else ''}"
+    else:
+        nearby = f"; {parent} holds no folders"
+    return f"checkpoint folder not found: {name!r} (looked for {absolute}; no {wanted!r} in {parent}){nearby}. " \
+        f"Check the path, or {_FOLDER_HINT}"
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _download(name: str, *, revision, cache_dir, local_files_only) -> Path:
+    """Fetch a hub id through huggingface_hub (cache, revision and offline mode respected)."""
+    import huggingface_hub
+
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(
+                name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
+            )
+        )
+    except Exception as err:  # every failed fetch gets the same advice; the cause stays chained
+        reason = (str(err).strip().splitlines() or [""])[0]
+        if _hub_offline():
+            why = "HF_HUB_OFFLINE is set and this id is not in the local hub cache"
+        elif local_files_only:
+            why = "local_files_only=True and this id is not in the local hub cache"
+        else:
+            why = "the hub may be unreachable, or the id or revision may not exist"
+        raise CheckpointNotFoundError(
+            f"weights of hub id {name!r}{f' (revision {revision!r})' if revision else ''} could not be fetched: "
+            f"{why} ({type(err).__name__}: {reason}). To use a local folder instead, {_FOLDER_HINT} (no "
+            f"{name!r} exists under {Path.cwd()}); to use the hub, load it once with network access, after "
+            "which it loads from the cache offline."
+        ) from err
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
