@@ -10,9 +10,9 @@ import torch
 from conftest import DATA
 
 import kronos_kit.forecast as forecast
+from kronos_kit.data import FEATURE_COLUMNS
 from kronos_kit.data import load_ohlcv
 from kronos_kit.forecast import (
-    FEATURES,
     GREEDY_TEMPERATURE,
     KronosPredictor,
     Sampler,
@@ -22,6 +22,8 @@ from kronos_kit.forecast import (
     generate_tokens,
 )
 from kronos_kit.model import Kronos, KronosTokenizer
+
+FEATURES = list(FEATURE_COLUMNS)
 
 
 @pytest.fixture(scope="module")
