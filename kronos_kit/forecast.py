@@ -517,7 +517,8 @@ def forecast_frame(
         bars = frame.iloc[a:b]
         history = bars.iloc[-lookback:]
         fc = predictor.predict_paths(
-            history[list(FEATURE_COLUMNS)], history["timestamps"], future_timestamps(bars["timestamps"], horizon), horizon,
+            history[list(FEATURE_COLUMNS)], history["timestamps"], future_timestamps(bars["timestamps"], horizon),
+            horizon,
             T=temperature, top_k=top_k, top_p=top_p, sample_count=sample_count, verbose=False, seed=seed,
         )
         parts.append(fc.summary(quantiles=levels).assign(symbol=name))

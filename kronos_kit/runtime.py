@@ -18,8 +18,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kronos_kit.model.checkpoint import weights_hash
-
 __all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "unwrap"]
 
 
@@ -118,6 +116,8 @@ def freeze(module: nn.Module) -> dict[str, Any]:
     `inference` is the temporary form (mode restored afterwards); this one is for the phase-2
     tokenizer, which must never train.
     """
+    from kronos_kit.model.checkpoint import weights_hash  # here: the model package imports runtime
+
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -10,8 +10,7 @@ import torch
 from conftest import DATA
 
 import kronos_kit.forecast as forecast
-from kronos_kit.data import FEATURE_COLUMNS
-from kronos_kit.data import load_ohlcv
+from kronos_kit.data import FEATURE_COLUMNS, load_ohlcv
 from kronos_kit.forecast import (
     GREEDY_TEMPERATURE,
     KronosPredictor,

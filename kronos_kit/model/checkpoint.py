@@ -134,14 +134,35 @@ class CheckpointMixin:
             model.to(device)
         return model.eval()
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors (each atomically) loadable by kit and reference."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write config.json and model.safetensors (each atomically) loadable by kit and reference.
+
+        `state_dict` replaces the module's own tensors, e.g. LoRA-merged weights in the reference
+        layout (`adapters.save_merged`); it must hold exactly the keys this config builds.
+        """
+        source = self.state_dict() if state_dict is None else state_dict
+        self._check_layout(source)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in source.items()}
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         save_json(directory / CONFIG_NAME, self.config, sort_keys=True)
         return directory
+
+    def _check_layout(self, state: dict[str, torch.Tensor]) -> None:
+        """Refuse to write tensors that `from_pretrained` would not load (e.g. unmerged LoRA adapters)."""
+        with torch.device("meta"):  # the config's own layout, without allocating or drawing random numbers
+            expected = {k: v.shape for k, v in type(self).from_config(dict(self.config)).state_dict().items()}
+        extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+        shapes = [k for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
+        if extra or missing or shapes:
+            raise ValueError(
+                f"{type(self).__name__}.save_pretrained: the state does not fit its config.json "
+                f"(unexpected {extra[:4]}, missing {missing[:4]}, misshapen {shapes[:4]}); "
+                "a model with LoRA adapters is saved with kronos_kit.model.save_merged"
+            )
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -279,10 +300,15 @@ def check_pair(tokenizer: nn.Module, predictor: nn.Module) -> None:
 
 def weights_hash(model: nn.Module) -> str:
     """SHA-256 over every tensor of the state dict (names, dtypes, shapes and bytes)."""
+    return state_dict_hash(model.state_dict())
+
+
+def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
+    """`weights_hash` of a bare name -> tensor mapping (e.g. the base part of a LoRA model)."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
