@@ -1051,7 +1051,7 @@ def bottom_line(
         else:
             head = (f"Finetuning made no detectable difference: {where} {size} "
                     f"{'lower' if r['change_pct'] < 0 else 'higher'} than the {base} model's "
-                    f"({_p(r['p_value'])}, not significant at {1 - r['ci_level']:.0%})")
+                    f"(DM {_p(r['p_value'])}, not significant at {1 - r['ci_level']:.0%})")
         helped = {"better": 1, "worse": -1}.get(r["verdict"], 0)
     baselines = rows[rows["other"] != base]
     if baselines.empty:

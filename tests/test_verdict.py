@@ -186,7 +186,7 @@ def test_bottom_line_sentences():
                  ("drift", "close_ae", "close MAE", 1.0, 1.0, 0.7, "no detectable difference"))
     assert bottom_line(same) == (
         "Finetuning made no detectable difference: on 60 test origins the finetuned model's close CRPS is 1.0% "
-        "lower than the base model's (p = 0.41, not significant at 5%), and no baseline beats it significantly "
+        "lower than the base model's (DM p = 0.41, not significant at 5%), and no baseline beats it significantly "
         "(better in 1 of 2 baseline comparisons, no detectable difference in the rest).")
     but = _rows(("base", "close_crps", "close CRPS", 0.9, 1.0, 0.003, "better"),
                 ("persistence", "close_ae", "close MAE", 1.1, 1.0, 0.03, "worse"),
@@ -365,3 +365,17 @@ def test_promotion_refuses_a_crps_gain_bought_with_a_worse_point_forecast():
     assert promo.evidence["metric"]["model_mean"] < promo.evidence["metric"]["other_mean"]
     assert promo.evidence["close_mae"]["verdict"] == "worse"
     assert promo.promoted == "base" and "close MAE is significantly worse" in promo.reason
+
+
+def test_promotion_needs_the_lower_crps_even_with_a_better_point_forecast():
+    # finetuned: two paths at truth (1 -+ 3a): median exactly on the truth (MAE 0 < a) but CRPS
+    # (3a + 3a)/2 - 6a/4 = 1.5a > a: worse on the promotion metric, so the base stays
+    frame = market(("X",), n=300, seed=3)
+    base = around_truth(frame, lambda h, s: np.array([size(h)]))
+    wide = around_truth(frame, lambda h, s: size(h) * np.array([-3.0, 3.0]))
+    res = validation_result(wide, base, frame)
+    promo = decide_promotion(res, **SOURCES)
+    assert promo.evidence["close_mae"]["verdict"] == "better"
+    assert promo.evidence["metric"]["model_mean"] == pytest.approx(1.5 * promo.evidence["metric"]["other_mean"],
+                                                                   rel=1e-3)
+    assert promo.promoted == "base" and promo.tokenizer == SOURCES["base_sources"][0]
