@@ -25,9 +25,9 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,7 @@ from kronos_kit import metrics as M
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, EvalConfig
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.metrics import CLOSE, INTERVALS
-from kronos_kit.runs import RunDir, atomic_write_text, save_json
+from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, RunDir, atomic_write_text, load_json, save_json
 
 if TYPE_CHECKING:  # only for annotations: walk_forward itself never touches the model
     import torch
@@ -72,6 +72,9 @@ HEADLINE: tuple[tuple[str, str, str | float], ...] = (
     ("vol_r2", "realized-vol R^2", "higher"),
 )
 TABLE_COLUMNS: tuple[str, ...] = tuple(c for c, _, _ in HEADLINE) + ("xs_dates", "n_origins", "n_samples")
+
+# Per-origin losses the paired tests compare (EvaluationResult.origin_loss): key -> label in the report.
+ORIGIN_LOSSES: dict[str, str] = {"close_crps": "close CRPS", "close_ae": "close MAE", "vol_ae": "realized-vol MAE"}
 
 
 # ------------------------------------------------------------------------------------ origins
@@ -249,6 +252,36 @@ class EvaluationResult:
         pred = self.point(name)[:, -1, CLOSE] / self.last_close - 1.0
         real = self.realized[:, -1, CLOSE] / self.last_close - 1.0
         return pred, real
+
+    def origin_loss(self, name: str, metric: str) -> np.ndarray:
+        """Per-origin loss (N,) of ``name``, the series the paired tests compare.
+
+        ``close_crps``: close CRPS averaged over the horizon; ``close_ae``: absolute error of the point
+        forecast's close, averaged over the horizon; ``vol_ae``: |predicted - realized vol|. Their means
+        over origins are the table's ``close_crps``, ``close_mae`` and ``vol_mae``. GARCH has ``vol_ae`` only.
+        """
+        if metric == "vol_ae":
+            return np.abs(self.vol_pred[name] - self.realized_vol)
+        if metric not in ORIGIN_LOSSES:
+            raise ValueError(f"metric must be one of {sorted(ORIGIN_LOSSES)}, got {metric!r}")
+        if name not in self.samples:
+            raise ValueError(f"{name!r} has no sample paths (GARCH forecasts volatility only): use 'vol_ae'")
+        real = self.realized[..., CLOSE]
+        if metric == "close_crps":
+            return M.crps(self.samples[name][..., CLOSE], real, axis=1).mean(axis=1)
+        return np.abs(self.point(name)[..., CLOSE] - real).mean(axis=1)
+
+    def origin_losses(self) -> pd.DataFrame:
+        """Long frame of every per-origin loss: symbol, origin_time, model and one column per
+        :data:`ORIGIN_LOSSES` metric (NaN where undefined, e.g. GARCH's close metrics)."""
+        parts = []
+        for name in self.names:
+            part = pd.DataFrame({"symbol": self.symbols, "origin_time": self.origin_time, "model": name})
+            for metric in ORIGIN_LOSSES:
+                has = metric == "vol_ae" or name in self.samples
+                part[metric] = self.origin_loss(name, metric) if has else np.nan
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True)
 
     def rescore(self, *, point: str | None = None, season: int | None = None) -> pd.DataFrame:
         """Recompute every score and the table from the stored arrays (optionally another point/season)."""
@@ -746,15 +779,31 @@ def write_report(
     finetuned: str = "finetuned",
     base: str = "base",
     tokens: Mapping[str, Mapping[str, float]] | None = None,
+    level: float = 0.05,
+    n_boot: int = 2000,
+    calibration: SamplingCalibration | None = None,
+    promotion: Promotion | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json`` (every number, NaN as null), ``metrics_table.csv`` and ``report.md``.
 
-    ``report.md`` holds the headline table for every model and baseline and one sentence per headline
-    metric saying whether ``finetuned`` beat ``base`` and persistence (and GARCH on volatility), with
-    the numbers. ``tokens`` optionally maps model names to :func:`token_metrics` outputs.
+    ``report.md`` opens with a one-sentence bottom line (:func:`bottom_line`) and one verdict line per
+    paired comparison (:func:`paired_comparisons` at ``level``: better / no detectable difference /
+    worse, the numbers and the test), then the promotion and sampling calibration when given (both
+    decided on validation), the IC / RankIC with Newey-West t-statistics, the headline table for every
+    model and baseline and one sentence per headline metric saying whether ``finetuned`` beat ``base``
+    and persistence (and GARCH on volatility), with the numbers. ``tokens`` optionally maps model names
+    to :func:`token_metrics` outputs. ``metrics.json`` holds the same verdicts.
     """
     rd = RunDir(run_dir)
     comparisons = report_comparisons(result, finetuned=finetuned, base=base, tokens=tokens)
+    if finetuned in result.samples:
+        paired = paired_comparisons(result, finetuned, (base, *BASELINES), level, n_boot=n_boot,
+                                    seed=int(result.config.get("seed", 0)))
+        headline = bottom_line(paired, model=finetuned, base=base)
+    else:
+        paired = pd.DataFrame(columns=_COMPARISON_COLUMNS)
+        headline = f"No model named {finetuned!r} was evaluated, so this run cannot say whether finetuning helped."
+    ic_table = ic_significance(result)
     payload = {
         "config": result.config,
         "n_origins": result.n_origins,
@@ -767,15 +816,31 @@ def write_report(
         "scores": result.scores,
         "token_metrics": tokens or {},
         "comparisons": comparisons,
+        "bottom_line": headline,
+        "paired_comparisons": paired.to_dict(orient="records"),
+        "ic_significance": ic_table.to_dict(orient="index"),
+        "promotion": promotion.to_dict() if promotion is not None else None,
+        "calibration": calibration.to_dict() if calibration is not None else None,
     }
     paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report}
     save_json(paths["json"], _jsonable(payload), newline=False, allow_nan=False)
     atomic_write_text(paths["table"], result.table.to_csv())
 
     cfg = result.config
-    lines = [
-        "# Forecast evaluation",
-        "",
+    lines = ["# Forecast evaluation", "", f"**Bottom line.** {headline}", ""]
+    if not paired.empty:
+        lines += [f"## Verdict (paired tests at {level:.0%}, test split)", "",
+                  "Each line compares per-origin losses on the same origins: the Diebold-Mariano test with a "
+                  "Newey-West variance (neighbouring origins are correlated) decides better / no detectable "
+                  "difference / worse; relative skill is 1 - model/other (positive: the model is better) with a "
+                  "moving-block bootstrap interval. Origins at the same time are averaged into one value.", ""]
+        lines += verdict_lines(paired) + [""]
+    if promotion is not None:
+        lines += ["## Promotion (decided on the validation split)", "", promotion.reason, "",
+                  f"Tokenizer: `{promotion.tokenizer}`; predictor: `{promotion.predictor}`. Rule: {promotion.rule}", ""]
+    if calibration is not None:
+        lines += _calibration_lines(calibration)
+    lines += [
         f"Walk-forward on the test split: {result.n_origins} origins over {payload['n_symbols']} symbol(s) "
         f"({payload['origin_time_range'][0]} to {payload['origin_time_range'][1]}), lookback {cfg['lookback']}, "
         f"horizon {cfg['pred_len']}, stride {cfg['stride']}, {cfg['sample_count']} sample paths. Every origin "
@@ -788,6 +853,12 @@ def write_report(
         _markdown_table(result.table),
         "",
     ]
+    if len(ic_table):
+        lines += ["## IC significance (Newey-West t)", "",
+                  "t = IC / its Newey-West standard error (time series: the slope of within-symbol z-scored "
+                  "realized on predicted returns; cross-sectional: the mean of the per-date ICs); |t| > 1.96 "
+                  f"rejects 'no correlation' at 5% (lag {int(ic_table['lag'].iloc[0])}).", "",
+                  _markdown_table(ic_table.drop(columns="lag")), ""]
     if result.garch_fallbacks:
         fb = result.garch_fallbacks
         reasons = ", ".join(f"{k}: {v}" for k, v in fb.items() if k != "total") or "none"
@@ -819,10 +890,19 @@ def write_report(
     return paths
 
 
+def _calibration_lines(cal: SamplingCalibration) -> list[str]:
+    rows = {"before": cal.before, "after": cal.after}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "setting"
+    return ["## Sampling calibration (fitted on the validation split)", "",
+            f"Temperature {cal.before['temperature']:g} -> {cal.temperature:g}, top-p {cal.before['top_p']:g} -> "
+            f"{cal.top_p:g}: {cal.rule}. Coverage of the central close intervals (nominal 0.5 / 0.8 / 0.95):", "",
+            _markdown_table(table), ""]
+
+
 def _paired_crps_line(result: EvaluationResult, a: str, b: str) -> str:
     # per-origin view of the CRPS gap, so a mean difference driven by a few origins is visible
-    ca = M.crps(result.samples[a][..., CLOSE], result.realized[..., CLOSE], axis=1).mean(axis=1)
-    cb = M.crps(result.samples[b][..., CLOSE], result.realized[..., CLOSE], axis=1).mean(axis=1)
+    ca, cb = result.origin_loss(a, "close_crps"), result.origin_loss(b, "close_crps")
     share = float(np.mean(ca < cb)) * 100
     ties = float(np.mean(ca == cb)) * 100
     return (f"Per origin, {a} has the lower close CRPS than {b} on {share:.1f}% of the {result.n_origins} origins "
@@ -831,3 +911,452 @@ def _paired_crps_line(result: EvaluationResult, a: str, b: str) -> str:
 
 def _by_channel(values: np.ndarray) -> dict[str, Any]:
     return {f: values[k] for k, f in enumerate(FEATURE_COLUMNS)}
+
+
+# ----------------------------------------------------------------------------- paired verdicts
+
+VERDICTS: tuple[str, ...] = ("better", "no detectable difference", "worse")
+"""What a paired test can say at the chosen level; "not testable" when it has fewer than 3 time points."""
+
+
+def overlap_lag(result: EvaluationResult) -> int:
+    """Most later origins of one symbol whose targets overlap an origin's targets (position gap < pred_len).
+
+    Losses of origins that share target bars are correlated up to this lag at least: with stride s and
+    horizon H it is ceil(H / s) - 1, Diebold-Mariano's h - 1 for h-step forecasts counted in origins.
+    """
+    horizon = int(result.config["pred_len"])
+    most = 0
+    for sym in np.unique(result.symbols):
+        pos = np.sort(result.origin_pos[result.symbols == sym])
+        later = np.searchsorted(pos, pos + horizon, side="left") - np.arange(1, len(pos) + 1)
+        most = max(most, int(later.max()))
+    return most
+
+
+def comparison_lag(result: EvaluationResult, diff: np.ndarray) -> int:
+    """Newey-West lag of a paired test on the loss-difference series ``diff`` (one value per time).
+
+    The largest of: :func:`overlap_lag` (origins sharing target bars), the Newey-West (1994) rule
+    :func:`~kronos_kit.metrics.newey_west_lag` and Andrews' (1991) AR(1) plug-in
+    :func:`~kronos_kit.metrics.andrews_lag` on ``diff`` (losses cluster with volatility beyond the
+    overlap; with persistent differences the fixed rule alone leaves the test overconfident). Capped at
+    (n - 1) // 2 so the HLN correction stays defined.
+    """
+    n = len(diff)
+    if n < 3:
+        return 0
+    return min(max(overlap_lag(result), M.newey_west_lag(n), M.andrews_lag(diff)), (n - 1) // 2)
+
+
+def paired_losses(result: EvaluationResult, a: str, b: str, metric: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-origin losses of ``a`` and ``b`` as two series over origin time, ready for the paired tests.
+
+    Origins where either loss is undefined are dropped from both. Several symbols at one origin time are
+    averaged into one value: they are forecast from the same market moment and their losses move
+    together, so treating them as independent would overstate the evidence. One symbol: the losses as
+    they are. Returns (series a, series b, origins used).
+    """
+    la, lb = result.origin_loss(a, metric), result.origin_loss(b, metric)
+    ok = np.isfinite(la) & np.isfinite(lb)
+    _, inverse = np.unique(result.origin_time[ok], return_inverse=True)
+    count = np.bincount(inverse)
+    return np.bincount(inverse, la[ok]) / count, np.bincount(inverse, lb[ok]) / count, int(ok.sum())
+
+
+def verdict(p_value: float, mean_diff: float, level: float = 0.05) -> str:
+    """"better" / "worse" when the test rejects equal loss at ``level`` (by the sign of mean(model - other)),
+    "no detectable difference" otherwise, "not testable" without a p-value."""
+    if not np.isfinite(p_value):
+        return "not testable"
+    if p_value < level:
+        return "better" if mean_diff < 0 else "worse"
+    return "no detectable difference"
+
+
+def paired_comparisons(
+    result: EvaluationResult,
+    model: str = "finetuned",
+    against: Sequence[str] = ("base", "persistence", "drift", "garch"),
+    level: float = 0.05,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    hln: bool = True,
+) -> pd.DataFrame:
+    """Paired tests of ``model`` against each entry of ``against`` on the same origins, one row per metric.
+
+    Metrics: close CRPS and close MAE (:meth:`EvaluationResult.origin_loss`) against every entry with
+    sample paths; realized-vol MAE against GARCH (volatility only). Per row, on :func:`paired_losses`:
+
+    - ``verdict`` from the Diebold-Mariano test (:func:`~kronos_kit.metrics.diebold_mariano`, HAC variance,
+      HLN small-sample correction unless ``hln=False``) at ``level``, lag :func:`comparison_lag` of the
+      difference series;
+    - ``relative_skill`` = 1 - mean(model) / mean(other) (positive: ``model`` is better) with its
+      moving-block bootstrap percentile CI at 1 - ``level`` (block = lag + 1, at least round(n^(1/3));
+      ``n_boot`` resamples, ``seed``);
+    - ``model_mean`` / ``other_mean`` over origins (the table's values) and ``change_pct`` of the model.
+
+    Entries missing from the result are skipped. Returns one row per comparison with columns model,
+    other, metric, label, model_mean, other_mean, change_pct, relative_skill, ci_low, ci_high, ci_level,
+    dm_stat, p_value, mean_diff, verdict, test, n_origins, n_periods, lag, block.
+    """
+    if model not in result.samples:
+        raise ValueError(f"no sample paths for {model!r}; evaluated: {result.names}")
+    rows = []
+    for other in against:
+        if other == model or other not in result.kinds:
+            continue
+        for metric in ("close_crps", "close_ae") if other in result.samples else ("vol_ae",):
+            a, b, n_used = paired_losses(result, model, other, metric)
+            la, lb = result.origin_loss(model, metric), result.origin_loss(other, metric)
+            ok = np.isfinite(la) & np.isfinite(lb)
+            model_mean = float(la[ok].mean()) if ok.any() else float("nan")
+            other_mean = float(lb[ok].mean()) if ok.any() else float("nan")
+            lag = comparison_lag(result, a - b)
+            dm = M.diebold_mariano(a, b, lag=lag, hln=hln)
+            block = min(max(lag + 1, int(round(len(a) ** (1 / 3)))), max(len(a), 1))
+            if len(a):
+                ci = M.moving_block_bootstrap_ci(a, b, block=block, n_boot=n_boot, level=1 - level, seed=seed)
+                low, high = ci.low, ci.high
+            else:
+                low = high = float("nan")
+            skill = M.relative_skill(la[ok], lb[ok]) if ok.any() else float("nan")
+            rows.append({
+                "model": model, "other": other, "metric": metric, "label": ORIGIN_LOSSES[metric],
+                "model_mean": model_mean, "other_mean": other_mean, "change_pct": -100 * skill,
+                "relative_skill": skill,
+                "ci_low": low, "ci_high": high, "ci_level": 1 - level,
+                "dm_stat": dm.statistic, "p_value": dm.p_value, "mean_diff": dm.mean_diff,
+                "verdict": verdict(dm.p_value, dm.mean_diff, level), "test": dm.test,
+                "n_origins": n_used, "n_periods": len(a), "lag": lag, "block": block,
+            })
+    return pd.DataFrame(rows, columns=_COMPARISON_COLUMNS)
+
+
+_COMPARISON_COLUMNS = ["model", "other", "metric", "label", "model_mean", "other_mean", "change_pct",
+                       "relative_skill", "ci_low", "ci_high", "ci_level", "dm_stat", "p_value", "mean_diff",
+                       "verdict", "test", "n_origins", "n_periods", "lag", "block"]
+
+
+def _p(p: float) -> str:
+    if not np.isfinite(p):
+        return "p n/a"
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.2f}" if p >= 0.1 else f"p = {p:.3g}" if p >= 0.01 else f"p = {p:.1g}"
+
+
+def bottom_line(
+    comparisons: pd.DataFrame, *, model: str = "finetuned", base: str = "base", split: str = "test"
+) -> str:
+    """One sentence: did finetuning help against ``base`` on close CRPS, how sure, and which baselines beat it.
+
+    Built only from :func:`paired_comparisons` rows, e.g. "Finetuning did not help: on 60 test origins
+    the finetuned model's close CRPS is 3.1% worse than the base model's (DM p = 0.02), and persistence
+    beats it on close MAE (p < 0.001)."
+    """
+    if comparisons.empty:
+        return f"No comparison was possible: {model!r} has nothing to be compared against."
+    rows = comparisons[comparisons["model"] == model]
+    head_rows = rows[(rows["other"] == base) & (rows["metric"] == "close_crps")]
+    if head_rows.empty:
+        n = int(rows["n_origins"].max())
+        head = f"No {base} model was evaluated, so this run cannot say whether finetuning helped; on {n} {split} " \
+               "origins"
+        helped = None
+    else:
+        r = head_rows.iloc[0]
+        size = f"{abs(r['change_pct']):.1f}%"
+        where = f"on {int(r['n_origins'])} {split} origins the {model} model's close CRPS is"
+        sure = f"(DM {_p(r['p_value'])})"
+        if r["verdict"] == "better":
+            head = f"Finetuning helped: {where} {size} lower than the {base} model's {sure}"
+        elif r["verdict"] == "worse":
+            head = f"Finetuning did not help: {where} {size} worse than the {base} model's {sure}"
+        elif r["verdict"] == "not testable":
+            head = f"Finetuning cannot be judged: {where} {size} {'lower' if r['change_pct'] < 0 else 'higher'} " \
+                   f"than the {base} model's, too few origins for a test"
+        else:
+            head = (f"Finetuning made no detectable difference: {where} {size} "
+                    f"{'lower' if r['change_pct'] < 0 else 'higher'} than the {base} model's "
+                    f"(DM {_p(r['p_value'])}, not significant at {1 - r['ci_level']:.0%})")
+        helped = {"better": 1, "worse": -1}.get(r["verdict"], 0)
+    baselines = rows[rows["other"] != base]
+    if baselines.empty:
+        return head + " no baseline was evaluated." if helped is None else head + "."
+    worse = baselines[baselines["verdict"] == "worse"]
+    if not worse.empty:
+        beats = [f"{other} beats it on " + " and ".join(f"{r.label} ({_p(r.p_value)})" for r in g.itertuples())
+                 for other, g in worse.groupby("other", sort=False)]
+        tail = "; ".join(beats)
+    elif (baselines["verdict"] == "better").all():
+        tail = f"it beats every baseline ({', '.join(dict.fromkeys(baselines['other']))}) on every paired metric"
+    else:
+        k = int((baselines["verdict"] == "better").sum())
+        tail = (f"no baseline beats it significantly (better in {k} of {len(baselines)} baseline "
+                "comparisons, no detectable difference in the rest)")
+    if helped is None:  # no base model: the baselines are the whole story
+        return f"{head} {tail}."
+    # "but" where the baselines' news goes against the news about the base model
+    joiner = ", but " if helped * (1 if worse.empty else -1) < 0 else ", and "
+    return f"{head}{joiner}{tail}."
+
+
+def verdict_lines(comparisons: pd.DataFrame) -> list[str]:
+    """One markdown bullet per comparison: the verdict in bold, the means, skill with CI, DM statistic, test."""
+    lines = []
+    for r in comparisons.itertuples():
+        level = f"{1 - r.ci_level:.0%}"
+        skill = (f"relative skill {r.relative_skill:+.1%} ({r.ci_level:.0%} CI {r.ci_low:+.1%} to {r.ci_high:+.1%}, "
+                 f"moving-block bootstrap, block {r.block})")
+        lines.append(
+            f"- {r.model} vs {r.other}, {r.label}: **{r.verdict}** at {level}. {_fmt(r.model_mean)} vs "
+            f"{_fmt(r.other_mean)} ({r.change_pct:+.1f}%); {skill}; DM {r.dm_stat:.2f}, {_p(r.p_value)} "
+            f"({r.test}; {r.n_origins} origins at {r.n_periods} times)."
+        )
+    return lines
+
+
+def ic_significance(result: EvaluationResult, *, lag: int | None = None) -> pd.DataFrame:
+    """IC / RankIC of every entry with sample paths beside their Newey-West t-statistics
+    (:func:`~kronos_kit.metrics.ic_tstats`). ``lag`` defaults to the larger of :func:`overlap_lag` (horizon
+    returns of overlapping origins share bars) and the Newey-West (1994) rule on the number of origin
+    times, capped at (n - 1) // 2. |t| > 1.96 rejects "no correlation" at 5% (two-sided)."""
+    if lag is None:
+        n_times = len(np.unique(result.origin_time))
+        lag = min(max(overlap_lag(result), M.newey_west_lag(n_times)), max((n_times - 1) // 2, 0))
+    rows = {}
+    for name in result.samples:
+        pred, real = result.horizon_returns(name)
+        t = M.ic_tstats(pred, real, result.symbols, result.origin_time, lag=lag)
+        s = result.scores[name]
+        rows[name] = {"ic": s["ic"], "ic_t": t["ic_t"], "rank_ic": s["rank_ic"], "rank_ic_t": t["rank_ic_t"],
+                      "xs_ic": s["xs_ic"], "xs_ic_t": t["xs_ic_t"], "xs_rank_ic": s["xs_rank_ic"],
+                      "xs_rank_ic_t": t["xs_rank_ic_t"], "lag": lag}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "model"
+    return table
+
+
+# ------------------------------------------------------------------- run-directory decisions
+
+
+class _RunFile:
+    """Plain-JSON save/load of a decision dataclass: a run folder is data, loading it runs no code.
+
+    ``save``/``load`` take the run directory (the file name is the class's ``FILE``) or a ``.json`` path;
+    ``load`` checks every field and names the file and field at fault.
+    """
+
+    FILE: ClassVar[str]
+
+    @classmethod
+    def _path(cls, path: str | Path) -> Path:
+        path = Path(path)
+        return path if path.suffix == ".json" else path / cls.FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def save(self, path: str | Path) -> Path:
+        return save_json(self._path(path), self.to_dict(), allow_nan=False)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = cls._path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; {cls.__name__} is written by the pipeline's "
+                                    "validation step (or call .save on one)")
+        data = load_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = set(data) - set(types)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; expected {sorted(types)}")
+        for f in fields(cls):
+            if f.name not in data:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ValueError(f"{path}: field {f.name!r} is missing; re-create the file")
+                continue
+            expected = _JSON_TYPES[f.type]
+            value = data[f.name]
+            if not isinstance(value, expected) or isinstance(value, bool) and bool not in expected:
+                raise ValueError(f"{path}: field {f.name!r} must be {f.type}, got {type(value).__name__} {value!r}")
+        return cls(**data)
+
+
+# dataclass field annotations (strings under `from __future__ import annotations`) -> JSON types
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "float": (int, float), "int": (int,),
+    "dict[str, Any]": (dict,), "list[dict[str, Any]]": (list,),
+}
+
+TEMPERATURE_GRID: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15, 1.3)
+TOP_P_GRID: tuple[float, ...] = (0.8, 0.9, 1.0)
+
+
+@dataclass
+class SamplingCalibration(_RunFile):
+    """Sampling temperature and top-p fitted on the validation split (:func:`calibrate_sampling`).
+
+    ``before`` / ``after`` hold temperature, top_p, close CRPS and the coverage of the 50/80/95% close
+    intervals at the starting and at the chosen setting; ``grid`` holds the same for every grid point.
+    """
+
+    FILE: ClassVar[str] = CALIBRATION_FILE
+
+    temperature: float
+    top_p: float
+    model: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    grid: list[dict[str, Any]]
+    n_origins: int
+    rule: str
+    metric: str = "close_crps"
+    split: str = "validation"
+
+    def sampling(self) -> dict[str, float]:
+        """Keyword arguments for :func:`evaluate_models` / ``KronosPredictor.as_forecast_fn``."""
+        return {"temperature": self.temperature, "top_p": self.top_p}
+
+
+def calibrate_sampling(
+    forecaster: KronosPredictor | Callable[[float, float], ForecastFn],
+    validation: pd.DataFrame | Splits,
+    *,
+    lookback: int,
+    pred_len: int,
+    stride: int,
+    sample_count: int,
+    max_origins: int | None = None,
+    temperatures: Sequence[float] = TEMPERATURE_GRID,
+    top_ps: Sequence[float] = TOP_P_GRID,
+    current: tuple[float, float] = (1.0, 0.9),
+    top_k: int = 0,
+    seed: int = 0,
+    model: str = "finetuned",
+    batch_size: int = 32,
+    point: str = "median",
+    progress: bool = False,
+) -> SamplingCalibration:
+    """Fit sampling temperature and top-p on the validation split by the mean close CRPS.
+
+    ``forecaster`` is a ``KronosPredictor`` (sampled through ``as_forecast_fn(T, top_k, top_p, seed)``) or
+    any ``(temperature, top_p) -> ForecastFn`` factory. ``validation`` is the validation frame or the
+    :class:`~kronos_kit.data.Splits`, whose ``val`` part is used: never the test split. Each grid point
+    (every ``temperatures`` x ``top_ps`` pair, plus ``current``) runs :func:`walk_forward` on the same
+    origins with the same ``seed`` (common random numbers, so differences come from the setting, not the
+    noise). The lowest mean close CRPS wins; exact ties (rtol 1e-9) go to the setting closest to
+    ``current`` (|dT| + |dp|). Default grid: T in 0.7..1.3 (+-30% around the trained distribution) and
+    top-p in {0.8, 0.9, 1.0}: 15 walk-forwards, so keep ``max_origins`` small.
+    """
+    frame = validation.val if hasattr(validation, "val") else validation
+    if hasattr(forecaster, "as_forecast_fn"):
+        predictor = forecaster
+
+        def make(temperature: float, top_p: float) -> ForecastFn:
+            return predictor.as_forecast_fn(temperature, top_k, top_p, seed)
+    else:
+        make = forecaster
+    settings = list(dict.fromkeys([(float(t), float(p)) for t in temperatures for p in top_ps]))
+    current = (float(current[0]), float(current[1]))
+    grid, n_origins = [], 0
+    for temperature, top_p in list(dict.fromkeys(settings + [current])):
+        result = walk_forward(frame, {model: make(temperature, top_p)}, lookback=lookback, pred_len=pred_len,
+                              stride=stride, sample_count=sample_count, max_origins=max_origins, baselines=(),
+                              seed=seed, progress=progress, batch_size=batch_size, point=point)
+        row = result.table.loc[model]
+        grid.append({"temperature": temperature, "top_p": top_p, "close_crps": float(row["close_crps"]),
+                     **{f"coverage_{round(lvl * 100)}": float(row[f"coverage_{round(lvl * 100)}"])
+                        for lvl in INTERVALS},
+                     "in_grid": (temperature, top_p) in settings})
+        n_origins = result.n_origins
+    candidates = [g for g in grid if g["in_grid"] and np.isfinite(g["close_crps"])]
+    if not candidates:
+        raise ValueError("every grid point gave a non-finite close CRPS; check the forecaster on validation data")
+    best_crps = min(g["close_crps"] for g in candidates)
+    tied = [g for g in candidates if np.isclose(g["close_crps"], best_crps, rtol=1e-9, atol=0)]
+    chosen = min(tied, key=lambda g: abs(g["temperature"] - current[0]) + abs(g["top_p"] - current[1]))
+    before = next(g for g in grid if (g["temperature"], g["top_p"]) == current)
+    keep = ("temperature", "top_p", "close_crps", "coverage_50", "coverage_80", "coverage_95")
+    rule = (f"lowest mean close CRPS of {model!r} over {len(settings)} (temperature, top_p) settings on "
+            f"{n_origins} validation origins (seed {seed}, {sample_count} paths); ties go to the setting "
+            f"closest to the starting one ({current[0]:g}, {current[1]:g})")
+    return SamplingCalibration(temperature=chosen["temperature"], top_p=chosen["top_p"], model=model,
+                               before={k: before[k] for k in keep}, after={k: chosen[k] for k in keep},
+                               grid=grid, n_origins=n_origins, rule=rule)
+
+
+@dataclass
+class Promotion(_RunFile):
+    """Which tokenizer + predictor a run hands on (:func:`decide_promotion`), with the validation evidence."""
+
+    FILE: ClassVar[str] = PROMOTION_FILE
+
+    promoted: str
+    tokenizer: str
+    predictor: str
+    metric: str
+    evidence: dict[str, Any]
+    rule: str
+    reason: str
+    split: str = "validation"
+
+
+def decide_promotion(
+    validation_result: EvaluationResult,
+    *,
+    finetuned_sources: tuple[str, str],
+    base_sources: tuple[str, str],
+    finetuned: str = "finetuned",
+    base: str = "base",
+    metric: str = "close_crps",
+    level: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Promotion:
+    """Promote the finetuned pair only when it beats the base on the validation split; else keep the base.
+
+    Rule: promote ``finetuned`` when (1) its mean validation ``metric`` (``close_crps`` or ``close_ae``,
+    per-origin means as in :meth:`EvaluationResult.origin_loss`) is lower than ``base``'s and (2) the
+    paired Diebold-Mariano test does not find it worse on close MAE at ``level`` (a probabilistic gain
+    bought with a significantly worse point forecast does harm). Otherwise ``base`` is promoted. The
+    ``*_sources`` are (tokenizer, predictor) locations written as given. ``validation_result`` must come
+    from the validation split: the test split only reports.
+    """
+    if metric not in ("close_crps", "close_ae"):
+        raise ValueError(f"metric must be 'close_crps' or 'close_ae', got {metric!r}")
+    for name in (finetuned, base):
+        if name not in validation_result.samples:
+            raise ValueError(f"the validation result has no model {name!r}; evaluated: {validation_result.names}")
+    rows = paired_comparisons(validation_result, finetuned, (base,), level, n_boot=n_boot, seed=seed)
+    main = rows[rows["metric"] == metric].iloc[0]
+    mae = rows[rows["metric"] == "close_ae"].iloc[0]
+    lower = bool(np.isfinite(main["model_mean"]) and np.isfinite(main["other_mean"])
+                 and main["model_mean"] < main["other_mean"])
+    mae_worse = mae["verdict"] == "worse"
+    promote = lower and not mae_worse
+    label = ORIGIN_LOSSES[metric]
+    change = f"{abs(main['change_pct']):.1f}% {'lower' if main['change_pct'] < 0 else 'higher'}"
+    numbers = (f"validation {label} {_fmt(main['model_mean'])} vs {_fmt(main['other_mean'])} ({change}, "
+               f"DM {_p(main['p_value'])}, {int(main['n_origins'])} origins)")
+    if promote:
+        reason = f"Promoted {finetuned}: its {numbers} is lower than {base}'s, and close MAE is not worse."
+    elif lower:
+        reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but its close MAE is significantly worse "
+                  f"({_fmt(mae['model_mean'])} vs {_fmt(mae['other_mean'])}, DM {_p(mae['p_value'])}).")
+    else:
+        reason = f"Promoted {base}: {finetuned} did not beat it on the {numbers}."
+    rule = (f"Promote the finetuned tokenizer + predictor only when its mean validation {label} is lower than "
+            f"the base model's and the paired Diebold-Mariano test (Newey-West variance) does not find its close "
+            f"MAE worse at {level:.0%}; otherwise keep the base pair. Decided on validation only, never on test.")
+    keys = ("model_mean", "other_mean", "change_pct", "relative_skill", "ci_low", "ci_high", "dm_stat", "p_value",
+            "verdict", "test", "n_origins")
+    evidence = {"metric": {k: main[k] for k in keys}, "close_mae": {k: mae[k] for k in keys},
+                "finetuned": finetuned, "base": base}
+    tokenizer, predictor = finetuned_sources if promote else base_sources
+    return Promotion(promoted=finetuned if promote else base, tokenizer=str(tokenizer), predictor=str(predictor),
+                     metric=metric, evidence=_jsonable(evidence), rule=rule, reason=reason)

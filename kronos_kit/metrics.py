@@ -9,12 +9,17 @@ dropped to score one channel, origins always come first and samples second):
 - ``realized``: (N, H, C) what happened;
 - ``history``: (N, L, C) the lookback window of each origin; ``history[:, -1]`` is the last bar.
 
-Definitions are stated in each docstring so the numbers in a report can be checked by hand.
+Definitions are stated in each docstring so the numbers in a report can be checked by hand. The tests
+of differences at the end (Diebold-Mariano, moving-block bootstrap, Newey-West t-statistics) take plain
+per-origin loss series and say how sure a comparison is.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from scipy import stats as _stats
 from scipy.stats import rankdata
 
 from kronos_kit.data.schema import FEATURE_COLUMNS
@@ -261,6 +266,294 @@ def vol_errors(pred: np.ndarray, real: np.ndarray) -> dict[str, float]:
     sst = ((r - r.mean()) ** 2).sum()
     r2 = 1.0 - ((r - p) ** 2).sum() / sst if sst > 0 else float("nan")
     return {"mae": float(np.abs(p - r).mean()), "r2": float(r2), "n": int(len(r))}
+
+
+# ------------------------------------------------------------------------- tests of differences
+#
+# Walk-forward origins overlap when stride < horizon (neighbouring origins share target bars) and
+# forecast losses cluster with volatility, so per-origin losses are autocorrelated. An i.i.d. t-test
+# then understates the variance of a mean and is overconfident; everything below uses a
+# heteroskedasticity-and-autocorrelation-consistent (HAC) variance or resamples whole blocks.
+
+
+def newey_west_lag(n: int) -> int:
+    """Newey-West (1994) rule-of-thumb truncation lag for the Bartlett kernel: floor(4 (n/100)^(2/9)).
+
+    n = 20 -> 2, 60 -> 3, 100 -> 4, 500 -> 5. It grows slowly with n so the variance stays consistent.
+    """
+    return int(np.floor(4.0 * (max(int(n), 0) / 100.0) ** (2.0 / 9.0)))
+
+
+def andrews_lag(x: np.ndarray) -> int:
+    """Data-dependent Bartlett lag from Andrews' (1991, Econometrica 59:817) AR(1) plug-in rule.
+
+    rho = lag-1 autocorrelation of ``x`` (clipped to +-0.97), a = 4 rho^2 / ((1 - rho)^2 (1 + rho)^2),
+    bandwidth S = 1.1447 (a n)^(1/3), lag = floor(S). It grows with the persistence of the series
+    (rho 0 -> 0; rho 0.8 at n = 120 -> about 14), where the fixed :func:`newey_west_lag` rule (4 at
+    n = 120) leaves the variance too small and the test overconfident.
+    """
+    x = _finite_series(x, "x")
+    n = len(x)
+    if n < 3:
+        return 0
+    e = x - x.mean()
+    denom = float(e @ e)
+    if not denom > 0:
+        return 0
+    rho = float(np.clip(float(e[1:] @ e[:-1]) / denom, -0.97, 0.97))
+    alpha = 4 * rho**2 / ((1 - rho) ** 2 * (1 + rho) ** 2)
+    return int(np.floor(1.1447 * (alpha * n) ** (1 / 3)))
+
+
+def _finite_series(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D series (one value per origin), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x))
+        raise ValueError(f"{name} has non-finite values at positions {bad[:5].tolist()}: drop those origins "
+                         "(from both series of a pair) first")
+    return x
+
+
+def newey_west_variance(x: np.ndarray, lag: int | None = None) -> float:
+    """HAC variance of the sample mean of a series: its Newey-West long-run variance divided by n.
+
+    Var(mean x) ~= [g_0 + 2 sum_{k=1..L} (1 - k/(L+1)) g_k] / n,   g_k = (1/n) sum_{t>k} (x_t - m)(x_{t-k} - m)
+
+    with m the sample mean and Bartlett weights 1 - k/(L+1), which keep the estimate >= 0 (Newey & West
+    1987, Econometrica 55:703). ``lag`` L defaults to :func:`newey_west_lag` (Newey & West 1994, Rev.
+    Econ. Stud. 61:631) and is capped at n - 1. L = 0 gives the i.i.d. variance var(x, ddof=0) / n.
+    NaN for fewer than 2 values.
+    """
+    x = _finite_series(x, "x")
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    lag = newey_west_lag(n) if lag is None else int(lag)
+    if lag < 0:
+        raise ValueError(f"lag must be >= 0, got {lag}")
+    lag = min(lag, n - 1)
+    e = x - x.mean()
+    long_run = float(e @ e) / n
+    for k in range(1, lag + 1):
+        long_run += 2.0 * (1.0 - k / (lag + 1.0)) * float(e[k:] @ e[:-k]) / n
+    return long_run / n
+
+
+def newey_west_tstat(series: np.ndarray, lag: int | None = None) -> float:
+    """t-statistic of the mean of ``series`` against 0 with the Newey-West standard error.
+
+    t = mean(x) / sqrt(newey_west_variance(x, lag)); compare with N(0, 1) (|t| > 1.96 ~ 5% two-sided).
+    Used for the IC / RankIC series. NaN for fewer than 2 values or a zero variance (constant series).
+    """
+    x = _finite_series(series, "series")
+    var = newey_west_variance(x, lag)
+    if not var > 0:
+        return float("nan")
+    return float(x.mean() / np.sqrt(var))
+
+
+@dataclass(frozen=True)
+class DMResult:
+    """Outcome of :func:`diebold_mariano`: the statistic, its two-sided p-value and what it was made of.
+
+    ``mean_diff`` is mean(loss_a - loss_b): negative means ``a`` has the lower loss.
+    """
+
+    statistic: float
+    p_value: float
+    mean_diff: float
+    n: int
+    lag: int
+    std_error: float
+    test: str
+
+
+def diebold_mariano(
+    loss_a: np.ndarray, loss_b: np.ndarray, *, lag: int | None = None, hln: bool = True
+) -> DMResult:
+    """Diebold-Mariano test of equal expected loss on paired per-origin losses (H0: E[a - b] = 0).
+
+    d_t = a_t - b_t;  DM = mean(d) / sqrt(V),  V = :func:`newey_west_variance` (d, lag) (HAC, since
+    overlapping origins make d autocorrelated). ``lag`` defaults to :func:`newey_west_lag` (n).
+
+    With ``hln`` (the default) the Harvey, Leybourne & Newbold (1997, Int. J. Forecasting 13:281)
+    small-sample correction is applied with h = lag + 1 (the dependence the lag allows for):
+    DM* = DM sqrt((n + 1 - 2h + h(h - 1)/n) / n), p-value from Student's t with n - 1 degrees of freedom.
+    It is conservative for the 30-100 origins an evaluation typically has. Without it: DM against N(0, 1)
+    (Diebold & Mariano 1995, J. Bus. Econ. Stat. 13:253). Both p-values are two-sided.
+
+    A zero variance (identical or constant-gap losses) gives statistic 0 and p = 1 when mean(d) = 0,
+    +-inf and p = 0 otherwise; fewer than 3 pairs give NaN.
+    """
+    a = _finite_series(loss_a, "loss_a")
+    b = _finite_series(loss_b, "loss_b")
+    if a.shape != b.shape:
+        raise ValueError(f"loss_a and loss_b must pair up origin by origin, got {a.shape} and {b.shape}")
+    d = a - b
+    n = len(d)
+    lag = newey_west_lag(n) if lag is None else int(lag)
+    lag = min(lag, max(n - 1, 0))
+    h = lag + 1
+    name = f"Diebold-Mariano, Newey-West lag {lag}, " + (f"HLN-corrected t({n - 1})" if hln else "normal")
+    if n < 3:
+        return DMResult(float("nan"), float("nan"), float(d.mean()) if n else float("nan"), n, lag, float("nan"), name)
+    mean = float(d.mean())
+    se = float(np.sqrt(newey_west_variance(d, lag)))
+    if not se > 0:
+        stat = 0.0 if mean == 0 else float(np.sign(mean) * np.inf)
+        return DMResult(stat, 1.0 if mean == 0 else 0.0, mean, n, lag, se, name)
+    stat = mean / se
+    if hln:
+        factor = (n + 1 - 2 * h + h * (h - 1) / n) / n
+        if not factor > 0:
+            raise ValueError(f"lag {lag} is too large for {n} origins with the HLN correction; use lag < n/2")
+        stat *= float(np.sqrt(factor))
+        p = 2.0 * float(_stats.t.sf(abs(stat), df=n - 1))
+    else:
+        p = 2.0 * float(_stats.norm.sf(abs(stat)))
+    return DMResult(float(stat), p, mean, n, lag, se, name)
+
+
+def relative_skill(loss_a: np.ndarray, loss_b: np.ndarray) -> float:
+    """Relative skill of ``a`` over ``b``: 1 - mean(a) / mean(b). Positive: ``a`` has the lower mean loss.
+
+    A perfect ``b`` (mean loss 0) gives -inf against any imperfect ``a`` and NaN against a perfect one.
+    """
+    mean_a, mean_b = float(np.mean(loss_a)), float(np.mean(loss_b))
+    if mean_b == 0:
+        return float("-inf") if mean_a > 0 else float("nan")
+    return 1.0 - mean_a / mean_b
+
+
+def moving_block_indices(n: int, block: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Moving-block bootstrap resamples of positions 0..n-1, shape (n_boot, n).
+
+    Each resample glues ceil(n / block) blocks of ``block`` consecutive positions, each starting
+    uniformly at 0..n-block (overlapping blocks, Kunsch 1989, Ann. Stat. 17:1217), cut to length n.
+    """
+    if not 1 <= block <= n:
+        raise ValueError(f"block must be in [1, n={n}], got {block}")
+    n_blocks = -(-n // block)
+    starts = rng.integers(0, n - block + 1, size=(n_boot, n_blocks))
+    return (starts[..., None] + np.arange(block)).reshape(n_boot, -1)[:, :n]
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Percentile confidence interval from :func:`moving_block_bootstrap_ci`."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+    block: int
+    n_boot: int
+
+
+def moving_block_bootstrap_ci(
+    loss_a: np.ndarray,
+    loss_b: np.ndarray,
+    *,
+    block: int | None = None,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> BootstrapCI:
+    """Moving-block bootstrap percentile CI of the relative skill 1 - mean(a) / mean(b).
+
+    The same block positions resample ``a`` and ``b`` (pairing kept); blocks of consecutive origins keep
+    their autocorrelation. ``block`` defaults to round(n^(1/3)) (the order Hall, Horowitz & Jing 1995,
+    Biometrika 82:561, find optimal for distribution estimates; 60 origins -> 4). The interval holds the
+    (1 - level)/2 and (1 + level)/2 quantiles of the n_boot resampled skills (numpy's linear rule; no
+    interpolation when a resample's mean(b) is 0, whose skill is -inf); seeded, so reruns are identical.
+    ``estimate`` is the skill on the original series.
+    """
+    a = _finite_series(loss_a, "loss_a")
+    b = _finite_series(loss_b, "loss_b")
+    if a.shape != b.shape:
+        raise ValueError(f"loss_a and loss_b must pair up origin by origin, got {a.shape} and {b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = len(a)
+    if n == 0:
+        raise ValueError("no origins to resample")
+    block = max(1, int(round(n ** (1 / 3)))) if block is None else int(block)
+    idx = moving_block_indices(n, block, n_boot, np.random.default_rng(seed))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skills = 1.0 - a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    # a resample where b is perfect has skill -inf: no interpolation then, so a bound can be -inf, not NaN
+    method = "linear" if np.isfinite(skills).all() else "inverted_cdf"
+    low, high = np.quantile(skills, [(1 - level) / 2, (1 + level) / 2], method=method)
+    return BootstrapCI(relative_skill(a, b), float(low), float(high), float(level), block, int(n_boot))
+
+
+def ic_tstats(
+    pred_ret: np.ndarray,
+    real_ret: np.ndarray,
+    symbols: np.ndarray,
+    times: np.ndarray,
+    *,
+    lag: int | None = None,
+    min_cross: int = 3,
+) -> dict[str, float]:
+    """Newey-West t-statistics (H0: no correlation) for the IC / RankIC of :func:`information_coefficients`.
+
+    Time series (``ic_t``): within each symbol z-score the predicted (p) and realized (r) returns
+    (population std). The IC is then the slope of the pooled regression r = b p + e,
+    b = sum p r / sum p^2 (exactly the Pearson IC for one symbol; the origin-weighted mean of the
+    per-symbol ICs otherwise). Its HAC standard error comes from the scores s = p e summed over the
+    symbols of each origin time (one value per time, so cross-sectional dependence stays inside it):
+    se(b) = T sqrt(newey_west_variance(S, lag)) / sum p^2 over T times; ``ic_t`` = b / se(b)
+    (with lag 0 and one symbol, about the classic r sqrt(n) / sqrt(1 - r^2)). ``rank_ic_t``: the same
+    on within-symbol average ranks. Cross-sectional (``xs_ic_t``, ``xs_rank_ic_t``):
+    :func:`newey_west_tstat` of the per-date IC / RankIC series (dates with >= ``min_cross`` symbols).
+    Symbols with constant predictions (persistence) have no IC and are left out; NaN when none is left.
+    """
+    pred_ret = np.asarray(pred_ret, dtype=np.float64)
+    real_ret = np.asarray(real_ret, dtype=np.float64)
+    symbols, times = np.asarray(symbols), np.asarray(times)
+    out: dict[str, float] = {}
+    for key, transform in (("ic_t", lambda v: v), ("rank_ic_t", rankdata)):
+        zp = np.full(len(pred_ret), np.nan)
+        zr = np.full(len(pred_ret), np.nan)
+        for sym in np.unique(symbols):
+            m = (symbols == sym) & np.isfinite(pred_ret) & np.isfinite(real_ret)
+            if m.sum() < 2:
+                continue
+            p, r = transform(pred_ret[m]), transform(real_ret[m])
+            if p.std() > 0 and r.std() > 0:
+                zp[m], zr[m] = (p - p.mean()) / p.std(), (r - r.mean()) / r.std()
+        out[key] = _hac_slope_t(zp, zr, times, lag)
+    for key, corr in (("xs_ic_t", pearson), ("xs_rank_ic_t", spearman)):
+        per_date = []
+        for t in np.unique(times):
+            m = times == t
+            if m.sum() >= min_cross:
+                per_date.append(corr(pred_ret[m], real_ret[m]))
+        series = np.asarray(per_date, dtype=np.float64)
+        series = series[np.isfinite(series)]
+        out[key] = newey_west_tstat(series, lag) if len(series) >= 2 else float("nan")
+    return out
+
+
+def _hac_slope_t(zp: np.ndarray, zr: np.ndarray, times: np.ndarray, lag: int | None) -> float:
+    # slope of zr on zp through the origin, HAC t over time (see ic_tstats)
+    ok = np.isfinite(zp) & np.isfinite(zr)
+    if ok.sum() < 3:
+        return float("nan")
+    zp, zr = zp[ok], zr[ok]
+    sxx = float(zp @ zp)
+    slope = float(zp @ zr) / sxx
+    _, inverse = np.unique(times[ok], return_inverse=True)
+    scores = np.bincount(inverse, weights=zp * (zr - slope * zp))
+    if len(scores) < 2:
+        return float("nan")
+    var = newey_west_variance(scores, lag)
+    if not var > 0:
+        return float("nan") if slope == 0 else float(np.sign(slope) * np.inf)
+    return slope / (len(scores) * np.sqrt(var) / sxx)
 
 
 # ------------------------------------------------------------------------------------ helpers

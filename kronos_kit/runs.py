@@ -7,6 +7,7 @@
   state/<phase>.pt           training state for exact resume (keys: the *_KEY names below)
   metrics.jsonl              training log, one JSON line per logged step / evaluation, append-only
   codebook_before.json codebook_after.json reconstruction_gate.json token_metrics.json
+  calibration.json promoted.json   sampling fitted and the pair promoted, both on validation
   metrics.json metrics_table.csv report.md   figures/*.png
 ```
 
@@ -42,6 +43,8 @@ TOKEN_METRICS = "token_metrics.json"
 METRICS_JSON = "metrics.json"
 METRICS_TABLE = "metrics_table.csv"
 REPORT = "report.md"
+CALIBRATION_FILE = "calibration.json"  # sampling temperature / top-p fitted on validation
+PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
 CHECKPOINT_KINDS = ("best", "last")
 
 # keys of the training state (`state/<phase>.pt`), in the order they are saved
@@ -102,6 +105,8 @@ class RunDir:
     metrics_json = property(lambda self: self.path / METRICS_JSON)
     metrics_table = property(lambda self: self.path / METRICS_TABLE)
     report = property(lambda self: self.path / REPORT)
+    calibration = property(lambda self: self.path / CALIBRATION_FILE)
+    promoted = property(lambda self: self.path / PROMOTION_FILE)
 
 
 # ---------------------------------------------------------------------------------------------
