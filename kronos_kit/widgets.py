@@ -9,7 +9,6 @@ a running kernel - which is also what lets the tests construct them.
 from __future__ import annotations
 
 import html
-import io
 import time
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -22,6 +21,7 @@ from IPython.display import Image
 from matplotlib.figure import Figure
 
 from kronos_kit.codebook import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
+from kronos_kit.plots.figure import figure_png, new_figure
 
 if TYPE_CHECKING:
     import torch
@@ -34,22 +34,34 @@ __all__ = ["LiveCurve", "window_browser", "code_inspector", "codes_table_html", 
 
 def _show(out: widgets.Output, fig: Figure, *, dpi: int = 80) -> None:
     """Replace the contents of ``out`` with ``fig`` as a PNG."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
     out.outputs = ()
-    out.append_display_data(Image(data=buf.getvalue(), format="png"))
+    out.append_display_data(Image(data=figure_png(fig, dpi=dpi), format="png"))
 
 
 class LiveCurve:
     """A loss curve that redraws while a phase trains: pass it as `on_step=` to `train_tokenizer` /
-    `train_predictor` and display `.widget` above the training call.
+    `train_predictor` and display it (or `.widget`) above the training call.
 
     It receives (step, {"loss": ..., <loss parts>}) after every optimizer step and redraws every
-    `every` steps; under papermill nothing renders live, and the static curves cell shows the result.
+    `every` steps (`draw()` redraws now). Keys in `separate` (default: the negative BSQ term) get a
+    panel of their own; `reference` draws `{label: level}` as dashed horizontal lines, e.g.
+    `{"base model val_loss": 2.31}`, and may be set or changed at any time. Under papermill nothing
+    renders live (no widget front end), and the static curves cell shows the result.
     """
 
-    def __init__(self, keys: Sequence[str] = ("loss",), *, every: int = 10, title: str = "training loss"):
-        self.keys, self.every, self.title = tuple(keys), max(1, every), title
+    def __init__(
+        self,
+        keys: Sequence[str] = ("loss",),
+        *,
+        every: int = 10,
+        title: str = "training loss",
+        ylabel: str = "loss",
+        reference: Mapping[str, float] | None = None,
+        separate: Sequence[str] | None = None,
+    ):
+        self.keys, self.every, self.title, self.ylabel = tuple(keys), max(1, every), title, ylabel
+        self.reference: dict[str, float] = dict(reference or {})
+        self.separate = separate
         self.steps: list[int] = []
         self.values: dict[str, list[float]] = {k: [] for k in self.keys}
         self.widget = widgets.Output()
@@ -59,19 +71,18 @@ class LiveCurve:
         for k in self.keys:
             self.values[k].append(float(parts.get(k, np.nan)))
         if step % self.every == 0:
-            _show(self.widget, self.figure())
+            self.draw()
+
+    def draw(self) -> None:
+        """Redraw the widget from the steps received so far."""
+        _show(self.widget, self.figure())
 
     def figure(self) -> Figure:
-        fig = Figure(figsize=(7, 3), layout="constrained")
-        ax = fig.subplots()
-        for k in self.keys:
-            ax.plot(self.steps, self.values[k], label=k)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(self.title)
-        ax.grid(alpha=0.3)
-        if self.steps:
-            ax.legend(fontsize=8)
-        return fig
+        from kronos_kit.plots.training import plot_loss_curves
+
+        series = {k: (self.steps, self.values[k]) for k in self.keys}
+        return plot_loss_curves(series, separate=self.separate, reference=self.reference, title=self.title,
+                                ylabel=self.ylabel)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -361,7 +372,7 @@ def forecast_explorer(
             for name in chosen
         }
         elapsed = time.perf_counter() - t0
-        fig = Figure(figsize=(min(16.0, 6.0 * len(chosen)) if len(chosen) > 1 else 10.0, 4.5), layout="constrained")
+        fig = new_figure((min(16.0, 6.0 * len(chosen)) if len(chosen) > 1 else 10.0, 4.5))
         axes = fig.subplots(1, len(chosen), sharey=True, squeeze=False)[0]
         when = f"{history['timestamps'].iloc[-1]:%Y-%m-%d %H:%M}"
         scores = []
