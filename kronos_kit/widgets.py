@@ -9,7 +9,6 @@ a running kernel - which is also what lets the tests construct them.
 from __future__ import annotations
 
 import html
-import io
 import time
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 
 from kronos_kit.config import DEFAULT_MAX_CONTEXT
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
+from kronos_kit.plots.figure import figure_png, new_figure
 from kronos_kit.reconstruction import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
 
 if TYPE_CHECKING:
@@ -36,22 +36,34 @@ __all__ = ["LiveCurve", "window_browser", "code_inspector", "codes_table_html", 
 
 def _show(out: widgets.Output, fig: Figure, *, dpi: int = 80) -> None:
     """Replace the contents of ``out`` with ``fig`` as a PNG."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
     out.outputs = ()
-    out.append_display_data(Image(data=buf.getvalue(), format="png"))
+    out.append_display_data(Image(data=figure_png(fig, dpi=dpi), format="png"))
 
 
 class LiveCurve:
     """A loss curve that redraws while a phase trains: pass it as `on_step=` to `train_tokenizer` /
-    `train_predictor` and display `.widget` above the training call.
+    `train_predictor` and display it (or `.widget`) above the training call.
 
     It receives (step, {"loss": ..., <loss parts>}) after every optimizer step and redraws every
-    `every` steps; under papermill nothing renders live, and the static curves cell shows the result.
+    `every` steps (`draw()` redraws now). Keys in `separate` (default: the negative BSQ term) get a
+    panel of their own; `reference` draws `{label: level}` as dashed horizontal lines, e.g.
+    `{"base model val_loss": 2.31}`, and may be set or changed at any time. Under papermill nothing
+    renders live (no widget front end), and the static curves cell shows the result.
     """
 
-    def __init__(self, keys: Sequence[str] = ("loss",), *, every: int = 10, title: str = "training loss"):
-        self.keys, self.every, self.title = tuple(keys), max(1, every), title
+    def __init__(
+        self,
+        keys: Sequence[str] = ("loss",),
+        *,
+        every: int = 10,
+        title: str = "training loss",
+        ylabel: str = "loss",
+        reference: Mapping[str, float] | None = None,
+        separate: Sequence[str] | None = None,
+    ):
+        self.keys, self.every, self.title, self.ylabel = tuple(keys), max(1, every), title, ylabel
+        self.reference: dict[str, float] = dict(reference or {})
+        self.separate = separate
         self.steps: list[int] = []
         self.values: dict[str, list[float]] = {k: [] for k in self.keys}
         self.widget = widgets.Output()
@@ -61,19 +73,18 @@ class LiveCurve:
         for k in self.keys:
             self.values[k].append(float(parts.get(k, np.nan)))
         if step % self.every == 0:
-            _show(self.widget, self.figure())
+            self.draw()
+
+    def draw(self) -> None:
+        """Redraw the widget from the steps received so far."""
+        _show(self.widget, self.figure())
 
     def figure(self) -> Figure:
-        fig = Figure(figsize=(7, 3), layout="constrained")
-        ax = fig.subplots()
-        for k in self.keys:
-            ax.plot(self.steps, self.values[k], label=k)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(self.title)
-        ax.grid(alpha=0.3)
-        if self.steps:
-            ax.legend(fontsize=8)
-        return fig
+        from kronos_kit.plots.training import plot_loss_curves
+
+        series = {k: (self.steps, self.values[k]) for k in self.keys}
+        return plot_loss_curves(series, separate=self.separate, reference=self.reference, title=self.title,
+                                ylabel=self.ylabel)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -239,20 +250,6 @@ def _symbol_frames(frame: pd.DataFrame, lookback: int) -> dict[str, pd.DataFrame
     return out
 
 
-def _future_stamps(bars: pd.DataFrame, origin: int, pred_len: int) -> pd.Series:
-    """The ``pred_len`` bar times after row ``origin``: the frame's own while it lasts, then the last
-    one plus multiples of the symbol's most frequent bar interval (session breaks are not known there)."""
-    times = bars["timestamps"]
-    known = times.iloc[origin + 1 : origin + 1 + pred_len]
-    extra = pred_len - len(known)
-    if extra == 0:
-        return known.reset_index(drop=True)
-    diffs = times.diff().dropna()
-    step = diffs.mode().iloc[0] if len(diffs) else pd.Timedelta(1, "D")
-    tail = pd.Series([times.iloc[-1] + step * k for k in range(1, extra + 1)])
-    return pd.concat([known, tail], ignore_index=True)
-
-
 def _explorer_predictors(predictors: Mapping[str, Any], max_context: int | None, device: Any) -> dict[str, Any]:
     from kronos_kit.forecast import KronosPredictor
 
@@ -303,6 +300,7 @@ def forecast_explorer(
     fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
     """
     from kronos_kit import metrics as M
+    from kronos_kit.forecast import future_timestamps
     from kronos_kit.plots.forecast import plot_forecast
 
     if lookback < 2 or pred_len < 1:
@@ -352,7 +350,10 @@ def forecast_explorer(
         part, o = bars[symbol.value], int(origin.value)
         history = part.iloc[o - lookback + 1 : o + 1].reset_index(drop=True)
         realized = part.iloc[o + 1 : o + 1 + pred_len].reset_index(drop=True)
-        future = _future_stamps(part, o, pred_len)
+        # the frame's own bar times while they last, then continued past its end by future_timestamps
+        beyond = pred_len - len(realized)
+        future = pd.Series([*realized["timestamps"],
+                            *(future_timestamps(part["timestamps"], beyond) if beyond else [])])
         chosen = names if which.value == _ALL_MODELS else [which.value]
         feats = [c for c in FEATURE_COLUMNS if c in history.columns]
         t0 = time.perf_counter()
@@ -363,7 +364,7 @@ def forecast_explorer(
             for name in chosen
         }
         elapsed = time.perf_counter() - t0
-        fig = Figure(figsize=(min(16.0, 6.0 * len(chosen)) if len(chosen) > 1 else 10.0, 4.5), layout="constrained")
+        fig = new_figure((min(16.0, 6.0 * len(chosen)) if len(chosen) > 1 else 10.0, 4.5))
         axes = fig.subplots(1, len(chosen), sharey=True, squeeze=False)[0]
         when = f"{history['timestamps'].iloc[-1]:%Y-%m-%d %H:%M}"
         scores = []

@@ -544,7 +544,8 @@ def test_plots_render():
     rep_a = reconstruction_report(StandInTokenizer(s1_offset=[0.3] * 6), windows, progress=False)
     rep_b = reconstruction_report(NonlinearStandIn(), windows, progress=False)
     fig = plots.plot_channel_errors({"before": rep_a, "after": rep_b}, metric="price_mae")
-    assert len(fig.axes) == 2 and len(fig.axes[0].patches) == 2 * 6
+    # price space: a row per decoder, OHLC, volume and amount each on their own axes
+    assert len(fig.axes) == 6 and [len(ax.patches) for ax in fig.axes[:3]] == [2 * 4, 2, 2]
     render(fig)
 
     rec = reconstruct_window(NonlinearStandIn(), windows[0])

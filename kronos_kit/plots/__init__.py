@@ -1,10 +1,10 @@
-"""Every matplotlib figure of the kit; each function returns a Figure and never calls plt.show()."""
+"""Every matplotlib figure of the kit; each function returns a Figure and never calls plt.show().
+
+The figures are built without pyplot and display themselves inline in a notebook: end a cell with
+the figure, or with ``save_figure(fig, path)``, which writes the PNG and returns the figure.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
-
-from matplotlib.figure import Figure
 
 from kronos_kit.plots.candles import draw_candles, plot_candles
 from kronos_kit.plots.codebook import (
@@ -16,26 +16,24 @@ from kronos_kit.plots.codebook import (
     plot_reconstruction,
     plot_window_reconstruction,
 )
+from kronos_kit.plots.figure import KitFigure, figure_png, new_figure, save_figure
 from kronos_kit.plots.forecast import (
     plot_coverage,
     plot_error_by_horizon,
     plot_fan_chart,
+    plot_fan_comparison,
     plot_forecast,
     plot_pit_histogram,
     plot_return_scatter,
 )
-from kronos_kit.plots.training import plot_training_curves
-from kronos_kit.runs import atomic_write
-
-
-def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Figure:
-    """Write a figure as PNG (folders created) and return it, so a notebook cell still shows it."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
-    return fig
-
+from kronos_kit.plots.training import plot_loss_curves, plot_training_curves
 
 __all__ = [
+    "KitFigure",
+    "figure_png",
+    "new_figure",
     "save_figure",
+    "plot_loss_curves",
     "plot_training_curves",
     "draw_candles",
     "plot_bit_balance",
@@ -46,6 +44,7 @@ __all__ = [
     "plot_coverage",
     "plot_error_by_horizon",
     "plot_fan_chart",
+    "plot_fan_comparison",
     "plot_forecast",
     "plot_pit_histogram",
     "plot_rank_frequency",

@@ -2,7 +2,7 @@
 
 `draw_candles` draws onto any Axes and is shared by other figures (e.g. reconstruction overlays);
 `plot_candles` makes the standard price-and-volume figure of one symbol. Figures are built
-without pyplot, so they work headless (Agg) and leave no global state behind.
+without pyplot (headless, no global state) and display inline (see `kronos_kit.plots.figure`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from matplotlib.collections import LineCollection
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
+from kronos_kit.data.schema import PRICE_COLUMNS
+from kronos_kit.plots.figure import bar_time_axis, new_figure
+
 UP_COLOR = "#26a69a"  # close >= open
 DOWN_COLOR = "#ef5350"  # close < open
-_OHLC = ("open", "high", "low", "close")
 
 
 class CandleArtists(NamedTuple):
@@ -30,10 +32,10 @@ def _ohlc_array(ohlc: pd.DataFrame | np.ndarray) -> np.ndarray:
     """(N, 4) float array in order open, high, low, close, from a DataFrame (any column case) or array."""
     if isinstance(ohlc, pd.DataFrame):
         lower = {str(c).lower(): c for c in ohlc.columns}
-        missing = [c for c in _OHLC if c not in lower]
+        missing = [c for c in PRICE_COLUMNS if c not in lower]
         if missing:
             raise ValueError(f"draw_candles: DataFrame lacks {missing}; columns found: {list(ohlc.columns)}.")
-        return ohlc[[lower[c] for c in _OHLC]].to_numpy(np.float64)
+        return ohlc[[lower[c] for c in PRICE_COLUMNS]].to_numpy(np.float64)
     arr = np.asarray(ohlc, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise ValueError(f"draw_candles: expected an (N, 4) open/high/low/close array, got shape {arr.shape}.")
@@ -123,7 +125,7 @@ def plot_candles(
     if max_bars is not None and total > max_bars:
         part, times = part.iloc[-max_bars:], times[-max_bars:]
 
-    fig = Figure(figsize=(11, 5.5 if volume else 4.5), layout="constrained")
+    fig = new_figure((11, 5.5 if volume else 4.5))
     if volume:
         price_ax, vol_ax = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     else:
@@ -137,12 +139,10 @@ def plot_candles(
         vol_ax.bar(xs, part["volume"].to_numpy(), width=0.6, color=np.where(up, UP_COLOR, DOWN_COLOR))
         vol_ax.set_ylabel("volume")
         vol_ax.grid(alpha=0.25)
-    ticks = np.unique(np.linspace(0, len(part) - 1, num=min(8, len(part))).round().astype(int))
-    intraday = len(times) > 1 and (times.normalize() != times).any()
-    fmt = "%Y-%m-%d %H:%M" if intraday else "%Y-%m-%d"
     bottom_ax = vol_ax if vol_ax is not None else price_ax
-    bottom_ax.set_xticks(ticks, [times[i].strftime(fmt) for i in ticks], rotation=30, ha="right")
+    bar_time_axis(bottom_ax, times)
     bottom_ax.set_xlim(-1, len(part))
+    fmt = "%Y-%m-%d %H:%M" if (times != times.normalize()).any() else "%Y-%m-%d"
     shown = f"last {len(part)} of {total} bars" if len(part) < total else f"{total} bars"
     title = f"{symbol} " if symbol else ""
     price_ax.set_title(f"{title}{times[0].strftime(fmt)} .. {times[-1].strftime(fmt)}, {shown}")

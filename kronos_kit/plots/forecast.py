@@ -2,8 +2,8 @@
 
 Each function takes an :class:`kronos_kit.evaluate.EvaluationResult` (``plot_forecast``: a
 :class:`kronos_kit.forecast.Forecast` and its history) and returns a
-:class:`matplotlib.figure.Figure` built without pyplot (headless-safe, never shown twice in a
-notebook); pass ``ax=`` to draw into your own axes instead.
+:class:`matplotlib.figure.Figure` built without pyplot that displays inline in a notebook (see
+:mod:`kronos_kit.plots.figure`); pass ``ax=`` to draw into your own axes instead.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.patches import Patch
 
 from kronos_kit import metrics as M
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.metrics import CLOSE
 from kronos_kit.plots.candles import draw_candles
+from kronos_kit.plots.figure import bar_time_axis, figure_and_axes, legend_outside, new_figure
 
 if TYPE_CHECKING:
     from kronos_kit.evaluate import EvaluationResult
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "plot_fan_chart",
+    "plot_fan_comparison",
     "plot_forecast",
     "plot_error_by_horizon",
     "plot_coverage",
@@ -37,13 +39,14 @@ __all__ = [
 
 _REALIZED_COLOR = "black"
 _FAN_COLOR = "tab:blue"
+_HISTORY_SWATCH = {"facecolor": "0.7", "edgecolor": "0.35"}  # neutral: candles are both green and red
+MIN_PIT_PATHS = 20  # below this many sample paths a PIT histogram is too coarse to judge calibration
 
 
-def _fig_ax(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    if ax is not None:
-        return ax.figure, ax
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
+def _stamp(t: object) -> str:
+    """A bar time as text, without a time of day for a bar at midnight (daily data)."""
+    t = pd.Timestamp(t)
+    return f"{t:%Y-%m-%d}" if t == t.normalize() else f"{t:%Y-%m-%d %H:%M}"
 
 
 def _path_models(result: EvaluationResult, models: Sequence[str] | None, min_samples: int = 1) -> list[str]:
@@ -71,22 +74,26 @@ def _draw_fan(
     levels: Sequence[float] = (0.5, 0.9),
     label: str = "forecast",
     color: str = _FAN_COLOR,
-) -> None:
-    """The fan chart body shared by :func:`plot_fan_chart` and :func:`plot_forecast`.
+    legend: bool = True,
+) -> list:
+    """The fan chart body shared by :func:`plot_fan_chart`, :func:`plot_fan_comparison` and :func:`plot_forecast`.
 
     ``history`` (L, 6) bars in FEATURE_COLUMNS order, drawn at x = 1 - L .. 0 as candles for a price channel
     (a line otherwise); ``paths`` (S, H) sample paths of channel ``channel`` at x = 1 .. H, summarised
     as the median and one central band per level (from 2 paths up); ``realized`` (<= H,) the realized
     values of the channel (None or empty: nothing drawn). Median, bands and the realized path start at
-    the last observed value so they visibly continue the history.
+    the last observed value so they visibly continue the history. Returns the legend handles (the
+    candles as one neutral swatch), drawn as the axes' legend when ``legend``.
     """
     name = FEATURE_COLUMNS[channel]
     xs_hist = np.arange(1 - len(history), 1)
+    handles: list = []
     if channel < 4:
         ohlc = pd.DataFrame(history[:, :4], columns=list(PRICE_COLUMNS))
-        draw_candles(ax, ohlc, x=xs_hist, label="history")
+        draw_candles(ax, ohlc, x=xs_hist)
+        handles.append(Patch(**_HISTORY_SWATCH, label="history"))
     else:
-        ax.plot(xs_hist, history[:, channel], color="grey", lw=1.2, label=f"history {name}")
+        handles += ax.plot(xs_hist, history[:, channel], color="grey", lw=1.2, label=f"history {name}")
     last = history[-1, channel]
     steps = np.arange(1, paths.shape[1] + 1)
     xs = np.r_[0, steps]
@@ -95,17 +102,53 @@ def _draw_fan(
         alphas = np.linspace(0.18, 0.35, len(bands)) if len(bands) > 1 else [0.25]
         for (level, lo, hi), alpha in zip(bands, alphas):
             q_lo, q_hi = np.quantile(paths, (lo, hi), axis=0)
-            ax.fill_between(xs, np.r_[last, q_lo], np.r_[last, q_hi], color=color, alpha=alpha,
-                            label=f"{level:.0%} band")
-    ax.plot(xs, np.r_[last, np.median(paths, axis=0)], color=color, lw=2, label=f"{label} median")
+            handles.append(ax.fill_between(xs, np.r_[last, q_lo], np.r_[last, q_hi], color=color, alpha=alpha,
+                                           label=f"{level:.0%} band"))
+    handles += ax.plot(xs, np.r_[last, np.median(paths, axis=0)], color=color, lw=2,
+                       label=f"{label} median" if label else "median")
     if realized is not None and len(realized):
         real = np.asarray(realized, dtype=np.float64)[: paths.shape[1]]
-        ax.plot(xs[: len(real) + 1], np.r_[last, real], color=_REALIZED_COLOR, lw=1.5, ls="--", marker=".",
-                label=f"realized {name}")
+        handles += ax.plot(xs[: len(real) + 1], np.r_[last, real], color=_REALIZED_COLOR, lw=1.5, ls="--",
+                           marker=".", label=f"realized {name}")
     ax.axvline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("bars from origin")
     ax.set_ylabel("price" if channel < 4 else name)
-    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.25)
+    if legend:
+        ax.legend(handles=handles, loc="best", fontsize="small", framealpha=0.85)
+    return handles
+
+
+def _bar_times(result: EvaluationResult, origin: int, frame: pd.DataFrame, n_history: int) -> pd.DatetimeIndex:
+    """Times of the last ``n_history`` history bars and the horizon bars of ``origin``, from the evaluated frame."""
+    symbol, pos = result.symbols[origin], int(result.origin_pos[origin])
+    part = frame[frame["symbol"] == symbol] if "symbol" in frame.columns else frame
+    times = pd.DatetimeIndex(pd.to_datetime(part["timestamps"]).sort_values(kind="stable"))
+    horizon = result.realized.shape[1]
+    if pos + horizon >= len(times) or pd.Timestamp(times[pos]) != pd.Timestamp(result.origin_time[origin]):
+        raise ValueError(f"frame does not hold origin {origin} ({symbol} @ {_stamp(result.origin_time[origin])}) "
+                         "at its evaluated position: pass the frame the evaluation ran on (e.g. data.splits.test).")
+    return times[pos + 1 - n_history : pos + 1 + horizon]
+
+
+def _origin_fan(ax: Axes, result: EvaluationResult, origin: int, model: str, *, history_bars: int | None,
+                frame: pd.DataFrame | None, legend: bool = True, label: str | None = None) -> list:
+    """Draw one model's fan at one origin (x in bars from the origin, dates on the ticks with ``frame``)."""
+    if model not in result.samples:
+        raise ValueError(f"no sample paths for {model!r}; models with paths: {list(result.samples)}")
+    if not 0 <= origin < result.n_origins:
+        raise ValueError(f"origin {origin} out of range: the evaluation has {result.n_origins} origins")
+    hist = result.history[origin]
+    if history_bars is not None:
+        hist = hist[-history_bars:]
+    paths = result.samples[model][origin, :, :, CLOSE]
+    handles = _draw_fan(ax, hist, paths, realized=result.realized[origin, :, CLOSE],
+                        label=model if label is None else label, legend=legend)
+    if frame is not None:
+        bar_time_axis(ax, _bar_times(result, origin, frame, len(hist)), first=1 - len(hist))
+    else:
+        ax.set_xlabel(f"bars from origin (0 = {_stamp(result.origin_time[origin])})")
+    return handles
 
 
 def plot_fan_chart(
@@ -114,21 +157,56 @@ def plot_fan_chart(
     model: str,
     *,
     history_bars: int | None = 60,
+    frame: pd.DataFrame | None = None,
     ax: Axes | None = None,
 ) -> Figure:
     """One origin: history candles, the model's median close with 50% and 90% bands, the realized close.
 
-    x is in bars relative to the origin (0 = last history bar). ``history_bars`` trims the candles
-    shown (None = the whole lookback).
+    x is in bars relative to the origin (0 = last history bar); ``frame``, the frame the evaluation
+    ran on (e.g. ``data.splits.test``), puts the bars' dates on the ticks. ``history_bars`` trims the
+    candles shown (None = the whole lookback). The title names the symbol and the origin's time.
     """
-    fig, ax = _fig_ax(ax, (10, 4.5))
-    hist = result.history[origin]
-    if history_bars is not None:
-        hist = hist[-history_bars:]
-    paths = result.samples[model][origin, :, :, CLOSE]
-    _draw_fan(ax, hist, paths, realized=result.realized[origin, :, CLOSE], label=model)
-    when = pd.Timestamp(result.origin_time[origin])
-    ax.set_title(f"{result.symbols[origin]} @ {when:%Y-%m-%d %H:%M}: {model}, {paths.shape[0]} paths")
+    fig, ax = figure_and_axes(ax, (10, 4.5))
+    _origin_fan(ax, result, origin, model, history_bars=history_bars, frame=frame)
+    n_paths = result.samples[model].shape[1]
+    ax.set_title(f"{result.symbols[origin]} @ {_stamp(result.origin_time[origin])}: {model}, {n_paths} paths")
+    return fig
+
+
+def plot_fan_comparison(
+    result: EvaluationResult,
+    origin: int,
+    models: Sequence[str] = ("base", "finetuned"),
+    *,
+    history_bars: int | None = 30,
+    frame: pd.DataFrame | None = None,
+) -> Figure:
+    """The fan charts of several models at one origin side by side, on one price axis.
+
+    Each panel is :func:`plot_fan_chart`'s body; its title gives the model's close CRPS and median MAE
+    at this origin, and one legend below serves all panels. ``frame`` (the evaluated frame) puts dates
+    on the x axis.
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("plot_fan_comparison: name at least one model")
+    fig = new_figure((min(16.0, 1.0 + 5.5 * len(models)), 4.8))
+    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+    handles: list = []
+    for ax, model in zip(axes, models):
+        handles = _origin_fan(ax, result, origin, model, history_bars=history_bars, frame=frame, legend=False,
+                              label="")
+        real = result.realized[origin, :, CLOSE]
+        paths = result.samples[model][origin, :, :, CLOSE]  # (S, H)
+        crps = float(M.crps(paths, real, axis=0).mean())
+        mae = float(np.abs(np.median(paths, axis=0) - real).mean())
+        ax.set_title(f"{model}: CRPS {crps:.4g}, median MAE {mae:.4g}", fontsize="medium")
+    for ax in axes[1:]:
+        ax.set_ylabel("")
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small", frameon=False)
+    shape = result.samples[models[0]].shape
+    fig.suptitle(f"{result.symbols[origin]} @ {_stamp(result.origin_time[origin])}: close, "
+                 f"{shape[1]} paths x {shape[2]} steps, realized dashed")
     return fig
 
 
@@ -186,24 +264,13 @@ def plot_forecast(
             raise ValueError(f"realized lacks column {channel!r}; columns are {list(realized.columns)}")
         real = realized[channel].to_numpy(np.float64)
 
-    fig, ax = _fig_ax(ax, (10, 4.5))
+    fig, ax = figure_and_axes(ax, (10, 4.5))
     _draw_fan(ax, values, paths, channel=c, realized=real, levels=levels, label=label)
     past, future = _times(hist), forecast.timestamps[series]
     if past is not None:  # x ticks read as times; bars stay evenly spaced across session breaks
-        stamps = list(past) + list(future)
-        first = 1 - len(hist)
-        fmt = "%Y-%m-%d %H:%M" if any(t != t.normalize() for t in stamps) else "%Y-%m-%d"
-
-        def tick(x: float, _pos: int) -> str:
-            i = int(round(x)) - first
-            return stamps[i].strftime(fmt) if abs(x - round(x)) < 1e-6 and 0 <= i < len(stamps) else ""
-
-        ax.xaxis.set_major_formatter(FuncFormatter(tick))
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
-        ax.tick_params(axis="x", labelrotation=20)
-        ax.set_xlabel("bar time (evenly spaced bars)")
+        bar_time_axis(ax, list(past) + list(future), first=1 - len(hist))
     if title is None:
-        start = f" from {pd.Timestamp(future[0]):%Y-%m-%d %H:%M}" if len(future) else ""
+        start = f" from {_stamp(future[0])}" if len(future) else ""
         shown = "no realized path" if real is None else f"{len(real)} realized"
         title = f"{label}: {paths.shape[0]} paths x {paths.shape[1]} steps{start} ({shown})"
     ax.set_title(title)
@@ -219,7 +286,7 @@ def plot_error_by_horizon(
     ax: Axes | None = None,
 ) -> Figure:
     """Point error (default MAE of the close) per horizon step, one line per model and path baseline."""
-    fig, ax = _fig_ax(ax, (7, 4))
+    fig, ax = figure_and_axes(ax, (7, 4))
     for name in _path_models(result, models):
         values = np.asarray(result.scores[name]["by_step"][metric][channel], dtype=np.float64)
         style = "-" if result.kinds[name] == "model" else "--"
@@ -228,7 +295,7 @@ def plot_error_by_horizon(
     ax.set_ylabel(f"{channel} {metric.upper()}")
     ax.set_title(f"{channel} {metric.upper()} by horizon step ({result.n_origins} origins)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(loc="best", fontsize="small", framealpha=0.85)
     return fig
 
 
@@ -244,7 +311,7 @@ def plot_coverage(
 
     Only forecasts with at least 2 sample paths have intervals; point baselines are left out.
     """
-    fig, ax = _fig_ax(ax, (5, 5))
+    fig, ax = figure_and_axes(ax, (5, 5))
     c = FEATURE_COLUMNS.index(channel)
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="nominal")
     for name in _path_models(result, models, min_samples=2):
@@ -262,43 +329,72 @@ def plot_coverage(
 
 
 def plot_return_scatter(result: EvaluationResult, model: str, *, ax: Axes | None = None) -> Figure:
-    """Predicted vs realized horizon return of the close, least-squares line, IC and RankIC in the title."""
-    fig, ax = _fig_ax(ax, (5.5, 5))
+    """Predicted vs realized horizon return of the close: the points, y = x (a perfect forecast) dashed,
+    the least-squares line, IC and RankIC in the title.
+
+    The axes keep their own ranges (predicted returns are usually far narrower than realized ones), so
+    a fit much flatter than y = x means the direction may be right but the size is shrunk.
+    """
+    fig, ax = figure_and_axes(ax, (5.5, 5))
     pred, real = result.horizon_returns(model)
-    ax.scatter(pred, real, s=12, alpha=0.6)
+    ax.scatter(pred, real, s=12, alpha=0.6, label="origins")
     ok = np.isfinite(pred) & np.isfinite(real)
+    ax.axline((0.0, 0.0), slope=1.0, color="0.3", ls="--", lw=1, label="y = x (perfect)")
     if ok.sum() >= 2 and np.ptp(pred[ok]) > 0:
         slope, intercept = np.polyfit(pred[ok], real[ok], 1)
         xs = np.linspace(pred[ok].min(), pred[ok].max(), 2)
-        ax.plot(xs, slope * xs + intercept, color="tab:red", label=f"fit: slope {slope:.3g}")
-        ax.legend(fontsize="small")
+        ax.plot(xs, slope * xs + intercept, color="tab:red", label=f"least squares: slope {slope:.3g}")
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
     ic, ric = M.pearson(pred, real), M.spearman(pred, real)
     ax.set_title(f"{model}: IC {ic:.3f}, RankIC {ric:.3f} (n={int(ok.sum())})")
     ax.set_xlabel("predicted horizon return")
     ax.set_ylabel("realized horizon return")
+    ax.legend(loc="best", fontsize="small", framealpha=0.85)
     return fig
 
 
 def plot_pit_histogram(
-    result: EvaluationResult, model: str, *, channel: str = "close", bins: int = 10, ax: Axes | None = None
+    result: EvaluationResult,
+    model: str,
+    *,
+    channel: str = "close",
+    bins: int = 10,
+    min_paths: int = MIN_PIT_PATHS,
+    ax: Axes | None = None,
 ) -> Figure:
     """PIT histogram (randomised for ties) of one model over all origins and steps; flat = calibrated.
 
     Bars are densities, so a calibrated forecast sits on the dashed line at 1; a U shape means the
-    bands are too narrow, a hump too wide.
+    bands are too narrow, a hump too wide. The dotted lines are +-2 standard errors of a bin of a
+    calibrated forecast if the PIT values were independent (steps of one origin are not, so read them
+    as a lower bound on the noise). The title states the number of paths and values; with fewer than
+    ``min_paths`` paths a note says the histogram is too coarse to judge.
     """
-    fig, ax = _fig_ax(ax, (6, 4))
+    fig, ax = figure_and_axes(ax, (7.5, 4))
     c = FEATURE_COLUMNS.index(channel)
-    pit = M.pit_values(result.samples[model][..., c], result.realized[..., c], randomize=True,
-                       rng=np.random.default_rng(0))
+    samples = result.samples[model][..., c]
+    n_paths = samples.shape[1]
+    pit = M.pit_values(samples, result.realized[..., c], randomize=True, rng=np.random.default_rng(0))
+    n_values = int(np.isfinite(pit).sum())
     density = M.pit_histogram(pit, bins) * bins
     edges = np.linspace(0, 1, bins + 1)
-    ax.bar(edges[:-1], density, width=1 / bins, align="edge", edgecolor="white")
-    ax.axhline(1.0, color="black", ls="--", lw=1)
+    ax.bar(edges[:-1], density, width=1 / bins, align="edge", edgecolor="white", label="PIT density")
+    ax.axhline(1.0, color="black", ls="--", lw=1, label="uniform (calibrated)")
+    if n_values:
+        se = bins * np.sqrt((1 / bins) * (1 - 1 / bins) / n_values)
+        for k, sign in enumerate((-1, 1)):
+            ax.axhline(1 + sign * 2 * se, color="0.35", ls=":", lw=1.2, label=None if k else "±2 s.e. if independent")
+    if n_paths < min_paths:
+        ax.text(0.5, 0.97, f"only {n_paths} paths (< {min_paths}): each PIT is known only to 1/{n_paths};\n"
+                "this histogram cannot judge calibration reliably",
+                transform=ax.transAxes, ha="center", va="top", fontsize="small", color="tab:red",
+                bbox={"facecolor": "white", "edgecolor": "tab:red", "alpha": 0.9})
     ax.set_xlim(0, 1)
+    headroom = 1.45 if n_paths < min_paths else 1.15  # room for the note above the bars
+    ax.set_ylim(0, max(2.0, float(np.max(density, initial=0.0)) * headroom))
     ax.set_xlabel("PIT")
     ax.set_ylabel("density")
-    ax.set_title(f"{model}: {channel} PIT ({result.samples[model].shape[1]} paths)")
+    ax.set_title(f"{model}: {channel} PIT, {n_paths} paths, {n_values:,} values")
+    legend_outside(ax)
     return fig

@@ -1,13 +1,103 @@
-"""Training curves from `metrics.jsonl`: loss parts per step, validation metrics per evaluation."""
+"""Training curves: loss parts per step, validation metrics per evaluation, optional reference levels.
+
+A loss term on another scale (the BSQ entropy term of phase 1 is negative and small) gets a panel of
+its own, so it neither squashes the reconstruction errors nor drags their axis below zero.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from kronos_kit.plots.figure import legend_outside, new_figure
 from kronos_kit.runs import read_metrics
+
+__all__ = ["SEPARATE_AXIS_KEYS", "PHASE_CURVES", "plot_loss_curves", "plot_training_curves"]
+
+# loss parts drawn on a panel of their own: the BSQ term (negative) and its logged parts are on other
+# scales than the MSEs; only `bsq` is drawn by default, the parts when asked for in train_keys / keys
+SEPARATE_AXIS_KEYS: tuple[str, ...] = ("bsq", "bsq_commitment", "bsq_per_sample_entropy", "bsq_codebook_entropy")
+
+# phase -> (training keys, validation keys, y label of the training panel, y label of the validation panel)
+PHASE_CURVES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str, str]] = {
+    "tokenizer": (("loss", "recon_s1", "recon_full", "bsq"), ("val_recon_full", "val_recon_s1"),
+                  "loss, MSE (normalized)", "MSE (normalized)"),
+    "predictor": (("loss", "ce_s1", "ce_s2"), ("val_loss", "val_ce_s1", "val_ce_s2"),
+                  "cross-entropy (nats)", "cross-entropy (nats)"),
+}
+_REFERENCE_STYLES = ("--", ":", "-.")
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # name -> (steps, values)
+
+
+def _draw_panel(ax: Axes, series: Series, *, title: str, ylabel: str, xlabel: str = "optimizer step",
+                marker: str | None = None, reference: Mapping[str, float] | None = None) -> None:
+    """One panel: a line per non-empty series, a dashed horizontal line per reference level, legend outside."""
+    for key, (xs, ys) in series.items():
+        if len(xs):
+            ax.plot(xs, ys, marker=marker, markersize=4, lw=1.2, label=key)
+    has_data = bool(ax.lines)
+    for k, (name, level) in enumerate((reference or {}).items()):
+        ax.axhline(float(level), color="0.25", lw=1.0, ls=_REFERENCE_STYLES[k % len(_REFERENCE_STYLES)],
+                   label=f"{name} = {float(level):.4g}")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))  # readable on the narrow panel too
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if not has_data:
+        ax.text(0.5, 0.5, "no records yet", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    legend_outside(ax)
+
+
+def plot_loss_curves(
+    series: Series,
+    *,
+    separate: Sequence[str] | None = None,
+    reference: Mapping[str, float] | None = None,
+    title: str = "training loss",
+    ylabel: str = "loss",
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Loss curves from memory (``{name: (steps, values)}``), e.g. while a phase trains.
+
+    Names in ``separate`` (default :data:`SEPARATE_AXIS_KEYS`) go to a narrower panel on the right, with
+    their own y axis. ``reference`` draws a dashed horizontal line per ``{label: level}`` (e.g.
+    ``{"base model val_loss": 2.31}``) on the panel of the series of that name, else on the main panel.
+    """
+    separate = SEPARATE_AXIS_KEYS if separate is None else tuple(separate)
+    main = {k: v for k, v in series.items() if k not in separate}
+    side = {k: v for k, v in series.items() if k in separate}
+    reference = dict(reference or {})
+    side_ref = {k: v for k, v in reference.items() if k in side}
+    main_ref = {k: v for k, v in reference.items() if k not in side}
+    if side:
+        fig = new_figure(figsize or (10.0, 3.2))
+        ax, ax_side = fig.subplots(1, 2, width_ratios=(2, 1))
+        _draw_panel(ax_side, side, title=", ".join(side) + " term", ylabel=", ".join(side), reference=side_ref)
+    else:
+        fig = new_figure(figsize or (7.5, 3.2))
+        ax = fig.add_subplot()
+    _draw_panel(ax, main, title=title, ylabel=ylabel, reference=main_ref)
+    return fig
+
+
+def _records(metrics: str | Path | list[dict], phase: str) -> list[dict]:
+    if isinstance(metrics, list):
+        return [r for r in metrics if r.get("phase") == phase]
+    return read_metrics(metrics, phase)
+
+
+def _series(records: list[dict], keys: Sequence[str]) -> dict[str, tuple[list, list]]:
+    out = {}
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        out[key] = ([p[0] for p in points], [p[1] for p in points])
+    return out
 
 
 def plot_training_curves(
@@ -16,35 +106,35 @@ def plot_training_curves(
     *,
     train_keys: Sequence[str] | None = None,
     val_keys: Sequence[str] | None = None,
+    separate: Sequence[str] | None = None,
+    reference: Mapping[str, float] | None = None,
     title: str | None = None,
 ) -> Figure:
-    """Two panels: training loss terms by step (left), validation metrics by step (right)."""
-    records = read_metrics(metrics, phase) if not isinstance(metrics, list) else [
-        r for r in metrics if r.get("phase") == phase]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    defaults = {"tokenizer": (("loss", "recon_s1", "recon_full", "bsq"), ("val_recon_full", "val_recon_s1")),
-                "predictor": (("loss", "ce_s1", "ce_s2"), ("val_loss", "val_ce_s1", "val_ce_s2"))}
-    train_keys = train_keys or defaults.get(phase, (("loss",), ("val_loss",)))[0]
-    val_keys = val_keys or defaults.get(phase, (("loss",), ("val_loss",)))[1]
-    fig = Figure(figsize=(11, 3.6), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    for key in train_keys:
-        points = [(r["step"], r[key]) for r in train if key in r]
-        if points:
-            left.plot(*zip(*points), label=key)
-    for key in val_keys:
-        points = [(r["step"], r[key]) for r in evals if key in r]
-        if points:
-            right.plot(*zip(*points), marker="o", label=key)
-    for ax, name in ((left, "training"), (right, "validation")):
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"{phase} {name}")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no records yet", ha="center", va="center", transform=ax.transAxes)
+    """Training loss terms by step (left), validation metrics by evaluation step (right).
+
+    ``metrics`` is a run's ``metrics.jsonl`` or its records. Keys default per phase
+    (:data:`PHASE_CURVES`); training keys in ``separate`` (default :data:`SEPARATE_AXIS_KEYS`: the
+    negative BSQ term) get a middle panel of their own. ``reference`` draws ``{label: level}`` as dashed
+    lines on the validation panel, e.g. ``{"base model": 2.31}`` to show where the starting model stood.
+    Legends sit outside the axes, so they never cover a curve.
+    """
+    records = _records(metrics, phase)
+    default_train, default_val, train_label, val_label = PHASE_CURVES.get(phase, (("loss",), ("val_loss",),
+                                                                                  "loss", "loss"))
+    separate = SEPARATE_AXIS_KEYS if separate is None else tuple(separate)
+    train = _series([r for r in records if r.get("kind") == "train"], train_keys or default_train)
+    evals = _series([r for r in records if r.get("kind") == "eval"], val_keys or default_val)
+    main = {k: v for k, v in train.items() if k not in separate}
+    side = {k: v for k, v in train.items() if k in separate}
+
+    fig = new_figure((13.0, 3.6) if side else (11.0, 3.6))
+    if side:
+        left, middle, right = fig.subplots(1, 3, sharex=True, width_ratios=(2, 1.2, 2))
+        _draw_panel(middle, side, title=f"{phase} training: " + ", ".join(side), ylabel=", ".join(side) + " loss")
+    else:
+        left, right = fig.subplots(1, 2, sharex=True)
+    _draw_panel(left, main, title=f"{phase} training", ylabel=train_label)
+    _draw_panel(right, evals, title=f"{phase} validation", ylabel=val_label, marker="o", reference=reference)
     if title:
         fig.suptitle(title)
     return fig
