@@ -374,3 +374,17 @@ def test_predictor_phase_passes_its_inputs_to_the_resume_check(tmp_path, data):
     train_predictor(cfg, data=data, progress=False)
     state = torch.load(tmp_path / "state" / "predictor.pt", weights_only=True)
     assert len(state["config"]["tokenizer_sha256"]) == 64 and state["config"]["data.lookback"] == 30
+
+
+def test_training_curves_show_the_current_run_once_per_step():
+    from kronos_kit.plots import plot_training_curves
+
+    def rec(run, step, loss, kind="train"):
+        return {"phase": "tokenizer", "kind": kind, "step": step, "loss": loss, "val_recon_full": loss, "run": run}
+
+    records = [rec("old", 1, 9.0), rec("old", 2, 9.0), rec("old", 3, 9.0), rec("old", 3, 9.0, "eval"),
+               rec("new", 1, 1.0), rec("new", 2, 5.0), rec("new", 2, 2.0), rec("new", 2, 2.0, "eval")]
+    fig = plot_training_curves(records, "tokenizer", train_keys=("loss",), val_keys=("val_recon_full",))
+    train_line, eval_line = fig.axes[0].lines[0], fig.axes[1].lines[0]
+    assert list(train_line.get_xdata()) == [1, 2] and list(train_line.get_ydata()) == [1.0, 2.0]
+    assert list(eval_line.get_xdata()) == [2]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from kronos_kit.runs import read_metrics
+from kronos_kit.runs import current_records, read_metrics
 
 
 def plot_training_curves(
@@ -19,8 +19,8 @@ def plot_training_curves(
     title: str | None = None,
 ) -> Figure:
     """Two panels: training loss terms by step (left), validation metrics by step (right)."""
-    records = read_metrics(metrics, phase) if not isinstance(metrics, list) else [
-        r for r in metrics if r.get("phase") == phase]
+    # the current run only, one record per step (see `runs.current_records`), from a file or a list
+    records = read_metrics(metrics, phase) if not isinstance(metrics, list) else current_records(metrics, phase)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     defaults = {"tokenizer": (("loss", "recon_s1", "recon_full", "bsq"), ("val_recon_full", "val_recon_s1")),
