@@ -83,11 +83,15 @@ class PhaseConfig:
     eval_every: int = 50  # optimizer steps between validations (also at each epoch end)
     patience: int | None = None  # validations without improvement before stopping early
     max_val_batches: int | None = None  # cap validation cost on large data
+    nonfinite_grad: str = "stop"  # a NaN/inf gradient norm: "stop" (error) or "skip" (no update, logged, counted)
+    resume_changed: bool = False  # resume even if fields that break exactness changed (warning; schedule rebuilt)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nonfinite_grad not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_grad must be 'stop' or 'skip', got {self.nonfinite_grad!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:

@@ -607,6 +607,8 @@ def token_metrics(model: Any, tokenizer: Any, batches: Iterable[Mapping[str, Any
     head on the true s1 of the same step, which is available when decoding). ``model`` and
     ``tokenizer`` must already be on ``device``; their train/eval modes are restored afterwards.
     Perplexity = exp(mean token NLL). Returns s1/s2 accuracy, nll, perplexity and the token count.
+    Only targets whose bar lies in the split count (a batch's ``in_split``; context bars borrowed
+    from the previous split are not scored).
     """
     import torch
 
@@ -619,7 +621,8 @@ def token_metrics(model: Any, tokenizer: Any, batches: Iterable[Mapping[str, Any
         for batch in loop_batches(batches):  # a window dataset is batched; batches pass through
             x = torch.as_tensor(batch["x"], dtype=torch.float32, device=device)
             s1, s2 = tokenizer.encode(x, half=True)
-            scores = model.score_next_tokens(s1, s2, torch.as_tensor(batch["stamp"], device=device))
+            scores = model.score_next_tokens(s1, s2, torch.as_tensor(batch["stamp"], device=device),
+                                             batch.get("in_split"))  # test targets only, not val context
             sums = [a + b for a, b in zip(sums, scores)]
             n_batches += 1
     nll = {"s1": sums[0], "s2": sums[1]}

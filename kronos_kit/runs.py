@@ -4,8 +4,11 @@
 <run_dir>/
   manifest.json  config.yaml  <stage notebooks>
   tokenizer/best tokenizer/last predictor/best predictor/last   (config.json + model.safetensors)
-  state/<phase>.pt           training state for exact resume (keys: the *_KEY names below)
-  metrics.jsonl              training log, one JSON line per logged step / evaluation, append-only
+  state/<phase>.pt           training state for exact resume (keys: the *_KEY names below); plain data
+                             only (tensors, numbers, strings, lists, dicts): `load_state` reads it with
+                             `torch.load(weights_only=True)`, so a run folder never executes code
+  metrics.jsonl              training log, one JSON line per logged step / evaluation; each line names
+                             its phase run (`run`) and attempt; `read_metrics` keeps the current run
   codebook_before.json codebook_after.json reconstruction_gate.json token_metrics.json
   calibration.json promoted.json   sampling fitted and the pair promoted, both on validation
   metrics.json metrics_table.csv report.md   figures/*.png
@@ -13,7 +16,8 @@
 
 Every file the kit writes into a run directory goes through an atomic helper here (a temporary
 file renamed over the target), so a killed process never leaves half a file; checkpoint folders
-are swapped whole (`replace_dir`, `recover_dir`).
+are swapped whole (`replace_dir`, `recover_dir`), and the next swap finishes or undoes one that a
+kill interrupted at any point.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,6 +66,16 @@ HISTORY_KEY = "history"
 RNG_KEY = "rng"
 STOPPED_KEY = "stopped"
 CONFIG_KEY = "config"
+SKIPPED_KEY = "skipped_steps"  # optimizer steps skipped for a non-finite gradient
+RUN_ID_KEY = "run_id"  # id of this phase's run: new on a fresh start, kept on resume (metrics.jsonl `run`)
+ATTEMPT_KEY = "attempt"  # 1 for the fresh start, +1 for each resume
+STATE_KEYS = (PHASE_KEY, STEP_KEY, EPOCH_KEY, BATCH_KEY, MODEL_KEY, OPT_KEY, SCHEDULER_KEY, BEST_KEY,
+              EVALS_SINCE_BEST_KEY, HISTORY_KEY, RNG_KEY, STOPPED_KEY, CONFIG_KEY, SKIPPED_KEY, RUN_ID_KEY,
+              ATTEMPT_KEY)
+
+
+class RunFileError(ValueError):
+    """A file in a run directory that the kit refuses to read (not plain data, or not the kit's)."""
 
 
 class RunDir:
@@ -114,9 +129,16 @@ class RunDir:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`."""
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`.
+
+    Temporaries that killed writers left behind (their process is gone) are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -124,6 +146,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -138,24 +172,75 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+# ---------------------------------------------------------------------------------------------
+# the training state
+
+
+def save_training_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Write a training state (plain data: tensors, numbers, strings, lists, dicts) atomically."""
+    return atomic_torch_save(state, path)
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read `state/<phase>.pt` as plain data (`weights_only=True`): a crafted pickle is refused, never run."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFileError(
+            f"{path} is not a training state the kit wrote: it does not load as plain data ({first}). "
+            "A run folder is data and loading it never runs code, so this file is refused. Delete it (and "
+            "train without resume), or resume only from a run folder the kit wrote."
+        ) from err
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunFileError(f"{path} lacks the training-state keys {missing}: it was written by another kit "
+                           "version or is not a kit state; delete it and train without resume")
+    return state
+
+
+def _swap_names(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
+
+
 def replace_dir(directory: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Replace `directory` with what `write(tmp_dir)` creates; a kill at any moment leaves a complete one."""
+    """Replace `directory` with what `write(tmp_dir)` creates; a kill at any moment leaves a complete one.
+
+    The swap is: write `.<name>.tmp`, rename `<name>` -> `.<name>.old`, rename `.<name>.tmp` -> `<name>`,
+    delete `.<name>.old`. `finish_swap` first repairs whatever state a kill left (see there).
+    """
     directory = Path(directory)
-    tmp, old = directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = _swap_names(directory)
+    finish_swap(directory)
     write(tmp)
-    recover_dir(directory)
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # what a failure leaves here, the next swap removes
+    return directory
+
+
+def finish_swap(directory: str | Path) -> Path:
+    """Repair a `replace_dir` swap that a kill interrupted at any point (writers only).
+
+    `<name>` present: the swap finished or never began, so `.old` (possibly half deleted) and `.tmp`
+    (possibly half written) are leftovers and go. `<name>` missing with `.old` present: killed
+    between the two renames; `.old` is the previous complete copy and comes back. `.tmp` alone is
+    never trusted (it may be half written).
+    """
+    directory = recover_dir(directory)
+    tmp, old = _swap_names(directory)
+    for leftover in (old, tmp):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     return directory
 
 
 def recover_dir(directory: str | Path) -> Path:
-    """Finish a `replace_dir` swap that a kill interrupted (the previous complete copy comes back)."""
+    """Bring back the previous complete copy when a kill fell between a swap's two renames (readers too)."""
     directory = Path(directory)
-    old = directory.with_name(f".{directory.name}.old")
+    old = _swap_names(directory)[1]
     if not directory.exists() and old.exists():
         os.replace(old, directory)
     return directory
@@ -207,23 +292,54 @@ class JsonFile:
 
 
 class MetricsLog:
-    """Append-only JSON lines (`metrics.jsonl`), written by rank 0 only."""
+    """JSON lines (`metrics.jsonl`), written by rank 0 only; each record names its phase run and attempt.
 
-    def __init__(self, path: str | Path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+    A phase run (`run`) begins with a fresh start and continues over resumes (`attempt` 1, 2, ...);
+    `drop_after` removes what an interrupted attempt logged past the step a resume restarts from.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True, *, run: str | None = None, attempt: int | None = None):
+        self.path, self.enabled, self.run, self.attempt = Path(path), enabled, run, attempt
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        tags = {k: v for k, v in (("run", self.run), ("attempt", self.attempt)) if v is not None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json.dumps({**record, **tags}, default=float) + "\n")
+
+    def drop_after(self, phase: str, step: int) -> None:
+        """Remove this run's records of `phase` past `step` (a resume replays from `step`)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = [line for line in lines if line.strip() and not _superseded(json.loads(line), phase, self.run, step)]
+        if len(keep) < len([line for line in lines if line.strip()]):
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+def _superseded(record: dict[str, Any], phase: str, run: str | None, step: int) -> bool:
+    return record.get("phase") == phase and record.get("run") == run and record.get("step", -1) > step
+
+
+def current_records(records: list[dict[str, Any]], phase: str | None = None) -> list[dict[str, Any]]:
+    """The records of each phase's latest run, the last one per (phase, kind, step), in log order.
+
+    Earlier runs of a phase (a rerun after `--from` / `--overwrite`) and records an interrupted
+    attempt wrote twice are left out, so curves show one run.
+    """
+    latest = {r.get("phase"): r.get("run") for r in records}
+    kept = {}
+    for i, r in enumerate(records):
+        if (phase is None or r.get("phase") == phase) and r.get("run") == latest[r.get("phase")]:
+            kept[(r.get("phase"), r.get("kind"), r.get("step"))] = (i, r)
+    return [r for _, r in sorted(kept.values(), key=lambda ir: ir[0])]
 
 
 def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
-    """Records of `metrics.jsonl`, optionally of one phase."""
+    """The current records of `metrics.jsonl` (see `current_records`), optionally of one phase."""
     path = Path(path)
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if phase is None or r.get("phase") == phase]
+    return current_records([json.loads(line) for line in path.read_text().splitlines() if line.strip()], phase)

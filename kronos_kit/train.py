@@ -5,7 +5,9 @@ Phase 2 (`train_predictor`) finetunes the predictor on tokens of the frozen phas
 loss = (ce_s1 + ce_s2) / 2 on next-token targets. Never jointly. Both run `run_phase`, which reads
 top to bottom: `setup_optimizer` (AdamW + OneCycle), `restore_state` (exact resume), then
 `train_epoch` (gradient accumulation and clipping) with `validate` (best checkpoint, early stopping)
-and `save_state` (`last` checkpoint + training state) at every evaluation. Files go where
+and `save_state` (`last` checkpoint + training state) at every evaluation. Non-finite losses,
+gradients and validation metrics stop training (gradients may be skipped instead), and nothing
+non-finite is ever saved. Resume checks that the saved config matches the current one. Files go where
 `kronos_kit.runs.RunDir` says; seeding, devices and DDP come from `kronos_kit.runtime`.
 The phases differ only in their `Phase`: the model trained, a step function, an evaluation
 function and the checkpoints they start from.
@@ -18,7 +20,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +39,25 @@ from kronos_kit.codebook import CodebookCounter
 from kronos_kit.config import KitConfig, PhaseConfig
 from kronos_kit.data import DataBundle, load_data, take
 from kronos_kit.model import Kronos, KronosTokenizer, check_pair, weights_hash
-from kronos_kit.runs import MetricsLog, RunDir, atomic_torch_save, recover_dir, replace_dir
+from kronos_kit.runs import (
+    CHECKPOINT_KINDS,
+    MetricsLog,
+    RunDir,
+    finish_swap,
+    load_training_state,
+    recover_dir,
+    replace_dir,
+    save_training_state,
+)
 from kronos_kit.runtime import DistContext, freeze, inference, module_device, resolve_device, seed_everything, unwrap
 
 __all__ = [
-    "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteLossError", "Phase", "PhaseResult",
-    "StepOutput", "TrainState", "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "restore_state",
-    "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
-    "train_epoch", "train_predictor", "train_tokenizer", "validate",
+    "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
+    "NonFiniteGradientError", "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "Phase",
+    "PhaseResult", "ResumeMismatchError", "StepOutput", "TrainState", "evaluate_tokenizer", "make_predictor_evaluate",
+    "make_predictor_step", "restore_state", "run_phase", "save_checkpoint", "save_state", "setup_optimizer",
+    "tokenizer_source_for_phase2", "tokenizer_step", "train_epoch", "train_predictor", "train_tokenizer", "validate",
+    "validation_loader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,8 +65,33 @@ logger = logging.getLogger(__name__)
 OnStep = Callable[[int, dict[str, float]], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or inf; training stopped and the last good checkpoint was kept."""
+# phase config fields that may change between a run and its resume: they decide when to log,
+# validate or stop, never what the weights become or what a validation metric means
+HARMLESS_ON_RESUME = ("enabled", "log_every", "eval_every", "patience", "nonfinite_grad", "resume_changed")
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN or inf and stopped; nothing non-finite was saved."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """A loss became NaN or inf."""
+
+
+class NonFiniteGradientError(NonFiniteError):
+    """A finite loss gave a NaN or inf gradient norm (`nonfinite_grad: stop`); no update was made."""
+
+
+class NonFiniteMetricError(NonFiniteError):
+    """A validation metric became NaN or inf."""
+
+
+class NonFiniteWeightsError(NonFiniteError):
+    """Weights or optimizer state with NaN or inf values, refused before writing anything."""
+
+
+class ResumeMismatchError(ValueError):
+    """Resume found a saved config that differs from the current one in fields that break exactness."""
 
 
 class FrozenTokenizerChanged(RuntimeError):
@@ -63,12 +103,16 @@ class EpochSampler(Sampler[int]):
 
     Rank r takes positions r, r + world, ... of the epoch's permutation, so the union of the ranks'
     k-th batches is the k-th global batch a single process would draw.
+
+    With `even` (training) every rank gets the same count, dropping up to world - 1 items so DDP
+    ranks stay in step; without it (validation, whose sums are reduced over ranks) every item goes
+    to exactly one rank, and a rank may get one item fewer, or none.
     """
 
     def __init__(self, n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world: int = 1,
-                 skip: int = 0):
+                 skip: int = 0, even: bool = True):
         order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
-        usable = (n // world) * world  # equal shards keep DDP ranks in step
+        usable = (n // world) * world if even else n
         self.indices = order[:usable][rank::world][skip:].tolist()
 
     def __iter__(self) -> Iterator[int]:
@@ -79,8 +123,28 @@ class EpochSampler(Sampler[int]):
 
 
 def save_checkpoint(model: nn.Module, directory: Path) -> None:
-    """Replace `directory` with a fresh checkpoint of `model` (atomic swap, see `runs.replace_dir`)."""
-    replace_dir(directory, unwrap(model).save_pretrained)
+    """Replace `directory` with a fresh checkpoint of `model` (atomic swap, see `runs.replace_dir`).
+
+    Non-finite weights are refused (`NonFiniteWeightsError`) and the previous checkpoint stays.
+    """
+    model = unwrap(model)
+    _check_finite(model.state_dict(), directory)
+    replace_dir(directory, model.save_pretrained)
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], target: Path) -> None:
+    bad = [k for k, v in tensors.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to write {target}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}; the files "
+            "already there are kept. Training diverged: lower the learning rate or check the data."
+        )
+
+
+def _optimizer_tensors(optimizer_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"optimizer.{i}.{k}": v for i, per_param in optimizer_state["state"].items()
+            for k, v in per_param.items() if torch.is_tensor(v)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +169,7 @@ class Phase:
     train_set: Dataset
     val_set: Dataset
     before_save: Callable[[], None] = lambda: None  # hook run before each checkpoint (checks)
+    inputs: dict[str, Any] = field(default_factory=dict)  # what else fixes the result (data config...); resume checks
 
 
 @dataclass
@@ -116,6 +181,7 @@ class PhaseResult:
     last_dir: Path
     stopped: str  # "max_steps", "epochs", "early_stopping"
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
+    skipped_steps: int = 0  # steps without an update for a non-finite gradient (nonfinite_grad: skip)
 
 
 @dataclass
@@ -129,6 +195,9 @@ class TrainState:
     evals_since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped: str | None = None  # set once the phase has finished
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient
+    run_id: str = ""  # this phase run's id (metrics.jsonl `run`): new on a fresh start, kept on resume
+    attempt: int = 1  # 1 for the fresh start, +1 for each resume
 
 
 @dataclass
@@ -144,6 +213,7 @@ class _Run:
     log: MetricsLog
     local_batch: int  # per-rank batch
     total_steps: int
+    precision: str
     autocast: torch.autocast
     model: nn.Module = None  # the bare model: checkpoints, validation
     train_model: nn.Module = None  # what a training step calls (DDP-wrapped under torchrun)
@@ -153,6 +223,7 @@ class _Run:
     state: TrainState = field(default_factory=TrainState)
     window_count: int = 0  # windows since the last log line (throughput)
     t0: float = 0.0
+    saved_step: int | None = None  # step of the last `save_state` (for error messages)
 
     @property
     def best_dir(self) -> Path:
@@ -164,7 +235,15 @@ class _Run:
 
     def result(self, stopped: str) -> PhaseResult:
         st = self.state
-        return PhaseResult(self.phase.name, st.step, st.best, self.best_dir, self.last_dir, stopped, st.history)
+        return PhaseResult(self.phase.name, st.step, st.best, self.best_dir, self.last_dir, stopped, st.history,
+                           st.skipped_steps)
+
+    def saved_note(self) -> str:
+        """Where training can go on from, for error messages (what is saved is always finite)."""
+        if self.saved_step is None:
+            return "Nothing was saved in this attempt."
+        return (f"The last saved checkpoint (step {self.saved_step}) is {self.last_dir}; --resume continues from "
+                "its training state.")
 
 
 def run_phase(
@@ -179,15 +258,29 @@ def run_phase(
     progress: bool = True,
     on_step: OnStep | None = None,
 ) -> PhaseResult:
-    """Train `phase.model` per `cfg`; checkpoints, state and metrics go under `run_dir`."""
+    """Train `phase.model` per `cfg`; checkpoints, state and metrics go under `run_dir`.
+
+    With `resume`, `restore_state` continues exactly from `state/<phase>.pt` (see there for what it
+    checks); a finished phase returns its result unchanged.
+    """
     run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision)
     seed_everything(seed)
     setup_optimizer(run)
+    if run.ctx.is_main:
+        for kind in CHECKPOINT_KINDS:  # a kill during a checkpoint swap: finish or undo it
+            finish_swap(run.rd.checkpoint(phase.name, kind))
     resumed = resume and restore_state(run)
-    if resumed and run.state.stopped:
-        return run.result(run.state.stopped)
     if resume and not resumed:
         logger.info("%s: nothing to resume in %s; starting fresh", phase.name, run.rd.state(phase.name))
+    if not resumed:
+        run.state.run_id = uuid.uuid4().hex[:12]  # os entropy: the seeded RNGs stay untouched
+    run.log.run, run.log.attempt = run.state.run_id, run.state.attempt
+    if resumed:
+        run.log.drop_after(phase.name, run.state.step)  # the interrupted attempt's records past the state
+        if run.state.stopped:
+            logger.info("%s: already finished (%s at step %d); nothing to do", phase.name, run.state.stopped,
+                        run.state.step)
+            return run.result(run.state.stopped)
     run.train_model = run.model
     if run.ctx.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -196,11 +289,10 @@ def run_phase(
         save_state(run)  # a complete `last` from the start: a failure before the first evaluation keeps it
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"phase {phase.name}", unit="step",
                disable=not progress)
-    stopped, run.t0 = "epochs", time.perf_counter()
+    stopped, run.t0 = None, time.perf_counter()
     while run.state.epoch < cfg.epochs and run.state.step < run.total_steps:
-        reason = train_epoch(run, bar, on_step)
-        if reason is not None:
-            stopped = reason
+        stopped = train_epoch(run, bar, on_step)
+        if stopped is not None:
             break
         run.state.epoch, run.state.batch_in_epoch = run.state.epoch + 1, 0
         if run.state.step % cfg.eval_every and validate(run):  # epoch end, unless just evaluated
@@ -208,6 +300,7 @@ def run_phase(
             break
         save_state(run)
     bar.close()
+    stopped = stopped or _length_reason(run)  # also when a resume starts at the end (killed before this save)
     save_state(run, stopped)
     if not run.best_dir.exists() and run.ctx.is_main:  # e.g. resumed a finished run with no improvement
         save_checkpoint(run.model, run.best_dir)
@@ -217,20 +310,23 @@ def run_phase(
 def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torch.device, precision: str) -> _Run:
     """Check the sizes and work out batches and steps; nothing is trained or written yet."""
     ctx = DistContext.from_env(device)
+    name = phase.name
     if ctx.world_size > 1 and cfg.batch_size % ctx.world_size:
-        raise ValueError(f"{phase.name}.batch_size={cfg.batch_size} must divide by the {ctx.world_size} ranks")
-    if len(phase.train_set) < cfg.batch_size:
-        raise ValueError(f"{phase.name}: only {len(phase.train_set)} training windows for batch_size "
-                         f"{cfg.batch_size}; lower the batch size or bring more data")
+        raise ValueError(f"{name}.batch_size={cfg.batch_size} must divide by the {ctx.world_size} ranks")
+    per_step = cfg.batch_size * cfg.grad_accum_steps
+    if len(phase.train_set) < per_step:
+        raise ValueError(f"{name}: {len(phase.train_set)} training windows per epoch cannot fill one optimizer step "
+                         f"of {name}.batch_size={cfg.batch_size} x {name}.grad_accum_steps={cfg.grad_accum_steps} = "
+                         f"{per_step} windows; lower batch_size or grad_accum_steps, or bring more data")
     if len(phase.val_set) == 0:
-        raise ValueError(f"{phase.name}: the validation split has no windows; enlarge data.val_ratio or the data")
-    steps_per_epoch = max(1, len(phase.train_set) // cfg.batch_size // cfg.grad_accum_steps)
+        raise ValueError(f"{name}: the validation split has no windows; enlarge data.val_ratio or the data")
+    steps_per_epoch = len(phase.train_set) // cfg.batch_size // cfg.grad_accum_steps
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
     return _Run(phase, cfg, rd, seed, device, ctx, MetricsLog(rd.metrics_log, enabled=ctx.is_main),
-                cfg.batch_size // ctx.world_size, total_steps, autocast)
+                cfg.batch_size // ctx.world_size, total_steps, precision, autocast)
 
 
 def setup_optimizer(run: _Run) -> None:
@@ -248,20 +344,87 @@ def setup_optimizer(run: _Run) -> None:
 
 
 def restore_state(run: _Run) -> bool:
-    """Load `state/<phase>.pt` if there is one: weights, optimizer, schedule, counters and RNG."""
+    """Load `state/<phase>.pt` if there is one: weights, optimizer, schedule, counters and RNG.
+
+    The file is read as plain data (`runs.load_training_state`: a crafted pickle is refused). The
+    saved config must match the current one (`_config_changes`) except for `HARMLESS_ON_RESUME`
+    fields; other changes are refused with a list of them, unless `resume_changed` continues with
+    the new values (optimizer settings and the lr schedule rebuilt for the new length, at the saved
+    step). A finished phase cannot be changed or extended by resume.
+    """
     path = run.rd.state(run.phase.name)
     if not path.is_file():
         return False
-    state = torch.load(path, map_location=run.device, weights_only=False)
+    state = load_training_state(path, map_location=run.device)
+    changed = _config_changes(run, state, path)
     run.model.load_state_dict(state[runs.MODEL_KEY])
-    run.optimizer.load_state_dict(state[runs.OPT_KEY])
-    run.scheduler.load_state_dict(state[runs.SCHEDULER_KEY])
+    if changed:
+        _restore_optimizer_with_new_settings(run, state)
+    else:
+        run.optimizer.load_state_dict(state[runs.OPT_KEY])
+        run.scheduler.load_state_dict(state[runs.SCHEDULER_KEY])
     run.state = TrainState(state[runs.STEP_KEY], state[runs.EPOCH_KEY], state[runs.BATCH_KEY], state[runs.BEST_KEY],
-                           state[runs.EVALS_SINCE_BEST_KEY], state[runs.HISTORY_KEY], state.get(runs.STOPPED_KEY))
+                           state[runs.EVALS_SINCE_BEST_KEY], state[runs.HISTORY_KEY], state[runs.STOPPED_KEY],
+                           state[runs.SKIPPED_KEY], state[runs.RUN_ID_KEY], state[runs.ATTEMPT_KEY] + 1)
+    run.saved_step = run.state.step
     _set_rng_state(state[runs.RNG_KEY])
     logger.info("%s: resumed at step %d (epoch %d, batch %d)", run.phase.name, run.state.step, run.state.epoch,
                 run.state.batch_in_epoch)
     return True
+
+
+def _resume_config(run: _Run) -> dict[str, Any]:
+    """What fixes a phase's result, flat: `<phase>.<field>`, seed, precision and the phase's inputs."""
+    flat = {f"{run.phase.name}.{k}": v for k, v in dataclasses.asdict(run.cfg).items()}
+    flat.update(seed=run.seed, precision=run.precision)
+    for key, value in run.phase.inputs.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _config_changes(run: _Run, state: dict[str, Any], path: Path) -> list[str]:
+    """The saved config's fields that changed and break exactness ("field: old -> new"); raises unless allowed."""
+    name, saved, now, absent = run.phase.name, state[runs.CONFIG_KEY], _resume_config(run), "<absent>"
+    harmless = {f"{name}.{f}" for f in HARMLESS_ON_RESUME}
+    keys = [*now, *(k for k in saved if k not in now)]
+    changed = [k for k in keys if saved.get(k, absent) != now.get(k, absent)]
+    breaking = [f"{k}: {saved.get(k, absent)!r} -> {now.get(k, absent)!r}" for k in changed if k not in harmless]
+    if changed and not breaking:
+        logger.info("%s: resuming with changed %s (they do not change the weights)", name, changed)
+    if not breaking:
+        return []
+    listing = "; ".join(breaking)
+    new_run = (f"start a new run (another run_dir) from this one's checkpoint with "
+               f"{name}.start_from={run.last_dir} (or its best)")
+    if state[runs.STOPPED_KEY]:
+        raise ResumeMismatchError(
+            f"{path}: the {name} phase already finished ({state[runs.STOPPED_KEY]} at step {state[runs.STEP_KEY]}), "
+            f"so resume cannot extend or change it; changed: {listing}. To train further, {new_run}.")
+    if not run.cfg.resume_changed:
+        raise ResumeMismatchError(
+            f"{path}: resuming would not continue the same run; changed since it was saved: {listing}. Resume "
+            f"with the saved values, or set {name}.resume_changed=true to continue with the new ones (not an exact "
+            f"continuation: optimizer settings and the lr schedule are rebuilt for {run.total_steps} steps), or "
+            f"{new_run}.")
+    logger.warning("%s: resuming with changed settings (%s): this is not an exact continuation; optimizer "
+                   "settings and the lr schedule follow the new config from step %d", name, listing,
+                   state[runs.STEP_KEY])
+    return breaking
+
+
+def _restore_optimizer_with_new_settings(run: _Run, state: dict[str, Any]) -> None:
+    """Optimizer moments from the state; its settings and the schedule (new length) from the config."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    run.optimizer.load_state_dict(state[runs.OPT_KEY])
+    for group, fresh in zip(run.optimizer.param_groups, settings):
+        group.update(fresh)
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps, on purpose
+        warnings.simplefilter("ignore")
+        for _ in range(min(state[runs.STEP_KEY], run.scheduler.total_steps)):
+            run.scheduler.step()
 
 
 def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
@@ -282,7 +445,10 @@ def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
         if st.batch_in_epoch % cfg.grad_accum_steps:
             continue
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip))
-        run.optimizer.step()
+        if math.isfinite(grad_norm):
+            run.optimizer.step()
+        else:
+            _nonfinite_gradient(run, out, grad_norm)  # "stop" raises; "skip" spends the step without an update
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
@@ -294,8 +460,28 @@ def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
                 return "early_stopping"
             save_state(run)
         if st.step >= run.total_steps:
-            return "max_steps" if cfg.max_steps is not None and st.step >= cfg.max_steps else "epochs"
+            return _length_reason(run)
     return None
+
+
+def _length_reason(run: _Run) -> str:
+    cfg = run.cfg
+    return "max_steps" if cfg.max_steps is not None and run.state.step >= cfg.max_steps else "epochs"
+
+
+def _nonfinite_gradient(run: _Run, out: StepOutput, grad_norm: float) -> None:
+    st, name = run.state, run.phase.name
+    where = f"step {st.step + 1} (epoch {st.epoch}, batch {st.batch_in_epoch})"
+    if run.cfg.nonfinite_grad == "stop":
+        raise NonFiniteGradientError(
+            f"{name}: non-finite gradient norm {grad_norm} at {where} with a finite loss {out.loss.item():.6g}; "
+            f"training stopped before the update. {run.saved_note()} Lower the learning rate, check the data "
+            f"for extreme values, or set {name}.nonfinite_grad=skip to skip such steps (logged).")
+    st.skipped_steps += 1
+    logger.warning("%s: non-finite gradient norm at %s; step skipped without an update (%d so far)", name, where,
+                   st.skipped_steps)
+    run.log.write({"phase": name, "kind": "skip", "step": st.step + 1, "epoch": st.epoch,
+                   "loss": out.loss.item(), "grad_norm": None, "skipped_steps": st.skipped_steps})
 
 
 def _forward_backward(run: _Run, batch: dict[str, Any]) -> StepOutput:
@@ -305,7 +491,7 @@ def _forward_backward(run: _Run, batch: dict[str, Any]) -> StepOutput:
         st, parts = run.state, {k: float(v) for k, v in out.parts.items()}
         raise NonFiniteLossError(
             f"{run.phase.name}: non-finite loss {out.loss.item()} at step {st.step} (epoch {st.epoch}, batch "
-            f"{st.batch_in_epoch}); parts {parts}. Training stopped; the last good checkpoint is {run.last_dir}. "
+            f"{st.batch_in_epoch}); parts {parts}. Training stopped. {run.saved_note()} "
             "Lower the learning rate or check the data for extreme values."
         )
     (out.loss / run.cfg.grad_accum_steps).backward()
@@ -320,20 +506,37 @@ def _log_step(run: _Run, out: StepOutput, grad_norm: float, on_step: OnStep | No
         elapsed = time.perf_counter() - run.t0
         run.log.write({"phase": run.phase.name, "kind": "train", "step": st.step, "epoch": st.epoch,
                        "lr": run.scheduler.get_last_lr()[0], "loss": out.loss.item(), **parts,
-                       "grad_norm": grad_norm, "windows_per_s": run.window_count / max(elapsed, 1e-9)})
+                       "grad_norm": runs.json_float(grad_norm),
+                       "windows_per_s": run.window_count / max(elapsed, 1e-9)})
         run.window_count, run.t0 = 0, time.perf_counter()
 
 
+def validation_loader(val_set: Dataset, batch_size: int, ctx: DistContext, max_batches: int | None = None):
+    """This rank's validation batches: its uneven share of the windows, in order, at most `max_batches`."""
+    sampler = EpochSampler(len(val_set), seed=0, epoch=0, shuffle=False, rank=ctx.rank, world=ctx.world_size,
+                           even=False)
+    loader = DataLoader(val_set, batch_size=batch_size, sampler=sampler, generator=torch.Generator())
+    return loader if max_batches is None else take(loader, max_batches)
+
+
 def validate(run: _Run) -> bool:
-    """Validate, log, keep `best`; True when early stopping says stop."""
+    """Validate, log, keep `best`; True when early stopping says stop. A non-finite metric stops training.
+
+    Every validation window goes to exactly one rank (uneven shards; the evaluate functions reduce
+    sums over ranks), so several processes score the same windows as one.
+    """
     phase, cfg, st = run.phase, run.cfg, run.state
-    val_loader = DataLoader(phase.val_set, batch_size=run.local_batch, generator=torch.Generator(),
-                            sampler=EpochSampler(len(phase.val_set), seed=run.seed, epoch=0, shuffle=False,
-                                                 rank=run.ctx.rank, world=run.ctx.world_size))
-    if cfg.max_val_batches is not None:
-        val_loader = take(val_loader, cfg.max_val_batches)
     with inference(run.model), run.autocast:
-        metrics = phase.evaluate(run.model, val_loader, run.ctx)
+        metrics = phase.evaluate(run.model, validation_loader(phase.val_set, run.local_batch, run.ctx,
+                                                              cfg.max_val_batches), run.ctx)
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        run.log.write({"phase": phase.name, "kind": "eval", "step": st.step, "epoch": st.epoch,
+                       **{k: runs.json_float(v) if isinstance(v, float) else v for k, v in metrics.items()}})
+        raise NonFiniteMetricError(
+            f"{phase.name}: validation at step {st.step} gave non-finite {sorted(bad)} ({bad}); training stopped "
+            f"and `best` keeps the evaluation of {st.best:.6g}. {run.saved_note()} The model's outputs overflow "
+            "or the validation data holds extreme values: lower the learning rate or check the data.")
     improved = metrics[phase.select_metric] < st.best
     if improved:
         st.best, st.evals_since_best = metrics[phase.select_metric], 0
@@ -348,29 +551,50 @@ def validate(run: _Run) -> bool:
 
 
 def save_state(run: _Run, stopped: str | None = None) -> None:
-    """The `last` checkpoint and everything resume needs, each written atomically (rank 0)."""
+    """The `last` checkpoint and everything resume needs, each written atomically (rank 0).
+
+    The state is plain data (tensors, numbers, strings), so resume reads it with weights_only=True.
+    Non-finite weights or optimizer moments are refused before anything is written.
+    """
     run.phase.before_save()
     if not run.ctx.is_main:
         return
     st = run.state
+    model_state, optimizer_state = run.model.state_dict(), run.optimizer.state_dict()
+    _check_finite({**model_state, **_optimizer_tensors(optimizer_state)}, run.rd.state(run.phase.name))
     save_checkpoint(run.model, run.last_dir)
-    atomic_torch_save({
+    save_training_state({
         runs.PHASE_KEY: run.phase.name, runs.STEP_KEY: st.step, runs.EPOCH_KEY: st.epoch,
-        runs.BATCH_KEY: st.batch_in_epoch, runs.MODEL_KEY: run.model.state_dict(),
-        runs.OPT_KEY: run.optimizer.state_dict(), runs.SCHEDULER_KEY: run.scheduler.state_dict(),
-        runs.BEST_KEY: st.best, runs.EVALS_SINCE_BEST_KEY: st.evals_since_best, runs.HISTORY_KEY: st.history,
-        runs.RNG_KEY: _rng_state(), runs.STOPPED_KEY: stopped, runs.CONFIG_KEY: dataclasses.asdict(run.cfg),
+        runs.BATCH_KEY: st.batch_in_epoch, runs.MODEL_KEY: model_state, runs.OPT_KEY: optimizer_state,
+        runs.SCHEDULER_KEY: run.scheduler.state_dict(), runs.BEST_KEY: st.best,
+        runs.EVALS_SINCE_BEST_KEY: st.evals_since_best, runs.HISTORY_KEY: st.history, runs.RNG_KEY: _rng_state(),
+        runs.STOPPED_KEY: stopped, runs.CONFIG_KEY: _resume_config(run), runs.SKIPPED_KEY: st.skipped_steps,
+        runs.RUN_ID_KEY: st.run_id, runs.ATTEMPT_KEY: st.attempt,
     }, run.rd.state(run.phase.name))
+    run.saved_step = st.step
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch RNG states as plain data (lists, ints, tensors)."""
+    version, internal, gauss_next = random.getstate()
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    np.random.set_state(("MT19937", npy["key"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,26 +616,41 @@ def tokenizer_step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
                              "bsq_codebook_entropy": bsq.codebook_entropy.detach()})
 
 
+def _in_split(batch: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the bars of each window that belong to its split (all, for data without the mask)."""
+    mask = batch.get("in_split")
+    return torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+
+
+def _require(count: float, what: str) -> float:
+    if count <= 0:
+        raise ValueError(f"validation saw no {what} over all ranks; the validation split or max_val_batches is "
+                         "too small: enlarge data.val_ratio, or raise max_val_batches")
+    return count
+
+
 def evaluate_tokenizer(model: nn.Module, loader, ctx: DistContext) -> dict[str, float]:
-    """Full-decoder and s1-only reconstruction MSE, loss, and s1/s2 codebook usage."""
+    """Full-decoder and s1-only reconstruction MSE over the windows' in-split bars, loss, s1/s2 usage."""
     device = module_device(model)
     counter = CodebookCounter(model.s1_bits, model.s2_bits, joint=False)
-    sums = [0.0, 0.0, 0.0, 0.0]  # full mse * n, s1 mse * n, loss * n, n
+    sums = [0.0] * 5  # full squared error, s1 squared error, bsq loss * windows, windows, in-split values
     for batch in loader:
         x = batch["x"].to(device)
         (z_pre, z), bsq_loss, quantized, _ = model(x)
         s1, s2 = model.quantizer.codes_to_indices(quantized)
         counter.update(s1.cpu(), s2.cpu())
-        full, pre = F.mse_loss(z, x).item(), F.mse_loss(z_pre, x).item()
-        n = len(x)
-        sums = [sums[0] + full * n, sums[1] + pre * n, sums[2] + (full + pre + bsq_loss.item()) / 2 * n, sums[3] + n]
+        keep = _in_split(batch, x).to(device)[..., None].expand_as(x)  # (B, L, 6)
+        sums = [a + b for a, b in zip(sums, (((z.float() - x) ** 2)[keep].sum().item(),
+                                             ((z_pre.float() - x) ** 2)[keep].sum().item(),
+                                             bsq_loss.item() * len(x), len(x), keep.sum().item()))]
     sums = ctx.sum(sums, device)
     s1_counts, s2_counts, _ = counter.counts()
     if ctx.world_size > 1:
         merged = ctx.sum([*s1_counts.tolist(), *s2_counts.tolist()], device)
         s1_counts, s2_counts = np.array(merged[: len(s1_counts)]), np.array(merged[len(s1_counts):])
-    n = max(sums[3], 1)
-    return {"val_recon_full": sums[0] / n, "val_recon_s1": sums[1] / n, "val_loss": sums[2] / n,
+    windows, values = _require(sums[3], "windows"), sums[4]
+    full, pre = sums[0] / values, sums[1] / values
+    return {"val_recon_full": full, "val_recon_s1": pre, "val_loss": (full + pre + sums[2] / windows) / 2,
             "s1_usage": float((s1_counts > 0).mean()), "s2_usage": float((s2_counts > 0).mean())}
 
 
@@ -475,10 +714,10 @@ def make_predictor_evaluate(tokens: FrozenTokens) -> Callable[[nn.Module, Any, D
         sums = [0.0] * 5
         for batch in loader:
             s1, s2 = tokens(batch, device)
-            scores = model.score_next_tokens(s1, s2, batch["stamp"].to(device))
+            scores = model.score_next_tokens(s1, s2, batch["stamp"].to(device), batch.get("in_split"))
             sums = [a + b for a, b in zip(sums, scores)]
-        sums = ctx.sum(sums, device)
-        n = max(sums[4], 1)
+        sums = ctx.sum(sums, device)  # only targets inside the validation split count
+        n = _require(sums[4], "target tokens")
         ce1, ce2 = sums[0] / n, sums[1] / n
         return {"val_loss": (ce1 + ce2) / 2, "val_ce_s1": ce1, "val_ce_s2": ce2, "val_acc_s1": sums[2] / n,
                 "val_acc_s2": sums[3] / n}
@@ -516,7 +755,8 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     data = data or load_data(cfg)
     tokenizer = KronosTokenizer.from_pretrained(cfg.tokenizer.start_from, seed=cfg.seed)
     tokenizer.quantizer.entropy_mode = cfg.tokenizer.entropy_mode
-    phase = Phase("tokenizer", tokenizer, tokenizer_step, evaluate_tokenizer, "val_recon_full", data.train, data.val)
+    phase = Phase("tokenizer", tokenizer, tokenizer_step, evaluate_tokenizer, "val_recon_full", data.train, data.val,
+                  inputs={"data": dataclasses.asdict(cfg.data)})
     return run_phase(phase, cfg.tokenizer, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
                      resume=resume, progress=progress, on_step=on_step)
 
@@ -543,7 +783,8 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
 
     step = make_predictor_step(train_tokens, teacher_forcing=cfg.predictor.teacher_forcing)
     phase = Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens), "val_loss", data.train, data.val,
-                  before_save=check_frozen)
+                  before_save=check_frozen,
+                  inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash})
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
                        resume=resume, progress=progress, on_step=on_step)
     check_frozen()

@@ -79,9 +79,11 @@ def test_run_directory_holds_reference_checkpoints_and_metrics(trained):
 
 def test_phase_two_reads_the_phase_one_tokenizer_unchanged(trained):
     run_dir, _, _, _ = trained
-    tok = KronosTokenizer.from_pretrained(run_dir / "tokenizer" / "best")
-    # the predictor phase hashed this tokenizer before and after; the file is untouched too
-    assert weights_hash(tok) == weights_hash(KronosTokenizer.from_pretrained(run_dir / "tokenizer" / "best"))
+    # phase 2 hashed the tokenizer it loaded before training (its state keeps the hash); that is the
+    # phase-1 `best` file as it is now, so phase 2 read it and nothing changed it
+    used = torch.load(run_dir / "state" / "predictor.pt", weights_only=True)["config"]["tokenizer_sha256"]
+    assert weights_hash(KronosTokenizer.from_pretrained(run_dir / "tokenizer" / "best")) == used
+    assert weights_hash(KronosTokenizer.from_preset("tiny")) != used  # not the untrained start
 
 
 def test_frozen_tokenizer_check_catches_a_change(tmp_path, data, monkeypatch):
@@ -105,10 +107,23 @@ def test_frozen_tokenizer_check_catches_a_change(tmp_path, data, monkeypatch):
         train_predictor(cfg, data=data, progress=False)
 
 
+def with_dropout(cls, folder, p: float = 0.2):
+    """The tiny preset with dropout on (the tiny presets have none), saved as a checkpoint folder."""
+    from kronos_kit.model.checkpoint import PRESETS
+
+    config = {**PRESETS[cls.__name__]["tiny"], **{k: p for k in PRESETS[cls.__name__]["tiny"] if "dropout" in k}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cls.from_config(config).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("phase", ["tokenizer", "predictor"])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, data, phase):
     # dropout on, and phase 2 samples s1: both draw from the RNG that resume must restore
-    extra = {"predictor.start_from": "tiny", f"{phase}.max_steps": 12, f"{phase}.eval_every": 4}
+    cls = KronosTokenizer if phase == "tokenizer" else Kronos
+    extra = {f"{phase}.start_from": with_dropout(cls, tmp_path / "start"), f"{phase}.max_steps": 12,
+             f"{phase}.eval_every": 4}
     train = train_tokenizer if phase == "tokenizer" else train_predictor
 
     def run(run_dir, interrupt_at=None):
@@ -122,7 +137,6 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, data, phase):
             train(cfg, data=data, progress=False, on_step=on_step)
         except KeyboardInterrupt:
             train(cfg, data=data, progress=False, resume=True)
-        cls = KronosTokenizer if phase == "tokenizer" else Kronos
         return [weights_hash(cls.from_pretrained(run_dir / phase / k)) for k in ("last", "best")]
 
     assert run(tmp_path / "whole") == run(tmp_path / "killed", interrupt_at=10)
@@ -162,7 +176,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, data, m
         train_tokenizer(cfg, data=data, progress=False)
     last = KronosTokenizer.from_pretrained(tmp_path / "tokenizer" / "last")
     assert all(torch.isfinite(p).all() for p in last.parameters())
-    state = torch.load(tmp_path / "state" / "tokenizer.pt", weights_only=False)
+    state = torch.load(tmp_path / "state" / "tokenizer.pt", weights_only=True)
     assert state["step"] == 8
 
 

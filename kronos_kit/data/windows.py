@@ -180,7 +180,9 @@ class WindowDataset(Dataset):
     (`schema.normalize`). An item is a dict: ``x`` (L, 6) float32 in order open,
     high, low, close, volume, amount; ``stamp`` (L, 5) float32 minute, hour, weekday, day, month;
     ``mean`` and ``std`` (6,) float32; ``symbol`` str; ``start`` int (row of the first bar within
-    its symbol's rows in ``frame``), so the default DataLoader collate works.
+    its symbol's rows in ``frame``); ``in_split`` (L,) bool, False for the ``is_context`` bars that a
+    val/test window borrows from the previous split (score only targets where it is True). The
+    default DataLoader collate works.
 
     Windows never cross symbols. For frames from `split`, the target bars (after the look-back)
     of every window lie outside the ``is_context`` rows. ``gaps`` decides what a time jump larger
@@ -255,6 +257,7 @@ class WindowDataset(Dataset):
         self._starts = np.repeat(lo, count) + stride * within
         self._win_symbol = np.repeat(seg_sym, count)
         self._symbol_start = starts
+        self._n_context = n_context
         self.symbols = names
         self._order: np.ndarray | None = None
         self.set_epoch(0)
@@ -311,6 +314,7 @@ class WindowDataset(Dataset):
             "std": torch.from_numpy(std.astype(np.float32)),
             "symbol": self.symbols[k],
             "start": start - int(self._symbol_start[k]),
+            "in_split": torch.arange(self.window) >= int(self._n_context[k]) - (start - int(self._symbol_start[k])),
         }
 
     def window_array(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:

@@ -288,18 +288,23 @@ class Kronos(CheckpointMixin, nn.Module):
         return s1_logits, s2_logits
 
     @torch.no_grad()
-    def score_next_tokens(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor) -> NextTokenScores:
+    def score_next_tokens(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor,
+                          in_split: torch.Tensor | None = None) -> NextTokenScores:
         """Summed NLL and hits of next-token prediction on one batch of (B, T) tokens and (B, T, 5) stamps.
 
         The causal path with s2 conditioned on the true next s1: no RNG, no leak of the s2 target.
-        Inputs are positions [:-1], targets [1:].
+        Inputs are positions [:-1], targets [1:]. `in_split` (B, T) bool marks the bars that belong
+        to the split being scored (a window's `in_split`); targets outside it (context bars borrowed
+        from the previous split) still condition the model but are not scored.
         """
         l1, l2 = self(s1[:, :-1], s2[:, :-1], stamp[:, :-1], use_teacher_forcing=True, s1_targets=s1[:, 1:])
         t1, t2 = s1[:, 1:], s2[:, 1:]
-        n = t1.numel()
-        return NextTokenScores(F.cross_entropy(l1.reshape(n, -1).float(), t1.reshape(-1), reduction="sum").item(),
-                               F.cross_entropy(l2.reshape(n, -1).float(), t2.reshape(-1), reduction="sum").item(),
-                               (l1.argmax(-1) == t1).sum().item(), (l2.argmax(-1) == t2).sum().item(), n)
+        scored = (torch.ones_like(t1, dtype=torch.bool) if in_split is None
+                  else torch.as_tensor(in_split, device=t1.device)[:, 1:].bool())  # (B, T-1)
+        nll1 = F.cross_entropy(l1.flatten(0, 1).float(), t1.reshape(-1), reduction="none")[scored.reshape(-1)]
+        nll2 = F.cross_entropy(l2.flatten(0, 1).float(), t2.reshape(-1), reduction="none")[scored.reshape(-1)]
+        return NextTokenScores(nll1.sum().item(), nll2.sum().item(), ((l1.argmax(-1) == t1) & scored).sum().item(),
+                               ((l2.argmax(-1) == t2) & scored).sum().item(), int(scored.sum()))
 
     def decode_s1(
         self,

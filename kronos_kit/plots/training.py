@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from kronos_kit.plots.figure import legend_outside, new_figure
-from kronos_kit.runs import read_metrics
+from kronos_kit.runs import current_records, read_metrics
 
 __all__ = ["SEPARATE_AXIS_KEYS", "PHASE_CURVES", "plot_loss_curves", "plot_training_curves"]
 
@@ -87,9 +87,8 @@ def plot_loss_curves(
 
 
 def _records(metrics: str | Path | list[dict], phase: str) -> list[dict]:
-    if isinstance(metrics, list):
-        return [r for r in metrics if r.get("phase") == phase]
-    return read_metrics(metrics, phase)
+    # the current run only, one record per step (see `runs.current_records`), from a file or a list
+    return current_records(metrics, phase) if isinstance(metrics, list) else read_metrics(metrics, phase)
 
 
 def _series(records: list[dict], keys: Sequence[str]) -> dict[str, tuple[list, list]]:
