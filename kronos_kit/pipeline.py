@@ -69,6 +69,9 @@ STAGES = {
     "03": "03_diagnostics.ipynb",
 }
 KERNEL_NAME = "kronos-kit"
+# the kernel process's own log (a TCP-transport warning at start, a KeyboardInterrupt note at shutdown) is
+# noise in the terminal; what fails inside a notebook reaches the pipeline as a cell error instead
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 # the config a stage's outputs depend on; its input hash also covers the previous stage's outputs
 STAGE_CONFIG = {
     "01": ("seed", "device", "precision", "data", "tokenizer", "gate.max_full_mse", "gate.min_s1_usage"),
@@ -501,6 +504,7 @@ def run_pipeline(
                     str(notebooks / notebook), str(output), parameters=parameters, kernel_name=kernel,
                     cwd=str(notebooks), progress_bar=False, log_output=False,
                     stderr_file=_KernelMessages() if progress else None,
+                    extra_arguments=KERNEL_ARGUMENTS,
                 )
         except papermill.PapermillExecutionError as err:
             record.update(status="failed", seconds=round(time.perf_counter() - start, 1),
@@ -517,7 +521,9 @@ def run_pipeline(
                  f"--run-dir {run_dir} --resume", err=True)
             raise
         checkpoints = checkpoint_hashes(run_dir)
-        outputs = hashlib.sha256((stage_hash + json.dumps(checkpoints, sort_keys=True)).encode()).hexdigest()
+        # the stage's outputs: its inputs and the checkpoints it wrote (a later stage's are not its own)
+        own = {k: v for k, v in checkpoints.items() if k.split("/")[0] in training}
+        outputs = hashlib.sha256((stage_hash + json.dumps(own, sort_keys=True)).encode()).hexdigest()
         seconds = round(time.perf_counter() - start, 1)
         record.update(status="completed", seconds=seconds, outputs=outputs)
         manifest.data["checkpoints"] = checkpoints

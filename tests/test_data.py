@@ -648,7 +648,7 @@ def test_plot_candles_makes_a_headless_figure():
 def test_an_unnamed_first_column_of_dates_is_the_timestamps(tmp_path):
     # what DataFrame.to_csv() writes for a frame indexed by date
     bars = pd.DataFrame({"Open": [1.0, 1.5, 1.6], "High": [2.0, 2.0, 2.0], "Low": [0.5, 1.0, 1.0],
-                         "Close": [1.5, 1.8, 1.7], "Volume": [10.0, 20.0, 30.0]},
+                         "Close": [1.5, 1.8, 1.7], "Volume": [10.0, 20.0, 30.0], "Amount": [15.0, 36.0, 51.0]},
                         index=pd.to_datetime(["2024-01-02", "2024-01-03", "2024-01-04"]))
     bars.to_csv(tmp_path / "indexed.csv")
     with pytest.warns(DataNotice, match="unnamed first column holds dates; taken as the timestamps"):
