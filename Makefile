@@ -9,7 +9,7 @@ PYTHON_BOOTSTRAP ?= python3
 # CPU build by default; GPU users pass their own, e.g. TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url <cuda index>"
 TORCH_SPEC ?= torch==2.13.0
 KERNEL_NAME ?= kronos-kit
-CONFIG ?= configs/default.yaml
+CONFIG ?=  # empty: configs/default.yaml for a new run; a resumed run uses its own saved config
 PYTEST_ARGS ?=
 
 .PHONY: help setup pipeline base lab test test-fast lint format strip bench clean
@@ -31,14 +31,16 @@ setup: $(PY)  ## create .venv with kronos-kit[dev] and register the Jupyter kern
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL_NAME) --display-name "Python ($(KERNEL_NAME))" >/dev/null
 	@echo "ready: $(VENV) with kernel '$(KERNEL_NAME)'"
 
-pipeline: $(PY)  ## run the default end-to-end pipeline (01 -> 02 -> 03) into runs/
-	$(PY) -m kronos_kit pipeline --config $(CONFIG) $(ARGS)
+pipeline: $(PY)  ## run 01 -> 02 -> 03 into runs/ (ARGS="-p data=bars.csv", ARGS="--run-dir RUN --resume")
+	$(PY) -m kronos_kit pipeline $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 base: $(PY)  ## re-pretrain the embedded tiny base checkpoints on the S&P 500 sample
 	$(PY) -m kronos_kit pretrain --config configs/pretrain_base.yaml
 
-lab: $(PY)  ## open JupyterLab on notebooks/
-	$(VENV)/bin/jupyter lab notebooks/
+# Lab serves the project root (runs/ and configs/ browsable beside notebooks/) and opens notebooks/;
+# extra options pass through: make lab ARGS="--port 8899 --no-browser"
+lab: $(PY)  ## JupyterLab on the project, opened at notebooks/ (ARGS="--port 8899" passes options)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(ARGS)
 
 test: $(PY)  ## run the whole test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)

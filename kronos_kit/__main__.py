@@ -1,21 +1,43 @@
-"""Command line: `python -m kronos_kit <command>` (see `--help`)."""
+"""Command line: `python -m kronos_kit <command>` (see `--help`).
+
+Mistakes in a call (a mistyped parameter, a missing file, a run folder that cannot be used) print
+`error: <what to do>` and exit with code 2, without a traceback and without creating anything.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
+from typing import Any
+
+USAGE_EXIT = 2  # argparse's own exit code for usage errors
 
 
 def _config(path: str | None, overrides: list[str], run_dir: str | None = None):
-    from kronos_kit.config import KitConfig, apply_overrides, parse_overrides
+    from kronos_kit.config import KitConfig, apply_overrides, parse_overrides, resolve_path, resolve_paths
 
-    cfg = KitConfig.from_file(path) if path else KitConfig()
+    cfg = KitConfig.from_file(resolve_path(path)) if path else KitConfig()
     given = {"run_dir": run_dir} if run_dir is not None else {}  # --run-dir left out keeps the config's
-    return apply_overrides(cfg, {**parse_overrides(overrides), **given})
+    return resolve_paths(apply_overrides(cfg, {**parse_overrides(overrides), **given}))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parameters_help() -> str:
+    from kronos_kit.config import NOTEBOOK_PARAMETERS
+
+    rows = [f"  {name:<16} -> {field}" for name, field in NOTEBOOK_PARAMETERS.items()]
+    return ("notebook parameters (-p NAME=VALUE; or any dotted config field, e.g. -p predictor.lr=1e-5,\n"
+            "-p data.columns.Date=timestamps):\n" + "\n".join(rows) +
+            "\n\nrelative paths: tried from the working directory, then from the project root.\n"
+            "examples:\n"
+            "  python -m kronos_kit pipeline -p data=bars.csv -p tokenizer_steps=500\n"
+            "  python -m kronos_kit pipeline --run-dir runs/default-nasdaq-20260101-120000 --resume\n"
+            "  python -m kronos_kit pipeline --run-dir runs/default-nasdaq-20260101-120000 --from 02 "
+            "-p ignore_gate=true")
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kronos_kit", description="kronos-kit command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -26,14 +48,42 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from <run_dir>/state/<phase>.pt")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokenizer.max_steps=20")
 
-    pipe = sub.add_parser("pipeline", help="run notebooks 01 -> 02 -> 03 with papermill into a run directory")
-    pipe.add_argument("--config", default="configs/default.yaml")
-    pipe.add_argument("--run-dir")
+    pipe = sub.add_parser("pipeline", help="run notebooks 01 -> 02 -> 03 with papermill into a run directory",
+                          epilog=_parameters_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    pipe.add_argument("--config", help="YAML config of a new run (default: configs/default.yaml)")
+    pipe.add_argument("--run-dir", help="run folder (default: runs/<config>-<data>-<timestamp> at the project root)")
     pipe.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                      help="notebook parameter or dotted config override, repeatable")
-    pipe.add_argument("--resume", action="store_true", help="skip stages that completed with unchanged inputs")
-    pipe.add_argument("--from", dest="from_stage", help="start at this stage (01, 02 or 03)")
+                      help="notebook parameter or dotted config override, repeatable (listed below)")
+    pipe.add_argument("--resume", action="store_true",
+                      help="continue the --run-dir run with its saved config: skip completed stages, continue an "
+                           "interrupted training stage from its state")
+    pipe.add_argument("--from", dest="from_stage", metavar="STAGE",
+                      help="rerun the --run-dir run from this stage (01, 02 or 03) with its saved config")
     pipe.add_argument("--overwrite", action="store_true", help="allow reusing an existing run directory")
+
+    fc = sub.add_parser("forecast", help="forecast the bars after the end of each symbol's data into a CSV")
+    models = fc.add_argument_group("models (give --run, or --tokenizer and --predictor)")
+    models.add_argument("--run", help="a pipeline run: its promoted pair and calibrated sampling when present")
+    models.add_argument("--tokenizer", help="tokenizer checkpoint (folder, embedded:..., hub id)")
+    models.add_argument("--predictor", help="predictor checkpoint (folder, embedded:..., hub id)")
+    fc.add_argument("--data", required=True, help="CSV/Parquet file or folder, or sample:nasdaq / sample:sp500")
+    fc.add_argument("--column", action="append", default=[], metavar="SOURCE=CANONICAL",
+                    help="map a column name, e.g. --column Date=timestamps (repeatable)")
+    fc.add_argument("--symbol", help="symbol name for a file without a symbol column (or: keep only this symbol)")
+    fc.add_argument("--horizon", type=int, required=True, help="bars to forecast after each symbol's last bar")
+    fc.add_argument("--out", required=True, help="output CSV")
+    fc.add_argument("--samples", type=int, default=32, help="sample paths per symbol (default 32)")
+    fc.add_argument("--quantiles", default="0.1,0.5,0.9", help="comma-separated levels (default 0.1,0.5,0.9)")
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--temperature", type=float, help="sampling temperature (default: the run's calibrated one)")
+    fc.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's calibrated one)")
+    fc.add_argument("--max-context", type=int, help="context window in bars (default: the run's, else 512)")
+    fc.add_argument("--device", default="cpu")
+    fc.add_argument("--threads", type=int, help="torch CPU threads (default: $KRONOS_THREADS, else torch's)")
+
+    cmp = sub.add_parser("compare", help="one table of several runs: config differences, gate, codebook, metrics")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    cmp.add_argument("--out", help="folder for comparison.md and comparison.csv (default: print only)")
 
     pre = sub.add_parser("pretrain", help="pretrain the embedded base checkpoints (make base)")
     pre.add_argument("--config", default="configs/pretrain_base.yaml")
@@ -43,25 +93,116 @@ def main(argv: list[str] | None = None) -> int:
     strip = sub.add_parser("strip-notebooks", help="remove outputs from notebooks")
     strip.add_argument("paths", nargs="+")
     strip.add_argument("--check", action="store_true", help="fail if any notebook has outputs")
+    return parser
 
-    # key=value overrides may come before or after options; argparse alone leaves later ones over
-    args, extra = parser.parse_known_args(argv)
-    stray = [w for w in extra if "=" not in w or w.startswith("-")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        if not hasattr(args, "overrides"):
-            parser.error(f"{args.command} takes no key=value overrides; use -p KEY=VALUE")
-        args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+# ---------------------------------------------------------------------------------------------
+# forecast
+
+
+def run_models(run_dir: str | Path) -> dict[str, Any]:
+    """What `forecast --run` uses from a run: the promoted tokenizer + predictor (promoted.json) and the
+    calibrated sampling (calibration.json) when the run has them, else its own `best` checkpoints (the
+    base ones for a phase it skipped) and its configured sampling. Reads plain JSON and YAML only."""
+    from kronos_kit.config import KitConfig
+    from kronos_kit.runs import RunDir, load_json
+    from kronos_kit.train import tokenizer_source_for_phase2
+
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
+        raise FileNotFoundError(f"--run {rd.path}: no config.yaml there; give the folder of a pipeline run")
+    cfg = KitConfig.from_file(rd.config)
+    if rd.promoted.is_file():
+        promoted = load_json(rd.promoted)
+        tokenizer, predictor, chosen = promoted["tokenizer"], promoted["predictor"], f"promoted ({rd.promoted.name})"
+    else:
+        tokenizer = tokenizer_source_for_phase2(cfg, rd.path)
+        own = rd.checkpoint("predictor")
+        predictor, chosen = (str(own) if own.exists() else cfg.predictor.start_from), "the run's best checkpoints"
+    sampling = {"temperature": cfg.evaluation.temperature, "top_p": cfg.evaluation.top_p}
+    if rd.calibration.is_file():
+        calibration = load_json(rd.calibration)
+        sampling = {"temperature": float(calibration["temperature"]), "top_p": float(calibration["top_p"])}
+    return {"tokenizer": tokenizer, "predictor": predictor, "chosen": chosen, "sampling": sampling,
+            "calibrated": rd.calibration.is_file(), "max_context": cfg.evaluation.max_context,
+            "top_k": cfg.evaluation.top_k}
+
+
+def _quantiles(text: str) -> list[float]:
+    try:
+        return [float(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        raise ValueError(f"--quantiles {text!r}: give comma-separated levels in [0, 1], e.g. 0.1,0.5,0.9") from None
+
+
+def _forecast(args: argparse.Namespace) -> int:
+    from kronos_kit.config import (
+        DataConfig,
+        KitConfig,
+        PredictorPhaseConfig,
+        TokenizerPhaseConfig,
+        parse_overrides,
+        resolve_path,
+        resolve_paths,
+        thread_count,
+    )
+    from kronos_kit.data.bundle import load_source
+    from kronos_kit.forecast import KronosPredictor, forecast_frame
+    from kronos_kit.model import Kronos, KronosTokenizer
+    from kronos_kit.runtime import resolve_device, set_threads
+
+    if (args.run is None) == (args.tokenizer is None and args.predictor is None):
+        raise ValueError("give either --run RUN_DIR, or --tokenizer and --predictor")
+    if args.run is None and (args.tokenizer is None or args.predictor is None):
+        raise ValueError("--tokenizer and --predictor go together (a predictor needs the tokenizer it was trained on)")
+    set_threads(args.threads if args.threads is not None else thread_count())
+    if args.run is not None:
+        chosen = run_models(resolve_path(args.run))
+    else:
+        chosen = {"tokenizer": args.tokenizer, "predictor": args.predictor, "chosen": "given",
+                  "sampling": {"temperature": 1.0, "top_p": 0.9}, "calibrated": False, "max_context": 512, "top_k": 0}
+    sampling = {"temperature": args.temperature if args.temperature is not None else chosen["sampling"]["temperature"],
+                "top_p": args.top_p if args.top_p is not None else chosen["sampling"]["top_p"]}
+    columns = {k: str(v) for k, v in parse_overrides(args.column).items()} or None
+    # the same path rule and loader as a pipeline run's data.source
+    sources = resolve_paths(KitConfig(data=DataConfig(source=args.data, symbol=args.symbol, columns=columns),
+                                      tokenizer=TokenizerPhaseConfig(start_from=chosen["tokenizer"]),
+                                      predictor=PredictorPhaseConfig(start_from=chosen["predictor"])))
+    frame = load_source(sources.data)
+    device = resolve_device(args.device)
+    tokenizer = KronosTokenizer.from_pretrained(sources.tokenizer.start_from, device=device)
+    model = Kronos.from_pretrained(sources.predictor.start_from, device=device)
+    predictor = KronosPredictor(model, tokenizer, device=str(device),
+                                max_context=args.max_context or chosen["max_context"])
+    table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples,
+                           quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"], **sampling)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    n_symbols = table["symbol"].nunique()
+    print(f"wrote {len(table)} rows ({n_symbols} symbol(s) x {args.horizon} steps) to {out}\n"
+          f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
+          f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
+          f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "strip-notebooks":
         from kronos_kit.notebooks import strip_notebooks
 
         return strip_notebooks(args.paths, check=args.check)
     if args.command == "train":
+        from kronos_kit.config import thread_count
+        from kronos_kit.runtime import set_threads
         from kronos_kit.train import train_predictor, train_tokenizer
 
         cfg = _config(args.config, args.overrides, run_dir=args.run_dir)
+        set_threads(thread_count(cfg))
         fn = train_tokenizer if args.phase == "tokenizer" else train_predictor
         result = fn(cfg, resume=args.resume)
         print(f"{args.phase}: {result.steps} steps ({result.stopped}), "
@@ -72,10 +213,50 @@ def main(argv: list[str] | None = None) -> int:
 
         pretrain_base(_config(args.config, args.overrides), args.out)
         return 0
+    if args.command == "forecast":
+        return _forecast(args)
+    if args.command == "compare":
+        from kronos_kit.compare import compare_runs, comparison_markdown, write_comparison
+
+        table = compare_runs(args.runs)
+        print(comparison_markdown(table))
+        if args.out:
+            paths = write_comparison(table, args.out)
+            print(f"\nwrote {paths['markdown']} and {paths['csv']}")
+        return 0
     from kronos_kit.pipeline import run_pipeline
 
     return run_pipeline(args.config, run_dir=args.run_dir, params=args.param, resume=args.resume,
                         from_stage=args.from_stage, overwrite=args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    # key=value overrides may come before or after options; argparse alone leaves later ones over
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if "=" not in w or w.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no key=value overrides; use -p KEY=VALUE")
+        args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # the pipeline prints its own stage lines
+    from kronos_kit.data.schema import DataError
+    from kronos_kit.pipeline import UsageError
+
+    try:
+        return _dispatch(args)
+    except (UsageError, DataError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USAGE_EXIT
+    except ValueError as err:
+        # bad values in a call (config fields, options); the pipeline's own checks raise UsageError above
+        if args.command in ("train", "forecast", "compare", "pretrain"):
+            print(f"error: {err}", file=sys.stderr)
+            return USAGE_EXIT
+        raise
 
 
 if __name__ == "__main__":

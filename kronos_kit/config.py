@@ -3,13 +3,22 @@
 `KitConfig.from_file("configs/default.yaml")` reads a YAML file whose sections mirror the
 dataclasses below. `apply_overrides` is the one override path: notebook parameters (a `None`
 parameter keeps the config's value) and dotted keys such as `{"tokenizer.max_steps": 20}` or the
-command line's `key=value` words (an explicit `None` / `null` sets the field to null). Unknown keys
-are errors that name the key. Every field is documented in the README's configuration table.
+command line's `key=value` words (an explicit `None` / `null` sets the field to null); a dotted key
+may reach into a mapping field (`data.columns.Date=timestamps`). Unknown keys are errors that name
+the key and the closest valid ones. Every field is documented in the README's configuration table.
+
+Relative paths in parameters and config fields (the config file, `data.source`, checkpoint
+folders, `run_dir`) resolve the same from any working directory (`resolve_path`): the working
+directory's path when it exists there, else the project root's (the folder holding `configs/`
+above the installed package), so a notebook kernel started in `notebooks/` finds
+`configs/default.yaml` and writes `runs/` at the project root.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import re
 import types
 import typing
@@ -34,7 +43,12 @@ NOTEBOOK_PARAMETERS = {
     "train_predictor": "predictor.enabled",
     "ignore_gate": "gate.override",
     "eval_origins": "evaluation.max_origins",
+    "threads": "threads",
 }
+# notebook parameters that are not config fields: where the run goes, which YAML, and whether the
+# training stages continue from their saved state (the pipeline sets it under --resume)
+RUN_PARAMETERS = ("run_dir", "config", "resume")
+THREADS_ENV = "KRONOS_THREADS"  # thread count when the config leaves `threads` at null
 
 
 @dataclass
@@ -51,6 +65,7 @@ class DataConfig:
     stride: int = 1  # bars between consecutive training windows
     max_samples_per_epoch: int | None = None  # cap on windows per epoch (large data)
     fill: str | None = None  # None: NaN is an error; "ffill": forward-fill within a symbol
+    columns: dict[str, str] | None = None  # {source column: canonical name}, e.g. {Date: timestamps}
 
     def __post_init__(self) -> None:
         if self.lookback < 2 or self.predict < 1:
@@ -144,10 +159,13 @@ class KitConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"  # run name; the run directory is named after it
+    threads: int | None = None  # torch CPU threads; None: $KRONOS_THREADS, else torch's default
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null (torch's default), got {self.threads}")
         if any(sep in self.name for sep in ("/", "\\")) or ".." in self.name or not self.name.strip():
             raise ValueError(f"name={self.name!r}: the run name names a folder under runs/, so it must be "
                              "non-empty without '/', '\\' or '..'; use e.g. name: my-run (or set run_dir)")
@@ -183,31 +201,179 @@ def apply_overrides(cfg: KitConfig, values: dict[str, Any]) -> KitConfig:
     A key named in `NOTEBOOK_PARAMETERS` (`data`, `tokenizer_steps`, ...) sets its field, and a None
     value means "not given" (papermill's default), so the config keeps its value. Any other key is a
     dotted field (`predictor.lr`, `seed`); there None is an explicit null and sets the field to None.
+    A dotted key may continue into a mapping field (`data.columns.Date`: one entry; null removes it).
+    An unknown key is a ValueError naming the closest valid keys.
     """
     tree = cfg.to_dict()
+    mappings = _mapping_fields(KitConfig)
     for key, value in values.items():
         if key in NOTEBOOK_PARAMETERS:
             if value is None:
                 continue
             key = NOTEBOOK_PARAMETERS[key]
+        mapping = next((m for m in mappings if key.startswith(m + ".")), None)
+        if mapping is not None:  # data.columns.Date=timestamps: one entry of a mapping field
+            section, field_name = mapping.rsplit(".", 1) if "." in mapping else ("", mapping)
+            node = _walk(tree, section)
+            entries = dict(node.get(field_name) or {})
+            entry = key[len(mapping) + 1:]
+            if value is None:
+                entries.pop(entry, None)
+            else:
+                entries[entry] = value
+            node[field_name] = entries or None
+            continue
         *parents, leaf = key.split(".")
         node = tree
         for p in parents:
             if not isinstance(node.get(p), dict):
-                raise ValueError(f"override {key!r}: {p!r} is not a config section")
+                raise ValueError(unknown_key_message(key))
             node = node[p]
-        if leaf not in node or isinstance(node[leaf], dict):
-            raise ValueError(f"override {key!r}: unknown field {leaf!r}; fields here: {sorted(node)}")
+        if leaf not in node or (isinstance(node[leaf], dict) and key not in mappings):
+            raise ValueError(unknown_key_message(key))
         node[leaf] = value
     return KitConfig.from_dict(tree, source="overrides")
 
 
-def notebook_config(config: str | Path, run_dir: str | Path, **parameters: Any) -> KitConfig:
-    """The config a notebook runs with: the YAML file, then its parameters (None = keep the file's)."""
+def _walk(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
+    for part in filter(None, dotted.split(".")):
+        tree = tree[part]
+    return tree
+
+
+def _mapping_fields(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the fields typed as mappings (e.g. `data.columns`)."""
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            out += _mapping_fields(hint, f"{prefix}{name}.")
+        elif dict in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
+            out.append(prefix + name)
+    return out
+
+
+def config_fields(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted config field (`seed`, `data.source`, `tokenizer.max_steps`, ...), in declaration order."""
+    cls = cls or KitConfig
+    out = []
+    for name, hint in typing.get_type_hints(cls).items():
+        out += config_fields(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
+    return out
+
+
+def unknown_key_message(key: str) -> str:
+    """What to say about a mistyped parameter: the closest valid names first, then every valid name."""
+    params, fields = [*NOTEBOOK_PARAMETERS, *RUN_PARAMETERS], config_fields()
+    close = difflib.get_close_matches(key, params + fields, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    return (f"unknown parameter {key!r}{hint} Notebook parameters: {', '.join(params)}. "
+            f"Config fields (dotted): {', '.join(fields)}.")
+
+
+def notebook_config(config: str | Path, run_dir: str | Path | None, **parameters: Any) -> KitConfig:
+    """The config a notebook runs with: the YAML file, then its parameters (None = keep the file's).
+
+    Relative paths resolve as `resolve_path` says, so the notebook runs the same from `notebooks/`
+    (JupyterLab's working directory) and from the project root; `run_dir=None` means `runs/notebook`
+    under the project root.
+    """
     unknown = set(parameters) - set(NOTEBOOK_PARAMETERS)
     if unknown:
         raise ValueError(f"unknown notebook parameters {sorted(unknown)}; known: {sorted(NOTEBOOK_PARAMETERS)}")
-    return apply_overrides(KitConfig.from_file(config), {**parameters, "run_dir": str(run_dir)})
+    run_dir = resolve_path(run_dir or "runs/notebook", new=True)
+    cfg = apply_overrides(KitConfig.from_file(resolve_path(config)), {**parameters, "run_dir": str(run_dir)})
+    return resolve_paths(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths: the same from any working directory
+
+
+def project_root() -> Path:
+    """The project folder: the one above the package when it holds `configs/` (a checkout or editable
+    install), else the working directory (a plain install has no project folder of its own)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "configs").is_dir() else Path.cwd()
+
+
+def resolve_path(path: str | Path, *, new: bool = False) -> Path:
+    """A relative path from the working directory when it exists there, else from the project root.
+
+    A path that exists in neither place comes back as given (so an error names it as the user wrote
+    it), or under the project root when `new` (a folder about to be created, such as a run directory).
+    Absolute paths and `~` paths are returned expanded.
+    """
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    in_root = project_root() / path
+    return in_root if new or in_root.exists() else path
+
+
+def resolve_paths(cfg: KitConfig) -> KitConfig:
+    """`cfg` with its relative data and checkpoint paths made absolute by `resolve_path`, so they hold
+    from any working directory (a notebook kernel runs in `notebooks/`). Only sources that exist as
+    paths change: sample names, presets, `embedded:` sources and hub ids stay as they are."""
+    changes = {}
+    for key in ("data.source", "tokenizer.start_from", "predictor.start_from", "predictor.tokenizer_from"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not isinstance(value, str) or value.startswith(("sample:", "embedded:")):
+            continue
+        if key != "data.source" and "/" not in value and os.sep not in value:
+            continue  # a preset name such as "tiny", even if a folder of that name happens to exist here
+        path = resolve_path(value)
+        if path.exists() and str(path.resolve()) != value:
+            changes[key] = str(path.resolve())
+    return cfg.with_overrides(changes) if changes else cfg
+
+
+def thread_count(cfg: KitConfig | None = None) -> int | None:
+    """The torch CPU thread count asked for: `cfg.threads`, else $KRONOS_THREADS, else None (torch's default)."""
+    if cfg is not None and cfg.threads is not None:
+        return cfg.threads
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"${THREADS_ENV}={text!r}: set it to a whole number >= 1, or unset it")
+    return int(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a config changes
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted field: value}; mapping fields stay one value."""
+    out: dict[str, Any] = {}
+    mappings = set(_mapping_fields(KitConfig))
+    for key, value in values.items():
+        name = prefix + key
+        if isinstance(value, dict) and name not in mappings:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(cfg: KitConfig, base: KitConfig | None = None, *,
+                ignore: tuple[str, ...] = ("run_dir", "name")) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (base value, cfg value)} for every field where `cfg` differs from `base`
+    (default: the kit's built-in defaults, `KitConfig()`); `ignore` leaves fields out."""
+    ours, theirs = flatten(cfg.to_dict()), flatten((base or KitConfig()).to_dict())
+    return {k: (theirs.get(k), v) for k, v in ours.items() if k not in ignore and theirs.get(k) != v}
+
+
+def describe_config(cfg: KitConfig, base: KitConfig | None = None) -> str:
+    """A few lines instead of the whole YAML: the run, then only the fields that differ from `base`
+    (default: the kit's defaults; the full config is in the run directory's config.yaml)."""
+    diff = config_diff(cfg, base)
+    lines = [f"run {cfg.name!r} -> {cfg.run_dir}", f"data: {cfg.data.source}",
+             f"{len(diff)} field(s) differ from the {'kit defaults' if base is None else 'base config'}:"]
+    width = max((len(k) for k in diff), default=0)
+    lines += [f"  {k:<{width}}  {v!r}   (default {d!r})" for k, (d, v) in diff.items()]
+    return "\n".join(lines)
 
 
 def parse_overrides(words: list[str]) -> dict[str, Any]:
@@ -256,6 +422,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"{where} must be a mapping of names to names (e.g. {{Date: timestamps}}), got {value!r}")
+        return dict(value)
     if hint in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         value = float(value) if hint is float or not value.strip().lstrip("+-").isdigit() else int(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):

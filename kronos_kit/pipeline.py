@@ -1,10 +1,20 @@
 """End-to-end runs: notebooks 01 -> 02 -> 03 executed by papermill into one run directory.
 
-`run_pipeline` resolves the config and parameters, writes `<run_dir>/config.yaml`, executes each
-notebook with papermill (the executed copy lands in the run directory, errors visible), and keeps
-`<run_dir>/manifest.json` up to date: parameters, seed, package versions, git commit and dirty
-flag, a hash of the input data, hashes of every checkpoint written, and each stage's status,
-duration and input hash. `--resume` skips stages that completed with unchanged inputs.
+`run_pipeline` checks everything a user can get wrong before it creates anything (parameter names,
+the config, the data source, the run folder; a `UsageError` says what to do), then resolves the
+config and parameters, writes `<run_dir>/config.yaml`, executes each notebook with papermill (the
+executed copy lands in the run directory, errors visible) with its working directory in
+`notebooks/` as JupyterLab has it, and keeps `<run_dir>/manifest.json` up to date: parameters,
+seed, package versions, git commit and dirty flag, a hash of the input data, hashes of every
+checkpoint written, and each stage's status, duration and input hash.
+
+While a stage trains, its progress (step, loss, ETA) is printed from the run's metrics log; the run
+ends with a summary (gate, verdict, promotion, time per stage, report path).
+
+`--resume` continues the run it is given with that run's saved config (a `-p` that would change it
+is refused): completed stages with unchanged inputs are skipped, and an interrupted training stage
+continues from its saved state. `--from STAGE` reruns from a stage with the saved config (a `-p`
+may change later stages' fields only). Both refuse a folder that is not a kit run.
 Notebooks pass results to each other only through files in the run directory.
 
 Also here: `pretrain_base` (the command behind `make base`). The run directory's layout lives in
@@ -15,33 +25,53 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import logging
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kronos_kit.config import KitConfig, apply_overrides, parse_overrides
+from kronos_kit.config import (
+    KitConfig,
+    apply_overrides,
+    config_diff,
+    parse_overrides,
+    project_root,
+    resolve_path,
+    resolve_paths,
+)
+from kronos_kit.data import load_data
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
 from kronos_kit.runs import RunDir, atomic_write_text, load_json, save_json
+from kronos_kit.train import planned_steps
 
-__all__ = ["STAGES", "Manifest", "checkpoint_hashes", "data_hash", "file_sha256", "pretrain_base", "run_pipeline"]
+__all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "data_hash", "file_sha256",
+           "is_kit_run", "pipeline_summary", "pretrain_base", "run_name", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+DEFAULT_CONFIG = "configs/default.yaml"
+RUN_KIND = "kronos-kit run"  # the manifest's marker: --resume / --from / --overwrite only touch such folders
 STAGES = {
     "01": "01_tokenizer_adaptation.ipynb",
     "02": "02_predictor_finetune.ipynb",
     "03": "03_diagnostics.ipynb",
 }
 KERNEL_NAME = "kronos-kit"
+# the kernel process's own log (a TCP-transport warning at start, a KeyboardInterrupt note at shutdown) is
+# noise in the terminal; what fails inside a notebook reaches the pipeline as a cell error instead
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 # the config a stage's outputs depend on; its input hash also covers the previous stage's outputs
 STAGE_CONFIG = {
     "01": ("seed", "device", "precision", "data", "tokenizer", "gate.max_full_mse", "gate.min_s1_usage"),
@@ -120,6 +150,261 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------------------------------
+# checking a call before anything is created
+
+
+class UsageError(ValueError):
+    """A mistake in how the pipeline was called (a parameter, a path, a run folder). Nothing was
+    created; the message says what to do. The command line prints it and exits with code 2."""
+
+
+def is_kit_run(path: str | Path) -> bool:
+    """True when `path` holds a run directory written by this kit (its manifest carries our marker)."""
+    manifest = RunDir(path).manifest
+    if not manifest.is_file():
+        return False
+    try:
+        data = load_json(manifest)
+    except ValueError:
+        return False
+    # manifests from before the marker have the same keys
+    return isinstance(data, dict) and (data.get("kind") == RUN_KIND or {"stages", "config", "versions"} <= set(data))
+
+
+def run_name(cfg: KitConfig, when: dt.datetime | None = None) -> str:
+    """`<config name>-<data name>-<YYYYmmdd-HHMMSS>`: the sample name, or the data file's / folder's stem."""
+    source = cfg.data.source
+    data = source.removeprefix("sample:") if source.startswith("sample:") else Path(source).name
+    data = re.sub(r"\.(csv|csv\.gz|txt|parquet|pq)$", "", data, flags=re.IGNORECASE)
+    data = re.sub(r"[^A-Za-z0-9._-]+", "-", data).strip("-.") or "data"
+    return f"{cfg.name}-{data}-{(when or dt.datetime.now()):%Y%m%d-%H%M%S}"
+
+
+def create_run_dir(parent: str | Path, name: str) -> Path:
+    """Create `parent/name`, or `name-2`, `name-3`, ... when it exists: `mkdir` is atomic, so two
+    pipelines started in the same second get different folders."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = parent / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _Plan:
+    """A checked call: the config to run, where, and how."""
+
+    cfg: KitConfig
+    values: dict[str, Any]
+    config_source: str
+    run_dir: Path | None  # None: a new folder named by `run_name` under <project>/runs
+    mode: str  # "new", "resume" or "from"
+    from_stage: str | None
+    train_windows: int
+
+
+def _usage(fn: Callable[[], Any], what: str = "") -> Any:
+    """Run `fn`; a ValueError / FileNotFoundError (a config, parameter or data problem) becomes a UsageError."""
+    try:
+        return fn()
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        raise UsageError(f"{what}{err}") from None
+
+
+def _saved_config(run_dir: Path, flag: str) -> KitConfig:
+    if not run_dir.is_dir():
+        raise UsageError(f"{flag}: run folder {run_dir} not found; give the folder of a pipeline run (runs/<name>)")
+    if not is_kit_run(run_dir):
+        raise UsageError(f"{flag}: {run_dir} is not a kronos-kit run (no manifest.json of ours); give the folder "
+                         "of a pipeline run, or start a new run with another --run-dir")
+    return _usage(lambda: KitConfig.from_file(RunDir(run_dir).config), f"{flag}: the run's saved config: ")
+
+
+def _describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: saved {old!r}, given {new!r}" for key, (old, new) in changes.items())
+
+
+def _stage_fields(stages: list[str]) -> tuple[str, ...]:
+    return tuple(f for s in stages for f in STAGE_CONFIG[s])
+
+
+def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[str, Any], *, resume: bool,
+          from_stage: str | None, overwrite: bool) -> _Plan:
+    """Every check a call needs, in order; raises UsageError and creates nothing."""
+    if from_stage is not None and from_stage not in STAGES:
+        raise UsageError(f"--from {from_stage!r}: not a stage; the stages are {', '.join(STAGES)} "
+                         f"({', '.join(f'{k} = {v}' for k, v in STAGES.items())})")
+    if resume and from_stage is not None:
+        raise UsageError("--resume and --from do not combine: --resume continues where the run stopped, "
+                         "--from STAGE reruns the run from STAGE")
+    mode = "resume" if resume else "from" if from_stage else "new"
+    flag = {"resume": "--resume", "from": f"--from {from_stage}"}.get(mode)
+    if flag and run_dir is None:
+        raise UsageError(f"{flag} needs --run-dir: the run folder to continue (e.g. runs/default-nasdaq-...)")
+    if flag and config is not None:
+        raise UsageError(f"{flag} uses the run's saved config.yaml; leave out --config (and give -p only for what "
+                         f"{'may change' if mode == 'from' else 'you want to check'})")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if mode == "new":
+        config = resolve_path(config or DEFAULT_CONFIG)
+        cfg = _usage(lambda: apply_overrides(KitConfig.from_file(config), values))
+        if run_dir is None and cfg.run_dir:
+            run_dir = resolve_path(cfg.run_dir, new=True)
+        if run_dir is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            if not overwrite:
+                raise UsageError(f"--run-dir {run_dir} exists and is not empty; pass --resume to continue it, "
+                                 "--overwrite to reuse it, or choose another --run-dir")
+            if not is_kit_run(run_dir):
+                raise UsageError(f"--overwrite: {run_dir} is not a kronos-kit run (no manifest.json of ours); "
+                                 "the pipeline only reuses folders it wrote. Choose another --run-dir")
+        config_source = str(config)
+    else:
+        saved = _saved_config(run_dir, flag)
+        cfg = _usage(lambda: apply_overrides(saved, values), f"{flag}: ")
+        changes = config_diff(cfg, saved, ignore=("run_dir", "threads"))  # threads never change a result
+        if mode == "resume" and changes:
+            raise UsageError(f"--resume continues {run_dir} as it was configured, but -p changes it: "
+                             f"{_describe_changes(changes)}. Drop those -p, rerun later stages with changes by "
+                             "--from STAGE, or start a new run")
+        if mode == "from":
+            earlier = _stage_fields(list(STAGES)[:list(STAGES).index(from_stage)])
+            frozen = {k: v for k, v in changes.items() if any(k == f or k.startswith(f + ".") for f in earlier)}
+            if frozen:
+                raise UsageError(f"{flag} keeps the earlier stages' outputs, so their fields cannot change: "
+                                 f"{_describe_changes(frozen)}. Use an earlier --from, or start a new run")
+        config_source = str(RunDir(run_dir).config)
+    cfg = resolve_paths(cfg)
+    bundle = _usage(lambda: load_data(cfg), f"data.source {cfg.data.source!r}: ")
+    return _Plan(cfg, values, config_source, run_dir, mode, from_stage, len(bundle.train))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the terminal shows
+
+
+def _say(message: str, *, err: bool = False) -> None:
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s // 60:.0f} min {s % 60:02.0f} s"
+
+
+class _TrainingProgress:
+    """Prints a training stage's progress (step / total, loss, elapsed, ETA) from the run's metrics log
+    while papermill runs the notebook: the kernel writes `metrics.jsonl`, this thread reads what it
+    appends. About ten lines per phase, plus each validation."""
+
+    def __init__(self, log: Path, totals: dict[str, int], *, interval: float = 0.5):
+        self.log, self.totals, self.interval = log, totals, interval
+        self.offset = log.stat().st_size if log.is_file() else 0  # only this attempt's records
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.shown: dict[str, int] = {}
+        self.first: dict[str, tuple[int, float]] = {}
+        self.last_print = 0.0
+
+    def __enter__(self) -> _TrainingProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._read()
+
+    def _follow(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._read()
+
+    def _read(self) -> None:
+        if not self.log.is_file():
+            return
+        with self.log.open() as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self._show(record)
+
+    def _show(self, r: dict[str, Any]) -> None:
+        phase, step, now = r.get("phase"), int(r.get("step", 0)), time.perf_counter()
+        total = self.totals.get(phase)
+        if total is None:
+            return
+        if r.get("kind") == "eval":
+            metric = next((k for k in ("val_recon_full", "val_loss") if k in r), None)
+            if metric is not None:
+                _say(f"    {phase:<9}  step {step:>{len(str(total))}}/{total}  {metric} {r[metric]:.4g}"
+                     f"{'  (best so far)' if r.get('best') else ''}")
+            return
+        first_step, first_time = self.first.setdefault(phase, (step, now))
+        due = step - self.shown.get(phase, 0) >= max(1, total // 10) or now - self.last_print > 30
+        if not (due or step >= total):
+            return
+        self.shown[phase], self.last_print = step, now
+        rate = (step - first_step) / (now - first_time) if step > first_step and now > first_time else None
+        eta = f"ETA {_seconds((total - step) / rate)}" if rate and step < total else ("done" if step >= total else "")
+        loss = r.get("loss")
+        loss_text = f"  loss {loss:.4f}" if loss is not None else ""
+        _say(f"    {phase:<9}  step {step:>{len(str(total))}}/{total}{loss_text}  {eta}".rstrip())
+
+
+class _KernelMessages:
+    """papermill's `stderr_file`: the kit's warnings and resume messages from the kernel, to the terminal."""
+
+    SHOWN = re.compile(r"^(WARNING|ERROR)\b|^INFO kronos_kit\.train: .*(resumed|nothing to resume)")
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if self.SHOWN.search(line):
+                _say(f"    {line}", err=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def pipeline_summary(run_dir: str | Path, ran: dict[str, float], skipped: list[str]) -> str:
+    """The lines a pipeline ends with: gate, verdict, promotion, time per stage, where the report is."""
+    from kronos_kit.reconstruction import GateResult
+
+    rd = RunDir(run_dir)
+    lines = ["[pipeline] summary"]
+    if rd.gate.is_file():
+        gate = GateResult.load(rd.gate)
+        lines.append(f"  gate      {'passed' if gate.passed else 'FAILED'} ({', '.join(gate.checks())})")
+    if rd.metrics_json.is_file():
+        lines.append(f"  verdict   {load_json(rd.metrics_json).get('bottom_line', '(no bottom line)')}")
+    if rd.promoted.is_file():
+        promoted = load_json(rd.promoted)
+        lines.append(f"  promoted  {promoted.get('promoted')}: {promoted.get('reason', '')}")
+    times = [f"{s} {_seconds(t)}" for s, t in ran.items()] + [f"{s} skipped (done before)" for s in skipped]
+    lines.append(f"  stages    {', '.join(times)}; this run {_seconds(sum(ran.values()))}")
+    if rd.report.is_file():
+        lines.append(f"  report    {rd.report}")
+    lines.append(f"  run       {rd.path}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # running the notebooks
 
 
@@ -141,7 +426,7 @@ def _failed_cell(notebook: Path) -> str:
 
 
 def run_pipeline(
-    config: str | Path,
+    config: str | Path | None = None,
     *,
     run_dir: str | Path | None = None,
     params: list[str] | dict[str, Any] | None = None,
@@ -151,67 +436,102 @@ def run_pipeline(
     notebooks: Path = NOTEBOOK_DIR,
     progress: bool = True,
 ) -> int:
-    """Run the stages in order; 0 on success, 1 when a stage failed (its notebook is kept)."""
+    """Run the stages in order; 0 on success, 1 when a stage failed (its notebook is kept).
+
+    `config` defaults to configs/default.yaml (a new run) and must be left out with `resume` /
+    `from_stage`, which use the run's saved config. Raises `UsageError` (creating nothing) for a
+    mistyped parameter, a missing config or data source, or a run folder that cannot be used.
+    `progress` prints each training stage's progress and the summary.
+    """
     import papermill
 
-    values = parse_overrides(params) if isinstance(params, list) else dict(params or {})
-    cfg = apply_overrides(KitConfig.from_file(config), values)
-    if run_dir is None:
-        run_dir = cfg.run_dir or f"runs/{cfg.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(run_dir)
-    if from_stage is not None and from_stage not in STAGES:
-        raise ValueError(f"--from {from_stage!r}: stages are {list(STAGES)}")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite or from_stage):
-        raise FileExistsError(f"{run_dir} exists and is not empty; pass --resume to continue it, --overwrite to "
-                              "reuse it, or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    values = _usage(lambda: parse_overrides(params)) if isinstance(params, list) else dict(params or {})
+    plan = _plan(config, run_dir, values, resume=resume, from_stage=from_stage, overwrite=overwrite)
+    cfg = plan.cfg
+    if plan.run_dir is None:
+        run_dir = create_run_dir(project_root() / "runs", run_name(cfg))
+    else:
+        run_dir = plan.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir.resolve()  # the kernels run in notebooks/, so every path they get is absolute
     cfg = cfg.with_overrides(run_dir=str(run_dir))
-    resolved = atomic_write_text(RunDir(run_dir).config, f"# resolved from {config} with {values}\n" + cfg.to_yaml())
+    resolved = atomic_write_text(RunDir(run_dir).config,
+                                 f"# resolved from {plan.config_source} with {values}\n" + cfg.to_yaml())
     manifest = Manifest.load_or_new(run_dir)
+    if plan.mode == "new":
+        manifest.data.update({"config_file": plan.config_source, "parameters": values})
     manifest.data.update({
-        "config_file": str(config), "parameters": values, "config": cfg.to_dict(), "seed": cfg.seed,
+        "kind": RUN_KIND, "config": cfg.to_dict(), "seed": cfg.seed,
         "versions": _versions(), "git": _git_state(), "platform": platform.platform(),
         "data": {"source": cfg.data.source, "sha256": data_hash(cfg.data.source)},
     })
+    manifest.data.setdefault("invocations", []).append(
+        {"mode": plan.mode, "from": plan.from_stage, "parameters": values, "started": dt.datetime.now()})
     manifest.save()
     kernel = _kernel_name()
     upstream = manifest.data["data"]["sha256"]
+    totals = {"tokenizer": planned_steps(cfg.tokenizer, plan.train_windows),
+              "predictor": planned_steps(cfg.predictor, plan.train_windows)}
+    say = _say if progress else (lambda *a, **k: None)
+    say(f"[pipeline] run {run_dir}")
     names = list(STAGES)
-    for stage in names[names.index(from_stage) if from_stage else 0:]:
+    ran: dict[str, float] = {}
+    skipped: list[str] = []
+    for stage in names[names.index(plan.from_stage) if plan.from_stage else 0:]:
         notebook = STAGES[stage]
         stage_hash = _stage_hash(stage, cfg, upstream, notebooks / notebook)
         record = manifest.data["stages"].get(stage, {})
-        if resume and record.get("status") == "completed" and record.get("inputs") == stage_hash:
-            logger.info("stage %s: completed with unchanged inputs, skipped", stage)
+        if plan.mode == "resume" and record.get("status") == "completed" and record.get("inputs") == stage_hash:
+            say(f"[pipeline] stage {stage}: completed before with unchanged inputs, skipped")
+            skipped.append(stage)
             upstream = record.get("outputs", stage_hash)
             continue
+        # an interrupted or failed training stage continues from its saved state, not from step 0
+        continues = plan.mode == "resume" and record.get("status") in ("running", "failed", "interrupted")
         output = run_dir / notebook
-        record = {"notebook": notebook, "status": "running", "inputs": stage_hash, "started": dt.datetime.now()}
+        record = {"notebook": notebook, "status": "running", "inputs": stage_hash, "started": dt.datetime.now(),
+                  "resumed": continues}
         manifest.data["stages"][stage] = record
         manifest.save()
         start = time.perf_counter()
-        print(f"[pipeline] stage {stage}: {notebook} -> {output}", flush=True)
+        say(f"[pipeline] stage {stage}: {notebook}{' (continuing its training)' if continues else ''}")
+        training = {"01": ("tokenizer",), "02": ("predictor",)}.get(stage, ())
+        phases = {p: totals[p] for p in training if getattr(cfg, p).enabled}
+        parameters = {"run_dir": str(run_dir), "config": str(resolved), "resume": continues}
         try:
-            papermill.execute_notebook(
-                str(notebooks / notebook), str(output), parameters={"run_dir": str(run_dir), "config": str(resolved)},
-                kernel_name=kernel, cwd=str(Path.cwd()), progress_bar=progress, log_output=False,
-            )
+            with _TrainingProgress(RunDir(run_dir).metrics_log, phases if progress else {}):
+                papermill.execute_notebook(
+                    str(notebooks / notebook), str(output), parameters=parameters, kernel_name=kernel,
+                    cwd=str(notebooks), progress_bar=False, log_output=False,
+                    stderr_file=_KernelMessages() if progress else None,
+                    extra_arguments=KERNEL_ARGUMENTS,
+                )
         except papermill.PapermillExecutionError as err:
             record.update(status="failed", seconds=round(time.perf_counter() - start, 1),
                           error=f"{err.ename}: {err.evalue}")
             manifest.data["checkpoints"] = checkpoint_hashes(run_dir)
             manifest.save()
-            print(f"[pipeline] stage {stage} FAILED in {_failed_cell(output)}\n"
-                  f"[pipeline] executed notebook with the error: {output}", file=sys.stderr, flush=True)
+            _say(f"[pipeline] stage {stage} FAILED in {_failed_cell(output)}\n"
+                 f"[pipeline] executed notebook with the error: {output}", err=True)
             return 1
+        except KeyboardInterrupt:
+            record.update(status="interrupted", seconds=round(time.perf_counter() - start, 1))
+            manifest.save()
+            _say(f"[pipeline] interrupted in stage {stage}; continue with: python -m kronos_kit pipeline "
+                 f"--run-dir {run_dir} --resume", err=True)
+            raise
         checkpoints = checkpoint_hashes(run_dir)
-        outputs = hashlib.sha256((stage_hash + json.dumps(checkpoints, sort_keys=True)).encode()).hexdigest()
-        record.update(status="completed", seconds=round(time.perf_counter() - start, 1), outputs=outputs)
+        # the stage's outputs: its inputs and the checkpoints it wrote (a later stage's are not its own)
+        own = {k: v for k, v in checkpoints.items() if k.split("/")[0] in training}
+        outputs = hashlib.sha256((stage_hash + json.dumps(own, sort_keys=True)).encode()).hexdigest()
+        seconds = round(time.perf_counter() - start, 1)
+        record.update(status="completed", seconds=seconds, outputs=outputs)
         manifest.data["checkpoints"] = checkpoints
         manifest.save()
+        ran[stage] = seconds
+        say(f"[pipeline] stage {stage} done in {_seconds(seconds)}")
         upstream = outputs
-    total = sum(r.get("seconds", 0) for r in manifest.data["stages"].values())
-    print(f"[pipeline] done in {total:.0f} s: {run_dir}", flush=True)
+    say(pipeline_summary(run_dir, ran, skipped))
     return 0
 
 
@@ -233,7 +553,6 @@ def _stage_hash(stage: str, cfg: KitConfig, upstream: str, notebook: Path) -> st
 
 def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
     """Pretrain the shipped base tokenizer and predictor with the kit's own engine; record provenance."""
-    from kronos_kit.data import load_data
     from kronos_kit.train import train_predictor, train_tokenizer
 
     out = Path(out)

@@ -139,11 +139,13 @@ class ReconstructionReport(JsonFile):
     def s1_mse(self) -> float:
         return self.mean_mse("s1")
 
-    def to_frame(self, *, per_symbol: bool = True) -> pd.DataFrame:
+    def to_frame(self, *, per_symbol: bool = True, volume_prices: bool = True) -> pd.DataFrame:
         """Long summary table: rows (symbol, decoder, metric), columns the channels plus ``mean``.
 
         ``symbol`` is ``"(all)"`` for the overall rows.  ``mean`` is left NaN for price-space rows,
-        where averaging prices with volumes would mix units.
+        where averaging prices with volumes would mix units. ``volume_prices=False`` leaves volume and
+        amount out of the price-space rows (NaN): their squared errors in raw units (1e20 and more
+        for amounts) dwarf the prices' and make the table unreadable; their normalized rows remain.
         """
         rows = []
         groups: list[tuple[str, dict[str, ChannelErrors]]] = [(ALL_SYMBOLS, self.overall)]
@@ -159,6 +161,8 @@ class ReconstructionReport(JsonFile):
                     row = {"symbol": sym, "decoder": dec, "metric": m, "n_bars": ce.n_bars}
                     row.update(zip(self.features, v.tolist()))
                     row["mean"] = float(v.mean()) if not m.startswith("price") else float("nan")
+                    if m.startswith("price") and not volume_prices:
+                        row.update({c: float("nan") for c in self.features if c not in PRICE_COLUMNS})
                     rows.append(row)
         return pd.DataFrame(rows).set_index(["symbol", "decoder", "metric"])
 
@@ -287,6 +291,24 @@ class GateResult(JsonFile):
         if self.passed:
             return "Tokenizer gate passed."
         return "Tokenizer gate FAILED: " + "; ".join(self.reasons) + "."
+
+    def checks(self) -> list[str]:
+        """One short line per active check: the number, its threshold and ok / FAIL
+        (e.g. ``full_mse 0.0412 <= 0.5 ok``)."""
+        lines = []
+        for key, limit in self.thresholds.items():
+            upper = key.startswith("max_")
+            metric = key if key in self.metrics else key[4:]  # min_bit_balance is its own metric's name
+            value = self.metrics.get(metric)
+            if limit is None or value is None:
+                continue
+            ok = math.isfinite(value) and (value <= limit if upper else value >= limit)
+            lines.append(f"{metric} {value:.4g} {'<=' if upper else '>='} {limit:.4g} {'ok' if ok else 'FAIL'}")
+        return lines
+
+    def report(self) -> str:
+        """The summary, then every check with its number against its threshold, one per line."""
+        return "\n".join([self.summary(), *(f"  {line}" for line in self.checks())])
 
     def raise_if_failed(self, *, override: bool = False) -> None:
         """Stop the pipeline on a failed gate, unless ``override`` (then only warn)."""

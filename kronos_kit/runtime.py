@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "unwrap"]
+__all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "set_threads",
+           "unwrap"]
 
 
 def seed_everything(seed: int) -> None:
@@ -26,6 +27,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` torch CPU threads (None: leave torch's default); returns the count in effect.
+
+    On a busy shared CPU one thread can be many times faster than several: each small op waits for
+    every OpenMP worker, and a descheduled worker stalls them all (benchmarks/RESULTS.md: 16 s vs 163 s).
+    """
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -54,10 +54,10 @@ from kronos_kit.runtime import DistContext, freeze, inference, module_device, re
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
     "NonFiniteGradientError", "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "Phase",
-    "PhaseResult", "ResumeMismatchError", "StepOutput", "TrainState", "evaluate_tokenizer", "make_predictor_evaluate",
-    "make_predictor_step", "restore_state", "run_phase", "save_checkpoint", "save_state", "setup_optimizer",
-    "tokenizer_source_for_phase2", "tokenizer_step", "train_epoch", "train_predictor", "train_tokenizer", "validate",
-    "validation_loader",
+    "PhaseResult", "ResumeMismatchError", "StepOutput", "TrainState", "evaluate_tokenizer",
+    "make_predictor_evaluate", "make_predictor_step", "planned_steps", "restore_state", "run_phase",
+    "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
+    "train_epoch", "train_predictor", "train_tokenizer", "validate", "validation_loader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,13 +320,16 @@ def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torc
                          f"{per_step} windows; lower batch_size or grad_accum_steps, or bring more data")
     if len(phase.val_set) == 0:
         raise ValueError(f"{name}: the validation split has no windows; enlarge data.val_ratio or the data")
-    steps_per_epoch = len(phase.train_set) // cfg.batch_size // cfg.grad_accum_steps
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = planned_steps(cfg, len(phase.train_set))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
     return _Run(phase, cfg, rd, seed, device, ctx, MetricsLog(rd.metrics_log, enabled=ctx.is_main),
                 cfg.batch_size // ctx.world_size, total_steps, precision, autocast)
+
+
+def planned_steps(cfg: PhaseConfig, train_windows: int) -> int:
+    """Optimizer steps a phase will take on `train_windows` training windows (epochs, capped by max_steps)."""
+    total = cfg.epochs * (train_windows // cfg.batch_size // cfg.grad_accum_steps)  # _plan refuses 0 per epoch
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 
 def setup_optimizer(run: _Run) -> None:

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless; must precede anything that imports pyplot
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -403,6 +404,26 @@ def test_gate_passes_and_fails(good_and_bad, tmp_path):
     with pytest.warns(UserWarning, match="overridden"):
         fail.raise_if_failed(override=True)
     ok.raise_if_failed()
+
+
+def test_gate_report_prints_each_number_against_its_threshold(good_and_bad):
+    good, bad = good_and_bad
+    healthy = stats_of(torch.arange(16).repeat(4), torch.arange(16).repeat(4), 4, 4)
+    lines = reconstruction_gate(bad, healthy).report().splitlines()
+    assert lines[0].startswith("Tokenizer gate FAILED: full-decoder normalized MSE 0.64")
+    assert lines[1:] == ["  full_mse 0.64 <= 0.5 FAIL", "  s1_usage 1 >= 0.2 ok", "  s2_usage 1 >= 0.05 ok",
+                         "  full_to_s1_mse_ratio 2.56 <= 1 FAIL", "  min_bit_balance 0.5 >= 0.01 ok"]
+    assert reconstruction_gate(good, None).checks() == ["full_mse 0.01 <= 0.5 ok",
+                                                        "full_to_s1_mse_ratio 0.1111 <= 1 ok"]
+
+
+def test_tables_can_leave_volume_prices_out(good_and_bad):
+    good, _ = good_and_bad
+    table = good.to_frame(per_symbol=False, volume_prices=False)
+    price_rows = table.xs("price_mse", level="metric")
+    assert price_rows[["volume", "amount"]].isna().all().all() and price_rows["close"].notna().all()
+    normalized = table.xs("mse", level="metric")
+    pd.testing.assert_frame_equal(normalized, good.to_frame(per_symbol=False).xs("mse", level="metric"))
 
 
 def test_gate_flags_non_finite(good_and_bad):

@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from kronos_kit.config import NOTEBOOK_PARAMETERS, KitConfig, notebook_config, parse_overrides
+from kronos_kit.config import (
+    NOTEBOOK_PARAMETERS,
+    RUN_PARAMETERS,
+    KitConfig,
+    config_diff,
+    describe_config,
+    notebook_config,
+    parse_overrides,
+    project_root,
+    resolve_path,
+    thread_count,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -36,7 +47,7 @@ def test_published_hyperparameters_are_the_defaults():
 def test_overrides_are_typed_and_unknown_keys_named():
     cfg = KitConfig().with_overrides(parse_overrides(["tokenizer.max_steps=20", "seed=3", "data.source=x.csv"]))
     assert (cfg.tokenizer.max_steps, cfg.seed, cfg.data.source) == (20, 3, "x.csv")
-    with pytest.raises(ValueError, match="unknown field 'max_step'"):
+    with pytest.raises(ValueError, match="unknown parameter 'tokenizer.max_step'; did you mean 'tokenizer.max_steps'"):
         KitConfig().with_overrides({"tokenizer.max_step": 2})
     with pytest.raises(ValueError, match="Kronos|must be int"):
         KitConfig().with_overrides({"seed": "three"})
@@ -65,7 +76,7 @@ def test_notebooks_share_one_parameters_cell_with_every_parameter():
         cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
         assert "parameters" in cells[0]["metadata"].get("tags", []), path.name
         names = {line.split("=")[0].strip() for line in "".join(cells[0]["source"]).splitlines() if "=" in line}
-        assert names == {"run_dir", "config", *NOTEBOOK_PARAMETERS}, path.name
+        assert names == {*RUN_PARAMETERS, *NOTEBOOK_PARAMETERS}, path.name
         assert not any(c.get("outputs") or c.get("execution_count") for c in cells), f"{path.name} has outputs"
 
 
@@ -116,4 +127,55 @@ def test_notebook_cells_do_not_shadow_parameters():
                     bound.add(node.id)
                 elif isinstance(node, (ast.Import, ast.ImportFrom)):
                     bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
-        assert not bound & {"run_dir", "config", *NOTEBOOK_PARAMETERS}, path.name
+        assert not bound & {*RUN_PARAMETERS, *NOTEBOOK_PARAMETERS}, path.name
+
+
+def test_a_dotted_key_reaches_into_a_mapping_field():
+    cfg = KitConfig().with_overrides(parse_overrides(["data.columns.Date=timestamps", "data.columns.Px=close"]))
+    assert cfg.data.columns == {"Date": "timestamps", "Px": "close"}
+    assert cfg.with_overrides({"data.columns.Px": None}).data.columns == {"Date": "timestamps"}
+    assert KitConfig.from_dict(cfg.to_dict()) == cfg  # and it survives config.yaml
+    with pytest.raises(ValueError, match="DataConfig.columns must be a mapping"):
+        KitConfig().with_overrides({"data.columns": ["Date"]})
+
+
+def test_relative_paths_resolve_the_same_from_notebooks_dir(tmp_path, monkeypatch):
+    root = project_root()
+    assert (root / "configs" / "default.yaml").is_file()
+    monkeypatch.chdir(root / "notebooks")  # where JupyterLab starts a notebook's kernel
+    assert resolve_path("configs/default.yaml") == root / "configs" / "default.yaml"
+    cfg = notebook_config("configs/default.yaml", "runs/notebook", data="tests/data/ashare_5min_sample.csv")
+    assert cfg.run_dir == str(root / "runs" / "notebook")
+    assert cfg.data.source == str(root / "tests" / "data" / "ashare_5min_sample.csv")
+    assert cfg.tokenizer.start_from == "embedded:base/tokenizer"  # not a path: unchanged
+    # the working directory wins where the path exists there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "default.yaml").write_text("# local\nseed: 5\n")
+    assert resolve_path("configs/default.yaml") == Path("configs/default.yaml")
+    assert notebook_config("configs/default.yaml", None).seed == 5
+    assert resolve_path("missing.csv") == Path("missing.csv")  # named as given in the error that follows
+    assert resolve_path("runs/new", new=True) == root / "runs" / "new"
+
+
+def test_threads_come_from_config_then_environment(monkeypatch):
+    monkeypatch.delenv("KRONOS_THREADS", raising=False)
+    assert thread_count(KitConfig()) is None
+    monkeypatch.setenv("KRONOS_THREADS", "3")
+    assert thread_count(KitConfig()) == 3
+    assert thread_count(KitConfig().with_overrides(parse_overrides(["threads=1"]))) == 1
+    monkeypatch.setenv("KRONOS_THREADS", "many")
+    with pytest.raises(ValueError, match="KRONOS_THREADS"):
+        thread_count(KitConfig())
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        KitConfig().with_overrides({"threads": 0})
+
+
+def test_describe_config_lists_only_what_differs():
+    cfg = KitConfig.from_file(ROOT / "configs" / "default.yaml").with_overrides({"run_dir": "/r", "seed": 4})
+    diff = config_diff(cfg)
+    assert diff["seed"] == (0, 4) and diff["tokenizer.max_steps"] == (None, 150) and "run_dir" not in diff
+    text = describe_config(cfg)
+    assert text.splitlines()[0] == "run 'default' -> /r"
+    assert len(text.splitlines()) == 3 + len(diff) < 25  # instead of the 70-line YAML
+    assert "data.lookback" not in text  # same as the default

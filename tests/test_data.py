@@ -643,3 +643,33 @@ def test_plot_candles_makes_a_headless_figure():
     assert len(one.axes) == 1 and len(one.axes[0].patches) == 13
     with pytest.raises(ValueError, match="not in frame"):
         plot_candles(frame, symbol="C")
+
+
+def test_an_unnamed_first_column_of_dates_is_the_timestamps(tmp_path):
+    # what DataFrame.to_csv() writes for a frame indexed by date
+    bars = pd.DataFrame({"Open": [1.0, 1.5, 1.6], "High": [2.0, 2.0, 2.0], "Low": [0.5, 1.0, 1.0],
+                         "Close": [1.5, 1.8, 1.7], "Volume": [10.0, 20.0, 30.0], "Amount": [15.0, 36.0, 51.0]},
+                        index=pd.to_datetime(["2024-01-02", "2024-01-03", "2024-01-04"]))
+    bars.to_csv(tmp_path / "indexed.csv")
+    with pytest.warns(DataNotice, match="unnamed first column holds dates; taken as the timestamps"):
+        frame = load_ohlcv(tmp_path / "indexed.csv")
+    assert list(frame["timestamps"]) == list(bars.index)
+    # an unnamed column of row numbers is not taken for dates
+    bars.reset_index(drop=True).to_csv(tmp_path / "numbered.csv")
+    with pytest.raises(DataError, match="missing required column"):
+        load_ohlcv(tmp_path / "numbered.csv")
+
+
+def test_the_configs_column_mapping_reaches_the_loader(tmp_path):
+    from kronos_kit.config import KitConfig, parse_overrides
+    from kronos_kit.data.bundle import load_source
+
+    pd.DataFrame({"When": ["2024-01-02", "2024-01-03"], "o": [1.0, 1.5], "h": [2.0, 2.0], "l": [0.5, 1.0],
+                  "c": [1.5, 1.8]}).to_csv(tmp_path / "odd.csv", index=False)
+    words = ["data.columns.When=timestamps", "data.columns.o=open", "data.columns.h=high", "data.columns.l=low",
+             "data.columns.c=close", f"data.source={tmp_path / 'odd.csv'}"]
+    cfg = KitConfig().with_overrides(parse_overrides(words))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataNotice)
+        frame = load_source(cfg.data)
+    assert list(frame["close"]) == [1.5, 1.8] and frame["timestamps"].iloc[0] == pd.Timestamp("2024-01-02")

@@ -1,70 +1,151 @@
-"""The three notebooks run headless through papermill; failures stop the pipeline; resume completes it."""
+"""The three notebooks run headless through papermill: from `notebooks/` as JupyterLab runs them, with
+figures inline; a failing stage stops the pipeline and `--from` completes it; `--resume` continues an
+interrupted training stage from its saved step and ends where an uninterrupted run ends.
+
+One smoke pipeline run (module fixture) serves the tests that only read or copy it.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from conftest import DATA
 
-from kronos_kit.pipeline import run_pipeline
+import kronos_kit.plots
+from kronos_kit.config import KitConfig
+from kronos_kit.pipeline import UsageError, run_pipeline
+from kronos_kit.runs import RunDir, save_json
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = {"data": str(DATA / "ashare_5min_sample.csv"), "tokenizer_steps": 3, "predictor_steps": 3, "eval_origins": 3,
-         "tokenizer.eval_every": 3, "predictor.eval_every": 3, "evaluation.sample_count": 2,
+SMOKE = {"data": str(DATA / "ashare_5min_sample.csv"), "tokenizer_steps": 4, "predictor_steps": 4, "eval_origins": 3,
+         "threads": 1, "tokenizer.eval_every": 2, "predictor.eval_every": 2, "evaluation.sample_count": 2,
          "evaluation.pred_len": 5, "evaluation.stride": 20}
+# inline PNGs need the kit's figures to render themselves (KitFigure, branch `plots`); until that is
+# merged a figure cell shows "<Figure size ...>" and the image checks below are expected to fail
+INLINE_FIGURES = hasattr(kronos_kit.plots, "KitFigure")
 
 pytestmark = pytest.mark.slow
 
 
-def run(run_dir, **params):
-    return run_pipeline(ROOT / "configs" / "default.yaml", run_dir=run_dir, params={**SMOKE, **params},
-                        progress=False)
+def run(run_dir, **kwargs):
+    return run_pipeline(ROOT / "configs" / "default.yaml", run_dir=run_dir, params=SMOKE, **kwargs)
 
 
-def test_pipeline_runs_all_notebooks_and_writes_artifacts(tmp_path):
-    run_dir = tmp_path / "run"
-    assert run(run_dir, ignore_gate=True) == 0
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    assert run(run_dir) == 0
+    return run_dir
+
+
+def manifest_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def copy_run(smoke_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_run, copy)
+    return copy
+
+
+def png_cells(notebook: Path) -> list[str]:
+    """The source of every code cell with an image/png output."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"
+            and any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+
+
+def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
+    manifest = manifest_of(smoke_run)
     assert [manifest["stages"][s]["status"] for s in ("01", "02", "03")] == ["completed"] * 3
     for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb",
                  "config.yaml", "metrics.jsonl", "codebook_before.json", "codebook_after.json",
                  "reconstruction_gate.json", "metrics.json", "report.md", "token_metrics.json"):
-        assert (run_dir / name).is_file(), name
+        assert (smoke_run / name).is_file(), name
     assert set(manifest["checkpoints"]) >= {"tokenizer/best", "tokenizer/last", "predictor/best", "predictor/last"}
     assert manifest["data"]["sha256"] and manifest["versions"]["torch"] and "commit" in manifest["git"]
-    assert len(list((run_dir / "figures").glob("*.png"))) >= 10
-    report = (run_dir / "report.md").read_text()
+    assert manifest["kind"] == "kronos-kit run" and manifest["invocations"][0]["mode"] == "new"
+    figures = {p.name for p in (smoke_run / "figures").glob("*.png")}
+    assert len(figures) >= 10 and "01_candles.png" in figures
+    report = (smoke_run / "report.md").read_text()
     assert "finetuned" in report and "persistence" in report
-    with pytest.raises(FileExistsError, match="--resume"):
-        run(run_dir)  # an existing run directory is never overwritten silently
-
-    # reproducible: a second run gives the same checkpoints and the same metrics
-    again = tmp_path / "again"
-    assert run(again, ignore_gate=True) == 0
-    manifest_again = json.loads((again / "manifest.json").read_text())
-    assert manifest_again["checkpoints"] == manifest["checkpoints"]
-    metrics, metrics_again = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, again))
-    metrics.pop("timings_s"), metrics_again.pop("timings_s")
-    assert metrics == metrics_again
+    with pytest.raises(UsageError, match="--resume"):
+        run(smoke_run)  # an existing run directory is never overwritten silently
 
 
-def test_failing_stage_stops_and_resume_completes(tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    # an impossible gate: notebook 02 must refuse to start
-    assert run(run_dir, **{"gate.max_full_mse": 0.0}) == 1
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["stages"]["01"]["status"] == "completed"
-    assert manifest["stages"]["02"]["status"] == "failed" and "03" not in manifest["stages"]
+def test_notebooks_run_from_the_notebooks_folder_with_figures_inline(smoke_run, tmp_path):
+    """As JupyterLab runs them: working directory notebooks/, the parameters cell's relative paths."""
+    import papermill
+
+    run_dir = tmp_path / "lab"
+    params = {"run_dir": str(run_dir), "data": "tests/data/ashare_5min_sample.csv",  # relative to the project
+              "tokenizer_steps": 2, "predictor_steps": 2, "eval_origins": 2, "threads": 1}
+    for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb"):
+        papermill.execute_notebook(str(ROOT / "notebooks" / name), str(tmp_path / name), parameters=params,
+                                   cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+    assert {p.name for p in run_dir.iterdir()} >= {"tokenizer", "predictor", "report.md", "figures"}
+    used = KitConfig.from_file(ROOT / "configs" / "default.yaml")
+    assert used.name == "default"  # notebooks found configs/default.yaml from notebooks/
+    if not INLINE_FIGURES:
+        pytest.xfail("inline figures arrive with KitFigure (branch plots): merge it and this must pass")
+    for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb"):
+        assert png_cells(tmp_path / name), f"{name} shows no figure inline"
+    shown = "\n".join(png_cells(tmp_path / "01_tokenizer_adaptation.ipynb"))
+    for figure in ("01_candles", "01_rank_frequency_s1", "01_s1_heatmap", "01_bit_balance", "01_reconstruction"):
+        assert figure in shown, f"{figure} is not shown inline"
+
+
+def test_failing_stage_stops_and_from_completes_it(smoke_run, tmp_path, capsys):
+    run_dir = copy_run(smoke_run, tmp_path)
+    gate = json.loads((run_dir / "reconstruction_gate.json").read_text())
+    save_json(run_dir / "reconstruction_gate.json", {**gate, "passed": False, "reasons": ["made to fail"]})
+    started_01 = manifest_of(run_dir)["stages"]["01"]["started"]
+
+    assert run_pipeline(run_dir=run_dir, from_stage="02") == 1  # notebook 02 refuses a failed gate
+    manifest = manifest_of(run_dir)
+    assert manifest["stages"]["02"]["status"] == "failed"
     executed = json.loads((run_dir / "02_predictor_finetune.ipynb").read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert errors and "Gate" in errors[0]["ename"]
     assert "stage 02 FAILED in code cell" in capsys.readouterr().err
-    started_01 = manifest["stages"]["01"]["started"]
 
-    assert run_pipeline(ROOT / "configs" / "default.yaml", run_dir=run_dir, resume=True, progress=False,
-                        params={**SMOKE, "gate.max_full_mse": 0.0, "ignore_gate": True}) == 0
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert run_pipeline(run_dir=run_dir, from_stage="02", params={"ignore_gate": True}) == 0
+    manifest = manifest_of(run_dir)
     assert [manifest["stages"][s]["status"] for s in ("01", "02", "03")] == ["completed"] * 3
     assert manifest["stages"]["01"]["started"] == started_01  # phase 1 was not rerun
+    assert manifest["config"]["gate"]["override"] is True
+
+
+def test_resume_continues_an_interrupted_training_stage(smoke_run, tmp_path, capsys):
+    """Kill phase 1 after step 3 (its state saved at step 2), resume: it continues at step 2 and ends
+    bit-identical to the uninterrupted run, so stages 02 and 03 are skipped as unchanged."""
+    from kronos_kit.train import train_tokenizer
+
+    run_dir = copy_run(smoke_run, tmp_path)
+    rd = RunDir(run_dir)
+    shutil.rmtree(run_dir / "tokenizer")
+    rd.state("tokenizer").unlink()
+    cfg = KitConfig.from_file(rd.config).with_overrides(run_dir=str(run_dir))
+
+    def killed_after_step_3(step: int, parts: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(cfg, on_step=killed_after_step_3, progress=False)
+    manifest = manifest_of(run_dir)
+    manifest["stages"]["01"]["status"] = "running"  # as a killed pipeline leaves it
+    save_json(rd.manifest, manifest)
+    capsys.readouterr()
+
+    assert run_pipeline(run_dir=run_dir, resume=True) == 0
+    out, err = capsys.readouterr()
+    assert "stage 01: 01_tokenizer_adaptation.ipynb (continuing its training)" in out
+    assert "tokenizer: resumed at step 2" in err  # the kernel's message, shown in the terminal
+    assert "tokenizer  step 4/4" in out and "02 skipped (done before), 03 skipped (done before)" in out
+    after = manifest_of(run_dir)
+    assert after["checkpoints"] == manifest_of(smoke_run)["checkpoints"]  # as if never interrupted
+    assert after["stages"]["02"]["started"] == manifest["stages"]["02"]["started"]

@@ -254,6 +254,7 @@ def gaussian_sampler(best_temperature: float):
     return make
 
 
+@pytest.mark.slow  # ~12 s: 16 walk-forwards (make test-fast stays under ~10 s per test)
 def test_calibration_picks_the_known_best_temperature(tmp_path):
     frame = market(("X",), n=1500, seed=5)
     kw = dict(lookback=10, pred_len=4, stride=4, sample_count=64, max_origins=300)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 from torch.utils.data import Dataset
 
-from kronos_kit.config import KitConfig
+from kronos_kit.config import DataConfig, KitConfig
 
 from .load import load_ohlcv
 from .samples import load_sample
@@ -23,13 +23,18 @@ class DataBundle:
     test: Dataset
 
 
+def load_source(d: DataConfig) -> pd.DataFrame:
+    """The canonical long frame of `d.source`: an embedded sample (`sample:NAME`) or files loaded with
+    the config's symbol, fill and column mapping."""
+    if d.source.startswith("sample:"):
+        return load_sample(d.source.removeprefix("sample:"))
+    return load_ohlcv(d.source, symbol=d.symbol, fill=d.fill, columns=d.columns)
+
+
 def load_data(cfg: KitConfig) -> DataBundle:
     """Load, split and window the configured data (train windows per the epoch cap; val/test all)."""
     d = cfg.data
-    if d.source.startswith("sample:"):
-        frame = load_sample(d.source.removeprefix("sample:"))
-    else:
-        frame = load_ohlcv(d.source, symbol=d.symbol, fill=d.fill)
+    frame = load_source(d)
     if d.val_start or d.test_start:
         if not (d.val_start and d.test_start):
             raise ValueError("data.val_start and data.test_start go together: set both, or neither to use ratios")

@@ -183,6 +183,17 @@ def _resolve_columns(raw: pd.DataFrame, label: str, columns: Mapping[str, str] |
     return found
 
 
+def _unnamed_dates(raw: pd.DataFrame) -> bool:
+    """True when the first column has no name (pandas says ``Unnamed: 0``; a DataFrame index written to
+    CSV) and its first rows parse as ISO 8601 dates."""
+    if raw.empty or not re.fullmatch(r"(Unnamed: 0|\s*)", str(raw.columns[0])):
+        return False
+    head = raw.iloc[:20, 0].dropna().astype(str)
+    if head.empty or head.str.fullmatch(r"[+-]?\d+(\.\d*)?").all():  # row numbers, not dates
+        return False
+    return bool(pd.to_datetime(head, format="ISO8601", errors="coerce").notna().all())
+
+
 def _parse_timestamps(values: pd.Series, origin: _Origin, label: str) -> pd.Series:
     """Parse to datetime64[ns] (naive or one time zone); refuse missing, unparseable or mixed zones."""
     fix_parse = ("Use ISO 8601 text such as 2024-06-18 09:35:00 (or 20240618), or parse them yourself "
@@ -269,6 +280,11 @@ def _canonical_part(
     ):
         raw = raw.reset_index(names="__index_time__")  # the index holds the times
         found["timestamps"] = "__index_time__"
+    elif "timestamps" not in found and _unnamed_dates(raw):
+        first = raw.columns[0]
+        found["timestamps"] = first
+        notify(notices, f"{label}: the unnamed first column holds dates; taken as the timestamps "
+                        f"(name it, or pass columns={{'<name>': 'timestamps'}}, to silence this).")
     missing = [c for c in _REQUIRED if c not in found]
     if missing:
         shown = [c for c in raw.columns if c != "__index_time__"]

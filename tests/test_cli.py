@@ -1,0 +1,301 @@
+"""The command line as a user meets it: errors are messages with exit code 2 that leave nothing behind,
+run folders are named after what ran, --resume / --from check what they continue, forecast and
+compare work without Python. Notebook execution is faked here (the slow tests run it for real)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import DATA
+
+from kronos_kit.__main__ import main, run_models
+from kronos_kit.config import KitConfig, project_root
+from kronos_kit.pipeline import RUN_KIND, create_run_dir, pipeline_summary, run_name
+from kronos_kit.runs import RunDir, save_json
+
+ROOT = Path(__file__).resolve().parent.parent
+CSV = str(DATA / "ashare_5min_sample.csv")
+
+
+@pytest.fixture
+def no_new_runs():
+    """Fails the test if anything appears under <project>/runs (the default place for new runs)."""
+    runs = project_root() / "runs"
+    before = sorted(runs.iterdir()) if runs.is_dir() else []
+    yield
+    after = sorted(runs.iterdir()) if runs.is_dir() else []
+    assert after == before, f"a run folder was left behind: {set(after) - set(before)}"
+
+
+def pipeline(capsys, *args: str) -> tuple[int, str]:
+    code = main(["pipeline", *args])
+    return code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# user errors: a message, exit code 2, no folder
+
+
+def test_mistyped_parameter_names_the_closest_ones(tmp_path, capsys, no_new_runs):
+    code, err = pipeline(capsys, "--run-dir", str(tmp_path / "run"), "-p", "tokenizer_step=3")
+    assert code == 2
+    assert err.startswith("error: unknown parameter 'tokenizer_step'; did you mean 'tokenizer_steps'")
+    assert "Notebook parameters: data, tokenizer_from" in err and "tokenizer.max_steps" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_path_is_the_loaders_message_and_creates_nothing(tmp_path, capsys, no_new_runs):
+    code, err = pipeline(capsys, "-p", f"data={tmp_path / 'nope.csv'}")
+    assert code == 2
+    assert "nope.csv: no such file or folder" in err and "data.source" in err
+    code, err = pipeline(capsys, "--run-dir", str(tmp_path / "run"), "-p", "data=nope.csv")
+    assert code == 2 and "nope.csv: no such file or folder" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_run_dir_is_refused(tmp_path, capsys, no_new_runs):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    code, err = pipeline(capsys, "--run-dir", str(taken), "-p", f"data={CSV}")
+    assert code == 2 and "exists and is not empty; pass --resume" in err
+    code, err = pipeline(capsys, "--run-dir", str(taken), "--overwrite", "-p", f"data={CSV}")
+    assert code == 2 and "is not a kronos-kit run" in err
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("stage", ["4", "1", "02_predictor"])
+def test_a_bad_from_stage_is_refused(tmp_path, capsys, tiny_run, stage):
+    code, err = pipeline(capsys, "--run-dir", str(tiny_run), "--from", stage)
+    assert code == 2 and f"--from {stage!r}: not a stage; the stages are 01, 02, 03" in err
+
+
+@pytest.mark.parametrize("flag", [["--resume"], ["--from", "02"]])
+def test_resume_and_from_refuse_a_folder_that_is_not_a_kit_run(tmp_path, capsys, flag):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "someone else\'s"}')
+    code, err = pipeline(capsys, "--run-dir", str(other), *flag)
+    assert code == 2 and "is not a kronos-kit run (no manifest.json of ours)" in err
+    code, err = pipeline(capsys, "--run-dir", str(tmp_path / "missing"), *flag)
+    assert code == 2 and "not found" in err
+    assert not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in other.iterdir()) == ["manifest.json"]
+
+
+def test_resume_refuses_a_parameter_that_changes_the_saved_config(tiny_run, capsys):
+    code, err = pipeline(capsys, "--run-dir", str(tiny_run), "--resume", "-p", "tokenizer_steps=7")
+    assert code == 2
+    assert "-p changes it: tokenizer.max_steps: saved None, given 7" in err
+    code, err = pipeline(capsys, "--run-dir", str(tiny_run), "--resume", "--config", "configs/default.yaml")
+    assert code == 2 and "leave out --config" in err
+
+
+def test_from_refuses_changes_to_earlier_stages(tiny_run, capsys):
+    code, err = pipeline(capsys, "--run-dir", str(tiny_run), "--from", "02", "-p", "data=sample:sp500")
+    assert code == 2 and "data.source: saved" in err and "cannot change" in err
+
+
+def test_pipeline_help_lists_the_notebook_parameters(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pipeline", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("tokenizer_steps", "ignore_gate", "threads", "data.columns.Date=timestamps", "--resume"):
+        assert name in out
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run is called, and --resume / --from with the notebooks faked
+
+
+def test_run_names_say_what_ran_and_never_collide(tmp_path):
+    when = pd.Timestamp("2026-01-02 03:04:05").to_pydatetime()
+    assert run_name(KitConfig(name="default"), when) == "default-nasdaq-20260102-030405"
+    cfg = KitConfig(name="small").with_overrides({"data.source": "/x/My Bars.csv.gz"})
+    assert run_name(cfg, when) == "small-My-Bars-20260102-030405"
+    assert run_name(KitConfig().with_overrides({"data.source": "/x/folder/"}), when) == "run-folder-20260102-030405"
+
+    made: list[Path] = []
+    threads = [threading.Thread(target=lambda: made.append(create_run_dir(tmp_path, "same-second")))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({p.name for p in made}) == 8
+    assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["same-second", "same-second-2"]
+
+
+@pytest.fixture
+def fake_papermill(monkeypatch):
+    """Record each notebook call instead of running it."""
+    import papermill
+
+    calls: list[dict] = []
+
+    def execute(input_path, output_path, parameters, cwd, **kwargs):
+        calls.append({"notebook": Path(input_path).name, "parameters": parameters, "cwd": cwd})
+        Path(output_path).write_text("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    return calls
+
+
+def test_resume_reuses_the_saved_config_and_continues_the_interrupted_stage(tiny_run, fake_papermill, capsys):
+    rd = RunDir(tiny_run)
+    manifest = json.loads(rd.manifest.read_text())
+    manifest["stages"] = {"01": {"status": "running"}}  # as a killed pipeline leaves it
+    save_json(rd.manifest, manifest)
+    assert main(["pipeline", "--run-dir", str(tiny_run), "--resume"]) == 0
+    assert [c["notebook"] for c in fake_papermill] == ["01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb",
+                                                       "03_diagnostics.ipynb"]
+    assert [c["parameters"]["resume"] for c in fake_papermill] == [True, False, False]
+    assert {c["cwd"] for c in fake_papermill} == {str(ROOT / "notebooks")}  # as JupyterLab runs them
+    used = yaml.safe_load(Path(fake_papermill[0]["parameters"]["config"]).read_text())
+    assert used["data"]["source"] == CSV  # the saved data source, not the default config's sample
+    assert used["run_dir"] == str(tiny_run.resolve())
+    manifest = json.loads(rd.manifest.read_text())
+    assert manifest["invocations"][-1]["mode"] == "resume" and manifest["stages"]["01"]["resumed"] is True
+    out = capsys.readouterr().out
+    assert "stage 01: 01_tokenizer_adaptation.ipynb (continuing its training)" in out
+    assert "[pipeline] summary" in out and "this run" in out
+
+    # resuming again: everything completed with unchanged inputs, nothing runs
+    fake_papermill.clear()
+    assert main(["pipeline", "--run-dir", str(tiny_run), "--resume", "-p", "threads=1"]) == 0
+    assert fake_papermill == []
+    assert "01 skipped (done before), 02 skipped (done before), 03 skipped (done before)" in capsys.readouterr().out
+
+
+def test_a_new_run_is_named_after_config_and_data(tmp_path, fake_papermill, monkeypatch, capsys):
+    monkeypatch.setattr("kronos_kit.pipeline.project_root", lambda: tmp_path)
+    assert main(["pipeline", "--config", str(ROOT / "configs" / "default.yaml"), "-p", f"data={CSV}"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("default-ashare_5min_sample-") and (run / "manifest.json").is_file()
+    assert json.loads((run / "manifest.json").read_text())["kind"] == RUN_KIND
+
+
+def test_summary_has_gate_verdict_promotion_times_and_report(tiny_run):
+    rd = RunDir(tiny_run)
+    save_json(rd.gate, {"passed": True, "metrics": {"full_mse": 0.04, "s1_usage": 0.6},
+                        "thresholds": {"max_full_mse": 0.5, "min_s1_usage": 0.2}, "reasons": []})
+    save_json(rd.metrics_json, {"bottom_line": "Finetuning helped: ..."})
+    save_json(rd.promoted, {"promoted": "finetuned", "reason": "lower validation CRPS"})
+    rd.report.write_text("# report")
+    text = pipeline_summary(tiny_run, {"01": 41.0, "03": 30.0}, ["02"])
+    assert "gate      passed (full_mse 0.04 <= 0.5 ok, s1_usage 0.6 >= 0.2 ok)" in text
+    assert "verdict   Finetuning helped: ..." in text and "promoted  finetuned: lower validation CRPS" in text
+    assert "01 41 s, 03 30 s, 02 skipped (done before); this run 71 s" in text
+    assert f"report    {rd.report}" in text
+
+
+def test_training_progress_is_printed_from_the_metrics_log(tmp_path, capsys):
+    from kronos_kit.pipeline import _TrainingProgress
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"phase": "tokenizer", "kind": "train", "step": 1, "loss": 9.0}) + "\n")  # earlier
+    with _TrainingProgress(log, {"tokenizer": 20}, interval=0.01):
+        with log.open("a") as f:
+            for step in range(1, 21):
+                f.write(json.dumps({"phase": "tokenizer", "kind": "train", "step": step, "loss": 1 / step}) + "\n")
+            f.write(json.dumps({"phase": "tokenizer", "kind": "eval", "step": 20, "val_recon_full": 0.05,
+                                "best": True}) + "\n")
+    lines = capsys.readouterr().out.splitlines()
+    assert "loss 9.0000" not in "\n".join(lines)  # only this attempt's records
+    assert lines[0].split() == ["tokenizer", "step", "1/20", "loss", "1.0000"]
+    assert lines[-2].split()[:3] == ["tokenizer", "step", "20/20"] and lines[-2].endswith("done")
+    assert lines[-1].split() == ["tokenizer", "step", "20/20", "val_recon_full", "0.05", "(best", "so", "far)"]
+    assert 5 <= len(lines) <= 12  # about every tenth of the run, not every step
+
+
+# ---------------------------------------------------------------------------------------------
+# forecast and compare
+
+
+def two_symbols(tmp_path) -> Path:
+    bars = pd.read_csv(CSV).tail(300)
+    both = pd.concat([bars.assign(symbol="AAA"), bars.assign(symbol="BBB", close=bars.close * 1.01,
+                                                             high=bars.high * 1.01)])
+    path = tmp_path / "two.csv"
+    both.to_csv(path, index=False)
+    return path
+
+
+def forecast(tmp_path, capsys, *args: str) -> tuple[pd.DataFrame, str]:
+    out = tmp_path / "fc.csv"
+    assert main(["forecast", *args, "--horizon", "4", "--out", str(out), "--samples", "6", "--threads", "1"]) == 0
+    return pd.read_csv(out), capsys.readouterr().out
+
+
+def test_forecast_command_writes_a_tidy_csv(tmp_path, tiny_run, capsys):
+    table, out = forecast(tmp_path, capsys, "--run", str(tiny_run), "--data", str(two_symbols(tmp_path)))
+    assert len(table) == 2 * 4 and list(table["symbol"].unique()) == ["AAA", "BBB"]
+    assert list(table.columns[:3]) == ["symbol", "timestamp", "step"]
+    for channel in ("open", "high", "low", "close", "volume", "amount"):
+        assert {f"{channel}_mean", f"{channel}_median", f"{channel}_q0.1", f"{channel}_q0.9"} <= set(table.columns)
+    assert (table["close_q0.1"] <= table["close_q0.5"]).all() and (table["close_q0.5"] <= table["close_q0.9"]).all()
+    assert pd.to_datetime(table["timestamp"]).gt(pd.Timestamp("2024-08-29 11:30")).all()  # after the data's end
+    assert "the run's best checkpoints" in out and str(tiny_run / "predictor" / "best") in out
+
+    # explicit checkpoints give the same forecast as the run's own pair
+    given, _ = forecast(tmp_path, capsys, "--tokenizer", str(tiny_run / "tokenizer" / "best"),
+                        "--predictor", str(tiny_run / "predictor" / "best"), "--data", str(two_symbols(tmp_path)))
+    pd.testing.assert_frame_equal(given, table)
+
+
+def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, tiny_run, capsys):
+    rd = RunDir(tiny_run)
+    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
+                            "predictor": "embedded:base/predictor"})
+    save_json(rd.calibration, {"temperature": 1e-6, "top_p": 1.0})  # greedy: every path the same
+    table, out = forecast(tmp_path, capsys, "--run", str(tiny_run), "--data", CSV, "--quantiles", "0.05,0.95")
+    assert "promoted (promoted.json): tokenizer embedded:base/tokenizer" in out and "calibrated" in out
+    assert len(table) == 4 and np.allclose(table["close_q0.05"], table["close_q0.95"])
+    assert run_models(tiny_run)["sampling"] == {"temperature": 1e-6, "top_p": 1.0}
+
+
+def test_forecast_usage_errors_exit_2(tmp_path, tiny_run, capsys):
+    out = str(tmp_path / "x.csv")
+    assert main(["forecast", "--data", CSV, "--horizon", "2", "--out", out]) == 2
+    assert "give either --run RUN_DIR, or --tokenizer and --predictor" in capsys.readouterr().err
+    assert main(["forecast", "--run", str(tiny_run), "--data", "missing.csv", "--horizon", "2", "--out", out]) == 2
+    assert "missing.csv: no such file or folder" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
+def test_compare_runs_table_and_command(tmp_path, tiny_run, capsys):
+    import shutil
+
+    from kronos_kit.compare import compare_runs
+
+    other = tmp_path / "other-run"
+    shutil.copytree(tiny_run, other)
+    cfg = KitConfig.from_file(RunDir(other).config).with_overrides({"seed": 3, "predictor.lr": 1e-5})
+    RunDir(other).config.write_text(cfg.to_yaml())
+    for path, crps, passed in ((tiny_run, 0.5, True), (other, 0.4, False)):
+        rd = RunDir(path)
+        save_json(rd.gate, {"passed": passed, "metrics": {"full_mse": 0.1}, "thresholds": {}, "reasons": []})
+        save_json(rd.codebook_after, {"s1": {"usage": 0.6}, "s2": {"usage": 0.3}})
+        save_json(rd.metrics_json, {"bottom_line": f"CRPS {crps}", "table": {
+            "finetuned": {"close_crps": crps, "close_mae": 1.0}, "base": {"close_crps": 0.45}}})
+    table = compare_runs([tiny_run, other])
+    assert list(table.index) == [tiny_run.name, "other-run"]
+    assert table.attrs["config_fields"] == ["seed", "predictor.lr"]  # run_dir differs by construction
+    assert list(table["seed"]) == [0, 3] and list(table["gate"]) == ["passed", "FAILED"]
+    assert list(table["finetuned close_crps"]) == [0.5, 0.4] and list(table["s1 usage after"]) == [0.6, 0.6]
+
+    assert main(["compare", str(tiny_run), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"| | {tiny_run.name} | other-run |") and "| finetuned close_crps | 0.5 | 0.4 |" in out
+    assert pd.read_csv(tmp_path / "cmp" / "comparison.csv", index_col=0).shape == table.shape
+    assert "Config fields that differ: seed, predictor.lr" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert main(["compare", str(tmp_path / "nope")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
