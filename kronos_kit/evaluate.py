@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, EvalConfig
+from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.metrics import CLOSE, INTERVALS
 from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, RunDir, atomic_write_text, load_json, save_json
@@ -75,57 +76,6 @@ TABLE_COLUMNS: tuple[str, ...] = tuple(c for c, _, _ in HEADLINE) + ("xs_dates",
 
 # Per-origin losses the paired tests compare (EvaluationResult.origin_loss): key -> label in the report.
 ORIGIN_LOSSES: dict[str, str] = {"close_crps": "close CRPS", "close_ae": "close MAE", "vol_ae": "realized-vol MAE"}
-
-
-# ------------------------------------------------------------------------------------ origins
-
-
-def forecast_origins(
-    frame: pd.DataFrame, *, lookback: int, pred_len: int, stride: int, max_origins: int | None = None
-) -> pd.DataFrame:
-    """Place forecast origins on a canonical long frame (sorted by symbol, time).
-
-    An origin is the row of the last history bar. Per symbol the first origin is the earliest row with
-    ``lookback`` bars of history whose next ``pred_len`` rows are all non-context (``is_context`` False,
-    missing column = all False); then one every ``stride`` rows while the targets stay in the frame.
-    ``max_origins`` thins the set to at most that many by keeping evenly spaced origin timestamps
-    (all symbols of a kept timestamp stay, so cross-sections remain whole); which ones are kept never
-    depends on the forecasts.
-
-    Returns a frame with ``symbol``, ``row`` (positional index in ``frame``), ``pos`` (position within
-    the symbol) and ``origin_time``.
-    """
-    if lookback < 2 or pred_len < 1 or stride < 1:
-        raise ValueError("need lookback >= 2, pred_len >= 1, stride >= 1")
-    ctx = frame["is_context"].to_numpy(bool) if "is_context" in frame else np.zeros(len(frame), bool)
-    symbols = frame["symbol"].to_numpy()
-    times = frame["timestamps"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, symbols[1:] != symbols[:-1]])
-    ends = np.r_[starts[1:], len(frame)]
-    rows = []
-    for start, end in zip(starts, ends):
-        n = end - start
-        # context rows among (t, t + pred_len], for every t, from one cumulative sum
-        cs = np.r_[0, np.cumsum(ctx[start:end])]
-        t = np.arange(lookback - 1, n - pred_len)
-        valid = t[(cs[t + pred_len + 1] - cs[t + 1]) == 0]
-        if len(valid) == 0:
-            continue
-        grid = np.arange(valid[0], n - pred_len, stride)
-        grid = grid[np.isin(grid, valid)]
-        rows.append(pd.DataFrame({"symbol": symbols[start + grid], "row": start + grid, "pos": grid}))
-    cols = {"symbol": [], "row": np.array([], int), "pos": np.array([], int)}
-    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(cols)
-    out["origin_time"] = times[out["row"].to_numpy()] if len(out) else pd.Series([], dtype="datetime64[ns]")
-    if max_origins is not None and len(out) > max_origins:
-        stamps, inverse, counts = np.unique(out["origin_time"].to_numpy(), return_inverse=True, return_counts=True)
-        keep = np.array([], int)
-        for m in range(min(len(stamps), max_origins), 0, -1):
-            keep = np.unique(np.linspace(0, len(stamps) - 1, m).round().astype(int))
-            if counts[keep].sum() <= max_origins:
-                break
-        out = out[np.isin(inverse, keep)].reset_index(drop=True)
-    return out
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -402,11 +352,7 @@ def walk_forward(
     clash = set(models) & set(BASELINES)
     if clash:
         raise ValueError(f"model names {sorted(clash)} are reserved for baselines")
-    missing = {"symbol", "timestamps", *FEATURE_COLUMNS} - set(frame.columns)
-    if missing:
-        raise ValueError(f"frame lacks columns {sorted(missing)}")
-    frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
-    frame["timestamps"] = pd.to_datetime(frame["timestamps"])
+    frame = walk_forward_frame(frame)
     origins = forecast_origins(frame, lookback=lookback, pred_len=pred_len, stride=stride, max_origins=max_origins)
     if origins.empty:
         raise ValueError("no forecast origins: the split is shorter than lookback + pred_len")
@@ -452,18 +398,8 @@ def walk_forward(
 def _forecast_models(result: EvaluationResult, frame: pd.DataFrame, rows: np.ndarray, models: Mapping[str, ForecastFn],
                      *, lookback: int, pred_len: int, sample_count: int, batch_size: int, progress: bool) -> None:
     """Every model's sample paths at every origin, ``batch_size`` origins per call, into ``result``."""
-    stamps = frame["timestamps"]
-
     def inputs(batch: np.ndarray) -> tuple[list[pd.DataFrame], list[pd.Series], list[pd.Series]]:
-        hists, hstamps, fstamps = [], [], []
-        for i in batch:
-            r = rows[i]
-            hist = frame.iloc[r - lookback + 1 : r + 1][list(FEATURE_COLUMNS)].reset_index(drop=True)
-            hist.attrs["symbol"] = result.symbols[i]
-            hists.append(hist)
-            hstamps.append(stamps.iloc[r - lookback + 1 : r + 1].reset_index(drop=True))
-            fstamps.append(stamps.iloc[r + 1 : r + pred_len + 1].reset_index(drop=True))
-        return hists, hstamps, fstamps
+        return origin_inputs(frame, rows[batch], lookback=lookback, pred_len=pred_len)
 
     batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
     for name, fn in models.items():
