@@ -467,6 +467,7 @@ def evaluate_models(
     batch_size: int = 32,
     point: str = "median",
     season: int = 1,
+    calibration: SamplingCalibration | None = None,
 ) -> EvaluationResult:
     """Walk-forward evaluation of Kronos (predictor, tokenizer) pairs: the notebook one-liner.
 
@@ -480,8 +481,9 @@ def evaluate_models(
     with the same ``temperature``, ``top_k``, ``top_p`` and ``seed`` (the same seed for every batch
     and model: common random numbers, reproducible), through
     :meth:`~kronos_kit.forecast.KronosPredictor.as_forecast_fn`; everything else is
-    :func:`walk_forward`, whose arguments these are. The sampling settings are recorded in
-    ``result.config["sampling"]``.
+    :func:`walk_forward`, whose arguments these are. ``calibration`` (fitted on the validation split by
+    :func:`calibrate_sampling`) replaces ``temperature`` and ``top_p``. The sampling settings are recorded
+    in ``result.config["sampling"]``.
     """
     if evaluation is not None:
         if any(v is not None for v in (pred_len, stride, sample_count, max_origins)):
@@ -491,6 +493,8 @@ def evaluate_models(
         temperature, top_k, top_p, max_context = e.temperature, e.top_k, e.top_p, e.max_context
     if pred_len is None or stride is None or sample_count is None:
         raise TypeError("evaluate_models needs pred_len, stride and sample_count, or evaluation=cfg.evaluation")
+    if calibration is not None:
+        temperature, top_p = calibration.temperature, calibration.top_p
     frame = _test_frame(frame_or_test_split)
     if not models:
         raise ValueError("models must name at least one (predictor, tokenizer) pair")
@@ -501,6 +505,7 @@ def evaluate_models(
                           max_origins=max_origins, baselines=baselines, seed=0 if seed is None else seed,
                           progress=progress, batch_size=batch_size, point=point, season=season)
     result.config["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                                 "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},
                                  "device": {n: str(p.device) for n, p in predictors.items()}}
     return result
@@ -827,9 +832,7 @@ def write_report(
 
 
 def _calibration_lines(cal: SamplingCalibration) -> list[str]:
-    rows = {"before": cal.before, "after": cal.after}
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = "setting"
+    table = cal.table()
     return ["## Sampling calibration (fitted on the validation split)", "",
             f"Temperature {cal.before['temperature']:g} -> {cal.temperature:g}, top-p {cal.before['top_p']:g} -> "
             f"{cal.top_p:g}: {cal.rule}. Coverage of the central close intervals (nominal 0.5 / 0.8 / 0.95):", "",
@@ -1158,6 +1161,12 @@ class SamplingCalibration(_RunFile):
         """Keyword arguments for :func:`evaluate_models` / ``KronosPredictor.as_forecast_fn``."""
         return {"temperature": self.temperature, "top_p": self.top_p}
 
+    def table(self) -> pd.DataFrame:
+        """Rows ``before`` / ``after``: temperature, top_p, close CRPS and 50/80/95% interval coverage (validation)."""
+        table = pd.DataFrame.from_dict({"before": self.before, "after": self.after}, orient="index")
+        table.index.name = "setting"
+        return table
+
 
 def calibrate_sampling(
     forecaster: KronosPredictor | Callable[[float, float], ForecastFn],
@@ -1296,3 +1305,89 @@ def decide_promotion(
     tokenizer, predictor = finetuned_sources if promote else base_sources
     return Promotion(promoted=finetuned if promote else base, tokenizer=str(tokenizer), predictor=str(predictor),
                      metric=metric, evidence=_jsonable(evidence), rule=rule, reason=reason)
+
+
+# ---------------------------------------------------------------- the validation step of a run
+
+
+@dataclass
+class ValidationDecision:
+    """What a run decides on the validation split before the test split is touched (:func:`decide_on_validation`)."""
+
+    result: EvaluationResult  # base and finetuned on validation origins, at the configured sampling
+    promotion: Promotion
+    calibration: SamplingCalibration | None  # None when calibration is switched off
+
+    @property
+    def sampling(self) -> dict[str, float]:
+        """Temperature and top-p the test evaluation and the run's forecaster use."""
+        return self.calibration.sampling() if self.calibration is not None else {}
+
+
+def _run_relative(source: str | Path, run_dir: Path | None) -> str:
+    """A checkpoint folder inside the run directory as a path relative to it (the run folder can move)."""
+    path = Path(source)
+    if run_dir is None or not path.exists():
+        return str(source)  # a preset, an embedded name or a hub id stays as given
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(source)
+
+
+def decide_on_validation(
+    validation: pd.DataFrame | Splits,
+    models: Mapping[str, tuple[Kronos, KronosTokenizer]],
+    evaluation: EvalConfig,
+    *,
+    lookback: int,
+    finetuned_sources: tuple[str | Path, str | Path],
+    base_sources: tuple[str | Path, str | Path],
+    run_dir: str | Path | None = None,
+    finetuned: str = "finetuned",
+    base: str = "base",
+    temperatures: Sequence[float] = TEMPERATURE_GRID,
+    top_ps: Sequence[float] = TOP_P_GRID,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> ValidationDecision:
+    """Promotion and sampling calibration, both on the validation split only (never the test split).
+
+    1. ``base`` and ``finetuned`` forecast the same validation origins (``evaluation``'s horizon, stride
+       and paths, at most ``evaluation.val_origins`` origins, the configured sampling);
+       :func:`decide_promotion` keeps the base pair unless the finetuned one has the lower close CRPS and a
+       close MAE that is not significantly worse.
+    2. When ``evaluation.calibrate``, :func:`calibrate_sampling` fits temperature and top-p of the
+       promoted pair on the same origins (``temperatures`` x ``top_ps``, plus the configured setting).
+
+    ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
+    With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
+    inside it relative to it, so the run folder can move.
+    """
+    frame = validation.val if hasattr(validation, "val") else validation
+    e = evaluation
+    settings = dict(lookback=lookback, pred_len=e.pred_len, stride=e.stride, sample_count=e.sample_count,
+                    max_origins=e.val_origins)
+    sampling = dict(temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, max_context=e.max_context)
+    pairs = {name: models[name] for name in (base, finetuned)}
+    result = evaluate_models(frame, pairs, **settings, **sampling, baselines=(), seed=seed, device=device,
+                             progress=progress)
+    root = Path(run_dir) if run_dir is not None else None
+    promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed,
+                                 finetuned_sources=tuple(_run_relative(s, root) for s in finetuned_sources),
+                                 base_sources=tuple(_run_relative(s, root) for s in base_sources))
+    calibration = None
+    if e.calibrate:
+        predictor = _predictors({promotion.promoted: pairs[promotion.promoted]}, device=device,
+                                max_context=e.max_context)[promotion.promoted]
+        calibration = calibrate_sampling(predictor, frame, **settings, temperatures=temperatures, top_ps=top_ps,
+                                         current=(e.temperature, e.top_p), top_k=e.top_k, seed=seed,
+                                         model=promotion.promoted, progress=progress)
+    if root is not None:
+        promotion.save(root)
+        if calibration is not None:
+            calibration.save(root)
+        else:
+            RunDir(root).calibration.unlink(missing_ok=True)  # a stale file must not outlive the setting
+    return ValidationDecision(result, promotion, calibration)

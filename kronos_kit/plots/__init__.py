@@ -24,7 +24,7 @@ from kronos_kit.plots.forecast import (
     plot_pit_histogram,
     plot_return_scatter,
 )
-from kronos_kit.plots.training import plot_training_curves
+from kronos_kit.plots.training import plot_selection_curves, plot_training_curves
 from kronos_kit.runs import atomic_write
 
 
@@ -37,6 +37,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 110) -> Figure:
 __all__ = [
     "save_figure",
     "plot_training_curves",
+    "plot_selection_curves",
     "draw_candles",
     "plot_bit_balance",
     "plot_candles",
