@@ -30,13 +30,18 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(tmp_path):
     assert [manifest["stages"][s]["status"] for s in ("01", "02", "03")] == ["completed"] * 3
     for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb",
                  "config.yaml", "metrics.jsonl", "codebook_before.json", "codebook_after.json",
-                 "reconstruction_gate.json", "metrics.json", "report.md", "token_metrics.json"):
+                 "reconstruction_gate.json", "metrics.json", "report.md", "token_metrics.json", "promoted.json",
+                 "calibration.json"):
         assert (run_dir / name).is_file(), name
     assert set(manifest["checkpoints"]) >= {"tokenizer/best", "tokenizer/last", "predictor/best", "predictor/last"}
     assert manifest["data"]["sha256"] and manifest["versions"]["torch"] and "commit" in manifest["git"]
     assert len(list((run_dir / "figures").glob("*.png"))) >= 10
     report = (run_dir / "report.md").read_text()
     assert "finetuned" in report and "persistence" in report
+    assert report.startswith("# Forecast evaluation\n\n**Bottom line.** ") and "## Promotion" in report
+    assert "## Sampling calibration" in report
+    promoted = json.loads((run_dir / "promoted.json").read_text())
+    assert promoted["split"] == "validation" and promoted["reason"] in report
     with pytest.raises(FileExistsError, match="--resume"):
         run(run_dir)  # an existing run directory is never overwritten silently
 

@@ -237,3 +237,40 @@ def test_load_run_forecaster_moves_with_the_run_and_names_bad_files(tmp_path):
     (tmp_path / "moved" / "promoted.json").unlink()
     with pytest.raises(FileNotFoundError, match="promoted.json not found.*notebook 03"):
         load_run_forecaster(tmp_path / "moved")
+
+
+# ------------------------------------------------------------------------------ the validation step
+
+
+def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, data):
+    from kronos_kit.config import EvalConfig
+    from kronos_kit.evaluate import Promotion, SamplingCalibration, decide_on_validation
+
+    tokenizer = KronosTokenizer.from_pretrained("tiny")
+    tuned = Kronos.from_pretrained("tiny", seed=1)
+    tuned.save_pretrained(tmp_path / "predictor" / "best")
+    models = {"base": (Kronos.from_pretrained("tiny", seed=0), tokenizer), "finetuned": (tuned, tokenizer)}
+    evaluation = EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12)
+    decision = decide_on_validation(data.splits, models, evaluation, lookback=30, run_dir=tmp_path, seed=2,
+                                    finetuned_sources=("tiny", tmp_path / "predictor" / "best"),
+                                    base_sources=("tiny", "tiny"), temperatures=(0.5, 1.0), top_ps=(0.9, 1.0))
+    p = decision.promotion
+    assert decision.result.n_origins == 12 and set(decision.result.names) == {"base", "finetuned"}
+    assert Promotion.load(tmp_path) == p and p.split == "validation"
+    if p.promoted == "finetuned":  # inside the run folder: written relative to it
+        assert (p.tokenizer, p.predictor) == ("tiny", "predictor/best")
+    cal = SamplingCalibration.load(tmp_path)
+    assert cal == decision.calibration and cal.model == p.promoted and len(cal.grid) == 4
+    assert (cal.temperature, cal.top_p) in {(0.5, 0.9), (0.5, 1.0), (1.0, 0.9), (1.0, 1.0)}
+    rf = load_run_forecaster(tmp_path)
+    assert rf.promoted == p.promoted and rf.sampling == cal.sampling()
+    # the test evaluation samples with the calibrated setting
+    result = evaluate_models(data.splits.test, {"m": models["base"]}, evaluation, lookback=30, baselines=(),
+                             calibration=cal, progress=False)
+    sampling = result.config["sampling"]
+    assert (sampling["temperature"], sampling["top_p"], sampling["calibrated"]) == (cal.temperature, cal.top_p, True)
+    # calibration switched off: no stale calibration.json survives
+    decide_on_validation(data.splits, models, EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12,
+                                                         calibrate=False), lookback=30, run_dir=tmp_path,
+                         finetuned_sources=("tiny", "tiny"), base_sources=("tiny", "tiny"))
+    assert not (tmp_path / "calibration.json").exists() and not load_run_forecaster(tmp_path).calibrated
