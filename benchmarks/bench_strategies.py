@@ -53,9 +53,8 @@ QUICK = {
     "data.lookback": 40, "predictor.max_steps": 4, "predictor.eval_every": 2, "predictor.batch_size": 16,
     "predictor.skill_origins": 4, "predictor.skill_paths": 2, "predictor.skill_horizon": 5,
     "evaluation.max_origins": 8, "evaluation.val_origins": 8, "evaluation.sample_count": 2,
-    "evaluation.pred_len": 5, "evaluation.stride": 10,
+    "evaluation.pred_len": 5, "evaluation.stride": 10, "evaluation.calibration_temperatures": [0.85, 1.0],
 }
-QUICK_GRID = {"temperatures": (0.85, 1.0), "top_ps": (0.9, 1.0)}
 
 
 def synthetic_hourly(path: Path, *, seed: int = 7, symbols: int = 4, bars: int = 3000) -> Path:
@@ -121,7 +120,7 @@ def run_one(dataset: str, strategy: str, out_dir: str, quick: bool, threads: int
     decision = decide_on_validation(bundle.splits, models, cfg.evaluation, lookback=cfg.data.lookback, run_dir=run_dir,
                                     finetuned_sources=(tokenizer_from, phase2.best_dir),
                                     base_sources=(tokenizer_from, cfg.predictor.start_from), seed=cfg.seed,
-                                    device=device, **(QUICK_GRID if quick else {}))
+                                    device=device)
     result = evaluate_models(bundle.splits.test, models, cfg.evaluation, lookback=cfg.data.lookback, seed=cfg.seed,
                              device=device, baselines=("persistence",), calibration=decision.calibration,
                              progress=False)

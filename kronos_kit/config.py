@@ -189,7 +189,18 @@ class EvalConfig:
     top_k: int = 0
     max_context: int = DEFAULT_MAX_CONTEXT
     calibrate: bool = True  # fit temperature / top-p on validation and evaluate test with them
+    calibration_temperatures: list[float] = field(default_factory=lambda: [0.85, 1.0, 1.15])  # calibration grid
+    calibration_top_ps: list[float] = field(default_factory=lambda: [0.9, 1.0])  # calibration grid
     val_origins: int | None = 40  # origin cap on validation for promotion and calibration (None: every origin)
+
+    def __post_init__(self) -> None:
+        temps, top_ps = self.calibration_temperatures, self.calibration_top_ps
+        if isinstance(temps, str) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+            raise ValueError(f"evaluation.calibration_temperatures must be a non-empty list of numbers > 0: {temps!r}")
+        if isinstance(top_ps, str) or not top_ps or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in top_ps):
+            raise ValueError(f"evaluation.calibration_top_ps must be a non-empty list of numbers in (0, 1]: {top_ps!r}")
+        if self.val_origins is not None and self.val_origins < 1:
+            raise ValueError(f"evaluation.val_origins must be >= 1 or null, got {self.val_origins}")
 
 
 @dataclass

@@ -1346,8 +1346,8 @@ def decide_on_validation(
     run_dir: str | Path | None = None,
     finetuned: str = "finetuned",
     base: str = "base",
-    temperatures: Sequence[float] = TEMPERATURE_GRID,
-    top_ps: Sequence[float] = TOP_P_GRID,
+    temperatures: Sequence[float] | None = None,
+    top_ps: Sequence[float] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -1359,7 +1359,9 @@ def decide_on_validation(
        :func:`decide_promotion` keeps the base pair unless the finetuned one has the lower close CRPS and a
        close MAE that is not significantly worse.
     2. When ``evaluation.calibrate``, :func:`calibrate_sampling` fits temperature and top-p of the
-       promoted pair on the same origins (``temperatures`` x ``top_ps``, plus the configured setting).
+       promoted pair on the same origins (``temperatures`` x ``top_ps``, by default
+       ``evaluation.calibration_temperatures`` x ``evaluation.calibration_top_ps``, plus the configured
+       setting; each grid point is one walk-forward, so the grid is the cost).
 
     ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
     With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
@@ -1381,6 +1383,8 @@ def decide_on_validation(
     if e.calibrate:
         predictor = _predictors({promotion.promoted: pairs[promotion.promoted]}, device=device,
                                 max_context=e.max_context)[promotion.promoted]
+        temperatures = e.calibration_temperatures if temperatures is None else temperatures
+        top_ps = e.calibration_top_ps if top_ps is None else top_ps
         calibration = calibrate_sampling(predictor, frame, **settings, temperatures=temperatures, top_ps=top_ps,
                                          current=(e.temperature, e.top_p), top_k=e.top_k, seed=seed,
                                          model=promotion.promoted, progress=progress)

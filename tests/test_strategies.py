@@ -180,6 +180,8 @@ def test_forecast_skill_equals_the_walk_forward_evaluation(data):
     ({"predictor.l2sp_strength": -0.1}, "l2sp_strength must be a finite number >= 0"),
     ({"predictor.select_metric": "val_mae"}, "select_metric must be one of"),
     ({"predictor.select_metric": "val_crps", "predictor.skill_origins": 0}, "needs the forecast-skill probe"),
+    ({"evaluation.calibration_top_ps": [0.9, 1.5]}, r"calibration_top_ps must be a non-empty list of numbers in"),
+    ({"evaluation.calibration_temperatures": []}, "calibration_temperatures must be a non-empty list"),
 ])
 def test_strategy_settings_are_validated(values, message):
     with pytest.raises(ValueError, match=message):
