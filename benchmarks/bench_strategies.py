@@ -21,7 +21,11 @@ Datasets:
   model never saw, with structure (vol clustering) a finetune can learn.
 
     .venv/bin/python benchmarks/bench_strategies.py [--quick] [--threads 1] [--jobs 2] [--out PATH]
-        [--datasets nasdaq ashare5m synthetic1h] [--strategies full freeze lora l2sp]
+        [--datasets nasdaq ashare5m synthetic1h] [--strategies full freeze lora l2sp] [--set KEY=VALUE ...]
+
+`--set` applies dotted config overrides to every run (e.g. `--set predictor.lr=4e-4
+predictor.select_metric=val_crps`): candidate defaults are compared by rerunning the table, and a
+default is chosen from the validation columns (promotion), not from the test columns.
 
 `--quick` runs tiny settings (a few steps, few origins, a 2 x 2 calibration grid): a smoke test of the
 whole path, not evidence. Run directories go to `<out folder>/runs/<dataset>-<strategy>/`.
@@ -90,7 +94,7 @@ def synthetic_hourly(path: Path, *, seed: int = 7, symbols: int = 4, bars: int =
     return path
 
 
-def run_one(dataset: str, strategy: str, out_dir: str, quick: bool, threads: int) -> dict:
+def run_one(dataset: str, strategy: str, out_dir: str, quick: bool, threads: int, overrides: dict) -> dict:
     """Phase 2 + validation step + test evaluation of one (dataset, strategy); a row of the table."""
     import torch
 
@@ -108,7 +112,7 @@ def run_one(dataset: str, strategy: str, out_dir: str, quick: bool, threads: int
     if dataset == "synthetic1h":
         settings["data.source"] = str(Path(out_dir) / "data" / "synthetic_hourly.csv")
     cfg = KitConfig.from_file(ROOT / "configs" / "default.yaml").with_overrides({
-        **settings, **(QUICK if quick else {}), "run_dir": str(run_dir), "tokenizer.enabled": False,
+        **settings, **(QUICK if quick else {}), **overrides, "run_dir": str(run_dir), "tokenizer.enabled": False,
         "predictor.strategy": strategy,
     })
     bundle = load_data(cfg)
@@ -185,7 +189,11 @@ def main() -> None:
                         help="Markdown table to write; run directories go beside it under runs/")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     args = parser.parse_args()
+    from kronos_kit.config import parse_overrides
+
+    overrides = parse_overrides(args.set)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     out = Path(args.out)
     out_dir = out.parent / (out.stem + "_work")
@@ -194,10 +202,13 @@ def main() -> None:
     tasks = [(d, s) for d in args.datasets for s in args.strategies]
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, d, s, str(out_dir), args.quick, args.threads) for d, s in tasks]
+        futures = [pool.submit(run_one, d, s, str(out_dir), args.quick, args.threads, overrides) for d, s in tasks]
         results = [f.result() for f in futures]
     command = "python benchmarks/bench_strategies.py " + " ".join(
-        (["--quick"] if args.quick else []) + [f"--threads {args.threads}", f"--jobs {args.jobs}"])
+        (["--quick"] if args.quick else []) + [f"--threads {args.threads}", f"--jobs {args.jobs}"]
+        + ([f"--datasets {' '.join(args.datasets)}"] if args.datasets != list(DATASETS) else [])
+        + ([f"--strategies {' '.join(args.strategies)}"] if args.strategies != list(STRATEGIES) else [])
+        + (["--set " + " ".join(args.set)] if args.set else []))
     text = markdown(results, command, args.quick, args.threads, args.jobs)
     text += f"\nTotal wall time: {time.perf_counter() - start:.0f} s.\n"
     out.parent.mkdir(parents=True, exist_ok=True)
