@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -44,11 +45,18 @@ NOTEBOOK_PARAMETERS = {
     "ignore_gate": "gate.override",
     "eval_origins": "evaluation.max_origins",
     "threads": "threads",
+    "tokenizer_strategy": "tokenizer.strategy",
+    "predictor_strategy": "predictor.strategy",
 }
 # notebook parameters that are not config fields: where the run goes, which YAML, and whether the
 # training stages continue from their saved state (the pipeline sets it under --resume)
 RUN_PARAMETERS = ("run_dir", "config", "resume")
 THREADS_ENV = "KRONOS_THREADS"  # thread count when the config leaves `threads` at null
+
+STRATEGIES = ("full", "freeze", "lora", "l2sp")  # finetune strategies of a phase (see PhaseConfig.strategy)
+# the linears of a transformer block that LoRA may adapt (kronos_kit.model.adapters checks the same names)
+LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3")
+SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
 
 
 @dataclass
@@ -100,6 +108,15 @@ class PhaseConfig:
     max_val_batches: int | None = None  # cap validation cost on large data
     nonfinite_grad: str = "stop"  # a NaN/inf gradient norm: "stop" (error) or "skip" (no update, logged, counted)
     resume_changed: bool = False  # resume even if fields that break exactness changed (warning; schedule rebuilt)
+    strategy: str = "full"  # full (every weight), freeze (`trainable` only), lora (adapters), l2sp (full + L2-SP)
+    trainable: list[str] | None = None  # freeze: parameter groups that train; None = the phase's default below
+    lora_rank: int = 8  # lora: inner dimension of each low-rank update
+    lora_alpha: float = 16.0  # lora: the update is scaled by alpha / rank
+    lora_dropout: float = 0.0  # lora: dropout on the adapter path's input
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGET_NAMES))  # lora: adapted linears
+    l2sp_strength: float = 0.01  # l2sp: weight of sum ||w - w_start||^2 in the loss
+
+    DEFAULT_TRAINABLE: ClassVar[tuple[str, ...]] = ("all",)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every", "eval_every"):
@@ -111,11 +128,36 @@ class PhaseConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.trainable is not None and (isinstance(self.trainable, str) or not self.trainable
+                                           or not all(isinstance(g, str) for g in self.trainable)):
+            raise ValueError(f"trainable must be a non-empty list of parameter groups (e.g. ['head', 'last:1']) "
+                             f"or null for the default {list(self.DEFAULT_TRAINABLE)}, got {self.trainable!r}")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be a whole number >= 1, got {self.lora_rank!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        targets = self.lora_targets
+        if isinstance(targets, str) or not targets or set(targets) - set(LORA_TARGET_NAMES):
+            raise ValueError(f"lora_targets must be a non-empty list drawn from {list(LORA_TARGET_NAMES)}, "
+                             f"got {targets!r}")
+        if not (math.isfinite(self.l2sp_strength) and self.l2sp_strength >= 0):
+            raise ValueError(f"l2sp_strength must be a finite number >= 0, got {self.l2sp_strength!r}")
+
+    @property
+    def trainable_groups(self) -> list[str]:
+        """The parameter groups the `freeze` strategy trains: `trainable`, else the phase's default."""
+        return list(self.trainable) if self.trainable is not None else list(self.DEFAULT_TRAINABLE)
 
 
 @dataclass
 class TokenizerPhaseConfig(PhaseConfig):
     entropy_mode: str = "reference"  # BSQ codebook entropy: "reference" (as published) or "group"
+
+    DEFAULT_TRAINABLE: ClassVar[tuple[str, ...]] = ("decoder", "head")  # freeze: adapt how codes decode
 
 
 @dataclass
@@ -126,6 +168,26 @@ class PredictorPhaseConfig(PhaseConfig):
     tokenizer_from: str | None = None  # None: this run's phase-1 tokenizer if trained, else tokenizer.start_from
     teacher_forcing: bool = False  # condition s2 on the true next s1 instead of a sampled one
     token_cache: bool = True  # encode each window once with the frozen tokenizer and reuse it
+    select_metric: str = "val_loss"  # picks `best` and decides early stopping: val_loss or val_crps (forecast skill)
+    skill_origins: int = 32  # validation origins of the forecast-skill probe at each validation; 0 switches it off
+    skill_paths: int = 8  # sample paths per origin of the probe
+    skill_horizon: int = 10  # bars forecast per origin of the probe
+    skill_stride: int = 10  # bars between the probe's origins (before thinning to skill_origins)
+
+    DEFAULT_TRAINABLE: ClassVar[tuple[str, ...]] = ("head", "dependency", "norm", "last:1")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric must be one of {list(SELECT_METRICS)}, got {self.select_metric!r}")
+        for name in ("skill_paths", "skill_horizon", "skill_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.skill_origins < 0:
+            raise ValueError(f"skill_origins must be >= 0 (0 switches the probe off), got {self.skill_origins}")
+        if self.select_metric == "val_crps" and self.skill_origins == 0:
+            raise ValueError("select_metric val_crps needs the forecast-skill probe: set skill_origins >= 1 "
+                             "(e.g. 32) or select_metric: val_loss")
 
 
 @dataclass
@@ -137,7 +199,7 @@ class GateConfig:
 
 @dataclass
 class EvalConfig:
-    stride: int = 24  # bars between forecast origins on the test split
+    stride: int = 24  # bars between forecast origins on the test split (and on validation for promotion)
     pred_len: int = 24  # forecast horizon in bars (independent of data.predict)
     sample_count: int = 8  # sample paths per origin
     max_origins: int | None = 60  # cap per model (None: every origin)
@@ -145,6 +207,19 @@ class EvalConfig:
     top_p: float = 0.9
     top_k: int = 0
     max_context: int = DEFAULT_MAX_CONTEXT
+    calibrate: bool = True  # fit temperature / top-p on validation and evaluate test with them
+    calibration_temperatures: list[float] = field(default_factory=lambda: [0.85, 1.0, 1.15])  # calibration grid
+    calibration_top_ps: list[float] = field(default_factory=lambda: [0.9, 1.0])  # calibration grid
+    val_origins: int | None = 40  # origin cap on validation for promotion and calibration (None: every origin)
+
+    def __post_init__(self) -> None:
+        temps, top_ps = self.calibration_temperatures, self.calibration_top_ps
+        if isinstance(temps, str) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
+            raise ValueError(f"evaluation.calibration_temperatures must be a non-empty list of numbers > 0: {temps!r}")
+        if isinstance(top_ps, str) or not top_ps or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in top_ps):
+            raise ValueError(f"evaluation.calibration_top_ps must be a non-empty list of numbers in (0, 1]: {top_ps!r}")
+        if self.val_origins is not None and self.val_origins < 1:
+            raise ValueError(f"evaluation.val_origins must be >= 1 or null, got {self.val_origins}")
 
 
 @dataclass

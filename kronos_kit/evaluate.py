@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, EvalConfig
+from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.metrics import CLOSE, INTERVALS
 from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, RunDir, atomic_write_text, load_json, save_json
@@ -75,57 +76,6 @@ TABLE_COLUMNS: tuple[str, ...] = tuple(c for c, _, _ in HEADLINE) + ("xs_dates",
 
 # Per-origin losses the paired tests compare (EvaluationResult.origin_loss): key -> label in the report.
 ORIGIN_LOSSES: dict[str, str] = {"close_crps": "close CRPS", "close_ae": "close MAE", "vol_ae": "realized-vol MAE"}
-
-
-# ------------------------------------------------------------------------------------ origins
-
-
-def forecast_origins(
-    frame: pd.DataFrame, *, lookback: int, pred_len: int, stride: int, max_origins: int | None = None
-) -> pd.DataFrame:
-    """Place forecast origins on a canonical long frame (sorted by symbol, time).
-
-    An origin is the row of the last history bar. Per symbol the first origin is the earliest row with
-    ``lookback`` bars of history whose next ``pred_len`` rows are all non-context (``is_context`` False,
-    missing column = all False); then one every ``stride`` rows while the targets stay in the frame.
-    ``max_origins`` thins the set to at most that many by keeping evenly spaced origin timestamps
-    (all symbols of a kept timestamp stay, so cross-sections remain whole); which ones are kept never
-    depends on the forecasts.
-
-    Returns a frame with ``symbol``, ``row`` (positional index in ``frame``), ``pos`` (position within
-    the symbol) and ``origin_time``.
-    """
-    if lookback < 2 or pred_len < 1 or stride < 1:
-        raise ValueError("need lookback >= 2, pred_len >= 1, stride >= 1")
-    ctx = frame["is_context"].to_numpy(bool) if "is_context" in frame else np.zeros(len(frame), bool)
-    symbols = frame["symbol"].to_numpy()
-    times = frame["timestamps"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, symbols[1:] != symbols[:-1]])
-    ends = np.r_[starts[1:], len(frame)]
-    rows = []
-    for start, end in zip(starts, ends):
-        n = end - start
-        # context rows among (t, t + pred_len], for every t, from one cumulative sum
-        cs = np.r_[0, np.cumsum(ctx[start:end])]
-        t = np.arange(lookback - 1, n - pred_len)
-        valid = t[(cs[t + pred_len + 1] - cs[t + 1]) == 0]
-        if len(valid) == 0:
-            continue
-        grid = np.arange(valid[0], n - pred_len, stride)
-        grid = grid[np.isin(grid, valid)]
-        rows.append(pd.DataFrame({"symbol": symbols[start + grid], "row": start + grid, "pos": grid}))
-    cols = {"symbol": [], "row": np.array([], int), "pos": np.array([], int)}
-    out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(cols)
-    out["origin_time"] = times[out["row"].to_numpy()] if len(out) else pd.Series([], dtype="datetime64[ns]")
-    if max_origins is not None and len(out) > max_origins:
-        stamps, inverse, counts = np.unique(out["origin_time"].to_numpy(), return_inverse=True, return_counts=True)
-        keep = np.array([], int)
-        for m in range(min(len(stamps), max_origins), 0, -1):
-            keep = np.unique(np.linspace(0, len(stamps) - 1, m).round().astype(int))
-            if counts[keep].sum() <= max_origins:
-                break
-        out = out[np.isin(inverse, keep)].reset_index(drop=True)
-    return out
 
 
 # ---------------------------------------------------------------------------------- baselines
@@ -402,11 +352,7 @@ def walk_forward(
     clash = set(models) & set(BASELINES)
     if clash:
         raise ValueError(f"model names {sorted(clash)} are reserved for baselines")
-    missing = {"symbol", "timestamps", *FEATURE_COLUMNS} - set(frame.columns)
-    if missing:
-        raise ValueError(f"frame lacks columns {sorted(missing)}")
-    frame = frame.sort_values(["symbol", "timestamps"], kind="stable").reset_index(drop=True)
-    frame["timestamps"] = pd.to_datetime(frame["timestamps"])
+    frame = walk_forward_frame(frame)
     origins = forecast_origins(frame, lookback=lookback, pred_len=pred_len, stride=stride, max_origins=max_origins)
     if origins.empty:
         raise ValueError("no forecast origins: the split is shorter than lookback + pred_len")
@@ -452,18 +398,8 @@ def walk_forward(
 def _forecast_models(result: EvaluationResult, frame: pd.DataFrame, rows: np.ndarray, models: Mapping[str, ForecastFn],
                      *, lookback: int, pred_len: int, sample_count: int, batch_size: int, progress: bool) -> None:
     """Every model's sample paths at every origin, ``batch_size`` origins per call, into ``result``."""
-    stamps = frame["timestamps"]
-
     def inputs(batch: np.ndarray) -> tuple[list[pd.DataFrame], list[pd.Series], list[pd.Series]]:
-        hists, hstamps, fstamps = [], [], []
-        for i in batch:
-            r = rows[i]
-            hist = frame.iloc[r - lookback + 1 : r + 1][list(FEATURE_COLUMNS)].reset_index(drop=True)
-            hist.attrs["symbol"] = result.symbols[i]
-            hists.append(hist)
-            hstamps.append(stamps.iloc[r - lookback + 1 : r + 1].reset_index(drop=True))
-            fstamps.append(stamps.iloc[r + 1 : r + pred_len + 1].reset_index(drop=True))
-        return hists, hstamps, fstamps
+        return origin_inputs(frame, rows[batch], lookback=lookback, pred_len=pred_len)
 
     batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
     for name, fn in models.items():
@@ -531,6 +467,7 @@ def evaluate_models(
     batch_size: int = 32,
     point: str = "median",
     season: int = 1,
+    calibration: SamplingCalibration | None = None,
 ) -> EvaluationResult:
     """Walk-forward evaluation of Kronos (predictor, tokenizer) pairs: the notebook one-liner.
 
@@ -544,8 +481,9 @@ def evaluate_models(
     with the same ``temperature``, ``top_k``, ``top_p`` and ``seed`` (the same seed for every batch
     and model: common random numbers, reproducible), through
     :meth:`~kronos_kit.forecast.KronosPredictor.as_forecast_fn`; everything else is
-    :func:`walk_forward`, whose arguments these are. The sampling settings are recorded in
-    ``result.config["sampling"]``.
+    :func:`walk_forward`, whose arguments these are. ``calibration`` (fitted on the validation split by
+    :func:`calibrate_sampling`) replaces ``temperature`` and ``top_p``. The sampling settings are recorded
+    in ``result.config["sampling"]``.
     """
     if evaluation is not None:
         if any(v is not None for v in (pred_len, stride, sample_count, max_origins)):
@@ -555,6 +493,8 @@ def evaluate_models(
         temperature, top_k, top_p, max_context = e.temperature, e.top_k, e.top_p, e.max_context
     if pred_len is None or stride is None or sample_count is None:
         raise TypeError("evaluate_models needs pred_len, stride and sample_count, or evaluation=cfg.evaluation")
+    if calibration is not None:
+        temperature, top_p = calibration.temperature, calibration.top_p
     frame = _test_frame(frame_or_test_split)
     if not models:
         raise ValueError("models must name at least one (predictor, tokenizer) pair")
@@ -565,6 +505,7 @@ def evaluate_models(
                           max_origins=max_origins, baselines=baselines, seed=0 if seed is None else seed,
                           progress=progress, batch_size=batch_size, point=point, season=season)
     result.config["sampling"] = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                                 "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},
                                  "device": {n: str(p.device) for n, p in predictors.items()}}
     return result
@@ -894,9 +835,7 @@ def write_report(
 
 
 def _calibration_lines(cal: SamplingCalibration) -> list[str]:
-    rows = {"before": cal.before, "after": cal.after}
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = "setting"
+    table = cal.table()
     return ["## Sampling calibration (fitted on the validation split)", "",
             f"Temperature {cal.before['temperature']:g} -> {cal.temperature:g}, top-p {cal.before['top_p']:g} -> "
             f"{cal.top_p:g}: {cal.rule}. Coverage of the central close intervals (nominal 0.5 / 0.8 / 0.95):", "",
@@ -1225,6 +1164,12 @@ class SamplingCalibration(_RunFile):
         """Keyword arguments for :func:`evaluate_models` / ``KronosPredictor.as_forecast_fn``."""
         return {"temperature": self.temperature, "top_p": self.top_p}
 
+    def table(self) -> pd.DataFrame:
+        """Rows ``before`` / ``after``: temperature, top_p, close CRPS and 50/80/95% interval coverage (validation)."""
+        table = pd.DataFrame.from_dict({"before": self.before, "after": self.after}, orient="index")
+        table.index.name = "setting"
+        return table
+
 
 def calibrate_sampling(
     forecaster: KronosPredictor | Callable[[float, float], ForecastFn],
@@ -1363,3 +1308,93 @@ def decide_promotion(
     tokenizer, predictor = finetuned_sources if promote else base_sources
     return Promotion(promoted=finetuned if promote else base, tokenizer=str(tokenizer), predictor=str(predictor),
                      metric=metric, evidence=_jsonable(evidence), rule=rule, reason=reason)
+
+
+# ---------------------------------------------------------------- the validation step of a run
+
+
+@dataclass
+class ValidationDecision:
+    """What a run decides on the validation split before the test split is touched (:func:`decide_on_validation`)."""
+
+    result: EvaluationResult  # base and finetuned on validation origins, at the configured sampling
+    promotion: Promotion
+    calibration: SamplingCalibration | None  # None when calibration is switched off
+
+    @property
+    def sampling(self) -> dict[str, float]:
+        """Temperature and top-p the test evaluation and the run's forecaster use."""
+        return self.calibration.sampling() if self.calibration is not None else {}
+
+
+def _run_relative(source: str | Path, run_dir: Path | None) -> str:
+    """A checkpoint folder inside the run directory as a path relative to it (the run folder can move)."""
+    path = Path(source)
+    if run_dir is None or not path.exists():
+        return str(source)  # a preset, an embedded name or a hub id stays as given
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(source)
+
+
+def decide_on_validation(
+    validation: pd.DataFrame | Splits,
+    models: Mapping[str, tuple[Kronos, KronosTokenizer]],
+    evaluation: EvalConfig,
+    *,
+    lookback: int,
+    finetuned_sources: tuple[str | Path, str | Path],
+    base_sources: tuple[str | Path, str | Path],
+    run_dir: str | Path | None = None,
+    finetuned: str = "finetuned",
+    base: str = "base",
+    temperatures: Sequence[float] | None = None,
+    top_ps: Sequence[float] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> ValidationDecision:
+    """Promotion and sampling calibration, both on the validation split only (never the test split).
+
+    1. ``base`` and ``finetuned`` forecast the same validation origins (``evaluation``'s horizon, stride
+       and paths, at most ``evaluation.val_origins`` origins, the configured sampling);
+       :func:`decide_promotion` keeps the base pair unless the finetuned one has the lower close CRPS and a
+       close MAE that is not significantly worse.
+    2. When ``evaluation.calibrate``, :func:`calibrate_sampling` fits temperature and top-p of the
+       promoted pair on the same origins (``temperatures`` x ``top_ps``, by default
+       ``evaluation.calibration_temperatures`` x ``evaluation.calibration_top_ps``, plus the configured
+       setting; each grid point is one walk-forward, so the grid is the cost).
+
+    ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
+    With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
+    inside it relative to it, so the run folder can move.
+    """
+    frame = validation.val if hasattr(validation, "val") else validation
+    e = evaluation
+    settings = dict(lookback=lookback, pred_len=e.pred_len, stride=e.stride, sample_count=e.sample_count,
+                    max_origins=e.val_origins)
+    sampling = dict(temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, max_context=e.max_context)
+    pairs = {name: models[name] for name in (base, finetuned)}
+    result = evaluate_models(frame, pairs, **settings, **sampling, baselines=(), seed=seed, device=device,
+                             progress=progress)
+    root = Path(run_dir) if run_dir is not None else None
+    promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed,
+                                 finetuned_sources=tuple(_run_relative(s, root) for s in finetuned_sources),
+                                 base_sources=tuple(_run_relative(s, root) for s in base_sources))
+    calibration = None
+    if e.calibrate:
+        predictor = _predictors({promotion.promoted: pairs[promotion.promoted]}, device=device,
+                                max_context=e.max_context)[promotion.promoted]
+        temperatures = e.calibration_temperatures if temperatures is None else temperatures
+        top_ps = e.calibration_top_ps if top_ps is None else top_ps
+        calibration = calibrate_sampling(predictor, frame, **settings, temperatures=temperatures, top_ps=top_ps,
+                                         current=(e.temperature, e.top_p), top_k=e.top_k, seed=seed,
+                                         model=promotion.promoted, progress=progress)
+    if root is not None:
+        promotion.save(root)
+        if calibration is not None:
+            calibration.save(root)
+        else:
+            RunDir(root).calibration.unlink(missing_ok=True)  # a stale file must not outlive the setting
+    return ValidationDecision(result, promotion, calibration)

@@ -24,21 +24,32 @@ which covers any horizon up to `max_context`, so results there are unchanged).
 `forecast_frame` forecasts the bars after the end of each symbol of a canonical long frame and
 returns a tidy table (symbol, timestamp, step, and per channel mean, median and quantiles), the
 library side of a forecast command.
+
+`ForecastSkill` scores a (predictor, tokenizer) pair by close CRPS and close MAE on fixed origins of
+a frame (phase 2 selects `best` by it on the validation split); its numbers equal
+`evaluate.walk_forward`'s on the same origins and sampling. `load_run_forecaster` builds the
+forecaster a run directory promotes (`promoted.json`) with the sampling fitted on validation
+(`calibration.json`), reading plain JSON only.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from kronos_kit import metrics
 from kronos_kit.config import DEFAULT_MAX_CONTEXT
+from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import (
     FEATURE_COLUMNS,
     PRICE_COLUMNS,
@@ -52,6 +63,7 @@ from kronos_kit.data.schema import (
     time_features,
 )
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
+from kronos_kit.runs import RunDir, load_json
 from kronos_kit.runtime import inference
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures <= this take the argmax instead of sampling
@@ -530,5 +542,141 @@ def forecast_frame(
     return out
 
 
-__all__ = ["GREEDY_TEMPERATURE", "Forecast", "KronosPredictor", "Sampler", "decode_forecast",
-           "filter_logits", "forecast_frame", "future_timestamps", "generate_tokens", "time_stamps"]
+# ---------------------------------------------------------------------- forecast skill on fixed origins
+
+
+class ForecastSkill:
+    """Close CRPS and close MAE of a (predictor, tokenizer) pair on fixed walk-forward origins of `frame`.
+
+    Origins (`data.forecast_origins`: every `stride` bars, thinned to `max_origins`) and the inputs at
+    them are built once; each call forecasts `sample_count` paths per origin with the KV-cached
+    `KronosPredictor` in eval mode and the given `seed` (common random numbers: every model and every
+    call draws the same noise, and the global RNG is not touched, so training resumes exactly).
+    Batching and seeding follow `evaluate.walk_forward`, so the numbers equal its `close_crps` and
+    `close_mae` for the same origins and sampling. Phase 2 scores it on the validation split.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        lookback: int,  # history bars per origin
+        pred_len: int,  # bars forecast per origin
+        stride: int,  # bars between origins before thinning
+        max_origins: int | None,  # cap, evenly spaced in time (None: every origin)
+        sample_count: int,  # paths per origin
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        top_k: int = 0,
+        max_context: int = DEFAULT_MAX_CONTEXT,
+        batch_size: int = 32,  # origins per forecaster call (as walk_forward)
+    ):
+        frame = walk_forward_frame(frame)
+        origins = forecast_origins(frame, lookback=lookback, pred_len=pred_len, stride=stride, max_origins=max_origins)
+        if origins.empty:
+            raise ValueError(f"ForecastSkill: no origin with {lookback} history bars and {pred_len} target bars; "
+                             "lower the horizon / lookback or enlarge the split")
+        rows = origins["row"].to_numpy()
+        self.n_origins, self.pred_len, self.sample_count, self.seed = len(rows), pred_len, sample_count, seed
+        self.sampler = Sampler(temperature, top_k, top_p)  # checked now, not at the first validation
+        self.max_context = max_context
+        self.batches = [origin_inputs(frame, rows[i : i + batch_size], lookback=lookback, pred_len=pred_len)
+                        for i in range(0, len(rows), batch_size)]
+        close = frame["close"].to_numpy(np.float64)
+        self.realized = close[rows[:, None] + np.arange(1, pred_len + 1)]  # (N, pred_len)
+
+    def __call__(self, model: Kronos, tokenizer: KronosTokenizer) -> dict[str, float]:
+        """{"val_crps": mean close CRPS, "val_mae": mean |median path - realized| of the close}."""
+        predictor = KronosPredictor(model, tokenizer, max_context=self.max_context)
+        s = self.sampler
+        paths = np.concatenate([
+            predictor.predict_paths_batch(*batch, self.pred_len, s.temperature, s.top_k, s.top_p, self.sample_count,
+                                          verbose=False, seed=self.seed).paths[..., metrics.CLOSE]
+            for batch in self.batches
+        ])  # (N, S, pred_len)
+        crps = metrics.crps(paths, self.realized, axis=1).mean(axis=1)
+        mae = np.abs(metrics.point_forecast(paths, "median") - self.realized).mean(axis=1)
+        return {"val_crps": float(crps.mean()), "val_mae": float(mae.mean())}
+
+
+# ---------------------------------------------------------------------- the forecaster a run promotes
+
+
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 0.9}  # what the kit samples with when nothing was calibrated
+
+
+@dataclass
+class RunForecaster:
+    """The forecaster a run directory hands on: the promoted pair and the sampling fitted on validation."""
+
+    predictor: KronosPredictor
+    promoted: str  # "finetuned" or "base", as promoted.json says
+    tokenizer_source: str  # where the tokenizer was loaded from
+    predictor_source: str
+    sampling: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))  # temperature, top_p
+    calibrated: bool = False  # True when `sampling` comes from calibration.json
+
+    def forecast_frame(self, frame: pd.DataFrame, *, horizon: int, **kwargs: Any) -> pd.DataFrame:
+        """`forecast_frame` with this run's predictor and sampling (keyword arguments override it)."""
+        return forecast_frame(self.predictor, frame, horizon=horizon, **{**self.sampling, **kwargs})
+
+
+def _run_json_field(data: dict, path: Path, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = data.get(name)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ValueError(f"{path}: field {name!r} must be {what}, got {value!r}; rerun notebook 03's "
+                         "validation step to rewrite it")
+    return value
+
+
+def _run_source(run_dir: Path, source: str) -> str:
+    """A source written relative to the run directory (e.g. `predictor/best`) resolves inside it."""
+    inside = run_dir / source
+    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
+
+
+def load_run_forecaster(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    calibrated: bool = True,  # False: ignore calibration.json and sample with the kit's defaults
+) -> RunForecaster:
+    """The promoted tokenizer + predictor of a run directory with its calibrated sampling.
+
+    Reads `promoted.json` (which pair: written by the validation step, base unless the finetuned pair
+    beat it on validation) and, when present and `calibrated`, `calibration.json` (temperature and
+    top-p fitted on validation). Both are plain JSON; nothing in the folder is executed. Sources
+    written relative to the run directory (`predictor/best`) resolve inside it, so a moved run
+    directory still loads. Use `rf.predictor.predict_paths(..., T=rf.sampling["temperature"],
+    top_p=rf.sampling["top_p"])` or `rf.forecast_frame(frame, horizon=...)`.
+    """
+    rd = RunDir(run_dir)
+    if not rd.promoted.is_file():
+        raise FileNotFoundError(f"{rd.promoted} not found: the run has not decided what to promote; run "
+                                "notebook 03 (its validation step writes promoted.json and calibration.json)")
+    promotion = load_json(rd.promoted)
+    if not isinstance(promotion, dict):
+        raise ValueError(f"{rd.promoted} must hold a JSON object, got {type(promotion).__name__}")
+    promoted = _run_json_field(promotion, rd.promoted, "promoted", (str,), "a model name")
+    tokenizer_source = _run_source(rd.path, _run_json_field(promotion, rd.promoted, "tokenizer", (str,), "a source"))
+    predictor_source = _run_source(rd.path, _run_json_field(promotion, rd.promoted, "predictor", (str,), "a source"))
+    sampling, is_calibrated = dict(DEFAULT_SAMPLING), False
+    if calibrated and rd.calibration.is_file():
+        calibration = load_json(rd.calibration)
+        if not isinstance(calibration, dict):
+            raise ValueError(f"{rd.calibration} must hold a JSON object, got {type(calibration).__name__}")
+        sampling = {k: float(_run_json_field(calibration, rd.calibration, k, (int, float), "a number"))
+                    for k in ("temperature", "top_p")}
+        Sampler(sampling["temperature"], 0, sampling["top_p"])  # a clear error for out-of-range values
+        is_calibrated = True
+    predictor = KronosPredictor(Kronos.from_pretrained(predictor_source, device=device),
+                                KronosTokenizer.from_pretrained(tokenizer_source, device=device),
+                                device=device, max_context=max_context)
+    return RunForecaster(predictor, promoted, tokenizer_source, predictor_source, sampling, is_calibrated)
+
+
+__all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunForecaster",
+           "Sampler", "decode_forecast", "filter_logits", "forecast_frame", "future_timestamps", "generate_tokens",
+           "load_run_forecaster", "time_stamps"]

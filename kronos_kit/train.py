@@ -11,6 +11,15 @@ non-finite is ever saved. Resume checks that the saved config matches the curren
 `kronos_kit.runs.RunDir` says; seeding, devices and DDP come from `kronos_kit.runtime`.
 The phases differ only in their `Phase`: the model trained, a step function, an evaluation
 function and the checkpoints they start from.
+
+Finetune strategies (`PhaseConfig.strategy`, per phase) are set up by `apply_strategy` on the bare
+model before the engine builds the optimizer and the DDP wrapper: `full` trains every weight,
+`freeze` only the parameter groups in `trainable`, `lora` only low-rank adapters (checkpoints hold
+the merged weights in the reference layout, the adapter files beside them), `l2sp` every weight
+with a penalty toward the starting weights added to the loss (logged as `l2sp`). Phase 2 also
+scores forecast skill on the validation split at each validation (`forecast.ForecastSkill`: close
+CRPS and MAE), the base model once beforehand as the reference level, and selects `best` by
+`predictor.select_metric`.
 """
 
 from __future__ import annotations
@@ -38,7 +47,17 @@ from kronos_kit import runs
 from kronos_kit.codebook import CodebookCounter
 from kronos_kit.config import KitConfig, PhaseConfig
 from kronos_kit.data import DataBundle, load_data, take
-from kronos_kit.model import Kronos, KronosTokenizer, check_pair, weights_hash
+from kronos_kit.forecast import ForecastSkill
+from kronos_kit.model import (
+    L2SP,
+    Kronos,
+    KronosTokenizer,
+    apply_lora,
+    check_pair,
+    save_merged,
+    set_trainable,
+    weights_hash,
+)
 from kronos_kit.runs import (
     CHECKPOINT_KINDS,
     MetricsLog,
@@ -54,9 +73,9 @@ from kronos_kit.runtime import DistContext, freeze, inference, module_device, re
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
     "NonFiniteGradientError", "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "Phase",
-    "PhaseResult", "ResumeMismatchError", "StepOutput", "TrainState", "evaluate_tokenizer",
-    "make_predictor_evaluate", "make_predictor_step", "planned_steps", "restore_state", "run_phase",
-    "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
+    "PhaseResult", "ResumeMismatchError", "StepOutput", "Strategy", "TrainState", "apply_strategy",
+    "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "planned_steps", "restore_state",
+    "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
     "train_epoch", "train_predictor", "train_tokenizer", "validate", "validation_loader",
 ]
 
@@ -125,11 +144,12 @@ class EpochSampler(Sampler[int]):
 def save_checkpoint(model: nn.Module, directory: Path) -> None:
     """Replace `directory` with a fresh checkpoint of `model` (atomic swap, see `runs.replace_dir`).
 
+    Written with `save_merged`: the reference layout always (LoRA merged in, adapter files beside).
     Non-finite weights are refused (`NonFiniteWeightsError`) and the previous checkpoint stays.
     """
     model = unwrap(model)
     _check_finite(model.state_dict(), directory)
-    replace_dir(directory, model.save_pretrained)
+    replace_dir(directory, lambda tmp: save_merged(model, tmp))
 
 
 def _check_finite(tensors: Mapping[str, torch.Tensor], target: Path) -> None:
@@ -601,6 +621,58 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# finetune strategies
+
+
+
+@dataclass
+class Strategy:
+    """A phase's finetune strategy applied to its model: which parameters train, and the L2-SP anchor."""
+
+    name: str  # full, freeze, lora or l2sp
+    trainable: list[str]  # names of the parameters that train, in model order
+    l2sp: L2SP | None = None  # the penalty toward the starting weights (strategy l2sp)
+
+    def wrap_step(self, step: Callable[[nn.Module, dict], StepOutput]) -> Callable[[nn.Module, dict], StepOutput]:
+        """`step` with the L2-SP penalty added to its loss and logged (`task_loss`, `l2sp`); else `step`."""
+        if self.l2sp is None:
+            return step
+        l2sp = self.l2sp
+
+        def penalized(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+            out = step(model, batch)
+            penalty = l2sp.penalty(model)
+            parts = {**out.parts, "task_loss": out.loss.detach(), "l2sp": penalty.detach()}
+            return StepOutput(out.loss + penalty, parts)
+
+        return penalized
+
+
+def apply_strategy(model: nn.Module, cfg: PhaseConfig, *, phase: str, seed: int) -> Strategy:
+    """Set up `cfg.strategy` on the freshly loaded bare `model`, before the optimizer and the DDP wrap.
+
+    freeze: `set_trainable(cfg.trainable_groups)`; lora: `apply_lora` with the configured rank, alpha,
+    dropout and targets (A drawn from a generator seeded by `seed`, so a resumed run rebuilds the same
+    modules before its state is loaded); l2sp: every weight trains and `L2SP` anchors them at their
+    starting values (the base checkpoint, also on resume); full: the model as loaded.
+    """
+    if cfg.strategy == "freeze":
+        try:
+            set_trainable(model, cfg.trainable_groups)
+        except ValueError as err:
+            raise ValueError(f"{phase}.trainable: {err}") from err
+    elif cfg.strategy == "lora":
+        apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
+                   generator=torch.Generator().manual_seed(seed))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    l2sp = L2SP(model, strength=cfg.l2sp_strength) if cfg.strategy == "l2sp" else None
+    counts = [sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())]
+    logger.info("%s: strategy %s, %d of %d parameters train", phase, cfg.strategy, *counts)
+    return Strategy(cfg.strategy, trainable, l2sp)
+
+
+
+# ---------------------------------------------------------------------------------------------
 # phase 1: tokenizer
 
 
@@ -711,7 +783,13 @@ def make_predictor_step(tokens: FrozenTokens, *, teacher_forcing: bool) -> Calla
     return step
 
 
-def make_predictor_evaluate(tokens: FrozenTokens) -> Callable[[nn.Module, Any, DistContext], dict[str, float]]:
+def make_predictor_evaluate(
+    tokens: FrozenTokens, skill: ForecastSkill | None = None
+) -> Callable[[nn.Module, Any, DistContext], dict[str, float]]:
+    """Token-level validation (loss, cross-entropies, accuracies) plus, with `skill`, forecast skill
+    (`val_crps`, `val_mae`) of the current weights with the frozen tokenizer on fixed validation origins
+    (every rank scores the same origins with the same seed, so ranks agree without a reduction)."""
+
     def evaluate(model: nn.Module, loader, ctx: DistContext) -> dict[str, float]:
         device = module_device(model)
         sums = [0.0] * 5
@@ -722,8 +800,11 @@ def make_predictor_evaluate(tokens: FrozenTokens) -> Callable[[nn.Module, Any, D
         sums = ctx.sum(sums, device)  # only targets inside the validation split count
         n = _require(sums[4], "target tokens")
         ce1, ce2 = sums[0] / n, sums[1] / n
-        return {"val_loss": (ce1 + ce2) / 2, "val_ce_s1": ce1, "val_ce_s2": ce2, "val_acc_s1": sums[2] / n,
-                "val_acc_s2": sums[3] / n}
+        out = {"val_loss": (ce1 + ce2) / 2, "val_ce_s1": ce1, "val_ce_s2": ce2, "val_acc_s1": sums[2] / n,
+               "val_acc_s2": sums[3] / n}
+        if skill is not None:
+            out.update(skill(unwrap(model), tokens.tokenizer))
+        return out
 
     return evaluate
 
@@ -758,8 +839,9 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     data = data or load_data(cfg)
     tokenizer = KronosTokenizer.from_pretrained(cfg.tokenizer.start_from, seed=cfg.seed)
     tokenizer.quantizer.entropy_mode = cfg.tokenizer.entropy_mode
-    phase = Phase("tokenizer", tokenizer, tokenizer_step, evaluate_tokenizer, "val_recon_full", data.train, data.val,
-                  inputs={"data": dataclasses.asdict(cfg.data)})
+    strategy = apply_strategy(tokenizer, cfg.tokenizer, phase="tokenizer", seed=cfg.seed)
+    phase = Phase("tokenizer", tokenizer, strategy.wrap_step(tokenizer_step), evaluate_tokenizer, "val_recon_full",
+                  data.train, data.val, inputs={"data": dataclasses.asdict(cfg.data)})
     return run_phase(phase, cfg.tokenizer, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
                      resume=resume, progress=progress, on_step=on_step)
 
@@ -774,6 +856,10 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     predictor = Kronos.from_pretrained(cfg.predictor.start_from, seed=cfg.seed)
     check_pair(tokenizer, predictor)
     frozen_hash = weights_hash(tokenizer)
+    skill = _skill_probe(cfg, data)
+    if skill is not None:
+        _log_reference_skill(cfg, run_dir, device, skill, predictor, tokenizer)
+    strategy = apply_strategy(predictor, cfg.predictor, phase="predictor", seed=cfg.seed)
     train_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache)
     val_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache)
 
@@ -784,12 +870,37 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
                 "training); phase 2 must never update the tokenizer"
             )
 
-    step = make_predictor_step(train_tokens, teacher_forcing=cfg.predictor.teacher_forcing)
-    phase = Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens), "val_loss", data.train, data.val,
-                  before_save=check_frozen,
+    step = strategy.wrap_step(make_predictor_step(train_tokens, teacher_forcing=cfg.predictor.teacher_forcing))
+    phase = Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens, skill), cfg.predictor.select_metric,
+                  data.train, data.val, before_save=check_frozen,
                   inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash})
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
                        resume=resume, progress=progress, on_step=on_step)
     check_frozen()
     logger.info("predictor: tokenizer weights unchanged (sha256 %s...)", frozen_hash[:12])
     return result
+
+
+def _skill_probe(cfg: KitConfig, data: DataBundle) -> ForecastSkill | None:
+    """Phase 2's forecast-skill probe on the validation split (None when `predictor.skill_origins` is 0)."""
+    p = cfg.predictor
+    if not p.skill_origins:
+        return None
+    return ForecastSkill(data.splits.val, lookback=cfg.data.lookback, pred_len=p.skill_horizon, stride=p.skill_stride,
+                         max_origins=p.skill_origins, sample_count=p.skill_paths, seed=cfg.seed)
+
+
+def _log_reference_skill(cfg: KitConfig, run_dir: Path, device: torch.device, skill: ForecastSkill, predictor: Kronos,
+                         tokenizer: KronosTokenizer) -> None:
+    """Score the starting predictor once on the probe's origins: the `reference` record (step 0) of metrics.jsonl.
+
+    A resumed run keeps the record it already has.
+    """
+    rd = RunDir(run_dir)
+    if any(r["kind"] == "reference" for r in runs.read_metrics(rd.metrics_log, "predictor")):
+        return
+    with inference(predictor, device=device):  # on the training device for the call, back afterwards
+        scores = skill(predictor, tokenizer)
+    MetricsLog(rd.metrics_log, enabled=DistContext.from_env(device).is_main).write(
+        {"phase": "predictor", "kind": "reference", "step": 0, "model": "base", "source": cfg.predictor.start_from,
+         **scores, "origins": skill.n_origins, "paths": skill.sample_count, "horizon": skill.pred_len})

@@ -555,7 +555,7 @@ def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_spl
         assert np.abs(result.point(name)[..., 3] / result.last_close[:, None] - 1).max() < 0.2
         assert np.isfinite(t.loc[name, ["close_mae", "close_crps", "coverage_80", "vol_mae"]].astype(float)).all()
     assert not np.array_equal(result.samples["base"], result.samples["finetuned"])
-    assert result.config["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "seed": 0,
+    assert result.config["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "seed": 0, "calibrated": False,
                                          "max_context": {"base": 40, "finetuned": 40},
                                          "device": {"base": "cpu", "finetuned": "cpu"}}
     # seeded: the same call gives the same paths, and a plain test frame works like the Splits

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-import kronos_kit.plots
 from kronos_kit.config import KitConfig
 from kronos_kit.pipeline import UsageError, run_pipeline
 from kronos_kit.runs import RunDir, save_json
@@ -23,9 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = {"data": str(DATA / "ashare_5min_sample.csv"), "tokenizer_steps": 4, "predictor_steps": 4, "eval_origins": 3,
          "threads": 1, "tokenizer.eval_every": 2, "predictor.eval_every": 2, "evaluation.sample_count": 2,
          "evaluation.pred_len": 5, "evaluation.stride": 20}
-# inline PNGs need the kit's figures to render themselves (KitFigure, branch `plots`); until that is
-# merged a figure cell shows "<Figure size ...>" and the image checks below are expected to fail
-INLINE_FIGURES = hasattr(kronos_kit.plots, "KitFigure")
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +59,8 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     assert [manifest["stages"][s]["status"] for s in ("01", "02", "03")] == ["completed"] * 3
     for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb",
                  "config.yaml", "metrics.jsonl", "codebook_before.json", "codebook_after.json",
-                 "reconstruction_gate.json", "metrics.json", "report.md", "token_metrics.json"):
+                 "reconstruction_gate.json", "metrics.json", "report.md", "token_metrics.json", "promoted.json",
+                 "calibration.json"):
         assert (smoke_run / name).is_file(), name
     assert set(manifest["checkpoints"]) >= {"tokenizer/best", "tokenizer/last", "predictor/best", "predictor/last"}
     assert manifest["data"]["sha256"] and manifest["versions"]["torch"] and "commit" in manifest["git"]
@@ -72,8 +69,21 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     assert len(figures) >= 10 and "01_candles.png" in figures
     report = (smoke_run / "report.md").read_text()
     assert "finetuned" in report and "persistence" in report
+    assert report.startswith("# Forecast evaluation\n\n**Bottom line.** ") and "## Promotion" in report
+    assert "## Sampling calibration" in report
+    promoted = json.loads((smoke_run / "promoted.json").read_text())
+    assert promoted["split"] == "validation" and promoted["reason"] in report
     with pytest.raises(UsageError, match="--resume"):
         run(smoke_run)  # an existing run directory is never overwritten silently
+
+
+def test_a_second_run_gives_the_same_checkpoints_and_metrics(smoke_run, tmp_path):
+    again = tmp_path / "again"
+    assert run(again) == 0
+    assert manifest_of(again)["checkpoints"] == manifest_of(smoke_run)["checkpoints"]
+    metrics, metrics_again = (json.loads((d / "metrics.json").read_text()) for d in (smoke_run, again))
+    metrics.pop("timings_s"), metrics_again.pop("timings_s")
+    assert metrics == metrics_again
 
 
 def test_notebooks_run_from_the_notebooks_folder_with_figures_inline(smoke_run, tmp_path):
@@ -89,8 +99,6 @@ def test_notebooks_run_from_the_notebooks_folder_with_figures_inline(smoke_run, 
     assert {p.name for p in run_dir.iterdir()} >= {"tokenizer", "predictor", "report.md", "figures"}
     used = KitConfig.from_file(ROOT / "configs" / "default.yaml")
     assert used.name == "default"  # notebooks found configs/default.yaml from notebooks/
-    if not INLINE_FIGURES:
-        pytest.xfail("inline figures arrive with KitFigure (branch plots): merge it and this must pass")
     for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb"):
         assert png_cells(tmp_path / name), f"{name} shows no figure inline"
     shown = "\n".join(png_cells(tmp_path / "01_tokenizer_adaptation.ipynb"))

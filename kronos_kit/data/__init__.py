@@ -15,6 +15,8 @@ This package owns
 * the configured data in one object (`load_data` -> `DataBundle`, in ``bundle``);
 * batch plumbing (`loop_batches`, `iter_batches`, `take`, `unpack_batch`, in ``batches``): the one
   loop every model-over-windows computation uses;
+* forecast origins and the model inputs at them (`forecast_origins`, `origin_inputs`, in
+  ``origins``), shared by the test evaluation and phase 2's forecast-skill probe;
 * the embedded samples (`load_sample`, in ``samples``) and a notebook summary (`summarize`).
 
 Whatever the loader fills, sorts or repairs is reported with ``warnings.warn(..., DataNotice)``
@@ -24,6 +26,7 @@ and kept in ``frame.attrs["notices"]``. Every check is vectorised: no Python loo
 from .batches import Batch, is_window_dataset, iter_batches, loop_batches, take, unpack_batch
 from .bundle import DataBundle, load_data
 from .load import load_ohlcv
+from .origins import forecast_origins, origin_inputs, walk_forward_frame
 from .samples import load_sample
 from .schema import (
     COLUMNS,
@@ -58,6 +61,7 @@ __all__ = [
     "WindowDataset",
     "denormalize",
     "fill_amount",
+    "forecast_origins",
     "is_window_dataset",
     "iter_batches",
     "load_data",
@@ -65,9 +69,11 @@ __all__ = [
     "load_sample",
     "loop_batches",
     "normalize",
+    "origin_inputs",
     "split",
     "summarize",
     "take",
     "time_features",
     "unpack_batch",
+    "walk_forward_frame",
 ]

@@ -26,7 +26,7 @@ from kronos_kit.plots.forecast import (
     plot_pit_histogram,
     plot_return_scatter,
 )
-from kronos_kit.plots.training import plot_loss_curves, plot_training_curves
+from kronos_kit.plots.training import plot_loss_curves, plot_selection_curves, plot_training_curves
 
 __all__ = [
     "KitFigure",
@@ -35,6 +35,7 @@ __all__ = [
     "save_figure",
     "plot_loss_curves",
     "plot_training_curves",
+    "plot_selection_curves",
     "draw_candles",
     "plot_bit_balance",
     "plot_candles",
