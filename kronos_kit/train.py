@@ -190,6 +190,7 @@ class Phase:
     val_set: Dataset
     before_save: Callable[[], None] = lambda: None  # hook run before each checkpoint (checks)
     inputs: dict[str, Any] = field(default_factory=dict)  # what else fixes the result (data config...); resume checks
+    reference: Callable[[], dict[str, Any]] | None = None  # levels of the starting model: a `reference` record, step 0
 
 
 @dataclass
@@ -295,6 +296,8 @@ def run_phase(
     if not resumed:
         run.state.run_id = uuid.uuid4().hex[:12]  # os entropy: the seeded RNGs stay untouched
     run.log.run, run.log.attempt = run.state.run_id, run.state.attempt
+    if not resumed and phase.reference is not None:  # the starting model, once per run (a resume keeps it)
+        run.log.write({"phase": phase.name, "kind": "reference", "step": 0, **phase.reference()})
     if resumed:
         run.log.drop_after(phase.name, run.state.step)  # the interrupted attempt's records past the state
         if run.state.stopped:
@@ -857,8 +860,6 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     check_pair(tokenizer, predictor)
     frozen_hash = weights_hash(tokenizer)
     skill = _skill_probe(cfg, data)
-    if skill is not None:
-        _log_reference_skill(cfg, run_dir, device, skill, predictor, tokenizer)
     strategy = apply_strategy(predictor, cfg.predictor, phase="predictor", seed=cfg.seed)
     train_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache)
     val_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache)
@@ -873,7 +874,8 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     step = strategy.wrap_step(make_predictor_step(train_tokens, teacher_forcing=cfg.predictor.teacher_forcing))
     phase = Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens, skill), cfg.predictor.select_metric,
                   data.train, data.val, before_save=check_frozen,
-                  inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash})
+                  inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash},
+                  reference=None if skill is None else _reference_skill(cfg, skill, predictor, tokenizer))
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
                        resume=resume, progress=progress, on_step=on_step)
     check_frozen()
@@ -890,17 +892,14 @@ def _skill_probe(cfg: KitConfig, data: DataBundle) -> ForecastSkill | None:
                          max_origins=p.skill_origins, sample_count=p.skill_paths, seed=cfg.seed)
 
 
-def _log_reference_skill(cfg: KitConfig, run_dir: Path, device: torch.device, skill: ForecastSkill, predictor: Kronos,
-                         tokenizer: KronosTokenizer) -> None:
-    """Score the starting predictor once on the probe's origins: the `reference` record (step 0) of metrics.jsonl.
+def _reference_skill(cfg: KitConfig, skill: ForecastSkill, predictor: Kronos,
+                     tokenizer: KronosTokenizer) -> Callable[[], dict[str, Any]]:
+    """The starting predictor scored on the probe's origins: the level a finetune must beat (`reference`)."""
 
-    A resumed run keeps the record it already has.
-    """
-    rd = RunDir(run_dir)
-    if any(r["kind"] == "reference" for r in runs.read_metrics(rd.metrics_log, "predictor")):
-        return
-    with inference(predictor, device=device):  # on the training device for the call, back afterwards
-        scores = skill(predictor, tokenizer)
-    MetricsLog(rd.metrics_log, enabled=DistContext.from_env(device).is_main).write(
-        {"phase": "predictor", "kind": "reference", "step": 0, "model": "base", "source": cfg.predictor.start_from,
-         **scores, "origins": skill.n_origins, "paths": skill.sample_count, "horizon": skill.pred_len})
+    def reference() -> dict[str, Any]:
+        with inference(predictor):
+            scores = skill(predictor, tokenizer)
+        return {"model": "base", "source": cfg.predictor.start_from, **scores, "origins": skill.n_origins,
+                "paths": skill.sample_count, "horizon": skill.pred_len}
+
+    return reference

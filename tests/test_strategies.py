@@ -132,7 +132,7 @@ def test_resume_refuses_another_strategy(tmp_path, data):
     cfg = phase_config(tmp_path, "predictor", "freeze")
     train(cfg, "predictor", data)
     other = phase_config(tmp_path, "predictor", "lora")
-    with pytest.raises(ValueError, match=r"predictor.strategy: saved 'freeze', now 'lora'"):
+    with pytest.raises(ValueError, match=r"predictor.strategy: 'freeze' -> 'lora'"):
         train(other, "predictor", data, resume=True)
 
 
