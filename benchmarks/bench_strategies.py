@@ -150,7 +150,7 @@ def run_one(dataset: str, variant: str, out_dir: str, quick: bool, threads: int,
     val = decision.result.table
     crps_vs_base = table.at["finetuned", "close_crps"] / table.at["base", "close_crps"] - 1
     row = {
-        "dataset": dataset, "strategy": variant, "steps": phase2.steps, "origins": result.n_origins,
+        "dataset": dataset, "strategy": variant, "seed": cfg.seed, "steps": phase2.steps, "origins": result.n_origins,
         "val_crps_vs_base": val.at["finetuned", "close_crps"] / val.at["base", "close_crps"] - 1,
         # what a user of the run gets: the promoted pair (the base itself when finetuning was not promoted)
         "promoted_crps_vs_base": crps_vs_base if decision.promotion.promoted == "finetuned" else 0.0,
@@ -206,6 +206,34 @@ def markdown(results: list[dict], command: str, quick: bool, threads: int, jobs:
         "decided on the validation split.", "", *lines, ""])
 
 
+def seed_summary(rows: list[dict]) -> str:
+    """One line per (dataset, row) over several seeds' rows (`rows/*.json` of runs with `--set seed=N`).
+
+    The validation columns are what a default may be chosen by; the test columns are reported, never used.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["strategy"]), []).append(r)
+    header = ["dataset", "strategy / selection", "seeds", "val CRPS vs base (mean)", "promoted", "test CRPS vs base "
+              "(per seed)", "test MAE vs base (mean)", "promoted pair: test CRPS vs base (mean)",
+              "test CRPS vs persistence (mean)", "test MAE vs persistence (mean)", "DM vs base: better / worse"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (dataset, variant), rs in sorted(groups.items(), key=lambda kv: (DATASETS.index(kv[0][0]), kv[0][1])):
+        def mean(key: str, rs: list[dict] = rs) -> float:
+            return float(np.mean([r[key] for r in rs]))
+
+        better = sum(r["dm_base"].startswith("CRPS better") for r in rs)
+        worse = sum(r["dm_base"].startswith("CRPS worse") for r in rs)
+        lines.append("| " + " | ".join([
+            dataset, variant, str(len(rs)), f"{mean('val_crps_vs_base'):+.1%}",
+            f"{sum(r['promoted'] == 'finetuned' for r in rs)}/{len(rs)} finetuned",
+            " ".join(f"{r['crps_vs_base']:+.1%}" for r in sorted(rs, key=lambda r: r.get("seed", 0))),
+            f"{mean('mae_vs_base'):+.1%}", f"{mean('promoted_crps_vs_base'):+.1%}",
+            f"{mean('crps_vs_persistence'):+.1%}", f"{mean('mae_vs_persistence'):+.1%}", f"CRPS {better} / {worse}",
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the whole path")
@@ -217,7 +245,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="strategy/selection rows (default: all)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    parser.add_argument("--summarize", nargs="+", metavar="ROWS_DIR",
+                        help="print the over-seeds table of finished runs' rows/ folders (no training)")
     args = parser.parse_args()
+    if args.summarize:
+        print(seed_summary([json.loads(f.read_text()) for d in args.summarize for f in sorted(Path(d).glob("*.json"))]))
+        return
     from kronos_kit.config import parse_overrides
 
     overrides = parse_overrides(args.set)

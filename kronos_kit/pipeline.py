@@ -345,9 +345,10 @@ class _TrainingProgress:
         if total is None:
             return
         if r.get("kind") == "eval":
-            metric = next((k for k in ("val_recon_full", "val_loss") if k in r), None)
-            if metric is not None:
-                _say(f"    {phase:<9}  step {step:>{len(str(total))}}/{total}  {metric} {r[metric]:.4g}"
+            shown = [k for k in ("val_recon_full", "val_loss", "val_crps") if r.get(k) is not None]
+            if shown:  # `best` follows the phase's select metric: val_crps when the skill probe runs
+                values = "  ".join(f"{k} {r[k]:.4g}" for k in shown)
+                _say(f"    {phase:<9}  step {step:>{len(str(total))}}/{total}  {values}"
                      f"{'  (best so far)' if r.get('best') else ''}")
             return
         first_step, first_time = self.first.setdefault(phase, (step, now))
