@@ -38,7 +38,15 @@ from kronos_kit.config import DEFAULT_MAX_CONTEXT, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.metrics import CLOSE, INTERVALS
-from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, RunDir, atomic_write_text, load_json, save_json
+from kronos_kit.runs import (
+    CALIBRATION_FILE,
+    PROMOTION_FILE,
+    RunDir,
+    atomic_write,
+    atomic_write_text,
+    load_json,
+    save_json,
+)
 
 if TYPE_CHECKING:  # only for annotations: walk_forward itself never touches the model
     import torch
@@ -716,6 +724,30 @@ def report_comparisons(
     return out
 
 
+FORECAST_QUANTILES: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+
+
+def forecast_table(result: EvaluationResult, quantiles: Sequence[float] = FORECAST_QUANTILES) -> pd.DataFrame:
+    """Every origin's close forecast of every model with sample paths, one row per (model, origin, step).
+
+    Columns: model, symbol, origin_time, step (1..pred_len), last_close (the origin bar's close),
+    realized_close, close_mean, close_median, close_q<level> for each quantile. `report.md`'s numbers
+    can be recomputed from it, and a backtest can read it (`forecasts.parquet` in a run directory).
+    """
+    n, horizon = result.n_origins, result.realized.shape[1]
+    base = {"symbol": np.repeat(result.symbols, horizon), "origin_time": np.repeat(result.origin_time, horizon),
+            "step": np.tile(np.arange(1, horizon + 1), n), "last_close": np.repeat(result.last_close, horizon),
+            "realized_close": result.realized[..., CLOSE].reshape(-1)}
+    parts = []
+    for name, samples in result.samples.items():
+        close = samples[..., CLOSE]  # (N, S, H)
+        cols = {"close_mean": close.mean(axis=1).reshape(-1), "close_median": np.median(close, axis=1).reshape(-1)}
+        for q in quantiles:
+            cols[f"close_q{q:g}"] = np.quantile(close, q, axis=1).reshape(-1)
+        parts.append(pd.DataFrame({"model": name, **base, **cols}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["model", *base])
+
+
 def write_report(
     result: EvaluationResult,
     run_dir: str | Path,
@@ -728,7 +760,8 @@ def write_report(
     calibration: SamplingCalibration | None = None,
     promotion: Promotion | None = None,
 ) -> dict[str, Path]:
-    """Write ``metrics.json`` (every number, NaN as null), ``metrics_table.csv`` and ``report.md``.
+    """Write ``metrics.json`` (every number, NaN as null), ``metrics_table.csv``, ``report.md`` and
+    ``forecasts.parquet`` (:func:`forecast_table`: every origin's forecast, for backtests).
 
     ``report.md`` opens with a one-sentence bottom line (:func:`bottom_line`) and one verdict line per
     paired comparison (:func:`paired_comparisons` at ``level``: better / no detectable difference /
@@ -766,9 +799,10 @@ def write_report(
         "promotion": promotion.to_dict() if promotion is not None else None,
         "calibration": calibration.to_dict() if calibration is not None else None,
     }
-    paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report}
+    paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report, "forecasts": rd.forecasts}
     save_json(paths["json"], _jsonable(payload), newline=False, allow_nan=False)
     atomic_write_text(paths["table"], result.table.to_csv())
+    atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
 
     cfg = result.config
     lines = ["# Forecast evaluation", "", f"**Bottom line.** {headline}", ""]

@@ -11,7 +11,7 @@
                              its phase run (`run`) and attempt; `read_metrics` keeps the current run
   codebook_before.json codebook_after.json reconstruction_gate.json token_metrics.json
   calibration.json promoted.json   sampling fitted and the pair promoted, both on validation
-  metrics.json metrics_table.csv report.md   figures/*.png
+  metrics.json metrics_table.csv report.md forecasts.parquet   figures/*.png
 ```
 
 Every file the kit writes into a run directory goes through an atomic helper here (a temporary
@@ -48,6 +48,7 @@ TOKEN_METRICS = "token_metrics.json"
 METRICS_JSON = "metrics.json"
 METRICS_TABLE = "metrics_table.csv"
 REPORT = "report.md"
+FORECASTS = "forecasts.parquet"  # per-origin test forecasts of every model, for downstream backtests
 CALIBRATION_FILE = "calibration.json"  # sampling temperature / top-p fitted on validation
 PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
 CHECKPOINT_KINDS = ("best", "last")
@@ -120,6 +121,7 @@ class RunDir:
     metrics_json = property(lambda self: self.path / METRICS_JSON)
     metrics_table = property(lambda self: self.path / METRICS_TABLE)
     report = property(lambda self: self.path / REPORT)
+    forecasts = property(lambda self: self.path / FORECASTS)
     calibration = property(lambda self: self.path / CALIBRATION_FILE)
     promoted = property(lambda self: self.path / PROMOTION_FILE)
 

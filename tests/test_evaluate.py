@@ -382,7 +382,15 @@ def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     tokens = {"base": {"s1_accuracy": 0.2, "s1_perplexity": 50.0, "s2_accuracy": 0.1, "s2_perplexity": 90.0},
               "finetuned": {"s1_accuracy": 0.25, "s1_perplexity": 40.0, "s2_accuracy": 0.1, "s2_perplexity": 99.0}}
     paths = write_report(result, tmp_path / "run", tokens=tokens)
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md",
+                                                              "forecasts.parquet"}
+    forecasts = pd.read_parquet(paths["forecasts"])
+    path_models = list(result.samples)
+    assert len(forecasts) == len(path_models) * result.n_origins * result.config["pred_len"]
+    one = forecasts[forecasts["model"] == "finetuned"]
+    assert np.allclose(one["close_median"].to_numpy(), result.point("finetuned", "median")[..., 3].reshape(-1))
+    assert np.allclose(one["realized_close"].to_numpy(), result.realized[..., 3].reshape(-1))
+    assert (one["close_q0.05"] <= one["close_q0.95"]).all()
     payload = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert payload["table"]["finetuned"]["n_origins"] == 30
     assert payload["table"]["persistence"]["coverage_80"] is None  # NaN as null
@@ -594,7 +602,15 @@ def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_spl
     assert tokens["base"]["s1_nll"] != tokens["finetuned"]["s1_nll"]
 
     paths = write_report(result, tmp_path / "run", tokens=tokens)
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md",
+                                                              "forecasts.parquet"}
+    forecasts = pd.read_parquet(paths["forecasts"])
+    path_models = list(result.samples)
+    assert len(forecasts) == len(path_models) * result.n_origins * result.config["pred_len"]
+    one = forecasts[forecasts["model"] == "finetuned"]
+    assert np.allclose(one["close_median"].to_numpy(), result.point("finetuned", "median")[..., 3].reshape(-1))
+    assert np.allclose(one["realized_close"].to_numpy(), result.realized[..., 3].reshape(-1))
+    assert (one["close_q0.05"] <= one["close_q0.95"]).all()
     payload = json.loads(paths["json"].read_text())
     assert payload["config"]["sampling"]["max_context"]["finetuned"] == 40
     assert payload["table"]["finetuned"]["n_samples"] == 4

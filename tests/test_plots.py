@@ -319,6 +319,7 @@ def test_every_figure_function_returns_an_inline_figure():
         plots.plot_coverage(result),
         plots.plot_channel_errors(report(1.0)),
         plots.plot_fan_comparison(result, 0),
+        plots.plot_selection_curves(training_records()),
     ]
     for fig in figures:
         assert isinstance(fig, plots.KitFigure)

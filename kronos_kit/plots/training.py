@@ -143,11 +143,10 @@ def plot_selection_curves(metrics: str | Path | list[dict], phase: str = "predic
     """What picks phase 2's `best`: validation loss (left) and forecast skill (right: close CRPS and MAE
     on the validation origins) by step, the base model's level on the same origins dashed, and the
     evaluations that became `best` ringed."""
-    records = read_metrics(metrics, phase) if not isinstance(metrics, list) else [
-        r for r in metrics if r.get("phase") == phase]
+    records = _records(metrics, phase)
     evals = [r for r in records if r["kind"] == "eval"]
     reference = next((r for r in records if r["kind"] == "reference"), {})
-    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    fig = new_figure((11, 3.6))
     left, right = fig.subplots(1, 2)
     for ax, keys in ((left, ("val_loss",)), (right, ("val_crps", "val_mae"))):
         for key in keys:
