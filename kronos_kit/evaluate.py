@@ -804,6 +804,16 @@ def write_report(
     atomic_write_text(paths["table"], result.table.to_csv())
     atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
 
+    lines = _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
+    atomic_write_text(paths["report"], "\n".join(lines))
+    return paths
+
+
+def _report_head(result: EvaluationResult, headline: str, paired: pd.DataFrame, level: float,
+                 promotion: Promotion | None, calibration: SamplingCalibration | None,
+                 payload: Mapping[str, Any]) -> list[str]:
+    """report.md's opening: the bottom line, the paired verdicts, promotion, calibration, the headline table."""
     cfg = result.config
     lines = ["# Forecast evaluation", "", f"**Bottom line.** {headline}", ""]
     if not paired.empty:
@@ -831,6 +841,13 @@ def write_report(
         _markdown_table(result.table),
         "",
     ]
+    return lines
+
+
+def _report_details(result: EvaluationResult, ic_table: pd.DataFrame, comparisons: list[dict], finetuned: str,
+                    base: str, tokens: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+    """report.md's body: IC significance, GARCH fallbacks, one sentence per headline metric, token metrics."""
+    lines: list[str] = []
     if len(ic_table):
         lines += ["## IC significance (Newey-West t)", "",
                   "t = IC / its Newey-West standard error (time series: the slope of within-symbol z-scored "
@@ -864,8 +881,7 @@ def write_report(
                                              orient="index")
         token_table.index.name = "model"
         lines += ["## Token-level metrics (test windows, causal path)", "", _markdown_table(token_table), ""]
-    atomic_write_text(paths["report"], "\n".join(lines))
-    return paths
+    return lines
 
 
 def _calibration_lines(cal: SamplingCalibration) -> list[str]:
