@@ -444,10 +444,37 @@ def run_pipeline(
     mistyped parameter, a missing config or data source, or a run folder that cannot be used.
     `progress` prints each training stage's progress and the summary.
     """
-    import papermill
-
     values = _usage(lambda: parse_overrides(params)) if isinstance(params, list) else dict(params or {})
     plan = _plan(config, run_dir, values, resume=resume, from_stage=from_stage, overwrite=overwrite)
+    run_dir, cfg, manifest = _open_run(plan, values)
+    stage_run = _StageRun(run_dir, cfg, manifest, notebooks, _kernel_name(), progress,
+                          totals={"tokenizer": planned_steps(cfg.tokenizer, plan.train_windows),
+                                  "predictor": planned_steps(cfg.predictor, plan.train_windows)})
+    stage_run.say(f"[pipeline] run {run_dir}")
+    upstream = manifest.data["data"]["sha256"]
+    names = list(STAGES)
+    ran: dict[str, float] = {}
+    skipped: list[str] = []
+    for stage in names[names.index(plan.from_stage) if plan.from_stage else 0:]:
+        stage_hash = _stage_hash(stage, cfg, upstream, notebooks / STAGES[stage])
+        record = manifest.data["stages"].get(stage, {})
+        if plan.mode == "resume" and record.get("status") == "completed" and record.get("inputs") == stage_hash:
+            stage_run.say(f"[pipeline] stage {stage}: completed before with unchanged inputs, skipped")
+            skipped.append(stage)
+            upstream = record.get("outputs", stage_hash)
+            continue
+        # an interrupted or failed training stage continues from its saved state, not from step 0
+        continues = plan.mode == "resume" and record.get("status") in ("running", "failed", "interrupted")
+        done = stage_run.execute(stage, stage_hash, continues=continues)
+        if done is None:
+            return 1
+        ran[stage], upstream = done
+    stage_run.say(pipeline_summary(run_dir, ran, skipped))
+    return 0
+
+
+def _open_run(plan: _Plan, values: dict[str, Any]) -> tuple[Path, KitConfig, Manifest]:
+    """Create (or reopen) the run folder; write its resolved config.yaml and update manifest.json."""
     cfg = plan.cfg
     if plan.run_dir is None:
         run_dir = create_run_dir(project_root() / "runs", run_name(cfg))
@@ -456,8 +483,7 @@ def run_pipeline(
         run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()  # the kernels run in notebooks/, so every path they get is absolute
     cfg = cfg.with_overrides(run_dir=str(run_dir))
-    resolved = atomic_write_text(RunDir(run_dir).config,
-                                 f"# resolved from {plan.config_source} with {values}\n" + cfg.to_yaml())
+    atomic_write_text(RunDir(run_dir).config, f"# resolved from {plan.config_source} with {values}\n" + cfg.to_yaml())
     manifest = Manifest.load_or_new(run_dir)
     if plan.mode == "new":
         manifest.data.update({"config_file": plan.config_source, "parameters": values})
@@ -469,71 +495,73 @@ def run_pipeline(
     manifest.data.setdefault("invocations", []).append(
         {"mode": plan.mode, "from": plan.from_stage, "parameters": values, "started": dt.datetime.now()})
     manifest.save()
-    kernel = _kernel_name()
-    upstream = manifest.data["data"]["sha256"]
-    totals = {"tokenizer": planned_steps(cfg.tokenizer, plan.train_windows),
-              "predictor": planned_steps(cfg.predictor, plan.train_windows)}
-    say = _say if progress else (lambda *a, **k: None)
-    say(f"[pipeline] run {run_dir}")
-    names = list(STAGES)
-    ran: dict[str, float] = {}
-    skipped: list[str] = []
-    for stage in names[names.index(plan.from_stage) if plan.from_stage else 0:]:
+    return run_dir, cfg, manifest
+
+
+@dataclass
+class _StageRun:
+    """What executing one stage's notebook needs; `execute` runs it and records it in the manifest."""
+
+    run_dir: Path
+    cfg: KitConfig
+    manifest: Manifest
+    notebooks: Path
+    kernel: str
+    progress: bool
+    totals: dict[str, int]  # planned optimizer steps per training phase (progress lines, ETA)
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            _say(text)
+
+    def execute(self, stage: str, stage_hash: str, *, continues: bool) -> tuple[float, str] | None:
+        """Run `stage`'s notebook into the run folder: (seconds, output hash), or None when it failed."""
+        import papermill
+
         notebook = STAGES[stage]
-        stage_hash = _stage_hash(stage, cfg, upstream, notebooks / notebook)
-        record = manifest.data["stages"].get(stage, {})
-        if plan.mode == "resume" and record.get("status") == "completed" and record.get("inputs") == stage_hash:
-            say(f"[pipeline] stage {stage}: completed before with unchanged inputs, skipped")
-            skipped.append(stage)
-            upstream = record.get("outputs", stage_hash)
-            continue
-        # an interrupted or failed training stage continues from its saved state, not from step 0
-        continues = plan.mode == "resume" and record.get("status") in ("running", "failed", "interrupted")
-        output = run_dir / notebook
+        output = self.run_dir / notebook
         record = {"notebook": notebook, "status": "running", "inputs": stage_hash, "started": dt.datetime.now(),
                   "resumed": continues}
-        manifest.data["stages"][stage] = record
-        manifest.save()
+        self.manifest.data["stages"][stage] = record
+        self.manifest.save()
         start = time.perf_counter()
-        say(f"[pipeline] stage {stage}: {notebook}{' (continuing its training)' if continues else ''}")
+        self.say(f"[pipeline] stage {stage}: {notebook}{' (continuing its training)' if continues else ''}")
         training = {"01": ("tokenizer",), "02": ("predictor",)}.get(stage, ())
-        phases = {p: totals[p] for p in training if getattr(cfg, p).enabled}
-        parameters = {"run_dir": str(run_dir), "config": str(resolved), "resume": continues}
+        phases = {p: self.totals[p] for p in training if getattr(self.cfg, p).enabled}
+        rd = RunDir(self.run_dir)
+        parameters = {"run_dir": str(self.run_dir), "config": str(rd.config), "resume": continues}
         try:
-            with _TrainingProgress(RunDir(run_dir).metrics_log, phases if progress else {}):
+            with _TrainingProgress(rd.metrics_log, phases if self.progress else {}):
                 papermill.execute_notebook(
-                    str(notebooks / notebook), str(output), parameters=parameters, kernel_name=kernel,
-                    cwd=str(notebooks), progress_bar=False, log_output=False,
-                    stderr_file=_KernelMessages() if progress else None,
+                    str(self.notebooks / notebook), str(output), parameters=parameters, kernel_name=self.kernel,
+                    cwd=str(self.notebooks), progress_bar=False, log_output=False,
+                    stderr_file=_KernelMessages() if self.progress else None,
                     extra_arguments=KERNEL_ARGUMENTS,
                 )
         except papermill.PapermillExecutionError as err:
             record.update(status="failed", seconds=round(time.perf_counter() - start, 1),
                           error=f"{err.ename}: {err.evalue}")
-            manifest.data["checkpoints"] = checkpoint_hashes(run_dir)
-            manifest.save()
+            self.manifest.data["checkpoints"] = checkpoint_hashes(self.run_dir)
+            self.manifest.save()
             _say(f"[pipeline] stage {stage} FAILED in {_failed_cell(output)}\n"
                  f"[pipeline] executed notebook with the error: {output}", err=True)
-            return 1
+            return None
         except KeyboardInterrupt:
             record.update(status="interrupted", seconds=round(time.perf_counter() - start, 1))
-            manifest.save()
+            self.manifest.save()
             _say(f"[pipeline] interrupted in stage {stage}; continue with: python -m kronos_kit pipeline "
-                 f"--run-dir {run_dir} --resume", err=True)
+                 f"--run-dir {self.run_dir} --resume", err=True)
             raise
-        checkpoints = checkpoint_hashes(run_dir)
+        checkpoints = checkpoint_hashes(self.run_dir)
         # the stage's outputs: its inputs and the checkpoints it wrote (a later stage's are not its own)
         own = {k: v for k, v in checkpoints.items() if k.split("/")[0] in training}
         outputs = hashlib.sha256((stage_hash + json.dumps(own, sort_keys=True)).encode()).hexdigest()
         seconds = round(time.perf_counter() - start, 1)
         record.update(status="completed", seconds=seconds, outputs=outputs)
-        manifest.data["checkpoints"] = checkpoints
-        manifest.save()
-        ran[stage] = seconds
-        say(f"[pipeline] stage {stage} done in {_seconds(seconds)}")
-        upstream = outputs
-    say(pipeline_summary(run_dir, ran, skipped))
-    return 0
+        self.manifest.data["checkpoints"] = checkpoints
+        self.manifest.save()
+        self.say(f"[pipeline] stage {stage} done in {_seconds(seconds)}")
+        return seconds, outputs
 
 
 def _stage_hash(stage: str, cfg: KitConfig, upstream: str, notebook: Path) -> str:
