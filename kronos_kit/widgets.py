@@ -270,6 +270,152 @@ def _explorer_predictors(predictors: Mapping[str, Any], max_context: int | None,
     return out
 
 
+class _ForecastExplorer:
+    """The state behind :func:`forecast_explorer`: the predictors, each symbol's bars and the controls.
+
+    Nothing forecasts while the controls move (that takes seconds); :meth:`run` (the button) does.
+    """
+
+    def __init__(self, models: dict[str, KronosPredictor], bars: dict[str, pd.DataFrame], *, lookback: int,
+                 pred_len: int, sample_count: int, max_sample_count: int, history_bars: int,
+                 seed: int | None) -> None:
+        self.models, self.names, self.bars = models, list(models), bars
+        self.lookback, self.pred_len, self.history_bars, self.seed = lookback, pred_len, history_bars, seed
+        self._build_controls(sample_count, max_sample_count)
+        self.button.on_click(self._on_click)
+        self.symbol.observe(self._on_symbol, names="value")
+        for control in (self.origin, self.which, self.temperature, self.top_p, self.samples):
+            control.observe(self._changed, names="value")
+        self._describe()
+        self.status.value = "press <b>Forecast</b> (nothing runs while the sliders move)"
+        self.box = widgets.VBox([
+            widgets.HBox([self.symbol, self.which]),
+            self.origin,
+            widgets.HBox([self.temperature, self.top_p, self.samples]),
+            widgets.HBox([self.button, self.status]),
+            self.info,
+            self.figure,
+        ])
+        self.box.run = self.run  # programmatic hook (tests, scripts): the button, but raises on errors
+
+    def _origin_range(self, sym: str) -> tuple[int, int, int]:
+        """(lowest, highest, opening) origin bar of ``sym``."""
+        n = len(self.bars[sym])
+        # open on the latest origin whose whole horizon is realized, when there is one
+        return self.lookback - 1, n - 1, max(self.lookback - 1, n - 1 - self.pred_len)
+
+    def _build_controls(self, sample_count: int, max_sample_count: int) -> None:
+        first = sorted(self.bars)[0]
+        lo, hi, start = self._origin_range(first)
+        wide = {"description_width": "initial"}
+        self.symbol = widgets.Dropdown(options=sorted(self.bars), value=first, description="symbol")
+        model_options = self.names + ([_ALL_MODELS] if len(self.names) > 1 else [])
+        self.which = widgets.Dropdown(options=model_options, value=model_options[-1], description="model")
+        self.origin = widgets.IntSlider(value=start, min=lo, max=hi, description="origin bar", style=wide,
+                                        continuous_update=False, layout=widgets.Layout(width="95%"))
+        self.temperature = widgets.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature",
+                                               style=wide)
+        self.top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p", style=wide)
+        self.samples = widgets.IntSlider(value=min(sample_count, max_sample_count), min=1, max=max_sample_count,
+                                         description="sample paths", style=wide)
+        self.button = widgets.Button(description="Forecast", button_style="primary", icon="play")
+        self.status = widgets.HTML()
+        self.info = widgets.HTML()
+        self.figure = widgets.Output()
+
+    def _selected(self) -> tuple[pd.DataFrame, int]:
+        """The selected symbol's bars and the origin bar's index in them."""
+        return self.bars[self.symbol.value], int(self.origin.value)
+
+    def _window(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+        """(history, realized bars, future bar times) around the selected origin."""
+        from kronos_kit.forecast import future_timestamps
+
+        part, o = self._selected()
+        history = part.iloc[o - self.lookback + 1 : o + 1].reset_index(drop=True)
+        realized = part.iloc[o + 1 : o + 1 + self.pred_len].reset_index(drop=True)
+        # the frame's own bar times while they last, then continued past its end by future_timestamps
+        beyond = self.pred_len - len(realized)
+        future = pd.Series([*realized["timestamps"],
+                            *(future_timestamps(part["timestamps"], beyond) if beyond else [])])
+        return history, realized, future
+
+    def _describe(self, *_: Any) -> None:
+        part, o = self._selected()
+        realized = min(self.pred_len, len(part) - 1 - o)
+        future = "all realized" if realized == self.pred_len else (
+            f"{realized} of {self.pred_len} realized" if realized else "none realized (past the data)")
+        t = part["timestamps"]
+        self.info.value = (
+            f"<b>{html.escape(self.symbol.value)}</b>: history {t.iloc[o - self.lookback + 1]:%Y-%m-%d %H:%M} .. "
+            f"{t.iloc[o]:%Y-%m-%d %H:%M} ({self.lookback} bars), horizon {self.pred_len} bars: {future}"
+        )
+
+    def _forecast(self, history: pd.DataFrame, future: pd.Series, chosen: list[str]) -> dict[str, Forecast]:
+        feats = [c for c in FEATURE_COLUMNS if c in history.columns]
+        return {
+            name: self.models[name].predict_paths(
+                history[feats], history["timestamps"], future, self.pred_len, T=float(self.temperature.value),
+                top_p=float(self.top_p.value), sample_count=int(self.samples.value), verbose=False, seed=self.seed)
+            for name in chosen
+        }
+
+    def _draw(self, history: pd.DataFrame, realized: pd.DataFrame, forecasts: dict[str, Forecast]) -> list[str]:
+        """Draw one fan chart per forecast into the figure; return each model's score on the realized bars."""
+        from kronos_kit import metrics as M
+        from kronos_kit.plots.forecast import plot_forecast
+
+        fig = new_figure((min(16.0, 6.0 * len(forecasts)) if len(forecasts) > 1 else 10.0, 4.5))
+        axes = fig.subplots(1, len(forecasts), sharey=True, squeeze=False)[0]
+        when = f"{history['timestamps'].iloc[-1]:%Y-%m-%d %H:%M}"
+        scores = []
+        for ax, (name, fc) in zip(axes, forecasts.items()):
+            plot_forecast(history, fc, realized=realized if len(realized) else None, history_bars=self.history_bars,
+                          title=f"{self.symbol.value} @ {when}: {name}", label=name, ax=ax)
+            if len(realized):
+                paths = fc.paths[0, :, : len(realized), M.CLOSE]  # (S, k)
+                real = realized["close"].to_numpy(np.float64)
+                crps = float(M.crps(paths, real, axis=0).mean())
+                mae = float(np.abs(np.median(paths, axis=0) - real).mean())
+                scores.append(f"{html.escape(name)} close CRPS {crps:.4g}, median MAE {mae:.4g}")
+        _show(self.figure, fig)
+        return scores
+
+    def run(self) -> dict[str, Forecast]:
+        """Forecast with the current settings, redraw the figure, return the forecasts drawn."""
+        history, realized, future = self._window()
+        chosen = self.names if self.which.value == _ALL_MODELS else [self.which.value]
+        t0 = time.perf_counter()
+        forecasts = self._forecast(history, future, chosen)
+        elapsed = time.perf_counter() - t0
+        scores = self._draw(history, realized, forecasts)
+        over = f" over {len(realized)} realized bars: " + "; ".join(scores) if scores else " (no realized bars)"
+        self.status.value = (f"{len(chosen)} model(s) x {int(self.samples.value)} paths x {self.pred_len} steps in "
+                             f"{elapsed:.2f} s{over}")
+        return forecasts
+
+    def _on_click(self, _: Any) -> None:
+        self.button.disabled, self.button.description = True, "Forecasting..."
+        try:
+            self.run()
+        except Exception as exc:  # a kernel would swallow it; show it next to the button instead
+            self.status.value = f"<span style='color:#c62828'>forecast failed: {html.escape(repr(exc))}</span>"
+        finally:
+            self.button.disabled, self.button.description = False, "Forecast"
+
+    def _changed(self, *_: Any) -> None:
+        self._describe()
+        if self.figure.outputs:
+            self.status.value = "settings changed: press <b>Forecast</b> to redraw"
+
+    def _on_symbol(self, change: dict[str, Any]) -> None:
+        _, hi, start = self._origin_range(change["new"])  # the lowest origin is lookback - 1 for every symbol
+        with self.origin.hold_trait_notifications():  # setting max may clamp value: describe once, below
+            self.origin.max = hi
+            self.origin.value = start
+        self._changed()
+
+
 def forecast_explorer(
     predictors: Mapping[str, KronosPredictor | tuple[Kronos, KronosTokenizer]],
     frame: pd.DataFrame,
@@ -299,124 +445,11 @@ def forecast_explorer(
     ``{name: Forecast}`` it drew) forecasts with the current settings and ``seed`` and redraws the
     fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
     """
-    from kronos_kit import metrics as M
-    from kronos_kit.forecast import future_timestamps
-    from kronos_kit.plots.forecast import plot_forecast
-
     if lookback < 2 or pred_len < 1:
         raise ValueError(f"need lookback >= 2 and pred_len >= 1, got lookback={lookback}, pred_len={pred_len}")
     if not predictors:
         raise ValueError("predictors must name at least one predictor")
     models = _explorer_predictors(predictors, max_context, device)
     bars = _symbol_frames(frame, lookback)
-    names = list(models)
-    close = M.CLOSE
-
-    def origin_range(sym: str) -> tuple[int, int, int]:
-        n = len(bars[sym])
-        # open on the latest origin whose whole horizon is realized, when there is one
-        return lookback - 1, n - 1, max(lookback - 1, n - 1 - pred_len)
-
-    first = sorted(bars)[0]
-    lo, hi, start = origin_range(first)
-    wide = {"description_width": "initial"}
-    symbol = widgets.Dropdown(options=sorted(bars), value=first, description="symbol")
-    model_options = names + ([_ALL_MODELS] if len(names) > 1 else [])
-    which = widgets.Dropdown(options=model_options, value=model_options[-1], description="model")
-    origin = widgets.IntSlider(value=start, min=lo, max=hi, description="origin bar", style=wide,
-                               continuous_update=False, layout=widgets.Layout(width="95%"))
-    temperature = widgets.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature", style=wide)
-    top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p", style=wide)
-    samples = widgets.IntSlider(value=min(sample_count, max_sample_count), min=1, max=max_sample_count,
-                                description="sample paths", style=wide)
-    button = widgets.Button(description="Forecast", button_style="primary", icon="play")
-    status = widgets.HTML()
-    info = widgets.HTML()
-    figure = widgets.Output()
-
-    def _describe(*_: Any) -> None:
-        part, o = bars[symbol.value], int(origin.value)
-        realized = min(pred_len, len(part) - 1 - o)
-        future = "all realized" if realized == pred_len else (
-            f"{realized} of {pred_len} realized" if realized else "none realized (past the data)")
-        t = part["timestamps"]
-        info.value = (
-            f"<b>{html.escape(symbol.value)}</b>: history {t.iloc[o - lookback + 1]:%Y-%m-%d %H:%M} .. "
-            f"{t.iloc[o]:%Y-%m-%d %H:%M} ({lookback} bars), horizon {pred_len} bars: {future}"
-        )
-
-    def run() -> dict[str, Forecast]:
-        """Forecast with the current settings, redraw the figure, return the forecasts drawn."""
-        part, o = bars[symbol.value], int(origin.value)
-        history = part.iloc[o - lookback + 1 : o + 1].reset_index(drop=True)
-        realized = part.iloc[o + 1 : o + 1 + pred_len].reset_index(drop=True)
-        # the frame's own bar times while they last, then continued past its end by future_timestamps
-        beyond = pred_len - len(realized)
-        future = pd.Series([*realized["timestamps"],
-                            *(future_timestamps(part["timestamps"], beyond) if beyond else [])])
-        chosen = names if which.value == _ALL_MODELS else [which.value]
-        feats = [c for c in FEATURE_COLUMNS if c in history.columns]
-        t0 = time.perf_counter()
-        forecasts = {
-            name: models[name].predict_paths(history[feats], history["timestamps"], future, pred_len,
-                                             T=float(temperature.value), top_p=float(top_p.value),
-                                             sample_count=int(samples.value), verbose=False, seed=seed)
-            for name in chosen
-        }
-        elapsed = time.perf_counter() - t0
-        fig = new_figure((min(16.0, 6.0 * len(chosen)) if len(chosen) > 1 else 10.0, 4.5))
-        axes = fig.subplots(1, len(chosen), sharey=True, squeeze=False)[0]
-        when = f"{history['timestamps'].iloc[-1]:%Y-%m-%d %H:%M}"
-        scores = []
-        for ax, (name, fc) in zip(axes, forecasts.items()):
-            plot_forecast(history, fc, realized=realized if len(realized) else None, history_bars=history_bars,
-                          title=f"{symbol.value} @ {when}: {name}", label=name, ax=ax)
-            if len(realized):
-                paths = fc.paths[0, :, : len(realized), close]  # (S, k)
-                real = realized["close"].to_numpy(np.float64)
-                crps = float(M.crps(paths, real, axis=0).mean())
-                mae = float(np.abs(np.median(paths, axis=0) - real).mean())
-                scores.append(f"{html.escape(name)} close CRPS {crps:.4g}, median MAE {mae:.4g}")
-        _show(figure, fig)
-        over = f" over {len(realized)} realized bars: " + "; ".join(scores) if scores else " (no realized bars)"
-        status.value = (f"{len(chosen)} model(s) x {int(samples.value)} paths x {pred_len} steps in "
-                        f"{elapsed:.2f} s{over}")
-        return forecasts
-
-    def _on_click(_: Any) -> None:
-        button.disabled, button.description = True, "Forecasting..."
-        try:
-            run()
-        except Exception as exc:  # a kernel would swallow it; show it next to the button instead
-            status.value = f"<span style='color:#c62828'>forecast failed: {html.escape(repr(exc))}</span>"
-        finally:
-            button.disabled, button.description = False, "Forecast"
-
-    def _changed(*_: Any) -> None:
-        _describe()
-        if figure.outputs:
-            status.value = "settings changed: press <b>Forecast</b> to redraw"
-
-    def _on_symbol(change: dict[str, Any]) -> None:
-        _, hi, start = origin_range(change["new"])  # the lowest origin is lookback - 1 for every symbol
-        with origin.hold_trait_notifications():  # setting max may clamp value: describe once, below
-            origin.max = hi
-            origin.value = start
-        _changed()
-
-    button.on_click(_on_click)
-    symbol.observe(_on_symbol, names="value")
-    for control in (origin, which, temperature, top_p, samples):
-        control.observe(_changed, names="value")
-    _describe()
-    status.value = "press <b>Forecast</b> (nothing runs while the sliders move)"
-    box = widgets.VBox([
-        widgets.HBox([symbol, which]),
-        origin,
-        widgets.HBox([temperature, top_p, samples]),
-        widgets.HBox([button, status]),
-        info,
-        figure,
-    ])
-    box.run = run  # programmatic hook (tests, scripts): same as pressing the button, but raises on errors
-    return box
+    return _ForecastExplorer(models, bars, lookback=lookback, pred_len=pred_len, sample_count=sample_count,
+                             max_sample_count=max_sample_count, history_bars=history_bars, seed=seed).box
