@@ -365,6 +365,16 @@ def test_garch_fallbacks_are_counted_and_cross_section_reported():
     assert np.isfinite(result.table.loc["rw", "xs_rank_ic"])
 
 
+def check_forecasts_file(path: Path, result) -> None:
+    """forecasts.parquet: a row per (path model, origin, step); the finetuned rows match the result's arrays."""
+    forecasts = pd.read_parquet(path)
+    assert len(forecasts) == len(result.samples) * result.n_origins * result.config["pred_len"]
+    one = forecasts[forecasts["model"] == "finetuned"]
+    assert np.allclose(one["close_median"].to_numpy(), result.point("finetuned", "median")[..., 3].reshape(-1))
+    assert np.allclose(one["realized_close"].to_numpy(), result.realized[..., 3].reshape(-1))
+    assert (one["close_q0.05"] <= one["close_q0.95"]).all()
+
+
 def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     frame = ashare_frame()
     frame["is_context"] = np.arange(len(frame)) < 200
@@ -384,13 +394,7 @@ def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     paths = write_report(result, tmp_path / "run", tokens=tokens)
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md",
                                                               "forecasts.parquet"}
-    forecasts = pd.read_parquet(paths["forecasts"])
-    path_models = list(result.samples)
-    assert len(forecasts) == len(path_models) * result.n_origins * result.config["pred_len"]
-    one = forecasts[forecasts["model"] == "finetuned"]
-    assert np.allclose(one["close_median"].to_numpy(), result.point("finetuned", "median")[..., 3].reshape(-1))
-    assert np.allclose(one["realized_close"].to_numpy(), result.realized[..., 3].reshape(-1))
-    assert (one["close_q0.05"] <= one["close_q0.95"]).all()
+    check_forecasts_file(paths["forecasts"], result)
     payload = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert payload["table"]["finetuned"]["n_origins"] == 30
     assert payload["table"]["persistence"]["coverage_80"] is None  # NaN as null
@@ -604,13 +608,7 @@ def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_spl
     paths = write_report(result, tmp_path / "run", tokens=tokens)
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"metrics.json", "metrics_table.csv", "report.md",
                                                               "forecasts.parquet"}
-    forecasts = pd.read_parquet(paths["forecasts"])
-    path_models = list(result.samples)
-    assert len(forecasts) == len(path_models) * result.n_origins * result.config["pred_len"]
-    one = forecasts[forecasts["model"] == "finetuned"]
-    assert np.allclose(one["close_median"].to_numpy(), result.point("finetuned", "median")[..., 3].reshape(-1))
-    assert np.allclose(one["realized_close"].to_numpy(), result.realized[..., 3].reshape(-1))
-    assert (one["close_q0.05"] <= one["close_q0.95"]).all()
+    check_forecasts_file(paths["forecasts"], result)
     payload = json.loads(paths["json"].read_text())
     assert payload["config"]["sampling"]["max_context"]["finetuned"] == 40
     assert payload["table"]["finetuned"]["n_samples"] == 4
