@@ -101,31 +101,30 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def run_models(run_dir: str | Path) -> dict[str, Any]:
-    """What `forecast --run` uses from a run: the promoted tokenizer + predictor (promoted.json) and the
-    calibrated sampling (calibration.json) when the run has them, else its own `best` checkpoints (the
-    base ones for a phase it skipped) and its configured sampling. Reads plain JSON and YAML only."""
+    """What `forecast --run` uses from a run: the promoted pair and calibrated sampling when the run has
+    decided them (`forecast.read_run_choice`), else its own `best` checkpoints (the base ones for a phase
+    it skipped) and its configured sampling. Reads plain JSON and YAML only."""
     from kronos_kit.config import KitConfig
-    from kronos_kit.runs import RunDir, load_json
+    from kronos_kit.forecast import read_run_choice
+    from kronos_kit.runs import RunDir
     from kronos_kit.train import tokenizer_source_for_phase2
 
     rd = RunDir(run_dir)
     if not rd.config.is_file():
         raise FileNotFoundError(f"--run {rd.path}: no config.yaml there; give the folder of a pipeline run")
     cfg = KitConfig.from_file(rd.config)
+    models = {"max_context": cfg.evaluation.max_context, "top_k": cfg.evaluation.top_k}
     if rd.promoted.is_file():
-        promoted = load_json(rd.promoted)
-        tokenizer, predictor, chosen = promoted["tokenizer"], promoted["predictor"], f"promoted ({rd.promoted.name})"
-    else:
-        tokenizer = tokenizer_source_for_phase2(cfg, rd.path)
-        own = rd.checkpoint("predictor")
-        predictor, chosen = (str(own) if own.exists() else cfg.predictor.start_from), "the run's best checkpoints"
-    sampling = {"temperature": cfg.evaluation.temperature, "top_p": cfg.evaluation.top_p}
-    if rd.calibration.is_file():
-        calibration = load_json(rd.calibration)
-        sampling = {"temperature": float(calibration["temperature"]), "top_p": float(calibration["top_p"])}
-    return {"tokenizer": tokenizer, "predictor": predictor, "chosen": chosen, "sampling": sampling,
-            "calibrated": rd.calibration.is_file(), "max_context": cfg.evaluation.max_context,
-            "top_k": cfg.evaluation.top_k}
+        choice = read_run_choice(rd.path)
+        sampling = choice.sampling if choice.calibrated else {"temperature": cfg.evaluation.temperature,
+                                                              "top_p": cfg.evaluation.top_p}
+        return {**models, "tokenizer": choice.tokenizer_source, "predictor": choice.predictor_source,
+                "chosen": f"promoted ({rd.promoted.name})", "sampling": sampling, "calibrated": choice.calibrated}
+    own = rd.checkpoint("predictor")
+    return {**models, "tokenizer": tokenizer_source_for_phase2(cfg, rd.path),
+            "predictor": str(own) if own.exists() else cfg.predictor.start_from,
+            "chosen": "the run's best checkpoints", "calibrated": False,
+            "sampling": {"temperature": cfg.evaluation.temperature, "top_p": cfg.evaluation.top_p}}
 
 
 def _quantiles(text: str) -> list[float]:

@@ -636,21 +636,22 @@ def _run_source(run_dir: Path, source: str) -> str:
     return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
 
 
-def load_run_forecaster(
-    run_dir: str | os.PathLike,
-    *,
-    device: str | torch.device | None = None,
-    max_context: int = DEFAULT_MAX_CONTEXT,
-    calibrated: bool = True,  # False: ignore calibration.json and sample with the kit's defaults
-) -> RunForecaster:
-    """The promoted tokenizer + predictor of a run directory with its calibrated sampling.
+@dataclass
+class RunChoice:
+    """What a run directory's decision files say: the promoted pair's sources and the sampling to use."""
 
-    Reads `promoted.json` (which pair: written by the validation step, base unless the finetuned pair
-    beat it on validation) and, when present and `calibrated`, `calibration.json` (temperature and
-    top-p fitted on validation). Both are plain JSON; nothing in the folder is executed. Sources
-    written relative to the run directory (`predictor/best`) resolve inside it, so a moved run
-    directory still loads. Use `rf.predictor.predict_paths(..., T=rf.sampling["temperature"],
-    top_p=rf.sampling["top_p"])` or `rf.forecast_frame(frame, horizon=...)`.
+    promoted: str  # "finetuned" or "base", as promoted.json says
+    tokenizer_source: str  # resolved: a source written relative to the run directory points inside it
+    predictor_source: str
+    sampling: dict[str, float]  # temperature, top_p
+    calibrated: bool  # True when `sampling` comes from calibration.json
+
+
+def read_run_choice(run_dir: str | os.PathLike, *, calibrated: bool = True) -> RunChoice:
+    """Read `promoted.json` and (when present and `calibrated`) `calibration.json` of a run directory.
+
+    Both are plain JSON; nothing in the folder is executed. Sources written relative to the run
+    directory (`predictor/best`) resolve inside it, so a moved run directory still loads.
     """
     rd = RunDir(run_dir)
     if not rd.promoted.is_file():
@@ -671,12 +672,29 @@ def load_run_forecaster(
                     for k in ("temperature", "top_p")}
         Sampler(sampling["temperature"], 0, sampling["top_p"])  # a clear error for out-of-range values
         is_calibrated = True
-    predictor = KronosPredictor(Kronos.from_pretrained(predictor_source, device=device),
-                                KronosTokenizer.from_pretrained(tokenizer_source, device=device),
+    return RunChoice(promoted, tokenizer_source, predictor_source, sampling, is_calibrated)
+
+
+def load_run_forecaster(
+    run_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    calibrated: bool = True,  # False: ignore calibration.json and sample with the kit's defaults
+) -> RunForecaster:
+    """The promoted tokenizer + predictor of a run directory with its calibrated sampling (`read_run_choice`).
+
+    Use `rf.predictor.predict_paths(..., T=rf.sampling["temperature"], top_p=rf.sampling["top_p"])` or
+    `rf.forecast_frame(frame, horizon=...)`.
+    """
+    choice = read_run_choice(run_dir, calibrated=calibrated)
+    predictor = KronosPredictor(Kronos.from_pretrained(choice.predictor_source, device=device),
+                                KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
                                 device=device, max_context=max_context)
-    return RunForecaster(predictor, promoted, tokenizer_source, predictor_source, sampling, is_calibrated)
+    return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source,
+                         choice.sampling, choice.calibrated)
 
 
-__all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunForecaster",
-           "Sampler", "decode_forecast", "filter_logits", "forecast_frame", "future_timestamps", "generate_tokens",
-           "load_run_forecaster", "time_stamps"]
+__all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunChoice",
+           "RunForecaster", "Sampler", "decode_forecast", "filter_logits", "forecast_frame", "future_timestamps",
+           "generate_tokens", "load_run_forecaster", "read_run_choice", "time_stamps"]

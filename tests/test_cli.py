@@ -262,6 +262,18 @@ def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, 
     assert run_models(tiny_run)["sampling"] == {"temperature": 1e-6, "top_p": 1.0}
 
 
+def test_forecast_resolves_promoted_sources_inside_the_run(tmp_path, tiny_run, capsys, monkeypatch):
+    """The validation step writes sources relative to the run (`predictor/best`): they load from the run
+    folder wherever the command runs, never as hub ids."""
+    rd = RunDir(tiny_run)
+    save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": "tokenizer/best", "predictor": "predictor/best"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    table, out = forecast(tmp_path, capsys, "--run", str(tiny_run), "--data", CSV)
+    assert f"tokenizer {tiny_run / 'tokenizer' / 'best'}" in out and len(table) == 4
+
+
 def test_forecast_usage_errors_exit_2(tmp_path, tiny_run, capsys):
     out = str(tmp_path / "x.csv")
     assert main(["forecast", "--data", CSV, "--horizon", "2", "--out", out]) == 2
