@@ -130,6 +130,17 @@ class RunDir:
 # atomic writes
 
 
+def check_finite(tensors: Mapping[str, Any], target: str | Path, error: type[Exception] = ValueError) -> None:
+    """Refuse (raise `error`) before writing `target` when a floating tensor holds NaN or inf: never save those."""
+    bad = [k for k, v in tensors.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise error(
+            f"refusing to write {target}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}; the files "
+            "already there are kept. Training diverged: lower the learning rate or check the data."
+        )
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`.
 

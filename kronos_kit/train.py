@@ -31,7 +31,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from kronos_kit.runs import (
     CHECKPOINT_KINDS,
     MetricsLog,
     RunDir,
+    check_finite,
     finish_swap,
     load_training_state,
     recover_dir,
@@ -148,18 +149,8 @@ def save_checkpoint(model: nn.Module, directory: Path) -> None:
     Non-finite weights are refused (`NonFiniteWeightsError`) and the previous checkpoint stays.
     """
     model = unwrap(model)
-    _check_finite(model.state_dict(), directory)
+    check_finite(model.state_dict(), directory, NonFiniteWeightsError)
     replace_dir(directory, lambda tmp: save_merged(model, tmp))
-
-
-def _check_finite(tensors: Mapping[str, torch.Tensor], target: Path) -> None:
-    bad = [k for k, v in tensors.items()
-           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise NonFiniteWeightsError(
-            f"refusing to write {target}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}; the files "
-            "already there are kept. Training diverged: lower the learning rate or check the data."
-        )
 
 
 def _optimizer_tensors(optimizer_state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -587,7 +578,8 @@ def save_state(run: _Run, stopped: str | None = None) -> None:
         return
     st = run.state
     model_state, optimizer_state = run.model.state_dict(), run.optimizer.state_dict()
-    _check_finite({**model_state, **_optimizer_tensors(optimizer_state)}, run.rd.state(run.phase.name))
+    check_finite({**model_state, **_optimizer_tensors(optimizer_state)}, run.rd.state(run.phase.name),
+                 NonFiniteWeightsError)
     save_checkpoint(run.model, run.last_dir)
     save_training_state({
         runs.PHASE_KEY: run.phase.name, runs.STEP_KEY: st.step, runs.EPOCH_KEY: st.epoch,

@@ -35,7 +35,7 @@ from kronos_kit.model.checkpoint import state_dict_hash
 from kronos_kit.model.layers import RMSNorm, TransformerBlock
 from kronos_kit.model.predictor import FixedEmbedding, Kronos
 from kronos_kit.model.tokenizer import KronosTokenizer
-from kronos_kit.runs import atomic_write, save_json
+from kronos_kit.runs import atomic_write, check_finite, save_json
 from kronos_kit.runtime import unwrap
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAttention linears of a block
@@ -326,13 +326,6 @@ def merge_lora(model: nn.Module) -> int:
     return len(modules)
 
 
-def _check_finite(state: Mapping[str, torch.Tensor], folder: Path) -> None:
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"refusing to write {folder}: non-finite values in {bad}; "
-                         "training diverged, lower the learning rate or resume from the last good checkpoint")
-
-
 def save_merged(model: nn.Module, folder: str | os.PathLike, *, adapter: bool = True) -> Path:
     """Write config.json + model.safetensors with merged weights via the model's `save_pretrained`.
 
@@ -342,7 +335,7 @@ def save_merged(model: nn.Module, folder: str | os.PathLike, *, adapter: bool = 
     """
     model, folder = unwrap(model), Path(folder)
     state = merged_state_dict(model)
-    _check_finite(state, folder)
+    check_finite(state, folder)
     model.save_pretrained(folder, state_dict=state)
     if adapter and lora_modules(model):
         save_adapter(model, folder)
@@ -361,7 +354,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, *, extra: Mapping[
     if config is None:
         raise ValueError("model has no LoRA adapters to save; apply_lora(model, ...) first")
     state = {k: v.to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    _check_finite(state, folder)
+    check_finite(state, folder)
     config = {"format": ADAPTER_FORMAT, "model": type(model).__name__, **config,
               "adapter_parameters": sum(v.numel() for v in state.values()),
               "base_sha256": state_dict_hash(_base_state_dict(model)), "extra": dict(extra or {})}
