@@ -46,6 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config (default: built-in defaults)")
     train.add_argument("--run-dir", help="run directory (overrides the config's run_dir)")
     train.add_argument("--resume", action="store_true", help="continue from <run_dir>/state/<phase>.pt")
+    train.add_argument("--overwrite", action="store_true",
+                       help="retrain a phase the run folder already holds from step 0 (replaces its best, last, state)")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokenizer.max_steps=20")
 
     pipe = sub.add_parser("pipeline", help="run notebooks 01 -> 02 -> 03 with papermill into a run directory",
@@ -203,9 +205,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = _config(args.config, args.overrides, run_dir=args.run_dir)
         set_threads(thread_count(cfg))
         fn = train_tokenizer if args.phase == "tokenizer" else train_predictor
-        result = fn(cfg, resume=args.resume)
-        print(f"{args.phase}: {result.steps} steps ({result.stopped}), "
-              f"best {result.best_metric:.6f} -> {result.best_dir}")
+        result = fn(cfg, resume=args.resume, overwrite=args.overwrite)
+        print(repr(result))
         return 0
     if args.command == "pretrain":
         from kronos_kit.pipeline import pretrain_base
@@ -244,12 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.WARNING)  # the pipeline prints its own stage lines
     from kronos_kit.data.schema import DataError
     from kronos_kit.pipeline import UsageError
+    from kronos_kit.runs import DiskFullError, RunLockedError
+    from kronos_kit.train import NonFiniteError
 
     try:
         return _dispatch(args)
-    except (UsageError, DataError, FileNotFoundError, FileExistsError) as err:
+    except (UsageError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
+    except (NonFiniteError, DiskFullError) as err:  # the run failed; what it saved before is finite and kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         # bad values in a call (config fields, options); the pipeline's own checks raise UsageError above
         if args.command in ("train", "forecast", "compare", "pretrain"):

@@ -74,6 +74,7 @@ from kronos_kit.runtime import DistContext, freeze, inference, module_device, re
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
     "NonFiniteGradientError", "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "Phase",
+    "PhaseExistsError",
     "PhaseResult", "ResumeMismatchError", "StepOutput", "Strategy", "TrainState", "apply_strategy",
     "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "planned_steps", "restore_state",
     "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
@@ -88,6 +89,10 @@ OnStep = Callable[[int, dict[str, float]], None]
 # phase config fields that may change between a run and its resume: they decide when to log,
 # validate or stop, never what the weights become or what a validation metric means
 HARMLESS_ON_RESUME = ("enabled", "log_every", "eval_every", "patience", "nonfinite_grad", "resume_changed")
+# phase config fields that decide which parameters train (and so which optimizer moment belongs to which
+# weight, saved by position): never changed on resume, not even with resume_changed
+STRUCTURAL_ON_RESUME = ("strategy", "trainable", "lora_rank", "lora_targets")
+THREADS_KEY = "threads"  # torch's CPU thread count, saved with the resume config: it moves results by rounding
 
 
 class NonFiniteError(RuntimeError):
@@ -108,6 +113,10 @@ class NonFiniteMetricError(NonFiniteError):
 
 class NonFiniteWeightsError(NonFiniteError):
     """Weights or optimizer state with NaN or inf values, refused before writing anything."""
+
+
+class PhaseExistsError(FileExistsError):
+    """A fresh start of a phase that the run folder already holds, without `overwrite`."""
 
 
 class ResumeMismatchError(ValueError):
@@ -184,7 +193,7 @@ class Phase:
     reference: Callable[[], dict[str, Any]] | None = None  # levels of the starting model: a `reference` record, step 0
 
 
-@dataclass
+@dataclass(repr=False)
 class PhaseResult:
     name: str
     steps: int
@@ -194,6 +203,11 @@ class PhaseResult:
     stopped: str  # "max_steps", "epochs", "early_stopping"
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
     skipped_steps: int = 0  # steps without an update for a non-finite gradient (nonfinite_grad: skip)
+
+    def __repr__(self) -> str:  # one line in a notebook, not the whole history
+        skipped = f", {self.skipped_steps} skipped" if self.skipped_steps else ""
+        return (f"{self.name}: {self.steps} steps ({self.stopped}{skipped}), best {self.best_metric:.6g} -> "
+                f"{self.best_dir}")
 
 
 @dataclass
@@ -267,15 +281,38 @@ def run_phase(
     device: torch.device,
     precision: str = "fp32",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: OnStep | None = None,
 ) -> PhaseResult:
     """Train `phase.model` per `cfg`; checkpoints, state and metrics go under `run_dir`.
 
     With `resume`, `restore_state` continues exactly from `state/<phase>.pt` (see there for what it
-    checks); a finished phase returns its result unchanged.
+    checks); a finished phase returns its result unchanged. A phase `run_dir` already holds is
+    retrained from step 0 only with `overwrite` (else `PhaseExistsError`). The run folder is locked
+    for the whole phase (`runs.run_lock`): a second writer is refused.
     """
     run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision)
+    if not resume and not overwrite:
+        _refuse_existing(run)
+    with runs.run_lock(run_dir, f"training the {phase.name}"):
+        return _run_locked(run, resume=resume, progress=progress, on_step=on_step)
+
+
+def _refuse_existing(run: _Run) -> None:
+    """A fresh start would replace a phase this run folder holds: refuse unless asked to (overwrite)."""
+    name, state = run.phase.name, run.rd.state(run.phase.name)
+    held = [p for p in (state, run.best_dir, run.last_dir) if p.exists()]
+    if held:
+        raise PhaseExistsError(
+            f"{run.rd.path} already holds the {name} phase ({', '.join(str(p.relative_to(run.rd.path)) for p in held)}); "
+            "a fresh start would replace it. Continue it (or get its result) with resume (--resume), retrain "
+            "it from step 0 with overwrite (--overwrite; the notebooks' `overwrite = True`), or use another run_dir")
+
+
+def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | None) -> PhaseResult:
+    phase, cfg, device = run.phase, run.cfg, run.device
+    seed = run.seed
     seed_everything(seed)
     setup_optimizer(run)
     if run.ctx.is_main:
@@ -394,6 +431,7 @@ def _resume_config(run: _Run) -> dict[str, Any]:
     """What fixes a phase's result, flat: `<phase>.<field>`, seed, precision and the phase's inputs."""
     flat = {f"{run.phase.name}.{k}": v for k, v in dataclasses.asdict(run.cfg).items()}
     flat.update(seed=run.seed, precision=run.precision)
+    flat[THREADS_KEY] = torch.get_num_threads()
     for key, value in run.phase.inputs.items():
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
@@ -405,10 +443,15 @@ def _resume_config(run: _Run) -> dict[str, Any]:
 def _config_changes(run: _Run, state: dict[str, Any], path: Path) -> list[str]:
     """The saved config's fields that changed and break exactness ("field: old -> new"); raises unless allowed."""
     name, saved, now, absent = run.phase.name, state[runs.CONFIG_KEY], _resume_config(run), "<absent>"
-    harmless = {f"{name}.{f}" for f in HARMLESS_ON_RESUME}
+    harmless = {f"{name}.{f}" for f in HARMLESS_ON_RESUME} | {THREADS_KEY}
     keys = [*now, *(k for k in saved if k not in now)]
     changed = [k for k in keys if saved.get(k, absent) != now.get(k, absent)]
     breaking = [f"{k}: {saved.get(k, absent)!r} -> {now.get(k, absent)!r}" for k in changed if k not in harmless]
+    if THREADS_KEY in changed and THREADS_KEY in saved and not state[runs.STOPPED_KEY]:
+        logger.warning("%s: resuming with %s CPU threads, saved with %s: the result will differ from an "
+                       "uninterrupted run by rounding (about 1e-9; the thread count changes the order of float "
+                       "sums); resume with threads=%s for a bit-identical continuation", name, now[THREADS_KEY],
+                       saved[THREADS_KEY], saved[THREADS_KEY])
     if changed and not breaking:
         logger.info("%s: resuming with changed %s (they do not change the weights)", name, changed)
     if not breaking:
@@ -416,6 +459,12 @@ def _config_changes(run: _Run, state: dict[str, Any], path: Path) -> list[str]:
     listing = "; ".join(breaking)
     new_run = (f"start a new run (another run_dir) from this one's checkpoint with "
                f"{name}.start_from={run.last_dir} (or its best)")
+    structural = [b for b in breaking if b.split(":")[0] in {f"{name}.{f}" for f in STRUCTURAL_ON_RESUME}]
+    if structural:
+        raise ResumeMismatchError(
+            f"{path}: the saved state trains other parameters than this config ({'; '.join(structural)}), so it "
+            f"cannot be resumed, not even with {name}.resume_changed=true (the optimizer's moments would land on "
+            f"other weights). Resume with the saved strategy, or {new_run}.")
     if state[runs.STOPPED_KEY]:
         raise ResumeMismatchError(
             f"{path}: the {name} phase already finished ({state[runs.STOPPED_KEY]} at step {state[runs.STEP_KEY]}), "
@@ -826,9 +875,9 @@ def _run_dir(cfg: KitConfig) -> Path:
     return Path(cfg.run_dir)
 
 
-def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | None = None, progress: bool = True,
-                    on_step: OnStep | None = None) -> PhaseResult:
-    """Phase 1: adapt the tokenizer to the configured data."""
+def train_tokenizer(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
+                    progress: bool = True, on_step: OnStep | None = None) -> PhaseResult:
+    """Phase 1: adapt the tokenizer to the configured data (`resume` / `overwrite`: see `run_phase`)."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
     data = data or load_data(cfg)
@@ -838,12 +887,13 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     phase = Phase("tokenizer", tokenizer, strategy.wrap_step(tokenizer_step), evaluate_tokenizer, "val_recon_full",
                   data.train, data.val, inputs={"data": dataclasses.asdict(cfg.data)})
     return run_phase(phase, cfg.tokenizer, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                     resume=resume, progress=progress, on_step=on_step)
+                     resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
 
 
-def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | None = None, progress: bool = True,
-                    on_step: OnStep | None = None) -> PhaseResult:
-    """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer."""
+def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
+                    progress: bool = True, on_step: OnStep | None = None) -> PhaseResult:
+    """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer (`resume` / `overwrite`: see
+    `run_phase`)."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
     data = data or load_data(cfg)
@@ -869,7 +919,7 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
                   inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash},
                   reference=None if skill is None else _reference_skill(cfg, skill, predictor, tokenizer))
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                       resume=resume, progress=progress, on_step=on_step)
+                       resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
     check_frozen()
     logger.info("predictor: tokenizer weights unchanged (sha256 %s...)", frozen_hash[:12])
     return result
