@@ -131,9 +131,33 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
 
 def _quantiles(text: str) -> list[float]:
     try:
-        return [float(q) for q in text.split(",") if q.strip()]
+        levels = [float(q) for q in text.split(",") if q.strip()]
     except ValueError:
-        raise ValueError(f"--quantiles {text!r}: give comma-separated levels in [0, 1], e.g. 0.1,0.5,0.9") from None
+        levels = []
+    if not levels:
+        raise ValueError(f"--quantiles {text!r}: give comma-separated levels in [0, 1], e.g. 0.1,0.5,0.9")
+    return levels
+
+
+def _check_forecast_args(args: argparse.Namespace) -> None:
+    """Refuse bad options before any data is read or model runs."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give a whole number >= 1, or leave it out")
+    if args.max_context is not None and args.max_context < 2:
+        raise ValueError(f"--max-context {args.max_context}: give at least 2 bars of history, or leave it out "
+                         "(the run's data.lookback)")
+    for flag, value in (("--horizon", args.horizon), ("--samples", args.samples)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: give a whole number >= 1")
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", "\\")):
+        raise ValueError(f"--out {args.out}: a folder; give the CSV file to write, e.g. {out / 'forecast.csv'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: {out.parent} is a file, not a folder")
+    _quantiles(args.quantiles)
+    from kronos_kit.runtime import check_device
+
+    check_device(args.device)
 
 
 def _forecast(args: argparse.Namespace) -> int:
@@ -156,6 +180,7 @@ def _forecast(args: argparse.Namespace) -> int:
         raise ValueError("give either --run RUN_DIR, or --tokenizer and --predictor")
     if args.run is None and (args.tokenizer is None or args.predictor is None):
         raise ValueError("--tokenizer and --predictor go together (a predictor needs the tokenizer it was trained on)")
+    _check_forecast_args(args)
     set_threads(args.threads if args.threads is not None else thread_count())
     if args.run is not None:
         chosen = run_models(resolve_path(args.run))
@@ -174,7 +199,7 @@ def _forecast(args: argparse.Namespace) -> int:
     tokenizer = KronosTokenizer.from_pretrained(sources.tokenizer.start_from, device=device)
     model = Kronos.from_pretrained(sources.predictor.start_from, device=device)
     predictor = KronosPredictor(model, tokenizer, device=str(device),
-                                max_context=args.max_context or chosen["max_context"])
+                                max_context=args.max_context if args.max_context is not None else chosen["max_context"])
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples,
                            quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"], **sampling)
     out = Path(args.out)
@@ -199,10 +224,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return strip_notebooks(args.paths, check=args.check)
     if args.command == "train":
         from kronos_kit.config import thread_count
-        from kronos_kit.runtime import set_threads
+        from kronos_kit.runtime import check_device, set_threads
         from kronos_kit.train import train_predictor, train_tokenizer
 
         cfg = _config(args.config, args.overrides, run_dir=args.run_dir)
+        check_device(cfg.device)
         set_threads(thread_count(cfg))
         fn = train_tokenizer if args.phase == "tokenizer" else train_predictor
         result = fn(cfg, resume=args.resume, overwrite=args.overwrite)

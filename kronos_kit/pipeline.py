@@ -54,6 +54,7 @@ from kronos_kit.config import (
 from kronos_kit.data import load_data
 from kronos_kit.data.origins import forecast_origins, walk_forward_frame
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
+from kronos_kit.runtime import check_device
 from kronos_kit.runs import RunDir, RunLockedError, atomic_write_text, load_json, run_lock, save_json
 from kronos_kit.train import planned_steps
 
@@ -283,6 +284,7 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
                                  f"{_describe_changes(frozen)}. Use an earlier --from, or start a new run")
         config_source = str(RunDir(run_dir).config)
     cfg = resolve_paths(cfg)
+    _usage(lambda: check_device(cfg.device), "device: ")
     bundle = _usage(lambda: load_data(cfg), f"data.source {cfg.data.source!r}: ")
     _check_origins(cfg, bundle)
     return _Plan(cfg, values, config_source, run_dir, mode, from_stage, len(bundle.train))
@@ -386,7 +388,8 @@ class _TrainingProgress:
 
 
 class _KernelMessages:
-    """papermill's `stderr_file`: the kit's warnings and resume messages from the kernel, to the terminal."""
+    """papermill's `stderr_file` / `stdout_file`: the kit's warnings and resume messages from the kernel, to the
+    terminal (in a kernel the kit logs INFO to stdout, warnings to stderr)."""
 
     SHOWN = re.compile(r"^(WARNING|ERROR)\b|^INFO kronos_kit\.train: .*(resumed|nothing to resume)")
 
@@ -569,6 +572,7 @@ class _StageRun:
                     str(self.notebooks / notebook), str(output), parameters=parameters, kernel_name=self.kernel,
                     cwd=str(self.notebooks), progress_bar=False, log_output=False,
                     stderr_file=_KernelMessages() if self.progress else None,
+                    stdout_file=_KernelMessages() if self.progress else None,  # the kit's INFO lines go to stdout
                     extra_arguments=KERNEL_ARGUMENTS,
                 )
         except papermill.PapermillExecutionError as err:

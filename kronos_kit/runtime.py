@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "set_threads",
-           "unwrap"]
+__all__ = ["DistContext", "check_device", "freeze", "inference", "module_device", "resolve_device", "seed_everything",
+           "set_threads", "unwrap"]
 
 
 def seed_everything(seed: int) -> None:
@@ -49,6 +49,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(name: str) -> torch.device:
+    """`resolve_device(name)`, refusing with a ValueError a device name torch does not know or this machine
+    lacks (`cuda` without CUDA, `mps` off Apple silicon) before anything runs on it."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a device name ({err}); use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise ValueError(f"device {name!r}: this machine has {found} (torch {torch.__version__}); use auto or cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available here; use auto or cpu")
+    return device
 
 
 @dataclass(frozen=True)

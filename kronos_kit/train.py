@@ -304,8 +304,9 @@ def _refuse_existing(run: _Run) -> None:
     name, state = run.phase.name, run.rd.state(run.phase.name)
     held = [p for p in (state, run.best_dir, run.last_dir) if p.exists()]
     if held:
+        listing = ", ".join(str(p.relative_to(run.rd.path)) for p in held)
         raise PhaseExistsError(
-            f"{run.rd.path} already holds the {name} phase ({', '.join(str(p.relative_to(run.rd.path)) for p in held)}); "
+            f"{run.rd.path} already holds the {name} phase ({listing}); "
             "a fresh start would replace it. Continue it (or get its result) with resume (--resume), retrain "
             "it from step 0 with overwrite (--overwrite; the notebooks' `overwrite = True`), or use another run_dir")
 
