@@ -54,8 +54,8 @@ from kronos_kit.config import (
 from kronos_kit.data import load_data
 from kronos_kit.data.origins import forecast_origins, walk_forward_frame
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
-from kronos_kit.runtime import check_device
 from kronos_kit.runs import RunDir, RunLockedError, atomic_write_text, load_json, run_lock, save_json
+from kronos_kit.runtime import check_device
 from kronos_kit.train import planned_steps
 
 __all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "data_hash", "file_sha256",
@@ -287,7 +287,40 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
     _usage(lambda: check_device(cfg.device), "device: ")
     bundle = _usage(lambda: load_data(cfg), f"data.source {cfg.data.source!r}: ")
     _check_origins(cfg, bundle)
+    _check_phases(cfg, len(bundle.train))
     return _Plan(cfg, values, config_source, run_dir, mode, from_stage, len(bundle.train))
+
+
+def _check_phases(cfg: KitConfig, train_windows: int) -> None:
+    """Refuse up front what training would refuse later: a batch the data cannot fill, groups `freeze` lacks."""
+    from kronos_kit.model import Kronos, KronosTokenizer
+
+    for name, model_class in (("tokenizer", KronosTokenizer), ("predictor", Kronos)):
+        phase = getattr(cfg, name)
+        if not phase.enabled:
+            continue
+        per_step = phase.batch_size * phase.grad_accum_steps
+        if train_windows < per_step:
+            raise UsageError(f"{name}: {train_windows} training windows per epoch cannot fill one optimizer step of "
+                             f"{name}.batch_size={phase.batch_size} x {name}.grad_accum_steps="
+                             f"{phase.grad_accum_steps} = {per_step} windows; lower batch_size or grad_accum_steps, "
+                             "or bring more data")
+        if phase.strategy in ("freeze", "lora"):
+            _check_strategy(name, model_class, phase)
+
+
+def _check_strategy(name: str, model_class: type, phase: Any) -> None:
+    """Group names and layer widths are the model's: load the start checkpoint and set the strategy up on it."""
+    import torch
+
+    from kronos_kit.model import apply_lora, set_trainable
+
+    model = _usage(lambda: model_class.from_pretrained(phase.start_from), f"{name}.start_from: ")
+    if phase.strategy == "freeze":
+        _usage(lambda: set_trainable(model, phase.trainable_groups), f"{name}.trainable: ")
+    else:
+        _usage(lambda: apply_lora(model, rank=phase.lora_rank, alpha=phase.lora_alpha, dropout=phase.lora_dropout,
+                                  targets=phase.lora_targets, generator=torch.Generator()), f"{name}.lora_rank: ")
 
 
 def _check_origins(cfg: KitConfig, bundle: Any) -> None:

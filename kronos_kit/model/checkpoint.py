@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -271,7 +272,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Strictly load a safetensors file, naming every missing, unexpected or misshapen tensor."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # truncated, replaced or not safetensors at all
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); the checkpoint is damaged: "
+                         "rerun the phase that wrote it, or use another checkpoint") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
