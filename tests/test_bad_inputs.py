@@ -24,7 +24,10 @@ CSV = str(DATA / "ashare_5min_sample.csv")
 HEADER = "timestamps,open,high,low,close,volume"
 GOOD_ROWS = [f"2024-01-{d:02d} 10:00:00,10,11,9,10.5,100" for d in range(1, 29)]
 # a fast pipeline call on the sample: stops at the first check that fails, before anything is trained
-PIPELINE = ["-p", f"data={CSV}", "-p", "data.symbol=A", "-p", "data.lookback=30", "-p", "data.predict=5"]
+# (tiny steps, so that a kit which let a bad value through would fail fast instead of training for minutes)
+PIPELINE = ["-p", f"data={CSV}", "-p", "data.symbol=A", "-p", "data.lookback=30", "-p", "data.predict=5",
+            "-p", "tokenizer_steps=1", "-p", "predictor_steps=1", "-p", "predictor.skill_origins=2",
+            "-p", "tokenizer.batch_size=8", "-p", "predictor.batch_size=8"]
 
 
 def _expect_error(capsys, argv: list[str], code: int = 2) -> str:
