@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,6 +86,7 @@ class DistContext:
         if world == 1:
             return cls()
         if not dist.is_initialized():
+            _end_with_parent()
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
@@ -94,6 +97,20 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return t.tolist()
+
+
+def _end_with_parent() -> None:
+    """Ask Linux to SIGTERM this torchrun worker when its launcher dies: a SIGKILLed torchrun cannot stop its
+    workers itself, and orphans would keep writing the run folder (elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:

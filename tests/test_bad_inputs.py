@@ -346,3 +346,10 @@ def test_pipeline_resume_changes_are_refused(case, tiny_run, capsys):
     _expect_error(capsys, ["pipeline", "--run-dir", str(tiny_run), *words])
     assert json.loads(RunDir(tiny_run).manifest.read_text()) == manifest
     KitConfig.from_file(RunDir(tiny_run).config)  # untouched and still valid
+
+
+def test_class_constants_are_not_listed_as_settable_fields():
+    from kronos_kit.config import config_fields, unknown_key_message
+
+    assert not [f for f in config_fields() if "DEFAULT" in f]
+    assert "DEFAULT_TRAINABLE" not in unknown_key_message("tokenizer.trainabl")

@@ -248,3 +248,29 @@ def test_a_phase_result_shows_as_one_line(tmp_path):
     result = PhaseResult("tokenizer", 150, 0.04425, tmp_path / "best", tmp_path / "last", "max_steps",
                          history=[{"step": s, "val": 1.0} for s in range(50)])
     assert repr(result) == f"tokenizer: 150 steps (max_steps), best 0.04425 -> {tmp_path / 'best'}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_torchrun_worker_ends_when_its_launcher_is_killed(tmp_path):
+    """Item 12: a SIGKILLed torchrun cannot stop its workers; each worker asks the kernel to end it then."""
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    worker = ("import os, sys, time\nfrom kronos_kit.runtime import _end_with_parent\n_end_with_parent()\n"
+              "open(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    launcher = ("import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]])\n"
+                "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, worker, str(pid_file)])
+    for _ in range(200):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):
+        if not runs._alive(child) or Path(f"/proc/{child}/status").read_text().count("zombie"):
+            break
+        time.sleep(0.05)
+    status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}").exists() else "gone"
+    assert status == "gone" or "zombie" in status
