@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.WARNING)  # the pipeline prints its own stage lines
     from kronos_kit.data.schema import DataError
     from kronos_kit.pipeline import UsageError
-    from kronos_kit.runs import DiskFullError, RunLockedError
+    from kronos_kit.run_lock import RunLockedError
+    from kronos_kit.runs import DiskFullError
     from kronos_kit.train import NonFiniteError
 
     try:

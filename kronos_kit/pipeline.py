@@ -54,7 +54,8 @@ from kronos_kit.config import (
 from kronos_kit.data import load_data
 from kronos_kit.data.origins import forecast_origins, walk_forward_frame
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
-from kronos_kit.runs import RunDir, RunLockedError, atomic_write_text, load_json, run_lock, save_json
+from kronos_kit.run_lock import RunLockedError, run_lock
+from kronos_kit.runs import RunDir, atomic_write_text, load_json, save_json
 from kronos_kit.runtime import check_device
 from kronos_kit.train import planned_steps
 

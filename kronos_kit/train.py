@@ -58,6 +58,7 @@ from kronos_kit.model import (
     set_trainable,
     weights_hash,
 )
+from kronos_kit.run_lock import run_lock
 from kronos_kit.runs import (
     CHECKPOINT_KINDS,
     MetricsLog,
@@ -295,7 +296,7 @@ def run_phase(
     run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision)
     if not resume and not overwrite:
         _refuse_existing(run)
-    with runs.run_lock(run_dir, f"training the {phase.name}"):
+    with run_lock(run_dir, f"training the {phase.name}"):
         return _run_locked(run, resume=resume, progress=progress, on_step=on_step)
 
 

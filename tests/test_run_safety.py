@@ -17,10 +17,12 @@ import pytest
 import torch
 from test_train import smoke_config
 
+from kronos_kit import run_lock as locks
 from kronos_kit import runs
 from kronos_kit.__main__ import main
 from kronos_kit.data import load_data
-from kronos_kit.runs import DiskFullError, RunDir, RunLockedError, atomic_write, atomic_write_text, run_lock
+from kronos_kit.run_lock import RunLockedError, run_lock
+from kronos_kit.runs import DiskFullError, RunDir, atomic_write, atomic_write_text
 from kronos_kit.train import PhaseExistsError, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,11 +64,11 @@ def test_a_killed_holders_lock_is_stale_and_taken_over(holder, caplog):
     run, proc = holder
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert json.loads((run / runs.LOCK_FILE).read_text())["pid"] == proc.pid  # the dead holder's record stays
-    with caplog.at_level(logging.WARNING, logger="kronos_kit.runs"), run_lock(run, "after the kill"):
-        assert json.loads((run / runs.LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((run / locks.LOCK_FILE).read_text())["pid"] == proc.pid  # the dead holder's record stays
+    with caplog.at_level(logging.WARNING, logger="kronos_kit.run_lock"), run_lock(run, "after the kill"):
+        assert json.loads((run / locks.LOCK_FILE).read_text())["pid"] == os.getpid()
     assert f"stale lock of process {proc.pid}" in caplog.text
-    assert (run / runs.LOCK_FILE).read_text() == ""  # released on exit: names no holder
+    assert (run / locks.LOCK_FILE).read_text() == ""  # released on exit: names no holder
     with run_lock(run, "again"):  # and free for the next writer
         pass
 
@@ -98,18 +100,18 @@ def test_a_finished_phase_is_not_retrained_without_overwrite(tmp_path, data):
     again = train_tokenizer(cfg, data=data, progress=False, resume=True)  # resume returns the finished result
     assert again.steps == first.steps
     redo = train_tokenizer(cfg, data=data, progress=False, overwrite=True)  # an explicit retrain
-    assert redo.steps == first.steps and (tmp_path / runs.LOCK_FILE).read_text() == ""
+    assert redo.steps == first.steps and (tmp_path / locks.LOCK_FILE).read_text() == ""
 
 
 def test_the_pipeline_holds_the_lock_for_its_kernels(tmp_path, monkeypatch):
     """Kernels started under the pipeline inherit its lock ($KRONOS_RUN_LOCK) instead of being refused."""
     run = tmp_path / "run"
     with run_lock(run, "pipeline"):
-        assert os.environ[runs.LOCK_ENV] == str(run.resolve())
+        assert os.environ[locks.LOCK_ENV] == str(run.resolve())
         child = subprocess.run([sys.executable, "-c", HOLD.replace("time.sleep(60)", "pass"), str(run)],
                                capture_output=True, text=True)
         assert child.returncode == 0 and "held" in child.stdout
-    assert runs.LOCK_ENV not in os.environ
+    assert locks.LOCK_ENV not in os.environ
 
 
 # ---------------------------------------------------------------------------------------------
