@@ -27,7 +27,7 @@ from kronos_kit.train import PhaseExistsError, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = {"tokenizer.max_steps": 4, "tokenizer.eval_every": 2, "tokenizer.log_every": 1}
-HOLD = ("import sys, time\nfrom kronos_kit.runs import run_lock\nwith run_lock(sys.argv[1], 'a test holder'):\n"
+HOLD = ("import sys, time\nfrom kronos_kit.run_lock import run_lock\nwith run_lock(sys.argv[1], 'a test holder'):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n")
 
 
