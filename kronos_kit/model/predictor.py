@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kronos_kit.data.schema import TIME_FEATURE_COLUMNS
 from kronos_kit.model.checkpoint import CheckpointMixin
 from kronos_kit.model.layers import CrossAttention, KVCache, RMSNorm, TransformerBlock
 
 _TIME_SIZES = {"minute": 60, "hour": 24, "weekday": 7, "day": 32, "month": 13}
+# calendar features in the order the predictor's checkpoints fix (its temporal embedding reads them so);
+# the data layer builds its stamp columns from this
+TIME_FEATURE_COLUMNS: tuple[str, ...] = tuple(_TIME_SIZES)
 DEP_LAYER_HEADS = 4  # the reference builds the dependency layer with 4 heads whatever n_heads is
 
 
