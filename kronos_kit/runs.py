@@ -1,18 +1,9 @@
-"""The run directory, defined once: its layout, atomic writes, the metrics log, JSON files, state keys.
+"""The run directory, defined once: its layout, atomic writes, the metrics log, JSON files, the training state.
 
-```
-<run_dir>/
-  manifest.json  config.yaml  <stage notebooks>
-  tokenizer/best tokenizer/last predictor/best predictor/last   (config.json + model.safetensors)
-  state/<phase>.pt           training state for exact resume (`STATE_PARTS` + `TrainState` fields); plain data
-                             only (tensors, numbers, strings, lists, dicts): `load_state` reads it with
-                             `torch.load(weights_only=True)`, so a run folder never executes code
-  metrics.jsonl              training log, one JSON line per logged step / evaluation; each line names
-                             its phase run (`run`) and attempt; `read_metrics` keeps the current run
-  codebook_before.json codebook_after.json reconstruction_gate.json token_metrics.json
-  calibration.json promoted.json   sampling fitted and the pair promoted, both on validation
-  metrics.json metrics_table.csv report.md forecasts.parquet   figures/*.png
-```
+The folder's layout is described once, in the README ("What appears in `runs/`"); `RunDir` below
+names every file in it. The run's decisions (`promoted.json`, `calibration.json`) have their schema
+here (`Promotion`, `SamplingCalibration`), and `run_choice` is the one answer to "which tokenizer,
+predictor and sampling does this run use".
 
 Every file the kit writes into a run directory goes through an atomic helper here (a temporary
 file renamed over the target), so a killed process never leaves half a file; checkpoint folders

@@ -307,7 +307,6 @@ class Kronos(CheckpointMixin, nn.Module):
         s2_logits = self.decode_s2(context, sibling, padding_mask, causal_s2=causal_s2)
         return s1_logits, s2_logits
 
-    @torch.no_grad()
     def loss(self, s1_logits: torch.Tensor, s2_logits: torch.Tensor, s1_targets: torch.Tensor,
              s2_targets: torch.Tensor, padding_mask: torch.Tensor | None = None) -> PredictorLoss:
         """Phase 2's loss of a forward's logits on next-token targets: (ce_s1 + ce_s2) / 2, padded positions
@@ -315,6 +314,7 @@ class Kronos(CheckpointMixin, nn.Module):
         forward stays the call; validation's `score_next_tokens` uses the same cross-entropy."""
         return PredictorLoss(*self.head.compute_loss(s1_logits, s2_logits, s1_targets, s2_targets, padding_mask))
 
+    @torch.no_grad()
     def score_next_tokens(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor,
                           in_split: torch.Tensor | None = None) -> NextTokenScores:
         """Summed NLL and hits of next-token prediction on one batch of (B, T) tokens and (B, T, 5) stamps.
