@@ -165,3 +165,23 @@ def test_no_file_over_700_lines_and_no_function_over_80():
                 if length > 80:
                     long_functions.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}: {length} lines")
     assert long_files == [] and long_functions == []
+
+
+# ------------------------------------------------------------------------------------ one declaration each
+
+
+def test_train_state_round_trips_by_field_name():
+    import dataclasses
+
+    from kronos_kit.runs import STATE_PARTS, TrainState, restore_counters, state_counters, state_keys
+
+    state = TrainState(step=7, epoch=1, batch_in_epoch=3, best=0.5, evals_since_best=2, history=[{"step": 4}],
+                       stopped=None, skipped_steps=1, run_id="abc", attempt=2)
+    saved = {**dict.fromkeys(STATE_PARTS), **state_counters(state)}
+    assert restore_counters(saved) == state
+    assert state_keys() == STATE_PARTS + tuple(f.name for f in dataclasses.fields(TrainState))
+
+
+def test_the_training_steps_use_the_models_losses():
+    source = (PACKAGE / "train.py").read_text() + (PACKAGE / "engine.py").read_text()
+    assert "compute_loss" not in source and ".head" not in source
