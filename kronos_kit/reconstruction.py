@@ -226,7 +226,8 @@ def reconstruction_report(
             x = x.to(dev, torch.float32)
             if x.shape[-1] != c:
                 raise ValueError(f"batch has {x.shape[-1]} channels but {c} feature names were given")
-            recon = dict(zip(DECODERS, tokenizer(x).reconstructions))  # (z_pre, z)
+            # index, not .reconstructions: any tokenizer with the reference return ((z_pre, z), bsq, quantized, idx)
+            recon = dict(zip(DECODERS, tokenizer(x)[0]))
             scale = (std.to(dev, torch.float32) + NORM_EPS) if std is not None else None
             b, t = x.shape[:2]
             n_windows += b
@@ -428,7 +429,7 @@ def reconstruct_window(
     x, mean, std, symbols = unpack_batch(window if isinstance(window, Mapping) else torch.as_tensor(window))
     with inference(tokenizer, device=device) as dev:
         xd = x[:1].to(dev, torch.float32)
-        z_pre, z = tokenizer(xd).reconstructions
+        z_pre, z = tokenizer(xd)[0]  # the reference return order: stand-ins return plain tuples
         s1, s2 = tokenizer.encode(xd, half=True)
     start = window.get("start") if isinstance(window, Mapping) else None
     return WindowReconstruction(
