@@ -185,3 +185,41 @@ def test_train_state_round_trips_by_field_name():
 def test_the_training_steps_use_the_models_losses():
     source = (PACKAGE / "train.py").read_text() + (PACKAGE / "engine.py").read_text()
     assert "compute_loss" not in source and ".head" not in source
+
+
+def test_evaluate_models_takes_a_config_section_or_loose_settings_never_both():
+    from kronos_kit.config import EvalConfig
+    from kronos_kit.evaluate import evaluate_models
+    from kronos_kit.runs import SamplingCalibration
+
+    frame = drifting_frame()
+    with pytest.raises(ValueError, match="either evaluation .* or temperature, not both"):
+        evaluate_models(frame, {"m": None}, EvalConfig(), lookback=32, temperature=0.5)
+    calibration = SamplingCalibration(temperature=0.85, top_p=1.0)
+    with pytest.raises(ValueError, match="either calibration .* not both"):
+        evaluate_models(frame, {"m": None}, EvalConfig(), lookback=32, calibration=calibration, top_p=0.5)
+
+
+def test_run_choice_answers_for_promoted_finetuned_and_base(tmp_path):
+    from kronos_kit.config import KitConfig
+    from kronos_kit.runs import Promotion, SamplingCalibration, run_choice
+
+    cfg = KitConfig()
+    base = run_choice(tmp_path, cfg, model="base")
+    assert (base.tokenizer_source, base.predictor_source) == (cfg.tokenizer.start_from, cfg.predictor.start_from)
+    assert base.sampling == {"temperature": cfg.evaluation.temperature, "top_p": cfg.evaluation.top_p}
+    with pytest.raises(FileNotFoundError, match="run phase 1 first"):
+        run_choice(tmp_path, cfg, model="finetuned")
+    (tmp_path / "tokenizer" / "best").mkdir(parents=True)
+    (tmp_path / "predictor" / "best").mkdir(parents=True)
+    own = run_choice(tmp_path, cfg, model="finetuned")
+    assert own.tokenizer_source == str(tmp_path / "tokenizer" / "best")
+    assert own.predictor_source == str(tmp_path / "predictor" / "best")
+    with pytest.raises(FileNotFoundError, match="promoted.json not found"):
+        run_choice(tmp_path, cfg)
+    Promotion(promoted="finetuned", tokenizer="tokenizer/best", predictor="predictor/best").save(tmp_path)
+    SamplingCalibration(temperature=0.85, top_p=1.0).save(tmp_path)
+    chosen = run_choice(tmp_path, cfg)
+    assert (chosen.promoted, chosen.predictor_source) == ("finetuned", own.predictor_source)
+    assert (chosen.sampling, chosen.calibrated) == ({"temperature": 0.85, "top_p": 1.0}, True)
+    assert run_choice(tmp_path, cfg, calibrated=False).sampling == base.sampling
