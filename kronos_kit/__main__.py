@@ -79,7 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--temperature", type=float, help="sampling temperature (default: the run's calibrated one)")
     fc.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's calibrated one)")
-    fc.add_argument("--max-context", type=int, help="context window in bars (default: the run's, else 512)")
+    fc.add_argument("--max-context", type=int,
+                    help="bars of history per symbol (default: the run's data.lookback, else 512)")
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--threads", type=int, help="torch CPU threads (default: $KRONOS_THREADS, else torch's)")
 
@@ -115,7 +116,8 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
     cfg = KitConfig.from_file(rd.config)
     decided = rd.promoted.is_file()
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
-    return {"max_context": choice.max_context, "top_k": choice.top_k, "tokenizer": choice.tokenizer_source,
+    return {"max_context": choice.max_context, "top_k": choice.top_k, "lookback": choice.lookback,
+            "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
             "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
 
@@ -180,7 +182,7 @@ def _forecast(args: argparse.Namespace) -> int:
     else:
         chosen = {"tokenizer": args.tokenizer, "predictor": args.predictor, "chosen": "given",
                   "sampling": dict(DEFAULT_SAMPLING), "calibrated": False, "max_context": DEFAULT_MAX_CONTEXT,
-                  "top_k": DEFAULT_TOP_K}
+                  "top_k": DEFAULT_TOP_K, "lookback": DEFAULT_MAX_CONTEXT}
     sampling = {"temperature": args.temperature if args.temperature is not None else chosen["sampling"]["temperature"],
                 "top_p": args.top_p if args.top_p is not None else chosen["sampling"]["top_p"]}
     columns = {k: str(v) for k, v in parse_overrides(args.column).items()} or None
@@ -192,9 +194,12 @@ def _forecast(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     tokenizer = KronosTokenizer.from_pretrained(sources.tokenizer.start_from, device=device)
     model = Kronos.from_pretrained(sources.predictor.start_from, device=device)
-    predictor = KronosPredictor(model, tokenizer, device=str(device),
-                                max_context=args.max_context if args.max_context is not None else chosen["max_context"])
-    table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples,
+    # history per symbol: the run's data.lookback (what its models were trained and evaluated with), or --max-context
+    history = args.max_context if args.max_context is not None else chosen["lookback"]
+    why_history = "--max-context" if args.max_context is not None else "the run's data.lookback" if args.run \
+        else "the default"
+    predictor = KronosPredictor(model, tokenizer, device=str(device), max_context=max(history, chosen["max_context"]))
+    table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples, lookback=history,
                            quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"], **sampling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +207,7 @@ def _forecast(args: argparse.Namespace) -> int:
     n_symbols = table["symbol"].nunique()
     print(f"wrote {len(table)} rows ({n_symbols} symbol(s) x {args.horizon} steps) to {out}\n"
           f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
+          f"history: the last {history} bars of each symbol ({why_history})\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
           f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}")
     return 0

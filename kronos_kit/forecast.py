@@ -615,10 +615,13 @@ class RunForecaster:
     predictor_source: str
     sampling: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))  # temperature, top_p
     calibrated: bool = False  # True when `sampling` comes from calibration.json
+    lookback: int | None = None  # bars of history per forecast: the run's data.lookback (None: max_context)
 
     def forecast_frame(self, frame: pd.DataFrame, *, horizon: int, **kwargs: Any) -> pd.DataFrame:
-        """`forecast_frame` with this run's predictor and sampling (keyword arguments override it)."""
-        return forecast_frame(self.predictor, frame, horizon=horizon, **{**self.sampling, **kwargs})
+        """`forecast_frame` with this run's predictor, sampling and history length (the run's data.lookback,
+        recorded in the table's attrs["forecast"]["lookback"]); keyword arguments override them."""
+        return forecast_frame(self.predictor, frame, horizon=horizon,
+                              **{**self.sampling, "lookback": self.lookback, **kwargs})
 
 
 def read_run_choice(run_dir: str | os.PathLike, *, calibrated: bool = True) -> RunChoice:
@@ -633,7 +636,8 @@ def load_run_forecaster(
     max_context: int = DEFAULT_MAX_CONTEXT,
     calibrated: bool = True,  # False: ignore calibration.json and sample with the kit's defaults
 ) -> RunForecaster:
-    """The promoted tokenizer + predictor of a run directory with its calibrated sampling (`read_run_choice`).
+    """The promoted tokenizer + predictor of a run directory with its calibrated sampling (`read_run_choice`);
+    its `forecast_frame` uses the run's data.lookback bars of history, as the run was trained and evaluated.
 
     Use `rf.predictor.predict_paths(..., T=rf.sampling["temperature"], top_p=rf.sampling["top_p"])` or
     `rf.forecast_frame(frame, horizon=...)`.
@@ -642,9 +646,9 @@ def load_run_forecaster(
     Sampler(choice.sampling["temperature"], 0, choice.sampling["top_p"])  # a clear error for out-of-range values
     predictor = KronosPredictor(Kronos.from_pretrained(choice.predictor_source, device=device),
                                 KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
-                                device=device, max_context=max_context)
+                                device=device, max_context=max(max_context, choice.lookback))
     return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source,
-                         choice.sampling, choice.calibrated)
+                         choice.sampling, choice.calibrated, lookback=choice.lookback)
 
 
 __all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunChoice",

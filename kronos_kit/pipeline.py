@@ -41,6 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kronos_kit.binding import file_sha256
 from kronos_kit.config import (
     NOTEBOOK_PARAMETERS,
     KitConfig,
@@ -87,14 +88,6 @@ PACKAGES = ["kronos-kit", "torch", "numpy", "pandas", "matplotlib", "papermill",
 
 # ---------------------------------------------------------------------------------------------
 # hashes and provenance
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_hash(source: str) -> str:

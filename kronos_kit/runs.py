@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, KitConfig
+from kronos_kit.binding import check_bound, check_stage_complete, decision_source
+from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, DataConfig, KitConfig
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -515,6 +516,7 @@ class Promotion(DecisionFile):
     rule: str = ""
     reason: str = ""
     split: str = "validation"
+    checkpoints: dict[str, Any] = dataclasses.field(default_factory=dict)  # binding.bind: the weights it chose
 
 
 @dataclasses.dataclass
@@ -537,6 +539,7 @@ class SamplingCalibration(DecisionFile):
     rule: str = ""
     metric: str = "close_crps"
     split: str = "validation"
+    checkpoints: dict[str, Any] = dataclasses.field(default_factory=dict)  # binding.bind: the weights it is for
 
     def sampling(self) -> dict[str, float]:
         """Keyword arguments for `evaluate.evaluate_models` / `KronosPredictor.as_forecast_fn`."""
@@ -562,12 +565,6 @@ def relative_source(source: str | Path, run_dir: str | Path | None) -> str:
         return str(source)
 
 
-def resolve_source(source: str, run_dir: str | Path) -> str:
-    """A source written relative to the run directory (e.g. `predictor/best`) resolves inside it."""
-    inside = Path(run_dir) / source
-    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
-
-
 @dataclasses.dataclass
 class RunChoice:
     """Which tokenizer, predictor and sampling a run uses (`run_choice`)."""
@@ -579,6 +576,7 @@ class RunChoice:
     calibrated: bool  # True when `sampling` comes from calibration.json
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
+    lookback: int = DataConfig.lookback  # bars of history the run's models were trained and evaluated with
 
 
 RUN_MODELS = ("promoted", "finetuned", "base")
@@ -591,7 +589,8 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     ``model``:
 
     - ``"promoted"``: the pair `promoted.json` names (FileNotFoundError until the validation step wrote
-      it), sampled as `calibration.json` says when present and ``calibrated``;
+      it), sampled as `calibration.json` says when present and ``calibrated``; both files must still match
+      the weights they were decided for and stage 03 must be complete (`binding`: `StaleDecisionError`);
     - ``"finetuned"``: the run's own pair: ``predictor.tokenizer_from`` if set, else phase 1's best
       tokenizer when phase 1 is on or has run (it must exist), else ``tokenizer.start_from``; phase 2's
       best predictor when phase 2 is on or has run (the folder it writes), else ``predictor.start_from``;
@@ -610,10 +609,11 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     if model == "promoted":
         promotion = Promotion.load(rd.path)
         name = promotion.promoted
-        tokenizer = resolve_source(promotion.tokenizer, rd.path)
-        predictor = resolve_source(promotion.predictor, rd.path)
+        tokenizer, predictor = _decided_sources(rd, cfg, promotion)
         if calibrated and rd.calibration.is_file():
-            sampling, is_calibrated = SamplingCalibration.load(rd.path).sampling(), True
+            calibration = SamplingCalibration.load(rd.path)
+            check_bound(calibration.checkpoints, {"tokenizer": tokenizer, "predictor": predictor}, rd.calibration)
+            sampling, is_calibrated = calibration.sampling(), True
     elif model == "finetuned":
         name = model
         tokenizer = cfg.predictor.tokenizer_from or _trained(rd, "tokenizer", cfg.tokenizer.enabled,
@@ -622,7 +622,19 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     else:
         name, tokenizer, predictor = model, cfg.tokenizer.start_from, cfg.predictor.start_from
     return RunChoice(name, tokenizer, predictor, {k: float(v) for k, v in sampling.items()}, is_calibrated,
-                     top_k=e.top_k, max_context=e.max_context)
+                     top_k=e.top_k, max_context=e.max_context, lookback=cfg.data.lookback)
+
+
+def _decided_sources(rd: RunDir, cfg: KitConfig, promotion: Promotion) -> tuple[str, str]:
+    """The promoted pair, checked: stage 03 complete, sources inside the run or its configured base, and
+    the weights unchanged since the decision (`binding`); a `StaleDecisionError` otherwise."""
+    check_stage_complete(load_json(rd.manifest) if rd.manifest.is_file() else None, rd.promoted)
+    configured = {"tokenizer": (cfg.tokenizer.start_from, cfg.predictor.tokenizer_from),
+                  "predictor": (cfg.predictor.start_from,)}
+    resolved = {role: decision_source(getattr(promotion, role), rd.path, configured[role], role, rd.promoted)
+                for role in ("tokenizer", "predictor")}
+    check_bound(promotion.checkpoints, resolved, rd.promoted)
+    return resolved["tokenizer"], resolved["predictor"]
 
 
 def _trained(rd: RunDir, phase: str, enabled: bool, start_from: str, *, must_exist: bool) -> str:

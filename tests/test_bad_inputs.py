@@ -353,3 +353,70 @@ def test_class_constants_are_not_listed_as_settable_fields():
 
     assert not [f for f in config_fields() if "DEFAULT" in f]
     assert "DEFAULT_TRAINABLE" not in unknown_key_message("tokenizer.trainabl")
+
+
+# ---------------------------------------------------------------------------------------------
+# tampered decisions (items 3 and 4): bound to the weights they chose, sources inside the run only
+
+
+def _decide(rd: RunDir, tokenizer: str, predictor: str, *, stage: str = "completed") -> None:
+    """Decision files as notebook 03 writes them (bound to the chosen weights), stage 03 in the manifest."""
+    from kronos_kit.binding import bind
+
+    bound = bind({"tokenizer": str(rd.path / tokenizer), "predictor": str(rd.path / predictor)})
+    save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": tokenizer, "predictor": predictor,
+                            "checkpoints": bound})
+    save_json(rd.calibration, {"temperature": 1.0, "top_p": 1.0, "checkpoints": bound})
+    manifest = json.loads(rd.manifest.read_text())
+    manifest["stages"]["03"] = {"status": stage}
+    save_json(rd.manifest, manifest)
+
+
+def _retrained(rd: RunDir) -> None:
+    """Other weights in predictor/best (as `train predictor` into the finished run, or --from 02, leaves it)."""
+    import torch
+
+    from kronos_kit.model import Kronos
+
+    model = Kronos.from_pretrained(rd.checkpoint("predictor"))
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    shutil.rmtree(rd.checkpoint("predictor"))
+    model.save_pretrained(rd.checkpoint("predictor"))
+
+
+DECISION_CASES = {
+    "weights retrained after the decision": lambda rd: _retrained(rd),
+    "stage 03 killed (running)": lambda rd: _decide(rd, "tokenizer/best", "predictor/best", stage="running"),
+    "stage 03 failed": lambda rd: _decide(rd, "tokenizer/best", "predictor/best", stage="failed"),
+    "decision without hashes": lambda rd: save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": "tokenizer/best",
+                                                                  "predictor": "predictor/best"}),
+    "calibration bound to other weights": lambda rd: save_json(rd.calibration, {
+        "temperature": 1.0, "top_p": 1.0, "checkpoints": {"tokenizer": {"sha256": "0" * 64},
+                                                          "predictor": {"sha256": "0" * 64}}}),
+    "predictor/best missing (another run's in the cwd)": lambda rd: shutil.rmtree(rd.checkpoint("predictor")),
+    "source /etc": lambda rd: _decide(rd, "tokenizer/best", "/etc"),
+    "source ../../..": lambda rd: _decide(rd, "tokenizer/best", "../../.."),
+    "source tiny (random init)": lambda rd: _decide(rd, "tokenizer/best", "tiny"),
+    "source embedded:../..": lambda rd: _decide(rd, "tokenizer/best", "embedded:../../../kronos_kit/assets/base/predictor"),
+    "source a hub id": lambda rd: _decide(rd, "tokenizer/best", "NeoQuasar/Kronos-small"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECISION_CASES))
+def test_forecast_refuses_stale_or_escaping_decisions(case, tmp_path, tiny_run, capsys, monkeypatch):
+    rd = RunDir(tiny_run)
+    _decide(rd, "tokenizer/best", "predictor/best")
+    args = ["forecast", "--run", str(tiny_run), "--data", CSV, "--symbol", "A", "--horizon", "2", "--samples", "2",
+            "--out", str(tmp_path / "out.csv")]
+    assert main(args) == 0  # bound and complete: used
+    assert "promoted (promoted.json)" in capsys.readouterr().out
+    other = tmp_path / "cwd"  # another run's predictor/best where the command runs
+    shutil.copytree(rd.path, other / "run")
+    shutil.copytree(rd.checkpoint("predictor"), other / "predictor" / "best")
+    monkeypatch.chdir(other)
+    (tmp_path / "out.csv").unlink()
+    DECISION_CASES[case](rd)
+    err = _expect_error(capsys, args)
+    assert "promoted.json" in err or "calibration.json" in err
+    assert not (tmp_path / "out.csv").exists()

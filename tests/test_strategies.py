@@ -203,13 +203,21 @@ def write_run(run_dir, promoted: str, calibration: dict | None):
     base.save_pretrained(run_dir / "base_predictor")
     tuned.save_pretrained(run_dir / "predictor" / "best")
     tokenizer.save_pretrained(run_dir / "tokenizer" / "best")
+    from kronos_kit.binding import bind
+    from kronos_kit.config import KitConfig
+
+    # the run's configured base: tokenizer `tiny`, predictor the base_predictor folder
+    cfg = KitConfig(run_dir=str(run_dir)).with_overrides({"predictor.start_from": str(run_dir / "base_predictor")})
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     sources = {"finetuned": ("tokenizer/best", "predictor/best"), "base": ("tiny", str(run_dir / "base_predictor"))}
     tok, pred = sources[promoted]
+    bound = bind({"tokenizer": tok if tok == "tiny" else str(run_dir / tok),
+                  "predictor": pred if promoted == "base" else str(run_dir / pred)})
     (run_dir / "promoted.json").write_text(json.dumps({"promoted": promoted, "tokenizer": tok, "predictor": pred,
                                                        "metric": "close_crps", "evidence": {}, "rule": "",
-                                                       "reason": ""}))
+                                                       "reason": "", "checkpoints": bound}))
     if calibration is not None:
-        (run_dir / "calibration.json").write_text(json.dumps(calibration))
+        (run_dir / "calibration.json").write_text(json.dumps({**calibration, "checkpoints": bound}))
     return base, tuned
 
 

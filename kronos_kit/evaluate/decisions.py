@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from kronos_kit.binding import bind
 from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
@@ -202,7 +203,8 @@ def decide_on_validation(
 
     ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
     With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
-    inside it relative to it, so the run folder can move.
+    inside it relative to it, so the run folder can move; both record the sha256 of the promoted pair's
+    weights (`binding.bind`), which the run's reader checks.
     """
     frame = validation.val if hasattr(validation, "val") else validation
     e = evaluation
@@ -225,6 +227,11 @@ def decide_on_validation(
         calibration = calibrate_sampling(predictor, frame, **settings, temperatures=temperatures, top_ps=top_ps,
                                          current=(e.temperature, e.top_p), top_k=e.top_k, seed=seed,
                                          model=promotion.promoted, progress=progress)
+    chosen = finetuned_sources if promotion.promoted == finetuned else base_sources
+    bound = bind({"tokenizer": str(chosen[0]), "predictor": str(chosen[1])})  # the reader checks these hashes
+    promotion.checkpoints = bound
+    if calibration is not None:
+        calibration.checkpoints = bound
     if root is not None:
         promotion.save(root)
         if calibration is not None:

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kronos_kit.binding import embedded_folder
 from kronos_kit.runs import atomic_write, load_json, save_json
 from kronos_kit.runtime import state_dict_hash as state_dict_hash  # re-exported: the checkpoint hashes
 from kronos_kit.runtime import weights_hash as weights_hash
@@ -38,7 +39,6 @@ from kronos_kit.runtime import weights_hash as weights_hash
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_NAME = "model.safetensors"
 
 _TOKENIZER_BASE = dict(
@@ -178,7 +178,7 @@ def _resolve_folder(cls, source, *, revision, cache_dir, local_files_only) -> Pa
     """Local folder for `source`, or None when it names a preset."""
     name = str(source)
     if name.startswith("embedded:"):
-        path = EMBEDDED_DIR / name.removeprefix("embedded:")
+        path = embedded_folder(name)  # inside the kit's assets: `embedded:../..` is refused
         if not (path / CONFIG_NAME).is_file():
             raise CheckpointNotFoundError(f"embedded checkpoint {name!r} not found at {path}; "
                                           "run `make base` to build it")
