@@ -389,8 +389,8 @@ DECISION_CASES = {
     "weights retrained after the decision": lambda rd: _retrained(rd),
     "stage 03 killed (running)": lambda rd: _decide(rd, "tokenizer/best", "predictor/best", stage="running"),
     "stage 03 failed": lambda rd: _decide(rd, "tokenizer/best", "predictor/best", stage="failed"),
-    "decision without hashes": lambda rd: save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": "tokenizer/best",
-                                                                  "predictor": "predictor/best"}),
+    "decision without hashes": lambda rd: save_json(rd.promoted, {
+        "promoted": "finetuned", "tokenizer": "tokenizer/best", "predictor": "predictor/best"}),
     "calibration bound to other weights": lambda rd: save_json(rd.calibration, {
         "temperature": 1.0, "top_p": 1.0, "checkpoints": {"tokenizer": {"sha256": "0" * 64},
                                                           "predictor": {"sha256": "0" * 64}}}),
@@ -398,7 +398,8 @@ DECISION_CASES = {
     "source /etc": lambda rd: _decide(rd, "tokenizer/best", "/etc"),
     "source ../../..": lambda rd: _decide(rd, "tokenizer/best", "../../.."),
     "source tiny (random init)": lambda rd: _decide(rd, "tokenizer/best", "tiny"),
-    "source embedded:../..": lambda rd: _decide(rd, "tokenizer/best", "embedded:../../../kronos_kit/assets/base/predictor"),
+    "source embedded:../..": lambda rd: _decide(rd, "tokenizer/best",
+                                                "embedded:../../../kronos_kit/assets/base/predictor"),
     "source a hub id": lambda rd: _decide(rd, "tokenizer/best", "NeoQuasar/Kronos-small"),
 }
 
