@@ -325,6 +325,14 @@ def _check_origins(cfg: KitConfig, bundle: Any) -> None:
     if cfg.predictor.enabled and cfg.predictor.skill_origins:
         p = cfg.predictor
         checks.append(("validation", bundle.splits.val, p.skill_horizon, p.skill_stride, "predictor.skill_horizon"))
+    from kronos_kit.evaluate.decisions import MIN_DECISION_ORIGINS
+
+    val = forecast_origins(walk_forward_frame(bundle.splits.val), lookback=lookback, pred_len=e.pred_len,
+                           stride=e.stride, max_origins=e.val_origins)
+    if 0 < val["origin_time"].nunique() < MIN_DECISION_ORIGINS:
+        _say(f"[pipeline] warning: the validation split holds {val['origin_time'].nunique()} forecast origin times "
+             f"(fewer than {MIN_DECISION_ORIGINS}): stage 03 will keep the base pair and the configured sampling. "
+             "Raise evaluation.val_origins, lower evaluation.stride, or enlarge the validation split", err=True)
     for split, frame, horizon, stride, field in checks:
         origins = forecast_origins(walk_forward_frame(frame), lookback=lookback, pred_len=horizon, stride=stride)
         if origins.empty:
