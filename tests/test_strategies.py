@@ -232,6 +232,10 @@ def test_load_run_forecaster_uses_promotion_and_calibration(tmp_path, data, prom
     frame = data.splits.val[data.splits.val["timestamps"] < data.splits.val["timestamps"].iloc[60]]
     ours = rf.forecast_frame(frame.drop(columns="is_context"), horizon=3, sample_count=4, lookback=30)
     assert ours.attrs["forecast"]["temperature"] == 0.85 and ours.attrs["forecast"]["top_p"] == 1.0
+    # without lookback=, the history is the run's data.lookback (90 here), as the run was trained and evaluated
+    assert rf.lookback == 90 and rf.predictor.max_context >= 90
+    assert rf.forecast_frame(frame.drop(columns="is_context"), horizon=2, sample_count=2).attrs["forecast"][
+        "lookback"] == 90
     assert not load_run_forecaster(tmp_path, calibrated=False).calibrated
 
 
