@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from kronos_kit import runs
 from kronos_kit.config import PhaseConfig
@@ -48,7 +47,7 @@ from kronos_kit.runs import (
     replace_dir,
     save_training_state,
 )
-from kronos_kit.runtime import DistContext, inference, seed_everything, unwrap
+from kronos_kit.runtime import DistContext, inference, seed_everything, tqdm, unwrap
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "NonFiniteError", "NonFiniteGradientError",

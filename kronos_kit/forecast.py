@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from kronos_kit import metrics
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
@@ -63,7 +62,7 @@ from kronos_kit.data.schema import (
 )
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
 from kronos_kit.runs import RunChoice, run_choice
-from kronos_kit.runtime import inference
+from kronos_kit.runtime import inference, tqdm
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures <= this take the argmax instead of sampling
 SLIDING_MODES = ("exact", "approx")

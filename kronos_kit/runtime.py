@@ -21,7 +21,21 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistContext", "check_device", "freeze", "inference", "module_device", "resolve_device", "seed_everything",
-           "set_threads", "state_dict_hash", "unwrap", "weights_hash"]
+           "set_threads", "state_dict_hash", "tqdm", "unwrap", "weights_hash"]
+
+
+def tqdm(*args: Any, **kwargs: Any):
+    """The kit's progress bar: `tqdm.auto`, except inside a Jupyter kernel, where it is tqdm's text bar on
+    stdout. A widget bar freezes at its first frame in a notebook opened without a kernel; a text bar
+    redraws in place and what the notebook keeps is its last state."""
+    if "ipykernel" in sys.modules:
+        from tqdm.std import tqdm as text_bar
+
+        kwargs.setdefault("file", sys.stdout)
+        return text_bar(*args, **kwargs)
+    from tqdm.auto import tqdm as auto_bar
+
+    return auto_bar(*args, **kwargs)
 
 
 def seed_everything(seed: int) -> None:

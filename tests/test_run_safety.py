@@ -276,3 +276,18 @@ def test_a_torchrun_worker_ends_when_its_launcher_is_killed(tmp_path):
         time.sleep(0.05)
     status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}").exists() else "gone"
     assert status == "gone" or "zombie" in status
+
+
+def test_progress_bars_are_text_in_a_kernel_so_a_saved_notebook_keeps_their_last_state(monkeypatch, capsys):
+    """Item 13: a widget bar in a notebook opened without a kernel shows its first frame for ever."""
+    from tqdm.notebook import tqdm as widget_bar
+
+    from kronos_kit.runtime import tqdm
+
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel") or type(sys)("ipykernel"))
+    bar = tqdm(total=3, desc="phase tokenizer")
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    out = capsys.readouterr().out
+    assert not isinstance(bar, widget_bar) and "phase tokenizer: 100%" in out and "3/3" in out

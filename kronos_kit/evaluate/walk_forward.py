@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
@@ -27,6 +26,7 @@ from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.evaluate.baselines import BASELINES, drift_paths, garch_vol, persistence_paths
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.metrics import CLOSE
+from kronos_kit.runtime import tqdm
 
 if TYPE_CHECKING:  # only for annotations: walk_forward itself never touches the model
     import torch
