@@ -161,7 +161,6 @@ def step_load(args) -> dict:
         arrays = store.MarketArrays.from_validated(validated)
         timings["calendar_s"] = time.perf_counter() - t0
         del validated, arrays
-        mem_validated = memory_mib()
         import shutil
 
         shutil.rmtree(cache, ignore_errors=True)
@@ -175,7 +174,7 @@ def step_load(args) -> dict:
     out = {"rows": arrays.rows, "symbols": len(arrays.names), "entry_mib": entry_mib, **timings,
            "dtypes": {c: str(v.dtype) for c, v in arrays.features.items()}}
     if args.cold:
-        out["peak_mib_cold"] = mem_validated["peak"]
+        out["peak_mib_cold"] = memory_mib()["peak"]
     return out
 
 
@@ -251,8 +250,8 @@ def step_train(args) -> dict:
     bundle = load_data(cfg)
     out = {"shape": args.shape, "batch": 32, "steps": args.steps}
     for phase, run in (("phase1", train.train_tokenizer), ("phase2", train.train_predictor)):
-        stamps = []
-        run(cfg, data=bundle, progress=False, on_step=lambda step, parts: stamps.append(time.perf_counter()))
+        stamps: list[float] = []
+        run(cfg, data=bundle, progress=False, on_step=lambda step, parts, seen=stamps: seen.append(time.perf_counter()))
         out[f"{phase}_steps_per_s"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     return out
 
@@ -356,11 +355,12 @@ def table(f: dict) -> str:
             rss = per_rank(f"market-{world}", mark)
             lines.append(f"| RSS above imports per rank, {world} rank(s), after {mark} | "
                          f"{', '.join(_gib(x) for x in rss)} |")
+    warm_loads = ", ".join(f"{r['load_s']:.1f} s" for r in mem["market-2"])
     base1, base2 = pss_sum("tiny-1", "all_pages"), pss_sum("tiny-2", "all_pages")
     one, two = pss_sum("market-1", "all_pages") - base1, pss_sum("market-2", "all_pages") - base2
     lines += [f"| sum of PSS minus the tiny-data run, 1 rank / 2 ranks (all pages read) | {_gib(one)} / {_gib(two)}"
               f" = **{two / one:.2f}x** |",
-              f"| `load_data` in a rank (warm) | {', '.join(f'{r['load_s']:.1f} s' for r in mem['market-2'])} |"]
+              f"| `load_data` in a rank (warm), 2 ranks | {warm_loads} |"]
     s = f["sampling"]
     lines.append(f"| window sampling: random `ds[i]` / shuffled DataLoader (batch 32) | {s['items_per_s']:,.0f} / "
                  f"{s['loader_windows_per_s']:,.0f} windows/s ({s['windows']:,} train windows) |")

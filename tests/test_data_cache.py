@@ -7,6 +7,8 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 
 from kronos_kit.config import DataConfig, KitConfig
 from kronos_kit.data import DataError, DataNotice, WindowDataset, load_data, load_ohlcv, split
-from kronos_kit.data.store import cached_arrays
+from kronos_kit.data.store import _locked, cached_arrays, source_key
 
 LOOKBACK, PREDICT = 12, 3
 
@@ -205,3 +207,19 @@ def test_the_default_sample_goes_through_the_cache(tmp_path):
         built, mapped = load_data(cfg), load_data(cfg)
     assert mapped.cache is not None and mapped.cache == built.cache
     assert np.array_equal(built.val.window_array(), mapped.val.window_array())
+
+
+def test_a_process_waits_for_the_one_building_the_entry(tmp_path):
+    source = tmp_path / "bars.csv"
+    market().to_csv(source, index=False)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key = source_key(str(source), symbol=None, fill=None, columns=None)
+    got: list = []
+    waiting = threading.Thread(target=lambda: got.append(cached_arrays(str(source), cache)))
+    with _locked(cache / f"data-{key[:32]}.lock"):  # as if another rank were building it
+        waiting.start()
+        time.sleep(3)
+        assert waiting.is_alive() and not entries(cache)  # it waits instead of building its own copy
+    waiting.join(timeout=120)
+    assert entries(cache) == [got[0].folder]
