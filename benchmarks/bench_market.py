@@ -224,14 +224,17 @@ def step_sample(args) -> dict:
     for i in picks:
         ds[int(i)]
     items_s = time.perf_counter() - t0
-    loader = DataLoader(ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    loader = iter(DataLoader(ds, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)))
     t0 = time.perf_counter()
-    n = 0
-    for n, _ in enumerate(loader, 1):
-        if n * 32 >= args.items:
-            break
+    next(loader)  # the shuffle draws a permutation of every window first
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batches = args.items // 32
+    for _ in range(batches):
+        next(loader)
     loader_s = time.perf_counter() - t0
-    return {"windows": len(ds), "items_per_s": args.items / items_s, "loader_windows_per_s": n * 32 / loader_s}
+    return {"windows": len(ds), "items_per_s": args.items / items_s, "loader_windows_per_s": batches * 32 / loader_s,
+            "loader_first_batch_s": first_s}
 
 
 def step_train(args) -> dict:
@@ -273,7 +276,7 @@ def step_evaluate(args) -> dict:
                              seed=0, progress=False)
     wall = time.perf_counter() - t0
     origins = len(result.symbols)
-    model_s = result.timings.get("tiny", wall)
+    model_s = result.timings["model:tiny"]  # time inside the forecaster; inputs and baselines are timed apart
     return {"origins": origins, "symbols": int(pd.unique(result.symbols).size), "paths": 8, "pred_len": 10,
             "wall_s": wall, "timings": result.timings, "series_paths_per_s": origins * 8 / model_s,
             "test_rows": len(test)}
@@ -363,13 +366,18 @@ def table(f: dict) -> str:
               f"| `load_data` in a rank (warm), 2 ranks | {warm_loads} |"]
     s = f["sampling"]
     lines.append(f"| window sampling: random `ds[i]` / shuffled DataLoader (batch 32) | {s['items_per_s']:,.0f} / "
-                 f"{s['loader_windows_per_s']:,.0f} windows/s ({s['windows']:,} train windows) |")
+                 f"{s['loader_windows_per_s']:,.0f} windows/s ({s['windows']:,} train windows; the DataLoader's "
+                 f"first batch, which draws the permutation, {s['loader_first_batch_s']:.1f} s) |")
     for shape, t in f["train"].items():
         lines.append(f"| {shape}: phase-1 / phase-2 steps/s (batch 32) | {t['phase1_steps_per_s']:.2f} / "
                      f"{t['phase2_steps_per_s']:.2f} |")
     e = f["evaluate"]
-    lines.append(f"| walk-forward: {e['origins']} origins over {e['symbols']} symbols x {e['paths']} paths x "
-                 f"{e['pred_len']} bars | {e['wall_s']:.1f} s wall, {e['series_paths_per_s']:.0f} series x paths/s |")
+    t = e["timings"]
+    lines.append(f"| walk-forward (tiny pair): {e['origins']} origins over {e['symbols']} symbols x {e['paths']} "
+                 f"paths x {e['pred_len']} bars | {e['wall_s']:.0f} s wall: forecaster {t['model:tiny']:.0f} s "
+                 f"(**{e['origins'] * e['paths'] / t['model:tiny']:.0f} series x paths/s**), inputs "
+                 f"{t['inputs:tiny']:.0f} s, GARCH baseline {t['baseline:garch']:.0f} s, "
+                 f"metrics {t['metrics']:.1f} s |")
     return "\n".join(lines)
 
 
@@ -382,6 +390,8 @@ def main() -> None:
     g.add_argument("--rows", type=int, default=20_000_000)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    t = sub.add_parser("table", help="print the table of a --json file again")
+    t.add_argument("json_file", type=Path)
     r = sub.add_parser("run", help="measure (see the module docstring)")
     for p in (r, *(sub.add_parser(f"_{s}") for s in ("load", "rank", "sample", "train", "evaluate"))):
         p.add_argument("--data", type=Path, default=Path("/tmp/kronos-market"))
@@ -395,7 +405,9 @@ def main() -> None:
         p.add_argument("--shape", default="tiny")
         p.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.command == "generate":
+    if args.command == "table":
+        print(table(json.loads(args.json_file.read_text())))
+    elif args.command == "generate":
         print(json.dumps(generate(args.out, args.symbols, args.rows, seed=args.seed, fmt=args.format)))
     elif args.command == "run":
         figures = run(args)
