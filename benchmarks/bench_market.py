@@ -100,7 +100,7 @@ def generate(out: Path, symbols: int, rows: int, *, seed: int = 0, fmt: str = "p
     total = 0
     for k in range(symbols):
         share = 1.0 if rng.random() < 0.6 else rng.uniform(0.3, 1.0)
-        length = max(30, int(share * len(days)))
+        length = min(len(days), max(30, int(share * len(days))))
         first = rng.integers(0, len(days) - length + 1)
         frame = _one_symbol(rng, days[first:first + length])
         name = f"SYM{k:04d}"

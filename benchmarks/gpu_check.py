@@ -39,7 +39,7 @@ from bench_market import generate  # benchmarks/ is the script's folder, so on i
 HERE = Path(__file__).resolve()
 FULL = {"shapes": {"small": ("tokenizer-base", "small"), "base": ("tokenizer-base", "base")}, "steps": 30,
         "batch": 50, "symbols": 10, "rows": 100_000, "series": 32, "paths": 8, "history": 256, "pred_len": 48}
-REDUCED = {"shapes": {"tiny": ("tiny", "tiny")}, "steps": 3, "batch": 4, "symbols": 3, "rows": 3000,
+REDUCED = {"shapes": {"tiny": ("tiny", "tiny")}, "steps": 3, "batch": 4, "symbols": 3, "rows": 6000,
            "series": 2, "paths": 2, "history": 32, "pred_len": 4}
 
 

@@ -268,6 +268,10 @@ class WindowDataset(Dataset):
     val/test window borrows from the previous split (score only targets where it is True). The
     default DataLoader collate works.
 
+    ``frame`` is a canonical frame (or a split part of one), or `RowBlocks` over shared arrays (what
+    `load_data` passes: the memory-mapped cache); items slice those arrays when asked for, and the
+    dataset keeps only a few numbers per unbroken stretch of rows, never one per window.
+
     Windows never cross symbols. For frames from `split`, the target bars (after the look-back)
     of every window lie outside the ``is_context`` rows. ``gaps`` decides what a time jump larger
     than ``max_gap`` (a multiple of the symbol's modal bar interval, or a Timedelta such as
