@@ -32,8 +32,8 @@ HOLD = ("import sys, time\nfrom kronos_kit.run_lock import run_lock\nwith run_lo
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(smoke_config("unused"))
+def data(tmp_path_factory):
+    return load_data(smoke_config(tmp_path_factory.mktemp("data")))  # its cache goes there, not into the checkout
 
 
 @pytest.fixture
