@@ -192,8 +192,17 @@ class PredictorPhaseConfig(PhaseConfig):
 
 @dataclass
 class GateConfig:
-    max_full_mse: float = 0.5  # reconstruction MSE (normalised units) of the full decoder
-    min_s1_usage: float = 0.2  # share of s1 codes used on validation windows
+    """Thresholds of the tokenizer gate before phase 2 (`kronos_kit.gate`); null disables a check."""
+
+    max_full_mse_vs_base: float | None = 1.05  # adapted / base per-window full MSE, failed only when significant
+    base_test_level: float = 0.05  # one-sided level of that paired test (Diebold-Mariano over windows)
+    max_close_error_to_move: float | None = 1.0  # mean close error / median |bar-to-bar move|, both in bp
+    max_high_low_error_to_move: float | None = 1.25  # the same for the high and the low (the larger)
+    max_full_mse: float | None = 0.2  # reconstruction MSE (normalised units) of the full decoder
+    max_full_to_s1_mse_ratio: float | None = 1.0  # the fine bits must not make the reconstruction worse
+    min_s1_usage: float | None = 0.2  # share of s1 codes used on validation windows
+    min_s2_usage: float | None = 0.05  # share of s2 codes used
+    min_bit_balance: float | None = 0.05  # least balanced bit's min(P(1), P(0))
     override: bool = False  # run phase 2 even if the gate failed
 
 
