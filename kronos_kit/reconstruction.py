@@ -2,8 +2,8 @@
 
 * per-channel reconstruction errors of the s1-only and full decoders, per-window errors and the
   full decoder's errors in return units (bp of the previous close)    -> :func:`reconstruction_report`
-* one window through the tokenizer, and what each s1 code looks like -> :func:`reconstruct_window`,
-  :func:`code_profile` (for plots and widgets)
+* one window through the tokenizer, the windows it reconstructs worst, and what each s1 code looks
+  like -> :func:`reconstruct_window`, :func:`worst_windows`, :func:`code_profile` (plots, widgets)
 
 Whether the tokenizer is fit for phase 2 (the gate) is decided from these reports in `kronos_kit.gate`.
 ``batches`` are anything `kronos_kit.data.loop_batches` takes (a window dataset or batches); the
@@ -37,6 +37,8 @@ __all__ = [
     "reconstruction_report",
     "WindowReconstruction",
     "reconstruct_window",
+    "WorstWindow",
+    "worst_windows",
     "CodeProfile",
     "code_profile",
 ]
@@ -246,11 +248,26 @@ class WindowErrors:
             raise ValueError(f"no per-window {name}: the batches carried no mean/std, so there are no prices")
         return np.asarray(v, dtype=np.float64)
 
-    def worst(self, k: int, by: str = "close_bp") -> np.ndarray:
-        """Positions of the ``k`` windows with the largest ``by`` error, worst first (NaN never)."""
+    def worst(self, k: int, by: str = "close_bp", *, spacing: int | None = None) -> np.ndarray:
+        """Positions of the ``k`` windows with the largest ``by`` error, worst first (NaN never).
+
+        Neighbouring windows share most of their bars, so the worst few would be one event seen ``k``
+        times: a window is skipped when it starts fewer than ``spacing`` bars (default: half a window)
+        from one already picked of the same symbol. ``spacing=0`` takes the plain ranking."""
         v = self.array(by)
-        order = np.argsort(-np.nan_to_num(v, nan=-np.inf), kind="stable")
-        return order[: min(k, int(np.isfinite(v).sum()))]
+        order = [int(i) for i in np.argsort(-np.nan_to_num(v, nan=-np.inf), kind="stable") if np.isfinite(v[i])]
+        if spacing is None:
+            spacing = max(self.n_bars, default=0) // 2
+        if not spacing or self.start is None:
+            return np.asarray(order[:k], dtype=int)
+        symbols = self.symbol or [""] * len(v)
+        picked: list[int] = []
+        for i in order:
+            if len(picked) == k:
+                break
+            if all(symbols[j] != symbols[i] or abs(self.start[j] - self.start[i]) >= spacing for j in picked):
+                picked.append(i)
+        return np.asarray(picked, dtype=int)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _json_list(getattr(self, k)) for k in ("n_bars", "full_mse", "close_bp", "high_bp", "low_bp",
@@ -458,6 +475,45 @@ def reconstruct_window(
         start=int(start) if start is not None else None,
         in_split=in_split_mask(window, x)[0].cpu().numpy() if isinstance(window, Mapping) else None,
     )
+
+
+@dataclass
+class WorstWindow:
+    """One of the windows a tokenizer reconstructs worst: its place in the dataset, rank (1 = worst), each
+    tokenizer's per-window close error in bp of the previous close, and each one's reconstruction."""
+
+    position: int
+    rank: int
+    close_bp: dict[str, float]
+    reconstructions: dict[str, WindowReconstruction]
+
+
+def worst_windows(
+    reports: Mapping[str, ReconstructionReport],
+    tokenizers: Mapping[str, Any],
+    dataset: Any,
+    *,
+    k: int = 6,
+    by: str | None = None,
+    device: str | torch.device | None = "cpu",
+) -> list[WorstWindow]:
+    """The ``k`` windows of ``dataset`` with the largest close error of tokenizer ``by`` (default: the last
+    one, e.g. ``"after"``), reconstructed by every tokenizer. ``reports[name]`` is
+    :func:`reconstruction_report` of ``tokenizers[name]`` on ``dataset``, in order."""
+    names = list(tokenizers)
+    by = by or names[-1]
+    for name in names:
+        windows = reports[name].windows
+        if windows is None or len(windows) != len(dataset):
+            raise ValueError(f"worst_windows: reports[{name!r}] must cover the {len(dataset)} windows of the dataset "
+                             "in order (reconstruction_report(tokenizer, dataset))")
+    errors = {name: reports[name].windows.array("close_bp") for name in names}
+    out = []
+    for rank, pos in enumerate(reports[by].windows.worst(k), start=1):
+        item = dataset[int(pos)]
+        out.append(WorstWindow(int(pos), rank, {n: float(errors[n][pos]) for n in names},
+                               {n: reconstruct_window(tokenizers[n], item, device=device) for n in names}))
+    return out
 
 
 @dataclass

@@ -135,7 +135,9 @@ def test_return_units_match_numpy_and_count_in_split_bars_only():
     assert rep.overall["full"].n_bars == int(keep.sum())
     np.testing.assert_allclose(rep.windows.array("full_mse"), [((a * x[i]) ** 2)[keep[i]].mean() for i in range(40)],
                                rtol=1e-5)
-    assert list(rep.windows.worst(3)) == list(np.argsort(-per_window)[:3])
+    assert list(rep.windows.worst(3, spacing=0)) == list(np.argsort(-per_window)[:3])
+    distinct = rep.windows.worst(3)  # windows start 1 bar apart and span 16: picks are >= 8 bars apart
+    assert distinct[0] == np.argmax(per_window) and np.diff(np.sort(distinct)).min() >= 8
     assert ReconstructionReport.from_dict(json.loads(json.dumps(rep.to_dict()))).to_dict() == rep.to_dict()
 
 
@@ -259,3 +261,93 @@ def test_codebook_usage_and_bsq_term_count_in_split_bars_only(ashare):
     stats = codebook_stats(tok, [batch], progress=False)
     assert stats.n_tokens == int(keep.sum())
     np.testing.assert_array_equal(stats.s1.counts, np.bincount(s1[keep].numpy(), minlength=2**tok.s1_bits))
+
+
+# ------------------------------------------------------------------------------------------------
+# where it fails: worst windows (figure and browser mode), error distributions, base on the curves
+# ------------------------------------------------------------------------------------------------
+
+
+def test_window_browser_walks_the_worst_windows_first():
+    from kronos_kit.widgets import window_browser
+
+    windows = price_windows(n=12)
+    tokenizers = {"before": StandInTokenizer(seed=0, full_offset=[0.1] * 6),
+                  "after": StandInTokenizer(seed=1, full_offset=[0.3] * 6)}
+    reports = {name: reconstruction_report(tok, windows, progress=False) for name, tok in tokenizers.items()}
+    box = window_browser(tokenizers, windows, reports=reports)
+    (_, which, order), position, info = box.children[0].children, box.children[1], box.children[2]
+    assert "dataset item 0" in info.value  # in time order first
+    order.value = "worst close error"
+    ranking = np.argsort(-reports["before"].windows.array("close_bp"))
+    assert f"dataset item {ranking[0]}," in info.value and "rank 1 from the worst" in info.value
+    position.value = 1
+    assert f"dataset item {ranking[1]}," in info.value
+    which.value = "after"  # the ranking follows the selected tokenizer, from its worst
+    assert f"dataset item {np.argmax(reports['after'].windows.array('close_bp'))}," in info.value
+    with pytest.raises(ValueError, match="same 12 windows"):
+        window_browser(tokenizers, windows, reports={n: reconstruction_report(t, windows[:5], progress=False)
+                                                      for n, t in tokenizers.items()})
+
+
+def test_worst_windows_figure_and_error_distribution():
+    from kronos_kit.plots import plot_window_errors, plot_worst_windows
+    from kronos_kit.reconstruction import worst_windows
+
+    windows = price_windows(n=30)
+    tokenizers = {"before": StandInTokenizer(seed=0, full_offset=[0.1] * 6),
+                  "after": StandInTokenizer(seed=1, full_offset=[0.3] * 6)}
+    reports = {name: reconstruction_report(tok, windows, progress=False) for name, tok in tokenizers.items()}
+    worst = worst_windows(reports, tokenizers, windows, k=3)
+    assert [w.rank for w in worst] == [1, 2, 3]
+    assert worst[0].position == int(np.nanargmax(reports["after"].windows.array("close_bp")))
+    assert worst[0].close_bp["after"] > worst[1].close_bp["after"] > worst[2].close_bp["after"]
+    fig = plot_worst_windows(worst, median_move_bp=reports["after"].returns["median_move_bp"])
+    titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_visible() and ax.get_title(loc="left")]
+    assert titles[0].startswith("#1 AAA start") and "x move" in titles[0] and len(titles) == 3
+    assert hasattr(fig, "_repr_png_") and fig._repr_png_()[:4] == b"\x89PNG"  # displays inline
+    dist = plot_window_errors(reports)
+    labels = dist.axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith("median |bar move|") for label in labels)
+    assert "of windows worse after" in dist.axes[1].get_title()
+
+
+def test_curves_show_the_base_at_step_zero():
+    from kronos_kit.plots import plot_training_curves
+
+    records = [{"phase": "tokenizer", "kind": "reference", "step": 0, "val_recon_full": 0.09, "val_recon_s1": 0.12},
+               {"phase": "tokenizer", "kind": "train", "step": 5, "loss": 0.3},
+               {"phase": "tokenizer", "kind": "eval", "step": 5, "val_recon_full": 0.08, "val_recon_s1": 0.11}]
+    fig = plot_training_curves(records, "tokenizer")
+    validation = fig.axes[-1]
+    labels = validation.get_legend_handles_labels()[1]
+    assert "val_recon_full, base (step 0) = 0.09" in labels
+    diamonds = [ln for ln in validation.lines if ln.get_marker() == "D"]
+    assert [tuple(ln.get_xydata()[0]) for ln in diamonds] == [(0.0, 0.09), (0.0, 0.12)]
+    assert not any("base" in label for label in plot_training_curves(records, "tokenizer", base=False)
+                   .axes[-1].get_legend_handles_labels()[1])
+
+
+def test_both_phases_log_the_start_checkpoint_at_step_zero(tmp_path, ashare):
+    """The engine's `reference` record is the phase's own validation of the starting checkpoint."""
+    from kronos_kit.runs import read_metrics
+    from kronos_kit.runtime import DistContext
+    from kronos_kit.train import evaluate_tokenizer, train_predictor, train_tokenizer, validation_loader
+
+    cfg, data = ashare
+    cfg = cfg.with_overrides({"run_dir": str(tmp_path), "tokenizer.max_steps": 2, "tokenizer.eval_every": 2,
+                              "tokenizer.batch_size": 16, "tokenizer.max_val_batches": 2, "predictor.max_steps": 2,
+                              "predictor.eval_every": 2, "predictor.batch_size": 16, "predictor.max_val_batches": 2,
+                              "predictor.skill_origins": 2, "predictor.skill_paths": 2})
+    train_tokenizer(cfg, data=data, progress=False)
+    train_predictor(cfg, data=data, progress=False)
+    for phase, keys in (("tokenizer", ("val_recon_full", "val_loss", "s1_usage")),
+                        ("predictor", ("val_loss", "val_ce_s1", "val_crps"))):
+        records = read_metrics(tmp_path / "metrics.jsonl", phase)
+        (ref,) = [r for r in records if r["kind"] == "reference"]
+        assert ref["step"] == 0 and set(keys) <= set(ref) and records.index(ref) == 0
+    base = KronosTokenizer.from_pretrained(cfg.tokenizer.start_from)
+    ctx = DistContext.from_env(torch.device("cpu"))
+    expected = evaluate_tokenizer(base, validation_loader(data.val, 16, ctx, 2), ctx)
+    (ref,) = [r for r in read_metrics(tmp_path / "metrics.jsonl", "tokenizer") if r["kind"] == "reference"]
+    assert ref["val_recon_full"] == pytest.approx(expected["val_recon_full"], rel=1e-6)
