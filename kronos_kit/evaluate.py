@@ -38,6 +38,7 @@ from kronos_kit.config import DEFAULT_MAX_CONTEXT, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.metrics import CLOSE, INTERVALS
+from kronos_kit.phase_report import phase_sections
 from kronos_kit.runs import (
     CALIBRATION_FILE,
     PROMOTION_FILE,
@@ -804,7 +805,8 @@ def write_report(
     atomic_write_text(paths["table"], result.table.to_csv())
     atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
 
-    lines = _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines = phase_sections(rd.path)  # phase 1 and phase 2, from the run's files, before the forecast evaluation
+    lines += _report_head(result, headline, paired, level, promotion, calibration, payload)
     lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
     atomic_write_text(paths["report"], "\n".join(lines))
     return paths
