@@ -351,3 +351,34 @@ def test_both_phases_log_the_start_checkpoint_at_step_zero(tmp_path, ashare):
     expected = evaluate_tokenizer(base, validation_loader(data.val, 16, ctx, 2), ctx)
     (ref,) = [r for r in read_metrics(tmp_path / "metrics.jsonl", "tokenizer") if r["kind"] == "reference"]
     assert ref["val_recon_full"] == pytest.approx(expected["val_recon_full"], rel=1e-6)
+
+
+def test_phase_sections_read_the_run_files(tmp_path, good_and_bad):
+    from kronos_kit.phase_report import phase_sections
+    from kronos_kit.runs import MetricsLog, RunDir, save_json
+
+    rd = RunDir(tmp_path)
+    assert phase_sections(tmp_path) == []  # not a training run's folder: no phase sections
+    good, bad = good_and_bad
+    reconstruction_gate(bad, HEALTHY, base=good, base_stats=HEALTHY).save(rd.gate)
+    HEALTHY.save(rd.codebook_before)
+    HEALTHY.save(rd.codebook_after)
+    log = MetricsLog(rd.metrics_log, run="r1", attempt=1)
+    for record in ({"phase": "tokenizer", "kind": "reference", "step": 0, "val_recon_full": 0.05},
+                   {"phase": "tokenizer", "kind": "eval", "step": 10, "val_recon_full": 0.06, "best": True},
+                   {"phase": "predictor", "kind": "reference", "step": 0, "val_loss": 2.5, "val_crps": 30.0},
+                   {"phase": "predictor", "kind": "eval", "step": 5, "val_loss": 2.4, "val_crps": 31.0, "best": True},
+                   {"phase": "predictor", "kind": "eval", "step": 10, "val_loss": 2.45, "val_crps": 32.0}):
+        log.write(record)
+    save_json(rd.token_metrics, {"base": {"s1_accuracy": 0.1}, "finetuned": {"s1_accuracy": 0.12}})
+    text = "\n".join(phase_sections(tmp_path))
+    assert text.startswith("# Phase 1: tokenizer adaptation\n\n**Gate: FAILED.** full_mse_vs_base")
+    assert "Try: " in text and "| check | adapted | base | threshold | result |" in text
+    assert "| full_mse_vs_base | 64 | 1 | <= 1.05 | FAIL |" in text
+    assert "| close error (bp of the previous close) |" in text and "| s1 usage | 1 | 1 |" in text
+    assert "one-sided Diebold-Mariano" in text
+    # phase 1's best is above the base's step 0: the report says so
+    assert "val_recon_full 0.06 vs the base's 0.05 at step 0 (+20.0%): not below the base." in text
+    phase2 = text[text.index("# Phase 2"):]
+    assert "`best` is picked by val_loss. Best validation step 5 (of 10): val_loss 2.4 vs the base's 2.5" in phase2
+    assert "| val_crps | 30 | 31 | +3.3% |" in phase2 and "| s1_accuracy | 0.1 | 0.12 |" in phase2
