@@ -138,10 +138,9 @@ def window_browser(
     ``symbol`` and ``start``.  Controls: symbol dropdown, window slider (within the symbol) and a
     toggle between tokenizers; below them the candle overlay (original / s1 only / full) and the
     window's s1 and s2 codes.  ``symbols`` (symbol -> dataset positions) skips the one pass over the
-    dataset that otherwise builds that index. ``reports`` (name -> `reconstruction_report` of that
-    tokenizer on ``dataset``) adds an ``order`` toggle: ``worst close error`` walks the symbol's
-    windows from the largest close error (bp of the previous close) of the selected tokenizer down.
-    """
+    dataset that otherwise builds that index. ``reports`` (name -> `reconstruction_report` of that tokenizer
+    on ``dataset``) adds an ``order`` toggle: ``worst close error`` walks the symbol's windows from the
+    selected tokenizer's largest close error (bp of the previous close) down."""
     if not tokenizers:
         raise ValueError("tokenizers must name at least one tokenizer")
     index = {str(k): list(v) for k, v in (symbols or _symbol_index(dataset)).items()}
