@@ -104,7 +104,7 @@ def phase_one_lines(rd: RunDir) -> list[str]:
         p = gate.paired
         lines += [f"Adapted vs base: per-window mean full-decoder MSE {_num(p['adapted_mean'])} vs "
                   f"{_num(p['base_mean'])} (ratio {_num(p['ratio'])}) over {p['n_windows']} validation windows; "
-                  f"{p['test']}, lag {p['lag']}, of 'worse than the base by more than {p['tolerance']:.0%}': "
+                  f"{p['test']}, of 'worse than the base by more than {p['tolerance']:.0%}': "
                   f"p = {_num(p['p_value'])} ({'significant' if p['significant'] else 'not significant'} at "
                   f"{p['level']:g}).", ""]
     lines += ["Reconstruction of the validation windows in return units (full decoder, in-split bars):", ""]

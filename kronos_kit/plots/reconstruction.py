@@ -118,7 +118,7 @@ def plot_window_errors(reports: Mapping[str, ReconstructionReport], *, bins: int
             right.scatter(a, b, s=8, alpha=0.5, color="tab:purple")
             hi = float(np.nanmax(np.r_[a, b])) if len(a) else 1.0
             right.plot([0, hi], [0, hi], color="0.3", ls="--", lw=1)
-            right.set_title(f"per-window normalized MSE: {worse:.0%} of windows worse {names[1]}", fontsize="medium")
+            right.set_title(f"per-window MSE: {worse:.0%} of windows worse {names[1]}", fontsize="medium")
             right.set_xlabel(f"{names[0]}")
             right.set_ylabel(f"{names[1]}")
     else:
