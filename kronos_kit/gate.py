@@ -209,7 +209,8 @@ def paired_vs_base(report: ReconstructionReport, base: ReconstructionReport, *, 
     dm = diebold_mariano(ma, (1 + tolerance) * mb, lag=lag)
     p_one = dm.p_value / 2 if dm.statistic > 0 else 1 - dm.p_value / 2  # H1: adapted worse beyond tolerance
     ratio = float(ma.mean() / mb.mean()) if len(ma) and mb.mean() > 0 else float("nan")
-    return {"test": f"one-sided {dm.test}", "ratio": ratio, "tolerance": round(tolerance, 12), "statistic": dm.statistic,
+    return {"test": f"one-sided {dm.test}", "ratio": ratio, "tolerance": round(tolerance, 12),
+            "statistic": dm.statistic,
             "p_value": float(p_one) if math.isfinite(p_one) else float("nan"), "level": level,
             "significant": bool(math.isfinite(p_one) and p_one < level), "n_windows": dm.n, "lag": dm.lag,
             "adapted_mean": float(ma.mean()) if len(ma) else None, "base_mean": float(mb.mean()) if len(mb) else None}

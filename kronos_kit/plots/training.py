@@ -147,8 +147,9 @@ def plot_training_curves(
     else:
         left, right = fig.subplots(1, 2, sharex=True)
     _draw_panel(left, main, title=f"{phase} training", ylabel=train_label)
-    _draw_panel(right, evals, title=f"{phase} validation" + ("\n(diamond, dashed: the base at step 0)" if start else ""),
-                ylabel=val_label, marker="o", reference=reference, start={k: start.get(k) for k in evals})
+    note = "\n(diamond, dashed: the base at step 0)" if start else ""
+    _draw_panel(right, evals, title=f"{phase} validation{note}", ylabel=val_label, marker="o", reference=reference,
+                start={k: start.get(k) for k in evals})
     if title:
         fig.suptitle(title)
     return fig
