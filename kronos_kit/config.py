@@ -30,6 +30,10 @@ from typing import Any, ClassVar
 import yaml
 
 DEFAULT_MAX_CONTEXT = 512  # forecaster context window (tokens) of the published Kronos-small/base
+# the kit's sampling when nothing was configured or calibrated (Kronos's published defaults)
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.9
+DEFAULT_TOP_K = 0  # 0: no top-k filter
 
 # notebook parameters (first code cell of every notebook) -> the config field they set
 NOTEBOOK_PARAMETERS = {
@@ -54,9 +58,17 @@ RUN_PARAMETERS = ("run_dir", "config", "resume")
 THREADS_ENV = "KRONOS_THREADS"  # thread count when the config leaves `threads` at null
 
 STRATEGIES = ("full", "freeze", "lora", "l2sp")  # finetune strategies of a phase (see PhaseConfig.strategy)
-# the linears of a transformer block that LoRA may adapt (kronos_kit.model.adapters checks the same names)
-LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3")
+# the linears of a transformer block that LoRA may adapt (kronos_kit.model.adapters builds on these names)
+LORA_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAttention linears of a block
+LORA_FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
+LORA_TARGET_NAMES = LORA_ATTENTION_TARGETS + LORA_FFN_TARGETS  # the default: every linear of every block
 SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
+
+
+def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
+    """Raise unless `targets` is a non-empty list of names from `LORA_TARGET_NAMES` (the one check)."""
+    if isinstance(targets, str) or not targets or set(targets) - set(LORA_TARGET_NAMES):
+        raise ValueError(f"{what} must be a non-empty list drawn from {list(LORA_TARGET_NAMES)}, got {targets!r}")
 
 
 @dataclass
@@ -140,10 +152,7 @@ class PhaseConfig:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        targets = self.lora_targets
-        if isinstance(targets, str) or not targets or set(targets) - set(LORA_TARGET_NAMES):
-            raise ValueError(f"lora_targets must be a non-empty list drawn from {list(LORA_TARGET_NAMES)}, "
-                             f"got {targets!r}")
+        check_lora_targets(self.lora_targets, "lora_targets")
         if not (math.isfinite(self.l2sp_strength) and self.l2sp_strength >= 0):
             raise ValueError(f"l2sp_strength must be a finite number >= 0, got {self.l2sp_strength!r}")
 
@@ -212,9 +221,9 @@ class EvalConfig:
     pred_len: int = 24  # forecast horizon in bars (independent of data.predict)
     sample_count: int = 8  # sample paths per origin
     max_origins: int | None = 60  # cap per model (None: every origin)
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
     calibrate: bool = True  # fit temperature / top-p on validation and evaluate test with them
     calibration_temperatures: list[float] = field(default_factory=lambda: [0.85, 1.0, 1.15])  # calibration grid

@@ -387,7 +387,8 @@ def reconstruction_report(
             if x.shape[-1] != acc.c:
                 raise ValueError(f"batch has {x.shape[-1]} channels but {acc.c} feature names were given")
             keep = in_split_mask(batch, x)
-            recon = dict(zip(DECODERS, tokenizer(x)[0]))  # ((z_pre, z), bsq_loss, quantized, indices)
+            # index, not .reconstructions: any tokenizer with the reference return ((z_pre, z), bsq, quantized, idx)
+            recon = dict(zip(DECODERS, tokenizer(x)[0]))
             scale = (std.to(dev, torch.float32) + NORM_EPS) if std is not None else None
             n = keep.sum(1).cpu().numpy()
             acc.n_windows += len(x)
@@ -460,7 +461,7 @@ def reconstruct_window(
     x, mean, std, symbols = unpack_batch(window if isinstance(window, Mapping) else torch.as_tensor(window))
     with inference(tokenizer, device=device) as dev:
         xd = x[:1].to(dev, torch.float32)
-        z_pre, z = tokenizer(xd)[0]
+        z_pre, z = tokenizer(xd)[0]  # the reference return order: stand-ins return plain tuples
         s1, s2 = tokenizer.encode(xd, half=True)
     start = window.get("start") if isinstance(window, Mapping) else None
     return WindowReconstruction(

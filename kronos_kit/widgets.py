@@ -20,7 +20,7 @@ import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
-from kronos_kit.config import DEFAULT_MAX_CONTEXT
+from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.plots.figure import figure_png, new_figure
 from kronos_kit.reconstruction import (
@@ -357,9 +357,10 @@ class _ForecastExplorer:
         self.which = widgets.Dropdown(options=model_options, value=model_options[-1], description="model")
         self.origin = widgets.IntSlider(value=start, min=lo, max=hi, description="origin bar", style=wide,
                                         continuous_update=False, layout=widgets.Layout(width="95%"))
-        self.temperature = widgets.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.05, description="temperature",
-                                               style=wide)
-        self.top_p = widgets.FloatSlider(value=0.9, min=0.05, max=1.0, step=0.05, description="top-p", style=wide)
+        self.temperature = widgets.FloatSlider(value=DEFAULT_TEMPERATURE, min=0.1, max=2.0, step=0.05,
+                                               description="temperature", style=wide)
+        self.top_p = widgets.FloatSlider(value=DEFAULT_TOP_P, min=0.05, max=1.0, step=0.05, description="top-p",
+                                         style=wide)
         self.samples = widgets.IntSlider(value=min(sample_count, max_sample_count), min=1, max=max_sample_count,
                                          description="sample paths", style=wide)
         self.button = widgets.Button(description="Forecast", button_style="primary", icon="play")
