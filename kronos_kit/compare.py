@@ -43,6 +43,9 @@ def _outcome(rd: RunDir) -> dict[str, Any]:
     if (gate := _read(rd.gate)) is not None:
         row["gate"] = "passed" if gate["passed"] else "FAILED"
         row["gate full_mse"] = gate["metrics"].get("full_mse")
+        for metric in ("full_mse_vs_base", "close_error_to_move"):  # absent in gate files of older runs
+            if gate["metrics"].get(metric) is not None:
+                row[f"gate {metric}"] = gate["metrics"][metric]
     for when, path in (("before", rd.codebook_before), ("after", rd.codebook_after)):
         if (stats := _read(path)) is not None:
             row[f"s1 usage {when}"] = stats["s1"]["usage"]

@@ -62,9 +62,6 @@ STRATEGIES = ("full", "freeze", "lora", "l2sp")  # finetune strategies of a phas
 LORA_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAttention linears of a block
 LORA_FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
 LORA_TARGET_NAMES = LORA_ATTENTION_TARGETS + LORA_FFN_TARGETS  # the default: every linear of every block
-# the tokenizer gate's configurable thresholds (GateConfig; reconstruction_gate's defaults)
-DEFAULT_MAX_FULL_MSE = 0.5
-DEFAULT_MIN_S1_USAGE = 0.2
 SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
 
 
@@ -204,8 +201,17 @@ class PredictorPhaseConfig(PhaseConfig):
 
 @dataclass
 class GateConfig:
-    max_full_mse: float = DEFAULT_MAX_FULL_MSE  # reconstruction MSE (normalised units) of the full decoder
-    min_s1_usage: float = DEFAULT_MIN_S1_USAGE  # share of s1 codes used on validation windows
+    """Thresholds of the tokenizer gate before phase 2 (`kronos_kit.gate`); null disables a check."""
+
+    max_full_mse_vs_base: float | None = 1.05  # adapted / base per-window full MSE, failed only when significant
+    base_test_level: float = 0.05  # one-sided level of that paired test (Diebold-Mariano over windows)
+    max_close_error_to_move: float | None = 1.0  # mean close error / median |bar-to-bar move|, both in bp
+    max_high_low_error_to_move: float | None = 1.25  # the same for the high and the low (the larger)
+    max_full_mse: float | None = 0.2  # reconstruction MSE (normalised units) of the full decoder
+    max_full_to_s1_mse_ratio: float | None = 1.0  # the fine bits must not make the reconstruction worse
+    min_s1_usage: float | None = 0.2  # share of s1 codes used on validation windows
+    min_s2_usage: float | None = 0.05  # share of s2 codes used
+    min_bit_balance: float | None = 0.05  # least balanced bit's min(P(1), P(0))
     override: bool = False  # run phase 2 even if the gate failed
 
 

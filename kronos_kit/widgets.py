@@ -23,7 +23,13 @@ from matplotlib.figure import Figure
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.plots.figure import figure_png, new_figure
-from kronos_kit.reconstruction import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
+from kronos_kit.reconstruction import (
+    CodeProfile,
+    ReconstructionReport,
+    WindowReconstruction,
+    code_profile,
+    reconstruct_window,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +129,7 @@ def window_browser(
     *,
     device: str | None = "cpu",
     symbols: Mapping[str, Sequence[int]] | None = None,
+    reports: Mapping[str, ReconstructionReport] | None = None,
 ) -> widgets.VBox:
     """Browse a window dataset and see each tokenizer's reconstruction of the selected window.
 
@@ -131,21 +138,31 @@ def window_browser(
     ``symbol`` and ``start``.  Controls: symbol dropdown, window slider (within the symbol) and a
     toggle between tokenizers; below them the candle overlay (original / s1 only / full) and the
     window's s1 and s2 codes.  ``symbols`` (symbol -> dataset positions) skips the one pass over the
-    dataset that otherwise builds that index.
-    """
+    dataset that otherwise builds that index. ``reports`` (name -> `reconstruction_report` of that tokenizer
+    on ``dataset``) adds an ``order`` toggle: ``worst close error`` walks the symbol's windows from the
+    selected tokenizer's largest close error (bp of the previous close) down."""
     if not tokenizers:
         raise ValueError("tokenizers must name at least one tokenizer")
     index = {str(k): list(v) for k, v in (symbols or _symbol_index(dataset)).items()}
     if not index:
         raise ValueError("the dataset has no windows")
     names = list(tokenizers)
+    errors = _close_errors(reports, names, len(dataset))
 
     symbol = widgets.Dropdown(options=sorted(index), description="symbol")
     position = widgets.IntSlider(value=0, min=0, max=len(index[symbol.value]) - 1, description="window")
     which = widgets.ToggleButtons(options=names, value=names[0], description="tokenizer")
+    order = widgets.ToggleButtons(options=["time", _WORST], value="time", description="order")
     info = widgets.HTML()
     figure = widgets.Output()
     codes = widgets.HTML()
+
+    def _items() -> list[int]:
+        items = index[symbol.value]
+        if order.value != _WORST:
+            return items
+        e = errors[which.value]
+        return sorted(items, key=lambda i: -e[i] if np.isfinite(e[i]) else np.inf)
 
     @lru_cache(maxsize=64)  # scrubbing back and forth should not re-run the tokenizer
     def _reconstruct(name: str, item: int) -> WindowReconstruction:
@@ -154,13 +171,15 @@ def window_browser(
     def _redraw(*_: Any) -> None:
         from kronos_kit.plots.codebook import plot_window_reconstruction
 
-        item = index[symbol.value][position.value]
+        item = _items()[position.value]
         rec = _reconstruct(which.value, item)
         err = ((rec.full_recon - rec.x) ** 2).mean(), ((rec.s1_recon - rec.x) ** 2).mean()
+        worst = (f"; close error {errors[which.value][item]:.1f} bp of the previous close, rank "
+                 f"{position.value + 1} from the worst" if order.value == _WORST else "")
         info.value = (
             f"<b>{html.escape(str(symbol.value))}</b> window {position.value + 1}/{len(index[symbol.value])}"
             f" (dataset item {item}, start {rec.start}); tokenizer <b>{html.escape(which.value)}</b>: "
-            f"normalized MSE full {err[0]:.4f}, s1 only {err[1]:.4f}"
+            f"normalized MSE full {err[0]:.4f}, s1 only {err[1]:.4f}{worst}"
         )
         _show(figure, plot_window_reconstruction(rec, title=f"{symbol.value} - {which.value}"))
         codes.value = codes_table_html(rec.s1_ids, rec.s2_ids)
@@ -172,11 +191,36 @@ def window_browser(
             position.max = len(index[change["new"]]) - 1
         _redraw()
 
+    def _on_order(*_: Any) -> None:
+        with position.hold_trait_notifications():
+            position.value = 0
+        _redraw()
+
     symbol.observe(_on_symbol, names="value")
     position.observe(_redraw, names="value")
-    which.observe(_redraw, names="value")
+    which.observe(lambda *_: _on_order() if order.value == _WORST else _redraw(), names="value")
+    order.observe(_on_order, names="value")
     _redraw()
-    return widgets.VBox([widgets.HBox([symbol, which]), position, info, figure, codes])
+    controls = [symbol, which, order] if errors else [symbol, which]
+    return widgets.VBox([widgets.HBox(controls), position, info, figure, codes])
+
+
+_WORST = "worst close error"
+
+
+def _close_errors(reports: Mapping[str, ReconstructionReport] | None, names: list[str],
+                  n: int) -> dict[str, np.ndarray]:
+    """Per-window close errors (bp) by tokenizer name, for the browser's worst-first order ({} without reports)."""
+    if not reports:
+        return {}
+    out = {}
+    for name in names:
+        windows = reports[name].windows if name in reports else None
+        if windows is None or len(windows) != n or windows.close_bp is None:
+            raise ValueError(f"window_browser: reports[{name!r}] must be reconstruction_report of that tokenizer on "
+                             f"the same {n} windows, with prices (mean/std)")
+        out[name] = windows.array("close_bp")
+    return out
 
 
 def code_inspector(

@@ -26,6 +26,7 @@ from kronos_kit.evaluate.verdicts import (
     verdict_lines,
 )
 from kronos_kit.metrics import CLOSE
+from kronos_kit.phase_report import phase_sections
 from kronos_kit.runs import RunDir, atomic_write, atomic_write_text, jsonable, save_json
 
 if TYPE_CHECKING:
@@ -198,7 +199,8 @@ def write_report(
     atomic_write_text(paths["table"], result.table.to_csv())
     atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
 
-    lines = _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines = phase_sections(rd.path)  # phase 1 and phase 2, from the run's files, before the forecast evaluation
+    lines += _report_head(result, headline, paired, level, promotion, calibration, payload)
     lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
     atomic_write_text(paths["report"], "\n".join(lines))
     return paths
