@@ -427,6 +427,42 @@ def relative_skill(loss_a: np.ndarray, loss_b: np.ndarray) -> float:
     return 1.0 - mean_a / mean_b
 
 
+def minimum_detectable_effect(
+    loss_a: np.ndarray, loss_b: np.ndarray, *, lag: int | None = None, level: float = 0.05, power: float = 0.8,
+    hln: bool = True,
+) -> float:
+    """Smallest relative loss difference |mean(a - b)| / mean(b) that :func:`diebold_mariano` would detect.
+
+    With the observed HAC standard error ``se`` of mean(a - b) (:func:`newey_west_variance` at ``lag``)
+    and n pairs, a two-sided test at ``level`` rejects with probability ``power`` when the true mean
+    difference is (t_{1-level/2} + t_{power}) * se / sqrt(f): Student's t with n - 1 degrees of freedom
+    and the HLN factor f of :func:`diebold_mariano` (normal quantiles and f = 1 with ``hln=False``).
+    Returned as a share of mean(b): 0.05 means a 5% lower or higher loss is the smallest effect the
+    origins could pick up at that power. NaN for fewer than 3 pairs or mean(b) = 0; 0 for a zero variance.
+    """
+    a = _finite_series(loss_a, "loss_a")
+    b = _finite_series(loss_b, "loss_b")
+    if a.shape != b.shape:
+        raise ValueError(f"loss_a and loss_b must pair up origin by origin, got {a.shape} and {b.shape}")
+    if not (0 < level < 1 and 0 < power < 1):
+        raise ValueError(f"level and power must be in (0, 1), got {level} and {power}")
+    n = len(a)
+    mean_b = float(b.mean()) if n else 0.0
+    if n < 3 or mean_b == 0:
+        return float("nan")
+    lag = min(newey_west_lag(n) if lag is None else int(lag), n - 1)
+    se = float(np.sqrt(newey_west_variance(a - b, lag)))
+    if hln:
+        h = lag + 1
+        factor = (n + 1 - 2 * h + h * (h - 1) / n) / n
+        if not factor > 0:
+            raise ValueError(f"lag {lag} is too large for {n} origins with the HLN correction; use lag < n/2")
+        z = float(_stats.t.ppf(1 - level / 2, df=n - 1) + _stats.t.ppf(power, df=n - 1)) / np.sqrt(factor)
+    else:
+        z = float(_stats.norm.ppf(1 - level / 2) + _stats.norm.ppf(power))
+    return z * se / abs(mean_b)
+
+
 def moving_block_indices(n: int, block: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """Moving-block bootstrap resamples of positions 0..n-1, shape (n_boot, n).
 
