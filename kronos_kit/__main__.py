@@ -101,30 +101,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def run_models(run_dir: str | Path) -> dict[str, Any]:
-    """What `forecast --run` uses from a run: the promoted pair and calibrated sampling when the run has
-    decided them (`forecast.read_run_choice`), else its own `best` checkpoints (the base ones for a phase
-    it skipped) and its configured sampling. Reads plain JSON and YAML only."""
+    """What `forecast --run` uses from a run (`runs.run_choice`): the promoted pair and calibrated sampling
+    when the run has decided them, else its own `best` checkpoints (the base ones for a phase it skipped)
+    and its configured sampling. Reads plain JSON and YAML only."""
     from kronos_kit.config import KitConfig
-    from kronos_kit.forecast import read_run_choice
-    from kronos_kit.runs import RunDir
-    from kronos_kit.train import tokenizer_source_for_phase2
+    from kronos_kit.runs import RunDir, run_choice
 
     rd = RunDir(run_dir)
     if not rd.config.is_file():
         raise FileNotFoundError(f"--run {rd.path}: no config.yaml there; give the folder of a pipeline run")
     cfg = KitConfig.from_file(rd.config)
-    models = {"max_context": cfg.evaluation.max_context, "top_k": cfg.evaluation.top_k}
-    if rd.promoted.is_file():
-        choice = read_run_choice(rd.path)
-        sampling = choice.sampling if choice.calibrated else {"temperature": cfg.evaluation.temperature,
-                                                              "top_p": cfg.evaluation.top_p}
-        return {**models, "tokenizer": choice.tokenizer_source, "predictor": choice.predictor_source,
-                "chosen": f"promoted ({rd.promoted.name})", "sampling": sampling, "calibrated": choice.calibrated}
-    own = rd.checkpoint("predictor")
-    return {**models, "tokenizer": tokenizer_source_for_phase2(cfg, rd.path),
-            "predictor": str(own) if own.exists() else cfg.predictor.start_from,
-            "chosen": "the run's best checkpoints", "calibrated": False,
-            "sampling": {"temperature": cfg.evaluation.temperature, "top_p": cfg.evaluation.top_p}}
+    decided = rd.promoted.is_file()
+    choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
+    return {"max_context": choice.max_context, "top_k": choice.top_k, "tokenizer": choice.tokenizer_source,
+            "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
+            "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
 
 
 def _quantiles(text: str) -> list[float]:
@@ -136,6 +127,8 @@ def _quantiles(text: str) -> list[float]:
 
 def _forecast(args: argparse.Namespace) -> int:
     from kronos_kit.config import (
+        DEFAULT_MAX_CONTEXT,
+        DEFAULT_TOP_K,
         DataConfig,
         KitConfig,
         PredictorPhaseConfig,
@@ -146,7 +139,7 @@ def _forecast(args: argparse.Namespace) -> int:
         thread_count,
     )
     from kronos_kit.data.bundle import load_source
-    from kronos_kit.forecast import KronosPredictor, forecast_frame
+    from kronos_kit.forecast import DEFAULT_SAMPLING, KronosPredictor, forecast_frame
     from kronos_kit.model import Kronos, KronosTokenizer
     from kronos_kit.runtime import resolve_device, set_threads
 
@@ -159,7 +152,8 @@ def _forecast(args: argparse.Namespace) -> int:
         chosen = run_models(resolve_path(args.run))
     else:
         chosen = {"tokenizer": args.tokenizer, "predictor": args.predictor, "chosen": "given",
-                  "sampling": {"temperature": 1.0, "top_p": 0.9}, "calibrated": False, "max_context": 512, "top_k": 0}
+                  "sampling": dict(DEFAULT_SAMPLING), "calibrated": False, "max_context": DEFAULT_MAX_CONTEXT,
+                  "top_k": DEFAULT_TOP_K}
     sampling = {"temperature": args.temperature if args.temperature is not None else chosen["sampling"]["temperature"],
                 "top_p": args.top_p if args.top_p is not None else chosen["sampling"]["top_p"]}
     columns = {k: str(v) for k, v in parse_overrides(args.column).items()} or None

@@ -30,6 +30,10 @@ from typing import Any, ClassVar
 import yaml
 
 DEFAULT_MAX_CONTEXT = 512  # forecaster context window (tokens) of the published Kronos-small/base
+# the kit's sampling when nothing was configured or calibrated (Kronos's published defaults)
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.9
+DEFAULT_TOP_K = 0  # 0: no top-k filter
 
 # notebook parameters (first code cell of every notebook) -> the config field they set
 NOTEBOOK_PARAMETERS = {
@@ -203,9 +207,9 @@ class EvalConfig:
     pred_len: int = 24  # forecast horizon in bars (independent of data.predict)
     sample_count: int = 8  # sample paths per origin
     max_origins: int | None = 60  # cap per model (None: every origin)
-    temperature: float = 1.0
-    top_p: float = 0.9
-    top_k: int = 0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
     calibrate: bool = True  # fit temperature / top-p on validation and evaluate test with them
     calibration_temperatures: list[float] = field(default_factory=lambda: [0.85, 1.0, 1.15])  # calibration grid

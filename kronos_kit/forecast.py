@@ -39,7 +39,6 @@ import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kronos_kit import metrics
-from kronos_kit.config import DEFAULT_MAX_CONTEXT
+from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import (
     FEATURE_COLUMNS,
@@ -63,7 +62,7 @@ from kronos_kit.data.schema import (
     time_features,
 )
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
-from kronos_kit.runs import RunDir, load_json
+from kronos_kit.runs import RunChoice, run_choice
 from kronos_kit.runtime import inference
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures <= this take the argmax instead of sampling
@@ -123,9 +122,9 @@ class Sampler:
     """Temperature, top-k and top-p sampling of the next token; greedy (argmax) when
     `temperature <= GREEDY_TEMPERATURE`."""
 
-    temperature: float = 1.0  # >= 0; <= GREEDY_TEMPERATURE takes the argmax
+    temperature: float = DEFAULT_TEMPERATURE  # >= 0; <= GREEDY_TEMPERATURE takes the argmax
     top_k: int = 0  # keep the k most likely tokens; 0 disables it
-    top_p: float = 0.9  # keep the smallest set with this much probability; 1 disables it
+    top_p: float = DEFAULT_TOP_P  # keep the smallest set with this much probability; 1 disables it
     reference_filtering: bool = False  # True: top-k alone when both are set, as the reference
 
     def __post_init__(self) -> None:
@@ -360,9 +359,9 @@ class KronosPredictor:
         x_timestamp_list: Sequence,
         y_timestamp_list: Sequence,
         pred_len: int,
-        T: float = 1.0,
+        T: float = DEFAULT_TEMPERATURE,
         top_k: int = 0,
-        top_p: float = 0.9,
+        top_p: float = DEFAULT_TOP_P,
         sample_count: int = 1,
         verbose: bool = True,
         *,
@@ -411,28 +410,28 @@ class KronosPredictor:
         extra = {} if quantile_levels is None else {"quantile_levels": tuple(quantile_levels)}
         return Forecast(paths, [p[4] for p in prepared], **extra)
 
-    def predict_paths(self, df, x_timestamp, y_timestamp, pred_len, T=1.0, top_k=0, top_p=0.9, sample_count=1,
-                      verbose=True, **kwargs) -> Forecast:
+    def predict_paths(self, df, x_timestamp, y_timestamp, pred_len, T=DEFAULT_TEMPERATURE, top_k=0,
+                      top_p=DEFAULT_TOP_P, sample_count=1, verbose=True, **kwargs) -> Forecast:
         """Every sample path of one series (see `predict_paths_batch`)."""
         return self.predict_paths_batch([df], [x_timestamp], [y_timestamp], pred_len, T, top_k, top_p,
                                         sample_count, verbose, **kwargs)
 
     # ------------------------------------------------------------------ reference API
-    def predict(self, df, x_timestamp, y_timestamp, pred_len, T=1.0, top_k=0, top_p=0.9, sample_count=1,
-                verbose=True, **kwargs) -> pd.DataFrame:
+    def predict(self, df, x_timestamp, y_timestamp, pred_len, T=DEFAULT_TEMPERATURE, top_k=0, top_p=DEFAULT_TOP_P,
+                sample_count=1, verbose=True, **kwargs) -> pd.DataFrame:
         """Mean forecast path as a DataFrame indexed by `y_timestamp` (the reference's return)."""
         return self.predict_paths(df, x_timestamp, y_timestamp, pred_len, T, top_k, top_p, sample_count,
                                   verbose, **kwargs).mean(0)
 
-    def predict_batch(self, df_list, x_timestamp_list, y_timestamp_list, pred_len, T=1.0, top_k=0, top_p=0.9,
-                      sample_count=1, verbose=True, **kwargs) -> list[pd.DataFrame]:
+    def predict_batch(self, df_list, x_timestamp_list, y_timestamp_list, pred_len, T=DEFAULT_TEMPERATURE, top_k=0,
+                      top_p=DEFAULT_TOP_P, sample_count=1, verbose=True, **kwargs) -> list[pd.DataFrame]:
         """Mean forecast path of each series (the reference's return)."""
         fc = self.predict_paths_batch(df_list, x_timestamp_list, y_timestamp_list, pred_len, T, top_k, top_p,
                                       sample_count, verbose, **kwargs)
         return [fc.mean(i) for i in range(len(df_list))]
 
-    def as_forecast_fn(self, T: float = 1.0, top_k: int = 0, top_p: float = 0.9, seed: int | None = 0,
-                       **kwargs) -> Callable[..., np.ndarray]:
+    def as_forecast_fn(self, T: float = DEFAULT_TEMPERATURE, top_k: int = 0, top_p: float = DEFAULT_TOP_P,
+                       seed: int | None = 0, **kwargs) -> Callable[..., np.ndarray]:
         """Adapter for evaluation: (histories, x_ts, y_ts, pred_len, sample_count) -> paths array."""
 
         def forecast(histories, x_timestamps, y_timestamps, pred_len, sample_count):
@@ -496,8 +495,8 @@ def forecast_frame(
     sample_count: int = 32,
     quantiles: Sequence[float] = (0.1, 0.5, 0.9),
     seed: int | None = 0,
-    temperature: float = 1.0,
-    top_p: float = 0.9,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_p: float = DEFAULT_TOP_P,
     top_k: int = 0,
     lookback: int | None = None,
     progress: bool = False,
@@ -566,8 +565,8 @@ class ForecastSkill:
         max_origins: int | None,  # cap, evenly spaced in time (None: every origin)
         sample_count: int,  # paths per origin
         seed: int = 0,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
         top_k: int = 0,
         max_context: int = DEFAULT_MAX_CONTEXT,
         batch_size: int = 32,  # origins per forecaster call (as walk_forward)
@@ -603,7 +602,7 @@ class ForecastSkill:
 # ---------------------------------------------------------------------- the forecaster a run promotes
 
 
-DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 0.9}  # what the kit samples with when nothing was calibrated
+DEFAULT_SAMPLING = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P}  # when nothing was calibrated
 
 
 @dataclass
@@ -622,57 +621,9 @@ class RunForecaster:
         return forecast_frame(self.predictor, frame, horizon=horizon, **{**self.sampling, **kwargs})
 
 
-def _run_json_field(data: dict, path: Path, name: str, kinds: tuple[type, ...], what: str) -> Any:
-    value = data.get(name)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise ValueError(f"{path}: field {name!r} must be {what}, got {value!r}; rerun notebook 03's "
-                         "validation step to rewrite it")
-    return value
-
-
-def _run_source(run_dir: Path, source: str) -> str:
-    """A source written relative to the run directory (e.g. `predictor/best`) resolves inside it."""
-    inside = run_dir / source
-    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
-
-
-@dataclass
-class RunChoice:
-    """What a run directory's decision files say: the promoted pair's sources and the sampling to use."""
-
-    promoted: str  # "finetuned" or "base", as promoted.json says
-    tokenizer_source: str  # resolved: a source written relative to the run directory points inside it
-    predictor_source: str
-    sampling: dict[str, float]  # temperature, top_p
-    calibrated: bool  # True when `sampling` comes from calibration.json
-
-
 def read_run_choice(run_dir: str | os.PathLike, *, calibrated: bool = True) -> RunChoice:
-    """Read `promoted.json` and (when present and `calibrated`) `calibration.json` of a run directory.
-
-    Both are plain JSON; nothing in the folder is executed. Sources written relative to the run
-    directory (`predictor/best`) resolve inside it, so a moved run directory still loads.
-    """
-    rd = RunDir(run_dir)
-    if not rd.promoted.is_file():
-        raise FileNotFoundError(f"{rd.promoted} not found: the run has not decided what to promote; run "
-                                "notebook 03 (its validation step writes promoted.json and calibration.json)")
-    promotion = load_json(rd.promoted)
-    if not isinstance(promotion, dict):
-        raise ValueError(f"{rd.promoted} must hold a JSON object, got {type(promotion).__name__}")
-    promoted = _run_json_field(promotion, rd.promoted, "promoted", (str,), "a model name")
-    tokenizer_source = _run_source(rd.path, _run_json_field(promotion, rd.promoted, "tokenizer", (str,), "a source"))
-    predictor_source = _run_source(rd.path, _run_json_field(promotion, rd.promoted, "predictor", (str,), "a source"))
-    sampling, is_calibrated = dict(DEFAULT_SAMPLING), False
-    if calibrated and rd.calibration.is_file():
-        calibration = load_json(rd.calibration)
-        if not isinstance(calibration, dict):
-            raise ValueError(f"{rd.calibration} must hold a JSON object, got {type(calibration).__name__}")
-        sampling = {k: float(_run_json_field(calibration, rd.calibration, k, (int, float), "a number"))
-                    for k in ("temperature", "top_p")}
-        Sampler(sampling["temperature"], 0, sampling["top_p"])  # a clear error for out-of-range values
-        is_calibrated = True
-    return RunChoice(promoted, tokenizer_source, predictor_source, sampling, is_calibrated)
+    """The promoted pair and its sampling: `runs.run_choice(run_dir, calibrated=calibrated)`."""
+    return run_choice(run_dir, calibrated=calibrated)
 
 
 def load_run_forecaster(
@@ -687,7 +638,8 @@ def load_run_forecaster(
     Use `rf.predictor.predict_paths(..., T=rf.sampling["temperature"], top_p=rf.sampling["top_p"])` or
     `rf.forecast_frame(frame, horizon=...)`.
     """
-    choice = read_run_choice(run_dir, calibrated=calibrated)
+    choice = run_choice(run_dir, calibrated=calibrated)
+    Sampler(choice.sampling["temperature"], 0, choice.sampling["top_p"])  # a clear error for out-of-range values
     predictor = KronosPredictor(Kronos.from_pretrained(choice.predictor_source, device=device),
                                 KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
                                 device=device, max_context=max_context)

@@ -22,6 +22,7 @@ kill interrupted at any point.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,9 +30,12 @@ import pickle
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
+
+from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, KitConfig
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -300,6 +304,25 @@ class JsonFile:
         return cls.from_dict(load_json(path))
 
 
+def jsonable(obj: Any) -> Any:
+    """`obj` as plain JSON data: numpy scalars and arrays to numbers and lists, NaN / inf to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)
+
+
 # ---------------------------------------------------------------------------------------------
 # the metrics log
 
@@ -356,3 +379,202 @@ def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, A
     if not path.is_file():
         return []
     return current_records([json.loads(line) for line in path.read_text().splitlines() if line.strip()], phase)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's decisions (promoted.json, calibration.json) and what the run uses
+
+
+class DecisionFile:
+    """Plain-JSON save/load of a decision dataclass: a run folder is data, loading it runs no code.
+
+    ``save``/``load`` take the run directory (the file name is the class's ``FILE``) or a ``.json`` path;
+    ``load`` checks every field and names the file and field at fault. A new field with a default
+    extends the schema without breaking older files.
+    """
+
+    FILE: ClassVar[str]
+
+    @classmethod
+    def _path(cls, path: str | Path) -> Path:
+        path = Path(path)
+        return path if path.suffix == ".json" else path / cls.FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> Path:
+        return save_json(self._path(path), self.to_dict(), allow_nan=False)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = cls._path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {cls.__name__} is written by the validation step of "
+                                    "notebook 03 (promoted.json and calibration.json), or call .save on one")
+        data = load_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = set(data) - {f.name for f in fields}
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {sorted(unknown)}; expected {sorted(f.name for f in fields)}")
+        for f in fields:
+            if f.name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ValueError(f"{path}: field {f.name!r} is missing; rerun notebook 03's validation step")
+                continue
+            kinds, what = _JSON_TYPES[f.type]
+            value = data[f.name]
+            if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+                raise ValueError(f"{path}: field {f.name!r} must be {what}, got {type(value).__name__} {value!r}; "
+                                 "rerun notebook 03's validation step to rewrite it")
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+# dataclass field annotations (strings under `from __future__ import annotations`) -> JSON types
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"), "float": ((int, float), "a number"), "int": ((int,), "a whole number"),
+    "dict[str, Any]": ((dict,), "a JSON object"), "list[dict[str, Any]]": ((list,), "a JSON list"),
+}
+
+
+@dataclasses.dataclass
+class Promotion(DecisionFile):
+    """Which tokenizer + predictor a run hands on (`evaluate.decide_promotion`), with the validation evidence.
+
+    Sources inside the run directory are written relative to it (`predictor/best`), so the folder can move.
+    """
+
+    FILE: ClassVar[str] = PROMOTION_FILE
+
+    promoted: str  # "finetuned" or "base"
+    tokenizer: str
+    predictor: str
+    metric: str = "close_crps"
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rule: str = ""
+    reason: str = ""
+    split: str = "validation"
+
+
+@dataclasses.dataclass
+class SamplingCalibration(DecisionFile):
+    """Sampling temperature and top-p fitted on the validation split (`evaluate.calibrate_sampling`).
+
+    ``before`` / ``after`` hold temperature, top_p, close CRPS and the coverage of the 50/80/95% close
+    intervals at the starting and at the chosen setting; ``grid`` holds the same for every grid point.
+    """
+
+    FILE: ClassVar[str] = CALIBRATION_FILE
+
+    temperature: float
+    top_p: float
+    model: str = ""  # the promoted model it was fitted for
+    before: dict[str, Any] = dataclasses.field(default_factory=dict)
+    after: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grid: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    n_origins: int = 0
+    rule: str = ""
+    metric: str = "close_crps"
+    split: str = "validation"
+
+    def sampling(self) -> dict[str, float]:
+        """Keyword arguments for `evaluate.evaluate_models` / `KronosPredictor.as_forecast_fn`."""
+        return {"temperature": self.temperature, "top_p": self.top_p}
+
+    def table(self):
+        """Rows ``before`` / ``after``: temperature, top_p, close CRPS and 50/80/95% interval coverage (validation)."""
+        import pandas as pd
+
+        table = pd.DataFrame.from_dict({"before": self.before, "after": self.after}, orient="index")
+        table.index.name = "setting"
+        return table
+
+
+def relative_source(source: str | Path, run_dir: str | Path | None) -> str:
+    """A checkpoint folder inside the run directory as a path relative to it (the run folder can move)."""
+    path = Path(source)
+    if run_dir is None or not path.exists():
+        return str(source)  # a preset, an embedded name or a hub id stays as given
+    try:
+        return str(path.resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        return str(source)
+
+
+def resolve_source(source: str, run_dir: str | Path) -> str:
+    """A source written relative to the run directory (e.g. `predictor/best`) resolves inside it."""
+    inside = Path(run_dir) / source
+    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
+
+
+@dataclasses.dataclass
+class RunChoice:
+    """Which tokenizer, predictor and sampling a run uses (`run_choice`)."""
+
+    promoted: str  # "finetuned" or "base": the model these sources are
+    tokenizer_source: str  # resolved: a source written relative to the run directory points inside it
+    predictor_source: str
+    sampling: dict[str, float]  # temperature, top_p
+    calibrated: bool  # True when `sampling` comes from calibration.json
+    top_k: int = DEFAULT_TOP_K
+    max_context: int = DEFAULT_MAX_CONTEXT
+
+
+RUN_MODELS = ("promoted", "finetuned", "base")
+
+
+def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str = "promoted",
+               calibrated: bool = True) -> RunChoice:
+    """The one answer to "which tokenizer, predictor and sampling does this run use".
+
+    ``model``:
+
+    - ``"promoted"``: the pair `promoted.json` names (FileNotFoundError until the validation step wrote
+      it), sampled as `calibration.json` says when present and ``calibrated``;
+    - ``"finetuned"``: the run's own pair: ``predictor.tokenizer_from`` if set, else phase 1's best
+      tokenizer when phase 1 is on or has run (it must exist), else ``tokenizer.start_from``; phase 2's
+      best predictor when phase 2 is on or has run (the folder it writes), else ``predictor.start_from``;
+    - ``"base"``: ``tokenizer.start_from`` and ``predictor.start_from``.
+
+    Sampling that no calibration decided is ``cfg.evaluation``'s. ``cfg`` defaults to the run's
+    `config.yaml` (the kit's defaults without one). Reads plain JSON and YAML only.
+    """
+    if model not in RUN_MODELS:
+        raise ValueError(f"model must be one of {RUN_MODELS}, got {model!r}")
+    rd = RunDir(run_dir)
+    if cfg is None:
+        cfg = KitConfig.from_file(rd.config) if rd.config.is_file() else KitConfig()
+    e = cfg.evaluation
+    sampling, is_calibrated = {"temperature": e.temperature, "top_p": e.top_p}, False
+    if model == "promoted":
+        promotion = Promotion.load(rd.path)
+        name = promotion.promoted
+        tokenizer = resolve_source(promotion.tokenizer, rd.path)
+        predictor = resolve_source(promotion.predictor, rd.path)
+        if calibrated and rd.calibration.is_file():
+            sampling, is_calibrated = SamplingCalibration.load(rd.path).sampling(), True
+    elif model == "finetuned":
+        name = model
+        tokenizer = cfg.predictor.tokenizer_from or _trained(rd, "tokenizer", cfg.tokenizer.enabled,
+                                                              cfg.tokenizer.start_from, must_exist=True)
+        predictor = _trained(rd, "predictor", cfg.predictor.enabled, cfg.predictor.start_from, must_exist=False)
+    else:
+        name, tokenizer, predictor = model, cfg.tokenizer.start_from, cfg.predictor.start_from
+    return RunChoice(name, tokenizer, predictor, {k: float(v) for k, v in sampling.items()}, is_calibrated,
+                     top_k=e.top_k, max_context=e.max_context)
+
+
+def _trained(rd: RunDir, phase: str, enabled: bool, start_from: str, *, must_exist: bool) -> str:
+    """The best checkpoint of ``phase`` when the phase is on or has run, else its ``start_from``."""
+    own = recover_dir(rd.checkpoint(phase, "best"))
+    if not (enabled or own.exists()):
+        return start_from
+    if must_exist and not own.exists():
+        hint = "set predictor.tokenizer_from" if phase == "tokenizer" else "set predictor.enabled: false"
+        raise FileNotFoundError(f"{own} not found: run phase {1 if phase == 'tokenizer' else 2} first, or {hint}")
+    return str(own)

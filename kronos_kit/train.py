@@ -65,8 +65,8 @@ from kronos_kit.runs import (
     check_finite,
     finish_swap,
     load_training_state,
-    recover_dir,
     replace_dir,
+    run_choice,
     save_training_state,
 )
 from kronos_kit.runtime import DistContext, freeze, inference, module_device, resolve_device, seed_everything, unwrap
@@ -809,15 +809,9 @@ def make_predictor_evaluate(
 
 
 def tokenizer_source_for_phase2(cfg: KitConfig, run_dir: Path) -> str:
-    """The tokenizer phase 2 uses: explicit, else this run's phase-1 best, else the base tokenizer."""
-    if cfg.predictor.tokenizer_from:
-        return cfg.predictor.tokenizer_from
-    own = recover_dir(RunDir(run_dir).checkpoint("tokenizer", "best"))
-    if cfg.tokenizer.enabled or own.exists():
-        if not own.exists():
-            raise FileNotFoundError(f"{own} not found: run phase 1 first, or set predictor.tokenizer_from")
-        return str(own)
-    return cfg.tokenizer.start_from
+    """The tokenizer phase 2 uses (`runs.run_choice(..., model="finetuned")`): explicit, else this run's
+    phase-1 best, else the base tokenizer."""
+    return run_choice(run_dir, cfg, model="finetuned").tokenizer_source
 
 
 def _run_dir(cfg: KitConfig) -> Path:

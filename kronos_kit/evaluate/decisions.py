@@ -1,0 +1,238 @@
+"""The run's decisions on the validation split: sampling calibration and promotion (never the test split).
+
+The decision files' schema, load and save live with the run layout (:class:`~kronos_kit.runs.Promotion`,
+:class:`~kronos_kit.runs.SamplingCalibration`); this module decides what goes into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
+from kronos_kit.evaluate.scores import EvaluationResult
+from kronos_kit.evaluate.table import ORIGIN_LOSSES
+from kronos_kit.evaluate.text import fmt, fmt_p
+from kronos_kit.evaluate.verdicts import paired_comparisons
+from kronos_kit.evaluate.walk_forward import ForecastFn, as_predictors, evaluate_models, walk_forward
+from kronos_kit.metrics import INTERVALS
+from kronos_kit.runs import Promotion, RunDir, SamplingCalibration, jsonable, relative_source
+
+if TYPE_CHECKING:
+    import torch
+
+    from kronos_kit.data import Splits
+    from kronos_kit.forecast import KronosPredictor
+    from kronos_kit.model import Kronos, KronosTokenizer
+
+
+TEMPERATURE_GRID: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15, 1.3)
+TOP_P_GRID: tuple[float, ...] = (0.8, 0.9, 1.0)
+
+
+def calibrate_sampling(
+    forecaster: KronosPredictor | Callable[[float, float], ForecastFn],
+    validation: pd.DataFrame | Splits,
+    *,
+    lookback: int,
+    pred_len: int,
+    stride: int,
+    sample_count: int,
+    max_origins: int | None = None,
+    temperatures: Sequence[float] = TEMPERATURE_GRID,
+    top_ps: Sequence[float] = TOP_P_GRID,
+    current: tuple[float, float] = (DEFAULT_TEMPERATURE, DEFAULT_TOP_P),
+    top_k: int = DEFAULT_TOP_K,
+    seed: int = 0,
+    model: str = "finetuned",
+    batch_size: int = 32,
+    point: str = "median",
+    progress: bool = False,
+) -> SamplingCalibration:
+    """Fit sampling temperature and top-p on the validation split by the mean close CRPS.
+
+    ``forecaster`` is a ``KronosPredictor`` (sampled through ``as_forecast_fn(T, top_k, top_p, seed)``) or
+    any ``(temperature, top_p) -> ForecastFn`` factory. ``validation`` is the validation frame or the
+    :class:`~kronos_kit.data.Splits`, whose ``val`` part is used: never the test split. Each grid point
+    (every ``temperatures`` x ``top_ps`` pair, plus ``current``) runs :func:`walk_forward` on the same
+    origins with the same ``seed`` (common random numbers, so differences come from the setting, not the
+    noise). The lowest mean close CRPS wins; exact ties (rtol 1e-9) go to the setting closest to
+    ``current`` (|dT| + |dp|). Default grid: T in 0.7..1.3 (+-30% around the trained distribution) and
+    top-p in {0.8, 0.9, 1.0}: 15 walk-forwards, so keep ``max_origins`` small.
+    """
+    frame = validation.val if hasattr(validation, "val") else validation
+    if hasattr(forecaster, "as_forecast_fn"):
+        predictor = forecaster
+
+        def make(temperature: float, top_p: float) -> ForecastFn:
+            return predictor.as_forecast_fn(temperature, top_k, top_p, seed)
+    else:
+        make = forecaster
+    settings = list(dict.fromkeys([(float(t), float(p)) for t in temperatures for p in top_ps]))
+    current = (float(current[0]), float(current[1]))
+    grid, n_origins = [], 0
+    for temperature, top_p in list(dict.fromkeys(settings + [current])):
+        result = walk_forward(frame, {model: make(temperature, top_p)}, lookback=lookback, pred_len=pred_len,
+                              stride=stride, sample_count=sample_count, max_origins=max_origins, baselines=(),
+                              seed=seed, progress=progress, batch_size=batch_size, point=point)
+        row = result.table.loc[model]
+        grid.append({"temperature": temperature, "top_p": top_p, "close_crps": float(row["close_crps"]),
+                     **{f"coverage_{round(lvl * 100)}": float(row[f"coverage_{round(lvl * 100)}"])
+                        for lvl in INTERVALS},
+                     "in_grid": (temperature, top_p) in settings})
+        n_origins = result.n_origins
+    candidates = [g for g in grid if g["in_grid"] and np.isfinite(g["close_crps"])]
+    if not candidates:
+        raise ValueError("every grid point gave a non-finite close CRPS; check the forecaster on validation data")
+    best_crps = min(g["close_crps"] for g in candidates)
+    tied = [g for g in candidates if np.isclose(g["close_crps"], best_crps, rtol=1e-9, atol=0)]
+    chosen = min(tied, key=lambda g: abs(g["temperature"] - current[0]) + abs(g["top_p"] - current[1]))
+    before = next(g for g in grid if (g["temperature"], g["top_p"]) == current)
+    keep = ("temperature", "top_p", "close_crps", "coverage_50", "coverage_80", "coverage_95")
+    rule = (f"lowest mean close CRPS of {model!r} over {len(settings)} (temperature, top_p) settings on "
+            f"{n_origins} validation origins (seed {seed}, {sample_count} paths); ties go to the setting "
+            f"closest to the starting one ({current[0]:g}, {current[1]:g})")
+    return SamplingCalibration(temperature=chosen["temperature"], top_p=chosen["top_p"], model=model,
+                               before={k: before[k] for k in keep}, after={k: chosen[k] for k in keep},
+                               grid=grid, n_origins=n_origins, rule=rule)
+
+
+def decide_promotion(
+    validation_result: EvaluationResult,
+    *,
+    finetuned_sources: tuple[str, str],
+    base_sources: tuple[str, str],
+    finetuned: str = "finetuned",
+    base: str = "base",
+    metric: str = "close_crps",
+    level: float = 0.05,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> Promotion:
+    """Promote the finetuned pair only when it beats the base on the validation split; else keep the base.
+
+    Rule: promote ``finetuned`` when (1) its mean validation ``metric`` (``close_crps`` or ``close_ae``,
+    per-origin means as in :meth:`EvaluationResult.origin_loss`) is lower than ``base``'s and (2) the
+    paired Diebold-Mariano test does not find it worse on close MAE at ``level`` (a probabilistic gain
+    bought with a significantly worse point forecast does harm). Otherwise ``base`` is promoted. The
+    ``*_sources`` are (tokenizer, predictor) locations written as given. ``validation_result`` must come
+    from the validation split: the test split only reports.
+    """
+    if metric not in ("close_crps", "close_ae"):
+        raise ValueError(f"metric must be 'close_crps' or 'close_ae', got {metric!r}")
+    for name in (finetuned, base):
+        if name not in validation_result.samples:
+            raise ValueError(f"the validation result has no model {name!r}; evaluated: {validation_result.names}")
+    rows = paired_comparisons(validation_result, finetuned, (base,), level, n_boot=n_boot, seed=seed)
+    main = rows[rows["metric"] == metric].iloc[0]
+    mae = rows[rows["metric"] == "close_ae"].iloc[0]
+    lower = bool(np.isfinite(main["model_mean"]) and np.isfinite(main["other_mean"])
+                 and main["model_mean"] < main["other_mean"])
+    mae_worse = mae["verdict"] == "worse"
+    promote = lower and not mae_worse
+    label = ORIGIN_LOSSES[metric]
+    change = f"{abs(main['change_pct']):.1f}% {'lower' if main['change_pct'] < 0 else 'higher'}"
+    numbers = (f"validation {label} {fmt(main['model_mean'])} vs {fmt(main['other_mean'])} ({change}, "
+               f"DM {fmt_p(main['p_value'])}, {int(main['n_origins'])} origins)")
+    if promote:
+        reason = f"Promoted {finetuned}: its {numbers} is lower than {base}'s, and close MAE is not worse."
+    elif lower:
+        reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but its close MAE is significantly worse "
+                  f"({fmt(mae['model_mean'])} vs {fmt(mae['other_mean'])}, DM {fmt_p(mae['p_value'])}).")
+    else:
+        reason = f"Promoted {base}: {finetuned} did not beat it on the {numbers}."
+    rule = (f"Promote the finetuned tokenizer + predictor only when its mean validation {label} is lower than "
+            f"the base model's and the paired Diebold-Mariano test (Newey-West variance) does not find its close "
+            f"MAE worse at {level:.0%}; otherwise keep the base pair. Decided on validation only, never on test.")
+    keys = ("model_mean", "other_mean", "change_pct", "relative_skill", "ci_low", "ci_high", "dm_stat", "p_value",
+            "verdict", "test", "n_origins")
+    evidence = {"metric": {k: main[k] for k in keys}, "close_mae": {k: mae[k] for k in keys},
+                "finetuned": finetuned, "base": base}
+    tokenizer, predictor = finetuned_sources if promote else base_sources
+    return Promotion(promoted=finetuned if promote else base, tokenizer=str(tokenizer), predictor=str(predictor),
+                     metric=metric, evidence=jsonable(evidence), rule=rule, reason=reason)
+
+
+@dataclass
+class ValidationDecision:
+    """What a run decides on the validation split before the test split is touched (:func:`decide_on_validation`)."""
+
+    result: EvaluationResult  # base and finetuned on validation origins, at the configured sampling
+    promotion: Promotion
+    calibration: SamplingCalibration | None  # None when calibration is switched off
+
+    @property
+    def sampling(self) -> dict[str, float]:
+        """Temperature and top-p the test evaluation and the run's forecaster use."""
+        return self.calibration.sampling() if self.calibration is not None else {}
+
+
+def decide_on_validation(
+    validation: pd.DataFrame | Splits,
+    models: Mapping[str, tuple[Kronos, KronosTokenizer]],
+    evaluation: EvalConfig,
+    *,
+    lookback: int,
+    finetuned_sources: tuple[str | Path, str | Path],
+    base_sources: tuple[str | Path, str | Path],
+    run_dir: str | Path | None = None,
+    finetuned: str = "finetuned",
+    base: str = "base",
+    temperatures: Sequence[float] | None = None,
+    top_ps: Sequence[float] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> ValidationDecision:
+    """Promotion and sampling calibration, both on the validation split only (never the test split).
+
+    1. ``base`` and ``finetuned`` forecast the same validation origins (``evaluation``'s horizon, stride
+       and paths, at most ``evaluation.val_origins`` origins, the configured sampling);
+       :func:`decide_promotion` keeps the base pair unless the finetuned one has the lower close CRPS and a
+       close MAE that is not significantly worse.
+    2. When ``evaluation.calibrate``, :func:`calibrate_sampling` fits temperature and top-p of the
+       promoted pair on the same origins (``temperatures`` x ``top_ps``, by default
+       ``evaluation.calibration_temperatures`` x ``evaluation.calibration_top_ps``, plus the configured
+       setting; each grid point is one walk-forward, so the grid is the cost).
+
+    ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
+    With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
+    inside it relative to it, so the run folder can move.
+    """
+    frame = validation.val if hasattr(validation, "val") else validation
+    e = evaluation
+    settings = dict(lookback=lookback, pred_len=e.pred_len, stride=e.stride, sample_count=e.sample_count,
+                    max_origins=e.val_origins)
+    sampling = dict(temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, max_context=e.max_context)
+    pairs = {name: models[name] for name in (base, finetuned)}
+    result = evaluate_models(frame, pairs, **settings, **sampling, baselines=(), seed=seed, device=device,
+                             progress=progress)
+    root = Path(run_dir) if run_dir is not None else None
+    promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed,
+                                 finetuned_sources=tuple(relative_source(s, root) for s in finetuned_sources),
+                                 base_sources=tuple(relative_source(s, root) for s in base_sources))
+    calibration = None
+    if e.calibrate:
+        predictor = as_predictors({promotion.promoted: pairs[promotion.promoted]}, device=device,
+                                max_context=e.max_context)[promotion.promoted]
+        temperatures = e.calibration_temperatures if temperatures is None else temperatures
+        top_ps = e.calibration_top_ps if top_ps is None else top_ps
+        calibration = calibrate_sampling(predictor, frame, **settings, temperatures=temperatures, top_ps=top_ps,
+                                         current=(e.temperature, e.top_p), top_k=e.top_k, seed=seed,
+                                         model=promotion.promoted, progress=progress)
+    if root is not None:
+        promotion.save(root)
+        if calibration is not None:
+            calibration.save(root)
+        else:
+            RunDir(root).calibration.unlink(missing_ok=True)  # a stale file must not outlive the setting
+    return ValidationDecision(result, promotion, calibration)
+
+
+__all__ = ["TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_sampling", "decide_on_validation",
+           "decide_promotion"]

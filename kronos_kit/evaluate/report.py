@@ -1,0 +1,298 @@
+"""The run's evaluation files: metrics.json, metrics_table.csv, report.md and forecasts.parquet.
+
+The report compares every headline metric (:data:`~kronos_kit.evaluate.table.METRICS`), wins and
+losses alike; metric definitions live in :mod:`kronos_kit.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from kronos_kit.evaluate import table as table_module
+from kronos_kit.evaluate.baselines import BASELINES
+from kronos_kit.evaluate.scores import EvaluationResult
+from kronos_kit.evaluate.text import fmt
+from kronos_kit.evaluate.tokens import TOKEN_HEADLINE
+from kronos_kit.evaluate.verdicts import (
+    COMPARISON_COLUMNS,
+    bottom_line,
+    ic_significance,
+    paired_comparisons,
+    verdict_lines,
+)
+from kronos_kit.metrics import CLOSE
+from kronos_kit.runs import RunDir, atomic_write, atomic_write_text, jsonable, save_json
+
+if TYPE_CHECKING:
+    from kronos_kit.runs import Promotion, SamplingCalibration
+
+
+def compare(value: float, other: float, direction: str | float) -> tuple[bool | None, float | None]:
+    """Is ``value`` better than ``other``? (None when either is missing or they tie) and the % change.
+
+    ``direction`` is "lower", "higher", or a nominal coverage (closer to it is better).
+    """
+    if not (np.isfinite(value) and np.isfinite(other)):
+        return None, None
+    change = (value - other) / abs(other) * 100.0 if other != 0 else None
+    if isinstance(direction, float):
+        a, b = abs(value - direction), abs(other - direction)
+    elif direction == "lower":
+        a, b = value, other
+    else:
+        a, b = -value, -other
+    if np.isclose(a, b, rtol=1e-12, atol=1e-15):
+        return None, change
+    return bool(a < b), change
+
+
+def _sentence(label: str, ft: str, ft_val: float, other: str, other_val: float, direction: str | float,
+              why_missing: str = "") -> dict:
+    better, change = compare(ft_val, other_val, direction)
+    head = f"{ft.capitalize()} {label} {fmt(ft_val)} vs {other} {fmt(other_val)}"
+    if isinstance(direction, float):
+        head += f" (nominal {direction:g})"
+    if not (np.isfinite(ft_val) and np.isfinite(other_val)):
+        missing = ft if not np.isfinite(ft_val) else other
+        text = f"{head}: not comparable ({missing} has no value{why_missing})."
+    elif better is None:
+        text = f"{head}: a tie."
+    else:
+        verdict = f"{ft} is {'better' if better else 'worse'}"
+        if isinstance(direction, float):
+            gaps = f"|error| {abs(ft_val - direction):.3g} vs {abs(other_val - direction):.3g}"
+            text = f"{head}: {verdict} (closer to nominal is better; {gaps})."
+        elif direction == "higher":
+            # correlations, R^2 and hit rates can be negative or near 0: a difference reads better than a %
+            text = f"{head}: {verdict} (difference {ft_val - other_val:+.3g})."
+        else:
+            pct = f" ({change:+.1f}%)" if change is not None else ""
+            text = f"{head}: {verdict}{pct}."
+    return {"metric": label, "against": other, "finetuned": ft_val, "other": other_val, "better": better,
+            "change_pct": change, "sentence": text}
+
+
+def _markdown_table(table: pd.DataFrame) -> str:
+    cols = [table.index.name or ""] + list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, row in table.iterrows():
+        lines.append("| " + " | ".join([str(name)] + [fmt(v) for v in row.tolist()]) + " |")
+    return "\n".join(lines)
+
+
+def report_comparisons(
+    result: EvaluationResult, *, finetuned: str = "finetuned", base: str = "base",
+    tokens: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[dict]:
+    """Every headline comparison of ``finetuned`` against ``base`` and persistence (GARCH too for vol).
+
+    No selection: each headline metric is compared, wins and losses alike; the cross-sectional IC rows
+    are only included when a cross-section exists (at least 3 symbols per origin time).
+    """
+    if finetuned not in result.table.index:
+        return []
+    table = result.table
+    xs = bool((table["xs_dates"] > 0).any())
+    out = []
+    for other in (base, "persistence", "garch"):
+        if other not in table.index:
+            continue
+        for m in table_module.METRICS:  # read at call time: a row added to the table is compared too
+            if m.column.startswith("xs_") and not xs:
+                continue
+            if other == "garch" and not m.column.startswith("vol_"):
+                continue  # GARCH forecasts volatility only
+            row = _sentence(m.label, finetuned, float(table.at[finetuned, m.column]), other,
+                            float(table.at[other, m.column]), m.direction, m.why_missing)
+            out.append({"column": m.column, **row})
+    if tokens and finetuned in tokens and base in tokens:
+        for key, label, direction in TOKEN_HEADLINE:
+            row = _sentence(label, finetuned, float(tokens[finetuned].get(key, np.nan)), base,
+                            float(tokens[base].get(key, np.nan)), direction)
+            out.append({"column": key, **row})
+    return out
+
+
+FORECAST_QUANTILES: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+
+
+def forecast_table(result: EvaluationResult, quantiles: Sequence[float] = FORECAST_QUANTILES) -> pd.DataFrame:
+    """Every origin's close forecast of every model with sample paths, one row per (model, origin, step).
+
+    Columns: model, symbol, origin_time, step (1..pred_len), last_close (the origin bar's close),
+    realized_close, close_mean, close_median, close_q<level> for each quantile. `report.md`'s numbers
+    can be recomputed from it, and a backtest can read it (`forecasts.parquet` in a run directory).
+    """
+    n, horizon = result.n_origins, result.realized.shape[1]
+    base = {"symbol": np.repeat(result.symbols, horizon), "origin_time": np.repeat(result.origin_time, horizon),
+            "step": np.tile(np.arange(1, horizon + 1), n), "last_close": np.repeat(result.last_close, horizon),
+            "realized_close": result.realized[..., CLOSE].reshape(-1)}
+    parts = []
+    for name, samples in result.samples.items():
+        close = samples[..., CLOSE]  # (N, S, H)
+        cols = {"close_mean": close.mean(axis=1).reshape(-1), "close_median": np.median(close, axis=1).reshape(-1)}
+        for q in quantiles:
+            cols[f"close_q{q:g}"] = np.quantile(close, q, axis=1).reshape(-1)
+        parts.append(pd.DataFrame({"model": name, **base, **cols}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["model", *base])
+
+
+def write_report(
+    result: EvaluationResult,
+    run_dir: str | Path,
+    *,
+    finetuned: str = "finetuned",
+    base: str = "base",
+    tokens: Mapping[str, Mapping[str, float]] | None = None,
+    level: float = 0.05,
+    n_boot: int = 2000,
+    calibration: SamplingCalibration | None = None,
+    promotion: Promotion | None = None,
+) -> dict[str, Path]:
+    """Write ``metrics.json`` (every number, NaN as null), ``metrics_table.csv``, ``report.md`` and
+    ``forecasts.parquet`` (:func:`forecast_table`: every origin's forecast, for backtests).
+
+    ``report.md`` opens with a one-sentence bottom line (:func:`bottom_line`) and one verdict line per
+    paired comparison (:func:`paired_comparisons` at ``level``: better / no detectable difference /
+    worse, the numbers and the test), then the promotion and sampling calibration when given (both
+    decided on validation), the IC / RankIC with Newey-West t-statistics, the headline table for every
+    model and baseline and one sentence per headline metric saying whether ``finetuned`` beat ``base``
+    and persistence (and GARCH on volatility), with the numbers. ``tokens`` optionally maps model names
+    to :func:`token_metrics` outputs. ``metrics.json`` holds the same verdicts.
+    """
+    rd = RunDir(run_dir)
+    comparisons = report_comparisons(result, finetuned=finetuned, base=base, tokens=tokens)
+    if finetuned in result.samples:
+        paired = paired_comparisons(result, finetuned, (base, *BASELINES), level, n_boot=n_boot,
+                                    seed=int(result.config.get("seed", 0)))
+        headline = bottom_line(paired, model=finetuned, base=base)
+    else:
+        paired = pd.DataFrame(columns=COMPARISON_COLUMNS)
+        headline = f"No model named {finetuned!r} was evaluated, so this run cannot say whether finetuning helped."
+    ic_table = ic_significance(result)
+    payload = {
+        "config": result.config,
+        "n_origins": result.n_origins,
+        "n_symbols": int(len(np.unique(result.symbols))),
+        "origin_time_range": [str(pd.Timestamp(result.origin_time.min())), str(pd.Timestamp(result.origin_time.max()))],
+        "point_forecast": result.config["point"],
+        "garch_fallbacks": result.garch_fallbacks,
+        "timings_s": result.timings,
+        "table": result.table.to_dict(orient="index"),
+        "scores": result.scores,
+        "token_metrics": tokens or {},
+        "comparisons": comparisons,
+        "bottom_line": headline,
+        "paired_comparisons": paired.to_dict(orient="records"),
+        "ic_significance": ic_table.to_dict(orient="index"),
+        "promotion": promotion.to_dict() if promotion is not None else None,
+        "calibration": calibration.to_dict() if calibration is not None else None,
+    }
+    paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report, "forecasts": rd.forecasts}
+    save_json(paths["json"], jsonable(payload), newline=False, allow_nan=False)
+    atomic_write_text(paths["table"], result.table.to_csv())
+    atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
+
+    lines = _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
+    atomic_write_text(paths["report"], "\n".join(lines))
+    return paths
+
+
+def _report_head(result: EvaluationResult, headline: str, paired: pd.DataFrame, level: float,
+                 promotion: Promotion | None, calibration: SamplingCalibration | None,
+                 payload: Mapping[str, Any]) -> list[str]:
+    """report.md's opening: the bottom line, the paired verdicts, promotion, calibration, the headline table."""
+    cfg = result.config
+    lines = ["# Forecast evaluation", "", f"**Bottom line.** {headline}", ""]
+    if not paired.empty:
+        lines += [f"## Verdict (paired tests at {level:.0%}, test split)", "",
+                  "Each line compares per-origin losses on the same origins: the Diebold-Mariano test with a "
+                  "Newey-West variance (neighbouring origins are correlated) decides better / no detectable "
+                  "difference / worse; relative skill is 1 - model/other (positive: the model is better) with a "
+                  "moving-block bootstrap interval. Origins at the same time are averaged into one value.", ""]
+        lines += verdict_lines(paired) + [""]
+    if promotion is not None:
+        lines += ["## Promotion (decided on the validation split)", "", promotion.reason, "",
+                  f"Tokenizer: `{promotion.tokenizer}`; predictor: `{promotion.predictor}`. Rule: {promotion.rule}", ""]
+    if calibration is not None:
+        lines += _calibration_lines(calibration)
+    lines += [
+        f"Walk-forward on the test split: {result.n_origins} origins over {payload['n_symbols']} symbol(s) "
+        f"({payload['origin_time_range'][0]} to {payload['origin_time_range'][1]}), lookback {cfg['lookback']}, "
+        f"horizon {cfg['pred_len']}, stride {cfg['stride']}, {cfg['sample_count']} sample paths. Every origin "
+        f"counts and every model and baseline is scored on the same origins. Point metrics use the "
+        f"{cfg['point']} of the sample paths; MASE uses the seasonal-naive error (m={cfg['season']}) of each "
+        "history window; WQL averages 2*pinball/sum|y| over q=0.1..0.9.",
+        "",
+        "## Headline metrics",
+        "",
+        _markdown_table(result.table),
+        "",
+    ]
+    return lines
+
+
+def _report_details(result: EvaluationResult, ic_table: pd.DataFrame, comparisons: list[dict], finetuned: str,
+                    base: str, tokens: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+    """report.md's body: IC significance, GARCH fallbacks, one sentence per headline metric, token metrics."""
+    lines: list[str] = []
+    if len(ic_table):
+        lines += ["## IC significance (Newey-West t)", "",
+                  "t = IC / its Newey-West standard error (time series: the slope of within-symbol z-scored "
+                  "realized on predicted returns; cross-sectional: the mean of the per-date ICs); |t| > 1.96 "
+                  f"rejects 'no correlation' at 5% (lag {int(ic_table['lag'].iloc[0])}).", "",
+                  _markdown_table(ic_table.drop(columns="lag")), ""]
+    if result.garch_fallbacks:
+        fb = result.garch_fallbacks
+        reasons = ", ".join(f"{k}: {v}" for k, v in fb.items() if k != "total") or "none"
+        lines += [f"GARCH(1,1) fell back to the sample variance on {fb['total']} of {result.n_origins} origins "
+                  f"({reasons}).", ""]
+    lines += ["## Did finetuning help?", ""]
+    if finetuned not in result.table.index:
+        lines += [f"No model named {finetuned!r} was evaluated, so there is nothing to compare.", ""]
+    else:
+        if base not in result.table.index:
+            lines += [f"No model named {base!r} was evaluated; comparisons are against the baselines only.", ""]
+        for other in dict.fromkeys(c["against"] for c in comparisons):
+            rows = [c for c in comparisons if c["against"] == other]
+            wins = sum(c["better"] is True for c in rows)
+            losses = sum(c["better"] is False for c in rows)
+            lines += [f"### {finetuned} vs {other}", "",
+                      f"{finetuned.capitalize()} is better on {wins} and worse on {losses} of the {len(rows)} "
+                      f"metrics compared against {other} (the rest tie or are not comparable).", ""]
+            lines += [f"- {c['sentence']}" for c in rows] + [""]
+            if other in result.samples and finetuned in result.samples:
+                lines += [_paired_crps_line(result, finetuned, other), ""]
+    if tokens:
+        keys = [k for k, _, _ in TOKEN_HEADLINE]
+        token_table = pd.DataFrame.from_dict({n: {k: t.get(k) for k in keys + ["n_tokens"]} for n, t in tokens.items()},
+                                             orient="index")
+        token_table.index.name = "model"
+        lines += ["## Token-level metrics (test windows, causal path)", "", _markdown_table(token_table), ""]
+    return lines
+
+
+def _calibration_lines(cal: SamplingCalibration) -> list[str]:
+    table = cal.table()
+    return ["## Sampling calibration (fitted on the validation split)", "",
+            f"Temperature {cal.before['temperature']:g} -> {cal.temperature:g}, top-p {cal.before['top_p']:g} -> "
+            f"{cal.top_p:g}: {cal.rule}. Coverage of the central close intervals (nominal 0.5 / 0.8 / 0.95):", "",
+            _markdown_table(table), ""]
+
+
+def _paired_crps_line(result: EvaluationResult, a: str, b: str) -> str:
+    # per-origin view of the CRPS gap, so a mean difference driven by a few origins is visible
+    ca, cb = result.origin_loss(a, "close_crps"), result.origin_loss(b, "close_crps")
+    share = float(np.mean(ca < cb)) * 100
+    ties = float(np.mean(ca == cb)) * 100
+    return (f"Per origin, {a} has the lower close CRPS than {b} on {share:.1f}% of the {result.n_origins} origins "
+            f"(ties {ties:.1f}%). Origins overlap when stride < horizon, so they are not independent.")
+
+
+__all__ = ["FORECAST_QUANTILES", "compare", "forecast_table", "report_comparisons", "write_report"]

@@ -1,0 +1,28 @@
+"""How the report writes numbers and p-values (shared by the report, the verdicts and the decisions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def fmt(x: Any) -> str:
+    """A number as the report prints it: 4 significant digits, integers whole, missing as "n/a"."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value as the report prints it ("p < 0.001", "p = 0.02", "p n/a")."""
+    if not np.isfinite(p):
+        return "p n/a"
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.2f}" if p >= 0.1 else f"p = {p:.3g}" if p >= 0.01 else f"p = {p:.1g}"
+
+
+__all__ = ["fmt", "fmt_p"]
