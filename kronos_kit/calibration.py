@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from kronos_kit.config import PATH_CALIBRATION_METHODS
 from kronos_kit.metrics import CLOSE, INTERVALS, crps, interval_coverage
 
-METHODS: tuple[str, ...] = ("none", "spread", "spread_center", "conformal")
+METHODS: tuple[str, ...] = PATH_CALIBRATION_METHODS
 """Calibration methods, simplest first (exact ties in validation CRPS go to the simpler one)."""
 
 PRICE_CHANNELS = 4  # open, high, low, close: the channels a calibration moves; volume and amount stay as sampled

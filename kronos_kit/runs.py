@@ -10,7 +10,7 @@
   metrics.jsonl              training log, one JSON line per logged step / evaluation; each line names
                              its phase run (`run`) and attempt; `read_metrics` keeps the current run
   codebook_before.json codebook_after.json reconstruction_gate.json token_metrics.json
-  calibration.json promoted.json   sampling fitted and the pair promoted, both on validation
+  calibration.json promoted.json   sampling + path calibration fitted and the pair promoted, both on validation
   metrics.json metrics_table.csv report.md forecasts.parquet   figures/*.png
 ```
 
@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, KitConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ METRICS_JSON = "metrics.json"
 METRICS_TABLE = "metrics_table.csv"
 REPORT = "report.md"
 FORECASTS = "forecasts.parquet"  # per-origin test forecasts of every model, for downstream backtests
-CALIBRATION_FILE = "calibration.json"  # sampling temperature / top-p fitted on validation
+CALIBRATION_FILE = "calibration.json"  # sampling and the sample-path calibration, fitted on validation
 PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
 CHECKPOINT_KINDS = ("best", "last")
 
@@ -466,7 +467,11 @@ class SamplingCalibration(DecisionFile):
     """Sampling temperature and top-p fitted on the validation split (`evaluate.calibrate_sampling`).
 
     ``before`` / ``after`` hold temperature, top_p, close CRPS and the coverage of the 50/80/95% close
-    intervals at the starting and at the chosen setting; ``grid`` holds the same for every grid point.
+    intervals of ``model`` as sampled at the configured setting and after the whole calibration (sampling,
+    then its path calibration); ``grid`` holds the temperature / top-p grid when one was searched. ``paths``
+    maps each model name to its path calibration fitted on the validation paths
+    (:meth:`kronos_kit.calibration.PathCalibrationFit.to_dict`: the transform, every candidate's held-out
+    CRPS and coverage, the rule); :meth:`path_calibration` reads one back.
     """
 
     FILE: ClassVar[str] = CALIBRATION_FILE
@@ -481,6 +486,22 @@ class SamplingCalibration(DecisionFile):
     rule: str = ""
     metric: str = "close_crps"
     split: str = "validation"
+    paths: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.paths:
+            self.path_calibration(name)  # a malformed entry fails at load, naming it
+
+    def path_calibration(self, model: str | None = None) -> PathCalibration:
+        """The path calibration fitted for ``model`` (default: the promoted ``model``); identity when none."""
+        name = self.model if model is None else model
+        entry = self.paths.get(name)
+        if entry is None:
+            return PathCalibration()
+        where = f"{CALIBRATION_FILE} paths[{name!r}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a JSON object, got {type(entry).__name__}")
+        return PathCalibration.from_dict(entry.get("path_calibration", {}), where=where)
 
     def sampling(self) -> dict[str, float]:
         """Keyword arguments for `evaluate.evaluate_models` / `KronosPredictor.as_forecast_fn`."""
@@ -523,6 +544,8 @@ class RunChoice:
     calibrated: bool  # True when `sampling` comes from calibration.json
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
+    # applied to the sample paths after sampling (calibration.json's fit for this model; identity otherwise)
+    path_calibration: PathCalibration = dataclasses.field(default_factory=PathCalibration)
 
 
 RUN_MODELS = ("promoted", "finetuned", "base")
@@ -535,7 +558,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     ``model``:
 
     - ``"promoted"``: the pair `promoted.json` names (FileNotFoundError until the validation step wrote
-      it), sampled as `calibration.json` says when present and ``calibrated``;
+      it), sampled and its paths calibrated as `calibration.json` says when present and ``calibrated``;
     - ``"finetuned"``: the run's own pair: ``predictor.tokenizer_from`` if set, else phase 1's best
       tokenizer when phase 1 is on or has run (it must exist), else ``tokenizer.start_from``; phase 2's
       best predictor when phase 2 is on or has run (the folder it writes), else ``predictor.start_from``;
@@ -551,13 +574,16 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
         cfg = KitConfig.from_file(rd.config) if rd.config.is_file() else KitConfig()
     e = cfg.evaluation
     sampling, is_calibrated = {"temperature": e.temperature, "top_p": e.top_p}, False
+    path_calibration = PathCalibration()
     if model == "promoted":
         promotion = Promotion.load(rd.path)
         name = promotion.promoted
         tokenizer = resolve_source(promotion.tokenizer, rd.path)
         predictor = resolve_source(promotion.predictor, rd.path)
         if calibrated and rd.calibration.is_file():
-            sampling, is_calibrated = SamplingCalibration.load(rd.path).sampling(), True
+            calibration = SamplingCalibration.load(rd.path)
+            sampling, is_calibrated = calibration.sampling(), True
+            path_calibration = calibration.path_calibration(name)
     elif model == "finetuned":
         name = model
         tokenizer = cfg.predictor.tokenizer_from or _trained(rd, "tokenizer", cfg.tokenizer.enabled,
@@ -566,7 +592,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     else:
         name, tokenizer, predictor = model, cfg.tokenizer.start_from, cfg.predictor.start_from
     return RunChoice(name, tokenizer, predictor, {k: float(v) for k, v in sampling.items()}, is_calibrated,
-                     top_k=e.top_k, max_context=e.max_context)
+                     top_k=e.top_k, max_context=e.max_context, path_calibration=path_calibration)
 
 
 def _trained(rd: RunDir, phase: str, enabled: bool, start_from: str, *, must_exist: bool) -> str:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from kronos_kit import metrics as M
-from kronos_kit.baseline_paths import bootstrap_paths, close_path_bars, fit_garch, garch_paths, random_walk_paths
 from kronos_kit.calibration import (
     IDENTITY,
     PathCalibration,
@@ -16,6 +15,7 @@ from kronos_kit.calibration import (
     conformal_quantile,
     fit_path_calibration,
 )
+from kronos_kit.evaluate.baselines import bootstrap_paths, close_path_bars, fit_garch, garch_paths, random_walk_paths
 
 SIGMA = 0.01
 

@@ -92,11 +92,14 @@ def paired_comparisons(
     - ``relative_skill`` = 1 - mean(model) / mean(other) (positive: ``model`` is better) with its
       moving-block bootstrap percentile CI at 1 - ``level`` (block = lag + 1, at least round(n^(1/3));
       ``n_boot`` resamples, ``seed``);
-    - ``model_mean`` / ``other_mean`` over origins (the table's values) and ``change_pct`` of the model.
+    - ``model_mean`` / ``other_mean`` over origins (the table's values) and ``change_pct`` of the model;
+    - ``mde``: the minimum detectable effect (:func:`~kronos_kit.metrics.minimum_detectable_effect`), the
+      smallest relative difference of the two mean losses the test detects at ``level`` with 80% power,
+      given the observed HAC variance of the differences and the number of origin times.
 
     Entries missing from the result are skipped. Returns one row per comparison with columns model,
     other, metric, label, model_mean, other_mean, change_pct, relative_skill, ci_low, ci_high, ci_level,
-    dm_stat, p_value, mean_diff, verdict, test, n_origins, n_periods, lag, block.
+    dm_stat, p_value, mean_diff, verdict, test, n_origins, n_periods, lag, block, mde.
     """
     if model not in result.samples:
         raise ValueError(f"no sample paths for {model!r}; evaluated: {result.names}")
@@ -119,6 +122,7 @@ def paired_comparisons(
             else:
                 low = high = float("nan")
             skill = M.relative_skill(la[ok], lb[ok]) if ok.any() else float("nan")
+            mde = M.minimum_detectable_effect(a, b, lag=lag, level=level, hln=hln) if len(a) >= 3 else float("nan")
             rows.append({
                 "model": model, "other": other, "metric": metric, "label": ORIGIN_LOSSES[metric],
                 "model_mean": model_mean, "other_mean": other_mean, "change_pct": -100 * skill,
@@ -126,14 +130,14 @@ def paired_comparisons(
                 "ci_low": low, "ci_high": high, "ci_level": 1 - level,
                 "dm_stat": dm.statistic, "p_value": dm.p_value, "mean_diff": dm.mean_diff,
                 "verdict": verdict(dm.p_value, dm.mean_diff, level), "test": dm.test,
-                "n_origins": n_used, "n_periods": len(a), "lag": lag, "block": block,
+                "n_origins": n_used, "n_periods": len(a), "lag": lag, "block": block, "mde": mde,
             })
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 COMPARISON_COLUMNS = ["model", "other", "metric", "label", "model_mean", "other_mean", "change_pct",
                        "relative_skill", "ci_low", "ci_high", "ci_level", "dm_stat", "p_value", "mean_diff",
-                       "verdict", "test", "n_origins", "n_periods", "lag", "block"]
+                       "verdict", "test", "n_origins", "n_periods", "lag", "block", "mde"]
 
 
 def bottom_line(
