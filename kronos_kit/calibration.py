@@ -46,6 +46,7 @@ SCALE_GRID: np.ndarray = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))  # k
 POWER_GRID: np.ndarray = np.round(np.linspace(-0.5, 0.5, 11), 10)  # b candidates: k_h = k1 * h**b
 CENTER_GRID: np.ndarray = np.round(np.linspace(0.0, 1.0, 11), 10)  # w candidates
 CONFORMAL_LEVELS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975)
+CONFORMAL_FLOOR = 0.1  # conformal: path spreads below this share of the step's median validation spread are raised
 _MIN_SPREAD = 1e-12  # floor of a path set's log-return std (a degenerate set of identical paths)
 
 
@@ -54,9 +55,9 @@ class PathCalibration:
     """One fitted transform of sample paths (plain JSON via :meth:`to_dict` / :meth:`from_dict`).
 
     ``method`` is one of :data:`METHODS`. ``scale`` (k1) and ``power`` (b) give the per-step spread
-    scale k_h = k1 * h**b; ``center`` is w. ``conformal`` holds ``levels`` and per step the paths'
-    quantiles of z (``model``) and the realized conformal quantiles (``target``), each (steps, levels);
-    steps beyond the fitted horizon reuse the last fitted step.
+    scale k_h = k1 * h**b; ``center`` is w. ``conformal`` holds ``levels``, per step the paths' quantiles
+    of z (``model``) and the realized conformal quantiles (``target``), each (steps, levels), and the
+    spread ``floor`` per step; steps beyond the fitted horizon reuse the last fitted step.
     """
 
     method: str = "none"
@@ -76,10 +77,13 @@ class PathCalibration:
             levels = np.asarray(self.conformal.get("levels", []), dtype=np.float64)
             model = np.asarray(self.conformal.get("model", []), dtype=np.float64)
             target = np.asarray(self.conformal.get("target", []), dtype=np.float64)
+            floor = np.asarray(self.conformal.get("floor", []), dtype=np.float64)
             if levels.ndim != 1 or len(levels) < 2 or model.ndim != 2 or model.shape != target.shape \
-                    or model.shape[1] != len(levels) or not (np.isfinite(model).all() and np.isfinite(target).all()):
-                raise ValueError("conformal calibration needs 'levels' (L,) and finite 'model' / 'target' quantile "
-                                 f"tables of shape (steps, L); got {levels.shape}, {model.shape}, {target.shape}")
+                    or model.shape[1] != len(levels) or not (np.isfinite(model).all() and np.isfinite(target).all()) \
+                    or floor.shape != (len(model),) or not (floor > 0).all():
+                raise ValueError("conformal calibration needs 'levels' (L,), finite 'model' / 'target' quantile "
+                                 f"tables of shape (steps, L) and a positive 'floor' per step; got {levels.shape}, "
+                                 f"{model.shape}, {target.shape}, {floor.shape}")
 
     def step_scales(self, horizon: int) -> np.ndarray:
         """k_h for steps 1..horizon (all 1 unless the method scales the spread)."""
@@ -144,11 +148,18 @@ def _quantile_map(z: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
     """Increasing piecewise-linear map through (xp, fp), extended linearly with the end slopes."""
     xp = np.maximum.accumulate(xp + np.arange(len(xp)) * 1e-9)  # strictly increasing knots
     fp = np.maximum.accumulate(fp)
-    lo_slope = max((fp[1] - fp[0]) / (xp[1] - xp[0]), 1e-6)
-    hi_slope = max((fp[-1] - fp[-2]) / (xp[-1] - xp[-2]), 1e-6)
+    # end slopes bounded: knots of a near-degenerate path set sit almost on top of each other
+    lo_slope = float(np.clip((fp[1] - fp[0]) / (xp[1] - xp[0]), 1e-6, 1e3))
+    hi_slope = float(np.clip((fp[-1] - fp[-2]) / (xp[-1] - xp[-2]), 1e-6, 1e3))
     out = np.interp(z, xp, fp)
     out = np.where(z < xp[0], fp[0] + (z - xp[0]) * lo_slope, out)
     return np.where(z > xp[-1], fp[-1] + (z - xp[-1]) * hi_slope, out)
+
+
+def _step_values(values: list, horizon: int) -> np.ndarray:
+    """Per-step values for steps 1..horizon; steps beyond the fitted ones reuse the last."""
+    v = np.asarray(values, dtype=np.float64)
+    return v[np.minimum(np.arange(horizon), len(v) - 1)]
 
 
 def apply_path_calibration(paths: np.ndarray, last_close: np.ndarray, calibration: PathCalibration) -> np.ndarray:
@@ -169,6 +180,7 @@ def apply_path_calibration(paths: np.ndarray, last_close: np.ndarray, calibratio
     if calibration.method == "conformal":
         levels_model = np.asarray(calibration.conformal["model"], dtype=np.float64)
         levels_target = np.asarray(calibration.conformal["target"], dtype=np.float64)
+        s4 = np.maximum(s4, _step_values(calibration.conformal["floor"], paths.shape[2])[None, None, :, None])
         z = (r - m4) / s4
         mapped = np.empty_like(z)
         for h in range(z.shape[2]):
@@ -255,13 +267,17 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
 
 def _fit_conformal(r_close: np.ndarray, y_r: np.ndarray, origins: np.ndarray) -> PathCalibration:
     m, s = _pivot_and_spread(r_close[origins])
+    # a spread floor per step (a tenth of the typical validation spread): an origin whose paths nearly coincide
+    # must not turn a small miss into an enormous standardized score
+    floor = np.maximum(CONFORMAL_FLOOR * np.median(s, axis=0), _MIN_SPREAD)
+    s = np.maximum(s, floor)
     z_paths = (r_close[origins] - m[:, None, :]) / s[:, None, :]
     z_real = (y_r[origins] - m) / s
     levels = np.asarray(CONFORMAL_LEVELS)
     model = np.stack([np.quantile(z_paths[:, :, h], levels) for h in range(r_close.shape[2])])
     target = np.stack([[conformal_quantile(z_real[:, h], q) for q in levels] for h in range(r_close.shape[2])])
     return PathCalibration(method="conformal", conformal={"levels": levels.tolist(), "model": model.tolist(),
-                                                          "target": target.tolist()})
+                                                          "target": target.tolist(), "floor": floor.tolist()})
 
 
 def _fit_method(method: str, origins: np.ndarray, r_close: np.ndarray, y_r: np.ndarray,

@@ -252,10 +252,11 @@ def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, dat
     tuned = Kronos.from_pretrained("tiny", seed=1)
     tuned.save_pretrained(tmp_path / "predictor" / "best")
     models = {"base": (Kronos.from_pretrained("tiny", seed=0), tokenizer), "finetuned": (tuned, tokenizer)}
-    evaluation = EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12)
+    evaluation = EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12,
+                            calibration_temperatures=[0.5, 1.0], calibration_top_ps=[0.9, 1.0])
     decision = decide_on_validation(data.splits, models, evaluation, lookback=30, run_dir=tmp_path, seed=2,
                                     finetuned_sources=("tiny", tmp_path / "predictor" / "best"),
-                                    base_sources=("tiny", "tiny"), temperatures=(0.5, 1.0), top_ps=(0.9, 1.0))
+                                    base_sources=("tiny", "tiny"))
     p = decision.promotion
     assert decision.result.n_origins == 12 and set(decision.result.names) == {"base", "finetuned"}
     assert Promotion.load(tmp_path) == p and p.split == "validation"

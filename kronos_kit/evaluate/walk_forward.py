@@ -216,10 +216,12 @@ def evaluate_models(
     with the same ``temperature``, ``top_k``, ``top_p`` and ``seed`` (the same seed for every batch
     and model: common random numbers, reproducible), through
     :meth:`~kronos_kit.forecast.KronosPredictor.as_forecast_fn`; everything else is
-    :func:`walk_forward`, whose arguments these are. ``calibration`` (fitted on the validation split by
-    :func:`calibrate_sampling`) replaces the configured ``temperature`` and ``top_p`` (so it cannot be
-    combined with an explicit ``temperature`` or ``top_p``). The sampling settings are recorded in
-    ``result.config["sampling"]``.
+    :func:`walk_forward`, whose arguments these are. ``calibration`` (calibration.json, fitted on the
+    validation split by :func:`~kronos_kit.evaluate.decisions.calibrate_forecasts`) replaces the configured
+    ``temperature`` and ``top_p`` (so it cannot be combined with an explicit ``temperature`` or ``top_p``),
+    and each model it holds a path calibration for has its sample paths calibrated after sampling
+    (:meth:`EvaluationResult.calibrate`; the paths as sampled stay in ``result.uncalibrated``). The
+    sampling settings are recorded in ``result.config["sampling"]``.
     """
     if calibration is not None and (temperature is not None or top_p is not None):
         raise ValueError("pass either calibration (its temperature / top_p) or temperature / top_p, not both")
@@ -238,6 +240,8 @@ def evaluate_models(
                           sample_count=s["sample_count"], max_origins=s["max_origins"], baselines=baselines,
                           seed=0 if seed is None else seed, progress=progress, batch_size=batch_size, point=point,
                           season=season)
+    if calibration is not None:  # each model's path calibration fitted on validation, applied to its paths
+        result.calibrate({name: calibration.path_calibration(name) for name in fns if name in calibration.paths})
     result.config["sampling"] = {"temperature": temperature, "top_k": s["top_k"], "top_p": top_p, "seed": seed,
                                  "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},
