@@ -121,7 +121,7 @@ def _option_paths(option: str, val, test, models: tuple[str, ...]) -> tuple[dict
                                    order=val.origin_time)
         paths[name] = apply_path_calibration(test.samples[name], test.last_close, fit.calibration)
         chosen = next(c for c in fit.candidates if c["method"] == fit.calibration.method)
-        fits[name] = {"val_gain": chosen["cv_crps"] / fit.before["close_crps"] - 1,
+        fits[name] = {"val_gain": chosen["cv_crps"] / fit.before["fair_crps"] - 1,
                       "describe": fit.calibration.describe()}
     return paths, fits
 

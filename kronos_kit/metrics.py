@@ -94,6 +94,24 @@ def crps(samples: np.ndarray, y: np.ndarray, axis: int = 1) -> np.ndarray:
     return term1 - 0.5 * pair_sum / s**2
 
 
+def fair_crps(samples: np.ndarray, y: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Fair (unbiased) ensemble CRPS: E|X-y| - sum_{i != j} |x_i - x_j| / (2 S (S - 1)) (Ferro 2014, QJRMS 140:1917).
+
+    :func:`crps` scores the S samples' empirical distribution, whose expected score is lowest for an
+    ensemble drawn somewhat too narrow (about 6% at S = 32 for Gaussian targets); the fair version's
+    expectation is lowest when the samples come from the true distribution, whatever S. Fitting a
+    spread by it therefore targets the distribution, not the S-sample artefact. Needs S >= 2.
+    """
+    x = np.moveaxis(np.asarray(samples, dtype=np.float64), axis, -1)
+    s = x.shape[-1]
+    if s < 2:
+        raise ValueError(f"fair_crps needs at least 2 samples, got {s}")
+    term1 = np.abs(x - np.asarray(y, dtype=np.float64)[..., None]).mean(axis=-1)
+    weights = 2.0 * np.arange(1, s + 1) - s - 1
+    pair_sum = 2.0 * (np.sort(x, axis=-1) * weights).sum(axis=-1)
+    return term1 - 0.5 * pair_sum / (s * (s - 1))
+
+
 def sample_quantiles(samples: np.ndarray, levels: np.ndarray | tuple[float, ...], axis: int = 1) -> np.ndarray:
     """Quantiles over the sample axis (numpy's default linear interpolation); the level axis comes first."""
     return np.quantile(samples, np.asarray(levels, dtype=np.float64), axis=axis)

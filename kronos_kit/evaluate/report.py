@@ -288,8 +288,8 @@ def _calibration_lines(cal: SamplingCalibration, result: EvaluationResult) -> li
     for name in cal.paths:
         candidates = pd.DataFrame(cal.paths[name].get("candidates", [])).set_index("method")
         candidates = candidates.drop(columns="describe", errors="ignore")
-        lines += [f"Path calibration candidates for {name} (cv_crps: held-out validation CRPS, the choice; the other "
-                  f"columns in-sample). Chosen: {cal.path_calibration(name).describe()}.", "",
+        lines += [f"Path calibration candidates for {name} (cv_crps: held-out validation fair CRPS, the choice; the "
+                  f"others in-sample). Chosen: {cal.path_calibration(name).describe()}.", "",
                   _markdown_table(candidates), ""]
     if result.uncalibrated:
         lines += ["On the test split, as sampled vs calibrated (the calibration saw no test data):", "",
