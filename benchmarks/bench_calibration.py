@@ -144,15 +144,15 @@ def _row(result, promoted: str, option: str, val_gain: float, describe: str) -> 
     }
 
 
-def run_one(dataset: str, seed: int, out_dir: str, quick: bool, threads: int, overrides: dict) -> list[dict]:
+def run_one(dataset: str, seed: int, out_dir: str, quick: bool, threads: int, overrides: dict,
+            checkpoints: str | None = None, options: tuple[str, ...] = OPTIONS) -> list[dict]:
     """Phase 2, validation, one test walk-forward, then every calibration option: rows of the table."""
     import torch
 
     torch.set_num_threads(threads)
     from kronos_kit.config import KitConfig
     from kronos_kit.data import load_data
-    from kronos_kit.evaluate import calibrate_sampling, decide_promotion, evaluate_models
-    from kronos_kit.forecast import KronosPredictor
+    from kronos_kit.evaluate import decide_promotion, evaluate_models
     from kronos_kit.model import Kronos, KronosTokenizer
     from kronos_kit.train import train_predictor
 
@@ -167,22 +167,46 @@ def run_one(dataset: str, seed: int, out_dir: str, quick: bool, threads: int, ov
         **settings, **(QUICK if quick else {}), **overrides, "seed": seed, "run_dir": str(run_dir),
         "tokenizer.enabled": False})
     bundle = load_data(cfg)
-    phase2 = train_predictor(cfg, data=bundle, progress=False)
+    reused = Path(checkpoints) / run_dir.name / "predictor" / "best" if checkpoints else None
+    if reused is not None and reused.is_dir():  # phase 2 of an earlier run of this script: sample again only
+        best_dir, steps = reused, "reused"
+    else:
+        phase2 = train_predictor(cfg, data=bundle, progress=False)
+        best_dir, steps = phase2.best_dir, phase2.steps
     tok = cfg.tokenizer.start_from
     models = {name: (Kronos.from_pretrained(src), KronosTokenizer.from_pretrained(tok))
-              for name, src in (("base", cfg.predictor.start_from), ("finetuned", phase2.best_dir))}
+              for name, src in (("base", cfg.predictor.start_from), ("finetuned", best_dir))}
     e, lookback = cfg.evaluation, cfg.data.lookback
     t0 = time.perf_counter()
     val = evaluate_models(bundle.splits.val, models, lookback=lookback, pred_len=e.pred_len, stride=e.stride,
                           sample_count=e.sample_count, max_origins=e.val_origins, baselines=(), seed=seed,
                           progress=False)
-    promoted = decide_promotion(val, finetuned_sources=(tok, str(phase2.best_dir)),
+    promoted = decide_promotion(val, finetuned_sources=(tok, str(best_dir)),
                                 base_sources=(tok, cfg.predictor.start_from), seed=seed).promoted
     t_val = time.perf_counter() - t0
     test = evaluate_models(bundle.splits.test, models, e, lookback=lookback, seed=seed, progress=False)
     t_test = time.perf_counter() - t0 - t_val
     rows = [_row(test, promoted, "none", 0.0, "as sampled")]
-    # temperature / top-p grid on validation, then the promoted model sampled again on test
+    if "temp/top-p" in options:
+        rows.append(_temperature_row(bundle, models, e, lookback, seed, promoted, test))
+    for option in [o for o in options if o in PATH_METHOD]:
+        paths, fits = _option_paths(option, val, test, ("base", "finetuned"))
+        rows.append(_row(_with_paths(test, paths), promoted, option, fits[promoted]["val_gain"],
+                         fits[promoted]["describe"]))
+    common = {"dataset": dataset, "seed": seed, "promoted": promoted, "steps": steps,
+              "val_origins": val.n_origins, "wall_s": time.perf_counter() - start, "val_s": t_val, "test_s": t_test}
+    rows = [{**common, **r} for r in rows]
+    rows_dir = Path(out_dir) / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    (rows_dir / f"{dataset}-seed{seed}.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _temperature_row(bundle, models, e, lookback: int, seed: int, promoted: str, test) -> dict:
+    """Temperature / top-p grid on validation, then the promoted model sampled again on test at the choice."""
+    from kronos_kit.evaluate import calibrate_sampling, evaluate_models
+    from kronos_kit.forecast import KronosPredictor
+
     predictor = KronosPredictor(*models[promoted], max_context=e.max_context)
     grid = calibrate_sampling(predictor, bundle.splits.val, lookback=lookback, pred_len=e.pred_len, stride=e.stride,
                               sample_count=e.sample_count, max_origins=GRID["max_origins"],
@@ -193,19 +217,8 @@ def run_one(dataset: str, seed: int, out_dir: str, quick: bool, threads: int, ov
         bundle.splits.test, {promoted: models[promoted]}, lookback=lookback, pred_len=e.pred_len, stride=e.stride,
         sample_count=e.sample_count, max_origins=e.max_origins, temperature=chosen[0], top_p=chosen[1],
         baselines=(), seed=seed, progress=False)
-    rows.append(_row(_with_paths(test, {promoted: resampled.samples[promoted]}), promoted, "temp/top-p",
-                     grid.after["close_crps"] / grid.before["close_crps"] - 1, f"T {chosen[0]:g}, top-p {chosen[1]:g}"))
-    for option in ("spread", "spread+center", "conformal", "chosen"):
-        paths, fits = _option_paths(option, val, test, ("base", "finetuned"))
-        rows.append(_row(_with_paths(test, paths), promoted, option, fits[promoted]["val_gain"],
-                         fits[promoted]["describe"]))
-    common = {"dataset": dataset, "seed": seed, "promoted": promoted, "steps": phase2.steps,
-              "val_origins": val.n_origins, "wall_s": time.perf_counter() - start, "val_s": t_val, "test_s": t_test}
-    rows = [{**common, **r} for r in rows]
-    rows_dir = Path(out_dir) / "rows"
-    rows_dir.mkdir(parents=True, exist_ok=True)
-    (rows_dir / f"{dataset}-seed{seed}.json").write_text(json.dumps(rows, indent=1))
-    return rows
+    return _row(_with_paths(test, {promoted: resampled.samples[promoted]}), promoted, "temp/top-p",
+                grid.after["close_crps"] / grid.before["close_crps"] - 1, f"T {chosen[0]:g}, top-p {chosen[1]:g}")
 
 
 HEADER = ["dataset", "calibration", "seeds", "val CRPS gain (held-out)", "test cov 50", "test cov 80", "test cov 95",
@@ -246,6 +259,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "calibration.md"))
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     parser.add_argument("--summarize", nargs="+", metavar="ROWS_DIR", help="print the table of finished rows/")
+    parser.add_argument("--checkpoints", help="an earlier run's <out>_work/runs folder: reuse its phase-2 checkpoints")
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS, help="calibration rows")
     args = parser.parse_args()
     if args.summarize:
         print(summary([r for d in args.summarize for f in sorted(Path(d).glob("*.json"))
@@ -265,7 +280,8 @@ def main() -> None:
     tasks = [(d, s) for s in args.seeds for d in args.datasets]
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, d, s, str(out_dir), args.quick, args.threads, overrides) for d, s in tasks]
+        futures = [pool.submit(run_one, d, s, str(out_dir), args.quick, args.threads, overrides, args.checkpoints,
+                               tuple(args.options)) for d, s in tasks]
         rows = [r for f in futures for r in f.result()]
     import torch
 

@@ -58,11 +58,22 @@ RUN_PARAMETERS = ("run_dir", "config", "resume")
 THREADS_ENV = "KRONOS_THREADS"  # thread count when the config leaves `threads` at null
 
 STRATEGIES = ("full", "freeze", "lora", "l2sp")  # finetune strategies of a phase (see PhaseConfig.strategy)
-# the linears of a transformer block that LoRA may adapt (kronos_kit.model.adapters checks the same names)
-LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "w1", "w2", "w3")
+# the linears of a transformer block that LoRA may adapt (kronos_kit.model.adapters builds on these names)
+LORA_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAttention linears of a block
+LORA_FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
+LORA_TARGET_NAMES = LORA_ATTENTION_TARGETS + LORA_FFN_TARGETS  # the default: every linear of every block
+# the tokenizer gate's configurable thresholds (GateConfig; reconstruction_gate's defaults)
+DEFAULT_MAX_FULL_MSE = 0.5
+DEFAULT_MIN_S1_USAGE = 0.2
 SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
 # how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
 PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
+
+
+def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
+    """Raise unless `targets` is a non-empty list of names from `LORA_TARGET_NAMES` (the one check)."""
+    if isinstance(targets, str) or not targets or set(targets) - set(LORA_TARGET_NAMES):
+        raise ValueError(f"{what} must be a non-empty list drawn from {list(LORA_TARGET_NAMES)}, got {targets!r}")
 
 
 @dataclass
@@ -146,10 +157,7 @@ class PhaseConfig:
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        targets = self.lora_targets
-        if isinstance(targets, str) or not targets or set(targets) - set(LORA_TARGET_NAMES):
-            raise ValueError(f"lora_targets must be a non-empty list drawn from {list(LORA_TARGET_NAMES)}, "
-                             f"got {targets!r}")
+        check_lora_targets(self.lora_targets, "lora_targets")
         if not (math.isfinite(self.l2sp_strength) and self.l2sp_strength >= 0):
             raise ValueError(f"l2sp_strength must be a finite number >= 0, got {self.l2sp_strength!r}")
 
@@ -198,8 +206,8 @@ class PredictorPhaseConfig(PhaseConfig):
 
 @dataclass
 class GateConfig:
-    max_full_mse: float = 0.5  # reconstruction MSE (normalised units) of the full decoder
-    min_s1_usage: float = 0.2  # share of s1 codes used on validation windows
+    max_full_mse: float = DEFAULT_MAX_FULL_MSE  # reconstruction MSE (normalised units) of the full decoder
+    min_s1_usage: float = DEFAULT_MIN_S1_USAGE  # share of s1 codes used on validation windows
     override: bool = False  # run phase 2 even if the gate failed
 
 

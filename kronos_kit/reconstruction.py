@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from kronos_kit.codebook import CodebookStats
-from kronos_kit.config import GateConfig
+from kronos_kit.config import DEFAULT_MAX_FULL_MSE, DEFAULT_MIN_S1_USAGE, GateConfig
 from kronos_kit.data.batches import loop_batches, unpack_batch
 from kronos_kit.data.schema import FEATURE_COLUMNS, NORM_EPS, PRICE_COLUMNS, denormalize
 from kronos_kit.runs import JsonFile, json_float
@@ -226,7 +226,8 @@ def reconstruction_report(
             x = x.to(dev, torch.float32)
             if x.shape[-1] != c:
                 raise ValueError(f"batch has {x.shape[-1]} channels but {c} feature names were given")
-            recon = dict(zip(DECODERS, tokenizer(x)[0]))  # ((z_pre, z), bsq_loss, quantized, indices)
+            # index, not .reconstructions: any tokenizer with the reference return ((z_pre, z), bsq, quantized, idx)
+            recon = dict(zip(DECODERS, tokenizer(x)[0]))
             scale = (std.to(dev, torch.float32) + NORM_EPS) if std is not None else None
             b, t = x.shape[:2]
             n_windows += b
@@ -325,8 +326,8 @@ def reconstruction_gate(
     stats: CodebookStats | None,
     config: GateConfig | None = None,
     *,
-    max_full_mse: float | None = 0.5,
-    min_s1_usage: float | None = 0.2,
+    max_full_mse: float | None = DEFAULT_MAX_FULL_MSE,
+    min_s1_usage: float | None = DEFAULT_MIN_S1_USAGE,
     min_s2_usage: float | None = 0.05,
     max_full_to_s1_mse_ratio: float | None = 1.0,
     min_bit_balance: float | None = 0.01,
@@ -428,7 +429,7 @@ def reconstruct_window(
     x, mean, std, symbols = unpack_batch(window if isinstance(window, Mapping) else torch.as_tensor(window))
     with inference(tokenizer, device=device) as dev:
         xd = x[:1].to(dev, torch.float32)
-        z_pre, z = tokenizer(xd)[0]
+        z_pre, z = tokenizer(xd)[0]  # the reference return order: stand-ins return plain tuples
         s1, s2 = tokenizer.encode(xd, half=True)
     start = window.get("start") if isinstance(window, Mapping) else None
     return WindowReconstruction(

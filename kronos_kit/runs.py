@@ -1,18 +1,9 @@
-"""The run directory, defined once: its layout, atomic writes, the metrics log, JSON files, state keys.
+"""The run directory, defined once: its layout, atomic writes, the metrics log, JSON files, the training state.
 
-```
-<run_dir>/
-  manifest.json  config.yaml  <stage notebooks>
-  tokenizer/best tokenizer/last predictor/best predictor/last   (config.json + model.safetensors)
-  state/<phase>.pt           training state for exact resume (keys: the *_KEY names below); plain data
-                             only (tensors, numbers, strings, lists, dicts): `load_state` reads it with
-                             `torch.load(weights_only=True)`, so a run folder never executes code
-  metrics.jsonl              training log, one JSON line per logged step / evaluation; each line names
-                             its phase run (`run`) and attempt; `read_metrics` keeps the current run
-  codebook_before.json codebook_after.json reconstruction_gate.json token_metrics.json
-  calibration.json promoted.json   sampling + path calibration fitted and the pair promoted, both on validation
-  metrics.json metrics_table.csv report.md forecasts.parquet   figures/*.png
-```
+The folder's layout is described once, in the README ("What appears in `runs/`"); `RunDir` below
+names every file in it. The run's decisions (`promoted.json`, `calibration.json`) have their schema
+here (`Promotion`, `SamplingCalibration`), and `run_choice` is the one answer to "which tokenizer,
+predictor and sampling does this run use".
 
 Every file the kit writes into a run directory goes through an atomic helper here (a temporary
 file renamed over the target), so a killed process never leaves half a file; checkpoint folders
@@ -58,26 +49,46 @@ CALIBRATION_FILE = "calibration.json"  # sampling and the sample-path calibratio
 PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
 CHECKPOINT_KINDS = ("best", "last")
 
-# keys of the training state (`state/<phase>.pt`), in the order they are saved
+# the parts of the training state (`state/<phase>.pt`) besides the counters of `TrainState`
 PHASE_KEY = "phase"
-STEP_KEY = "step"
-EPOCH_KEY = "epoch"
-BATCH_KEY = "batch_in_epoch"
 MODEL_KEY = "model"
 OPT_KEY = "optimizer"
 SCHEDULER_KEY = "scheduler"
-BEST_KEY = "best"
-EVALS_SINCE_BEST_KEY = "evals_since_best"
-HISTORY_KEY = "history"
 RNG_KEY = "rng"
-STOPPED_KEY = "stopped"
 CONFIG_KEY = "config"
-SKIPPED_KEY = "skipped_steps"  # optimizer steps skipped for a non-finite gradient
-RUN_ID_KEY = "run_id"  # id of this phase's run: new on a fresh start, kept on resume (metrics.jsonl `run`)
-ATTEMPT_KEY = "attempt"  # 1 for the fresh start, +1 for each resume
-STATE_KEYS = (PHASE_KEY, STEP_KEY, EPOCH_KEY, BATCH_KEY, MODEL_KEY, OPT_KEY, SCHEDULER_KEY, BEST_KEY,
-              EVALS_SINCE_BEST_KEY, HISTORY_KEY, RNG_KEY, STOPPED_KEY, CONFIG_KEY, SKIPPED_KEY, RUN_ID_KEY,
-              ATTEMPT_KEY)
+STATE_PARTS = (PHASE_KEY, MODEL_KEY, OPT_KEY, SCHEDULER_KEY, RNG_KEY, CONFIG_KEY)
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The counters resume restores besides weights, optimizer and RNG: saved and restored by field name
+    (`state_counters`, `restore_counters`), so a field added here is saved and restored with no other edit."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: float = math.inf
+    evals_since_best: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stopped: str | None = None  # set once the phase has finished
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient
+    run_id: str = ""  # this phase run's id (metrics.jsonl `run`): new on a fresh start, kept on resume
+    attempt: int = 1  # 1 for the fresh start, +1 for each resume
+
+
+def state_counters(state: TrainState) -> dict[str, Any]:
+    """`state`'s fields by name, as `state/<phase>.pt` holds them beside the `STATE_PARTS`."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+
+
+def restore_counters(saved: Mapping[str, Any]) -> TrainState:
+    """The `TrainState` a saved training state holds (its fields by name)."""
+    return TrainState(**{f.name: saved[f.name] for f in dataclasses.fields(TrainState)})
+
+
+def state_keys() -> tuple[str, ...]:
+    """Every key of a training state the kit writes: the parts and the counters."""
+    return STATE_PARTS + tuple(f.name for f in dataclasses.fields(TrainState))
 
 
 class RunFileError(ValueError):
@@ -211,7 +222,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device | Non
             "A run folder is data and loading it never runs code, so this file is refused. Delete it (and "
             "train without resume), or resume only from a run folder the kit wrote."
         ) from err
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in state_keys() if not isinstance(state, dict) or k not in state]
     if missing:
         raise RunFileError(f"{path} lacks the training-state keys {missing}: it was written by another kit "
                            "version or is not a kit state; delete it and train without resume")

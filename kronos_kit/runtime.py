@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "set_threads",
-           "unwrap"]
+           "state_dict_hash", "unwrap", "weights_hash"]
 
 
 def seed_everything(seed: int) -> None:
@@ -128,11 +128,26 @@ def freeze(module: nn.Module) -> dict[str, Any]:
     `inference` is the temporary form (mode restored afterwards); this one is for the phase-2
     tokenizer, which must never train.
     """
-    from kronos_kit.model.checkpoint import weights_hash  # here: the model package imports runtime
-
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     return {"mode": "eval" if not module.training else "train",
             "trainable parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "parameters": sum(p.numel() for p in module.parameters()), "sha256": weights_hash(module)}
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict (names, dtypes, shapes and bytes)."""
+    return state_dict_hash(model.state_dict())
+
+
+def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
+    """`weights_hash` of a bare name -> tensor mapping (e.g. the base part of a LoRA model)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

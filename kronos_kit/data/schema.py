@@ -11,12 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from kronos_kit.model.predictor import TIME_FEATURE_COLUMNS  # the predictor's stamp columns, in its order
+
 COLUMNS = ("symbol", "timestamps", "open", "high", "low", "close", "volume", "amount")
 PRICE_COLUMNS = ("open", "high", "low", "close")
 FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")  # the order of the model's 6 inputs
 NORM_EPS = 1e-5  # the reference's std guard in `normalize` / `denormalize`
-# calendar features in the order the predictor's checkpoints fix (its temporal embedding reads them so)
-TIME_FEATURE_COLUMNS = ("minute", "hour", "weekday", "day", "month")
 CONTEXT_COLUMN = "is_context"  # set by `split`: True for look-back rows borrowed from the previous split
 SHOW = 5  # offending rows quoted in an error message
 

@@ -25,8 +25,8 @@ from kronos_kit.model.checkpoint import (
     state_dict_hash,
     weights_hash,
 )
-from kronos_kit.model.predictor import Kronos, NextTokenScores, PredictorCache
-from kronos_kit.model.tokenizer import BinarySphericalQuantizer, KronosTokenizer, LossBreakdown
+from kronos_kit.model.predictor import Kronos, NextTokenScores, PredictorCache, PredictorLoss
+from kronos_kit.model.tokenizer import BinarySphericalQuantizer, KronosTokenizer, LossBreakdown, TokenizerLoss
 
 __all__ = [
     "L2SP",
@@ -39,8 +39,10 @@ __all__ = [
     "KronosTokenizer",
     "LoRALinear",
     "LossBreakdown",
+    "TokenizerLoss",
     "NextTokenScores",
     "PredictorCache",
+    "PredictorLoss",
     "apply_lora",
     "check_pair",
     "load_adapter",

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kronos_kit.config import LORA_ATTENTION_TARGETS, LORA_FFN_TARGETS, LORA_TARGET_NAMES, check_lora_targets
 from kronos_kit.model.checkpoint import state_dict_hash
 from kronos_kit.model.layers import RMSNorm, TransformerBlock
 from kronos_kit.model.predictor import FixedEmbedding, Kronos
@@ -38,9 +39,9 @@ from kronos_kit.model.tokenizer import KronosTokenizer
 from kronos_kit.runs import atomic_write, check_finite, save_json
 from kronos_kit.runtime import unwrap
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAttention linears of a block
-FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
-LORA_TARGETS = ATTENTION_TARGETS + FFN_TARGETS  # the default: every linear of every transformer block
+ATTENTION_TARGETS = LORA_ATTENTION_TARGETS  # SelfAttention linears of a block
+FFN_TARGETS = LORA_FFN_TARGETS  # SwiGLU linears of a block
+LORA_TARGETS = LORA_TARGET_NAMES  # the default: every linear of every transformer block
 ADAPTER_WEIGHTS_NAME = "adapter.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_FORMAT = "kronos-kit-lora/1"
@@ -265,8 +266,7 @@ def apply_lora(
     _group_rules(model)  # a clear error for models without groups
     if lora_modules(model):
         raise ValueError("model already carries LoRA adapters; merge_lora(model) first or load the base again")
-    if isinstance(targets, str) or not targets or set(targets) - set(LORA_TARGETS):
-        raise ValueError(f"LoRA targets {targets!r} must be a non-empty list drawn from {list(LORA_TARGETS)}")
+    check_lora_targets(targets)
     if not (isinstance(rank, int) and rank >= 1):
         raise ValueError(f"LoRA rank must be a whole number >= 1, got {rank!r}")
     if not (math.isfinite(alpha) and alpha > 0):

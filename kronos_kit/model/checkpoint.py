@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kronos_kit.runs import atomic_write, load_json, save_json
+from kronos_kit.runtime import state_dict_hash as state_dict_hash  # re-exported: the checkpoint hashes
+from kronos_kit.runtime import weights_hash as weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -296,20 +298,3 @@ def check_pair(tokenizer: nn.Module, predictor: nn.Module) -> None:
             f"tokenizer has (s1_bits, s2_bits) = {tok} but predictor expects {pred}: "
             "pair a predictor with the tokenizer it was trained on"
         )
-
-
-def weights_hash(model: nn.Module) -> str:
-    """SHA-256 over every tensor of the state dict (names, dtypes, shapes and bytes)."""
-    return state_dict_hash(model.state_dict())
-
-
-def state_dict_hash(state: dict[str, torch.Tensor]) -> str:
-    """`weights_hash` of a bare name -> tensor mapping (e.g. the base part of a LoRA model)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kronos_kit.data.schema import TIME_FEATURE_COLUMNS
 from kronos_kit.model.checkpoint import CheckpointMixin
 from kronos_kit.model.layers import CrossAttention, KVCache, RMSNorm, TransformerBlock
 
 _TIME_SIZES = {"minute": 60, "hour": 24, "weekday": 7, "day": 32, "month": 13}
+# calendar features in the order the predictor's checkpoints fix (its temporal embedding reads them so);
+# the data layer builds its stamp columns from this
+TIME_FEATURE_COLUMNS: tuple[str, ...] = tuple(_TIME_SIZES)
 DEP_LAYER_HEADS = 4  # the reference builds the dependency layer with 4 heads whatever n_heads is
 
 
@@ -137,9 +139,19 @@ class DualHead(nn.Module):
             valid = padding_mask == 0
             s1_logits, s2_logits = s1_logits[valid], s2_logits[valid]
             s1_targets, s2_targets = s1_targets[valid], s2_targets[valid]
-        ce_s1 = F.cross_entropy(s1_logits.reshape(-1, self.vocab_s1).float(), s1_targets.reshape(-1))
-        ce_s2 = F.cross_entropy(s2_logits.reshape(-1, self.vocab_s2).float(), s2_targets.reshape(-1))
+        ce_s1, ce_s2 = next_token_cross_entropy(s1_logits, s2_logits, s1_targets, s2_targets)
         return (ce_s1 + ce_s2) / 2, ce_s1, ce_s2
+
+
+def next_token_cross_entropy(s1_logits: torch.Tensor, s2_logits: torch.Tensor, s1_targets: torch.Tensor,
+                             s2_targets: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the s1 and s2 heads on their targets (float32): the one formula training's loss
+    (mean) and validation's summed NLL (`reduction="none"`, per token) share."""
+    ce_s1 = F.cross_entropy(s1_logits.reshape(-1, s1_logits.shape[-1]).float(), s1_targets.reshape(-1),
+                            reduction=reduction)
+    ce_s2 = F.cross_entropy(s2_logits.reshape(-1, s2_logits.shape[-1]).float(), s2_targets.reshape(-1),
+                            reduction=reduction)
+    return ce_s1, ce_s2
 
 
 @dataclass
@@ -165,6 +177,14 @@ class PredictorCache:
         """Approximate sliding window: forget the oldest n positions everywhere."""
         for c in [*self.blocks, self.dep]:
             c.drop_front(n)
+
+
+class PredictorLoss(NamedTuple):
+    """Phase 2's loss and its parts (`Kronos.loss`)."""
+
+    loss: torch.Tensor  # (ce_s1 + ce_s2) / 2
+    ce_s1: torch.Tensor
+    ce_s2: torch.Tensor
 
 
 class NextTokenScores(NamedTuple):
@@ -287,6 +307,13 @@ class Kronos(CheckpointMixin, nn.Module):
         s2_logits = self.decode_s2(context, sibling, padding_mask, causal_s2=causal_s2)
         return s1_logits, s2_logits
 
+    def loss(self, s1_logits: torch.Tensor, s2_logits: torch.Tensor, s1_targets: torch.Tensor,
+             s2_targets: torch.Tensor, padding_mask: torch.Tensor | None = None) -> PredictorLoss:
+        """Phase 2's loss of a forward's logits on next-token targets: (ce_s1 + ce_s2) / 2, padded positions
+        (mask 1) ignored. Takes the logits (rather than running the forward) so a DDP-wrapped model's
+        forward stays the call; validation's `score_next_tokens` uses the same cross-entropy."""
+        return PredictorLoss(*self.head.compute_loss(s1_logits, s2_logits, s1_targets, s2_targets, padding_mask))
+
     @torch.no_grad()
     def score_next_tokens(self, s1: torch.Tensor, s2: torch.Tensor, stamp: torch.Tensor,
                           in_split: torch.Tensor | None = None) -> NextTokenScores:
@@ -301,8 +328,7 @@ class Kronos(CheckpointMixin, nn.Module):
         t1, t2 = s1[:, 1:], s2[:, 1:]
         scored = (torch.ones_like(t1, dtype=torch.bool) if in_split is None
                   else torch.as_tensor(in_split, device=t1.device)[:, 1:].bool())  # (B, T-1)
-        nll1 = F.cross_entropy(l1.flatten(0, 1).float(), t1.reshape(-1), reduction="none")[scored.reshape(-1)]
-        nll2 = F.cross_entropy(l2.flatten(0, 1).float(), t2.reshape(-1), reduction="none")[scored.reshape(-1)]
+        nll1, nll2 = (nll[scored.reshape(-1)] for nll in next_token_cross_entropy(l1, l2, t1, t2, reduction="none"))
         return NextTokenScores(nll1.sum().item(), nll2.sum().item(), ((l1.argmax(-1) == t1) & scored).sum().item(),
                                ((l2.argmax(-1) == t2) & scored).sum().item(), int(scored.sum()))
 

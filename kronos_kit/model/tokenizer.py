@@ -177,6 +177,16 @@ class TokenizerOutput(NamedTuple):
     indices: torch.Tensor
 
 
+class TokenizerLoss(NamedTuple):
+    """Phase 1's loss and its parts (`KronosTokenizer.loss`)."""
+
+    loss: torch.Tensor  # (recon_s1 + recon_full + bsq) / 2, as the reference trains the tokenizer
+    recon_s1: torch.Tensor  # mse of the s1-only reconstruction (z_pre) against x
+    recon_full: torch.Tensor  # mse of the full reconstruction (z) against x
+    bsq: torch.Tensor  # the quantizer's loss
+    breakdown: LossBreakdown | None  # the BSQ loss's unweighted parts, when the forward returned them
+
+
 class KronosTokenizer(CheckpointMixin, nn.Module):
     """Encoder -> BSQ -> decoder over bars of `d_in` features (open, high, low, close, volume, amount).
 
@@ -282,6 +292,17 @@ class KronosTokenizer(CheckpointMixin, nn.Module):
         z = self._decode(self.post_quant_embed(quantized))
         out = TokenizerOutput((z_pre, z), q.loss, quantized, q.indices)
         return (out, breakdown) if return_loss_breakdown else out
+
+    @staticmethod
+    def loss(x: torch.Tensor, output: TokenizerOutput, breakdown: LossBreakdown | None = None) -> TokenizerLoss:
+        """Phase 1's loss of a forward `output` on input `x`: (mse(z_pre, x) + mse(z, x) + bsq_loss) / 2.
+
+        Takes the forward's output (rather than running it) so a DDP-wrapped model's forward stays the call.
+        """
+        z_pre, z = output.reconstructions
+        recon_s1, recon_full = F.mse_loss(z_pre, x), F.mse_loss(z, x)
+        return TokenizerLoss((recon_s1 + recon_full + output.bsq_loss) / 2, recon_s1, recon_full, output.bsq_loss,
+                             breakdown)
 
     def encode(self, x: torch.Tensor, half: bool = False):
         """Indices of x: one (B, T) tensor, or `(s1_ids, s2_ids)` with `half=True`."""
