@@ -117,7 +117,7 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
     return {"max_context": choice.max_context, "top_k": choice.top_k, "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
-            "path_calibration": choice.path_calibration,
+            "path_calibration": choice.path_calibration,  # plain JSON, read by calibration.PathCalibration
             "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
 
 
@@ -171,7 +171,8 @@ def _forecast(args: argparse.Namespace) -> int:
     model = Kronos.from_pretrained(sources.predictor.start_from, device=device)
     predictor = KronosPredictor(model, tokenizer, device=str(device),
                                 max_context=args.max_context or chosen["max_context"])
-    calibration = None if args.uncalibrated else chosen.get("path_calibration")
+    calibration = None if args.uncalibrated else PathCalibration.from_dict(chosen.get("path_calibration", {}),
+                                                                            where="--run calibration.json")
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples,
                            quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"],
                            calibration=calibration, **sampling)

@@ -666,7 +666,8 @@ def load_run_forecaster(
                                 KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
                                 device=device, max_context=max_context)
     return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source,
-                         choice.sampling, choice.calibrated, choice.path_calibration)
+                         choice.sampling, choice.calibrated,
+                         PathCalibration.from_dict(choice.path_calibration, where=f"{run_dir}/calibration.json"))
 
 
 __all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunChoice",

@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, KitConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -503,16 +502,17 @@ class SamplingCalibration(DecisionFile):
         for name in self.paths:
             self.path_calibration(name)  # a malformed entry fails at load, naming it
 
-    def path_calibration(self, model: str | None = None) -> PathCalibration:
-        """The path calibration fitted for ``model`` (default: the promoted ``model``); identity when none."""
+    def path_calibration(self, model: str | None = None) -> dict[str, Any]:
+        """The plain-JSON path calibration fitted for ``model`` (default: the promoted ``model``), ``{}`` (the
+        identity) when none; `kronos_kit.calibration.PathCalibration.from_dict` turns it into the transform
+        (this module stays below the calibration code, so it only checks the shape)."""
         name = self.model if model is None else model
-        entry = self.paths.get(name)
-        if entry is None:
-            return PathCalibration()
-        where = f"{CALIBRATION_FILE} paths[{name!r}]"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where} must be a JSON object, got {type(entry).__name__}")
-        return PathCalibration.from_dict(entry.get("path_calibration", {}), where=where)
+        entry = self.paths.get(name, {})
+        fit = entry.get("path_calibration", {}) if isinstance(entry, dict) else None
+        if not isinstance(fit, dict):
+            raise ValueError(f"{CALIBRATION_FILE} paths[{name!r}] must be a JSON object with a 'path_calibration' "
+                             f"object, got {entry!r}; rerun notebook 03's validation step to rewrite it")
+        return dict(fit)
 
     def sampling(self) -> dict[str, float]:
         """Keyword arguments for `evaluate.evaluate_models` / `KronosPredictor.as_forecast_fn`."""
@@ -556,7 +556,7 @@ class RunChoice:
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
     # applied to the sample paths after sampling (calibration.json's fit for this model; identity otherwise)
-    path_calibration: PathCalibration = dataclasses.field(default_factory=PathCalibration)
+    path_calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # plain JSON; {}: identity
 
 
 RUN_MODELS = ("promoted", "finetuned", "base")
@@ -585,7 +585,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
         cfg = KitConfig.from_file(rd.config) if rd.config.is_file() else KitConfig()
     e = cfg.evaluation
     sampling, is_calibrated = {"temperature": e.temperature, "top_p": e.top_p}, False
-    path_calibration = PathCalibration()
+    path_calibration: dict[str, Any] = {}
     if model == "promoted":
         promotion = Promotion.load(rd.path)
         name = promotion.promoted

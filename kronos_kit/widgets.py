@@ -20,6 +20,7 @@ import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.plots.figure import figure_png, new_figure
@@ -367,7 +368,8 @@ class _ForecastExplorer:
                 history[feats], history["timestamps"], future, self.pred_len, T=float(self.temperature.value),
                 top_p=float(self.top_p.value), sample_count=int(self.samples.value), verbose=False, seed=self.seed)
             if self.calibrated.value and self.calibration is not None:  # each model's own fit on validation
-                fc = fc.calibrated(self.calibration.path_calibration(name), [float(history["close"].iloc[-1])])
+                fit = PathCalibration.from_dict(self.calibration.path_calibration(name), where="calibration")
+                fc = fc.calibrated(fit, [float(history["close"].iloc[-1])])
             out[name] = fc
         return out
 

@@ -249,17 +249,18 @@ def _check_path_calibration(tmp_path, data, models, evaluation, cal, rf):
     channels of that model's paths only, and loaded by the run's forecaster; the test split is never read."""
     import numpy as np
 
-    from kronos_kit.calibration import apply_path_calibration
+    from kronos_kit.calibration import PathCalibration, apply_path_calibration
     from kronos_kit.data import Splits
     from kronos_kit.evaluate import decide_on_validation
 
     assert set(cal.paths) == {"base", "finetuned"}
-    assert rf.path_calibration == cal.path_calibration(cal.model) and cal.path_calibration().method != "none"
+    assert rf.path_calibration == PathCalibration.from_dict(cal.path_calibration(cal.model))
+    assert cal.path_calibration()["method"] != "none"
     result = evaluate_models(data.splits.test, models, evaluation, lookback=30, baselines=(), calibration=cal,
                              progress=False)
     for name in ("base", "finetuned"):
         raw, done = result.uncalibrated[name], result.samples[name]
-        expected = apply_path_calibration(raw, result.last_close, cal.path_calibration(name))
+        expected = apply_path_calibration(raw, result.last_close, PathCalibration.from_dict(cal.path_calibration(name)))
         np.testing.assert_allclose(done, expected)  # skipped calibration or another model's fit: red
         np.testing.assert_array_equal(done[..., 4:], raw[..., 4:])  # volume / amount as sampled
         assert not np.allclose(done[..., 3], raw[..., 3])  # the close did move

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.baselines import BASELINES
 from kronos_kit.evaluate.scores import EvaluationResult
@@ -289,7 +290,8 @@ def _calibration_lines(cal: SamplingCalibration, result: EvaluationResult) -> li
         candidates = pd.DataFrame(cal.paths[name].get("candidates", [])).set_index("method")
         candidates = candidates.drop(columns="describe", errors="ignore")
         lines += [f"Path calibration candidates for {name} (cv_crps: held-out validation fair CRPS, the choice; the "
-                  f"others in-sample). Chosen: {cal.path_calibration(name).describe()}.", "",
+                  f"others in-sample). Chosen: {PathCalibration.from_dict(cal.path_calibration(name)).describe()}.",
+                  "",
                   _markdown_table(candidates), ""]
     if result.uncalibrated:
         lines += ["On the test split, as sampled vs calibrated (the calibration saw no test data):", "",

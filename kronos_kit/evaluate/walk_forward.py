@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
@@ -241,7 +242,8 @@ def evaluate_models(
                           seed=0 if seed is None else seed, progress=progress, batch_size=batch_size, point=point,
                           season=season)
     if calibration is not None:  # each model's path calibration fitted on validation, applied to its paths
-        result.calibrate({name: calibration.path_calibration(name) for name in fns if name in calibration.paths})
+        result.calibrate({name: PathCalibration.from_dict(calibration.path_calibration(name), where="calibration.json")
+                          for name in fns if name in calibration.paths})
     result.config["sampling"] = {"temperature": temperature, "top_k": s["top_k"], "top_p": top_p, "seed": seed,
                                  "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},
