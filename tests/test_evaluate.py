@@ -384,7 +384,8 @@ def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     assert result.n_origins == 30
     assert result.origin_pos.min() >= 199
     t = result.table
-    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "garch"]
+    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "random_walk", "garch_rw", "bootstrap",
+                             "garch"]
     assert t.loc["finetuned", "close_crps"] < t.loc["base", "close_crps"]
     assert t.loc["garch", "vol_mae"] > 0 and np.isnan(t.loc["garch", "close_mae"])
     assert np.isnan(t.loc["persistence", "coverage_80"])  # a single path has no interval
@@ -398,6 +399,10 @@ def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     payload = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert payload["table"]["finetuned"]["n_origins"] == 30
     assert payload["table"]["persistence"]["coverage_80"] is None  # NaN as null
+    csv = pd.read_csv(paths["table"], index_col="model")  # the naive probabilistic baselines, scored like a model
+    for name in ("random_walk", "garch_rw", "bootstrap"):
+        assert np.isfinite(csv.loc[name, ["close_crps", "close_wql", "coverage_50", "coverage_80", "coverage_95",
+                                          "close_mae"]].to_numpy(float)).all()
     assert len(payload["scores"]["finetuned"]["by_step"]["mae"]["close"]) == 12
     report = paths["report"].read_text()
     for word in ("base", "finetuned", "persistence", "garch"):
@@ -553,7 +558,8 @@ def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_spl
               seed=0, progress=False)
     result = evaluate_models(ashare_splits, models, **kw)  # the Splits: its test part is used
     t = result.table
-    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "garch"]
+    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "random_walk", "garch_rw", "bootstrap",
+                             "garch"]
     assert result.n_origins == 6 and (t["n_origins"] == 6).all()
     assert t.loc["base", "n_samples"] == t.loc["finetuned", "n_samples"] == 4
     # origins lie in the test split: histories may use its context rows, targets may not
