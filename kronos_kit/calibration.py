@@ -334,8 +334,11 @@ def fit_path_calibration(
     y = y[..., CLOSE] if y.ndim == 3 else y
     c0 = np.asarray(last_close, dtype=np.float64)
     n = len(close)
-    if n < 4 or close.shape[1] < 2:
-        raise ValueError(f"path calibration needs >= 4 validation origins and >= 2 paths, got {n} and {close.shape[1]}")
+    if n < 4 or close.shape[1] < 2:  # nothing to fit on: the paths stay as sampled, and the rule says why
+        before = _scores(close, y) if close.shape[1] > 1 else {}
+        return PathCalibrationFit(calibration=IDENTITY, candidates=[], before=before, after=dict(before), n_origins=n,
+                                  rule=f"no path calibration: it needs >= 4 validation origins and >= 2 paths, got "
+                                       f"{n} and {close.shape[1]}; the paths stay as sampled.")
     r_close = np.log(np.maximum(close, 1e-300) / c0[:, None, None])
     y_r = np.log(np.maximum(y, 1e-300) / c0[:, None])
     tables = {"spread": _spread_table(r_close, y, c0, np.array([1.0]))} if "spread" in methods else {}

@@ -105,6 +105,13 @@ def test_json_round_trip_and_errors_name_the_field():
         PathCalibration.from_dict({"method": "magic"})
 
 
+def test_too_few_origins_or_paths_leave_the_paths_as_sampled():
+    bars, y, c0 = _world(9, n=3)
+    fit = fit_path_calibration(bars, y, c0)
+    assert fit.calibration == IDENTITY and "needs >= 4 validation origins" in fit.rule
+    assert fit_path_calibration(bars[:, :1], y, c0).calibration == IDENTITY
+
+
 def test_conformal_quantile_has_the_finite_sample_rank():
     scores = np.arange(1.0, 20.0)  # n = 19: the 0.9 quantile is the ceil(20 * 0.9) = 18th smallest
     assert conformal_quantile(scores, 0.9) == 18.0

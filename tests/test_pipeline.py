@@ -70,7 +70,7 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     report = (smoke_run / "report.md").read_text()
     assert "finetuned" in report and "persistence" in report
     assert report.startswith("# Forecast evaluation\n\n**Bottom line.** ") and "## Promotion" in report
-    assert "## Sampling calibration" in report
+    assert "## Forecast calibration" in report and "as sampled vs calibrated" in report
     promoted = json.loads((smoke_run / "promoted.json").read_text())
     assert promoted["split"] == "validation" and promoted["reason"] in report
     with pytest.raises(UsageError, match="--resume"):

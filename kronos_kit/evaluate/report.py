@@ -287,7 +287,9 @@ def _calibration_lines(cal: SamplingCalibration, result: EvaluationResult) -> li
              f"Validation, {cal.model} (before: as sampled at the configured setting; after: calibrated, in-sample on "
              f"{cal.n_origins} origins); nominal coverage 0.5 / 0.8 / 0.95:", "", _markdown_table(cal.table()), ""]
     for name in cal.paths:
-        candidates = pd.DataFrame(cal.paths[name].get("candidates", [])).set_index("method")
+        if not cal.paths[name].get("candidates"):
+            continue  # nothing was fitted (too few validation origins or paths): the rule says so
+        candidates = pd.DataFrame(cal.paths[name]["candidates"]).set_index("method")
         candidates = candidates.drop(columns="describe", errors="ignore")
         lines += [f"Path calibration candidates for {name} (cv_crps: held-out validation fair CRPS, the choice; the "
                   f"others in-sample). Chosen: {PathCalibration.from_dict(cal.path_calibration(name)).describe()}.",
