@@ -275,7 +275,8 @@ def calibrate_forecasts(
     row = validation_result.table.loc[promoted]
     keep = ("close_crps", "coverage_50", "coverage_80", "coverage_95")
     before = {"temperature": current[0], "top_p": current[1], **{k: float(row[k]) for k in keep}}
-    after = {"temperature": sampling[0], "top_p": sampling[1], **{k: fits[promoted].after.get(k, float("nan")) for k in keep}}
+    chosen = fits[promoted].after
+    after = {"temperature": sampling[0], "top_p": sampling[1], **{k: chosen.get(k, float("nan")) for k in keep}}
     rule = (f"Sampling: {sampling_rule} (temperature {sampling[0]:g}, top-p {sampling[1]:g}). Paths, for each model "
             f"on its own validation paths: {fits[promoted].rule} Chosen for {promoted}: "
             f"{fits[promoted].calibration.describe()}.")
