@@ -700,6 +700,23 @@ def test_forecast_explorer_builds_and_forecasts_without_kernel(fixture_predictor
     assert len(figure.outputs) == 1 and "image/png" in figure.outputs[0]["data"]
     assert "2 model(s)" in status.value and "8 realized bars" in status.value and "tuned close CRPS" in status.value
 
+    # started at a run's calibration: its sampling on the sliders, each model's path calibration applied
+    from kronos_kit.runs import SamplingCalibration
+
+    wide = {"method": "spread", "scale": 3.0, "power": 0.0, "center": 1.0, "conformal": {}}
+    cal = SamplingCalibration(temperature=0.8, top_p=0.95, model="base", paths={"base": {"path_calibration": wide}})
+    calibrated_box = forecast_explorer(models, frame, lookback=32, pred_len=8, max_context=20, sample_count=6,
+                                       calibration=cal)
+    sliders = {w.description: w for w in calibrated_box.children[2].children}
+    start = (sliders["temperature"].value, sliders["top-p"].value, sliders["calibrated paths"].value)
+    assert start == (0.8, 0.95, True)
+    done = calibrated_box.run()
+    sliders["calibrated paths"].value = False
+    raw = calibrated_box.run()
+    spread = [np.ptp(np.log(f["base"].paths[0, :, -1, 3])) for f in (done, raw)]
+    assert spread[0] == pytest.approx(3 * spread[1], rel=1e-3)  # paths come in float32
+    np.testing.assert_allclose(done["tuned"].paths, raw["tuned"].paths)  # no fit for "tuned": as sampled
+
     controls["Dropdown:model"].value = "base"
     origin.value = origin.max  # past the end of the data: no realized path, still forecasts
     assert "settings changed" in status.value
