@@ -257,6 +257,7 @@ class KitConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"  # run name; the run directory is named after it
     threads: int | None = None  # torch CPU threads; None: $KRONOS_THREADS, else torch's default
+    cache_dir: str | None = None  # memory-mapped data cache, one entry per data hash; None: <run_dir>/cache
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -422,6 +423,8 @@ def resolve_paths(cfg: KitConfig) -> KitConfig:
         path = resolve_path(value)
         if path.exists() and str(path.resolve()) != value:
             changes[key] = str(path.resolve())
+    if cfg.cache_dir and not Path(cfg.cache_dir).expanduser().is_absolute():  # created on first use
+        changes["cache_dir"] = str(resolve_path(cfg.cache_dir, new=True).resolve())
     return cfg.with_overrides(changes) if changes else cfg
 
 

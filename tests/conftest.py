@@ -45,3 +45,23 @@ def tiny_run(tmp_path) -> Path:
     rd.config.write_text(cfg.to_yaml())
     save_json(rd.manifest, {"kind": RUN_KIND, "stages": {}, "config": cfg.to_dict()})
     return rd.path
+
+
+def _untracked_files(root: Path) -> set[str] | None:
+    """Files git neither tracks nor ignores under ``root`` (None outside a git checkout)."""
+    import subprocess
+
+    done = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=root,
+                          capture_output=True, text=True)
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_nothing_into_the_repo():
+    """Tests write into tmp paths only: a cache or run folder left in the checkout would be committed."""
+    root = Path(__file__).resolve().parent.parent
+    before = _untracked_files(root)
+    yield
+    after = _untracked_files(root)
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"tests left files in the checkout: {sorted(after - before)[:10]}", pytrace=False)

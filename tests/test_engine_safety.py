@@ -32,8 +32,8 @@ SHORT = {"tokenizer.max_steps": 6, "tokenizer.eval_every": 2, "tokenizer.log_eve
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(smoke_config("unused"))
+def data(tmp_path_factory):
+    return load_data(smoke_config(tmp_path_factory.mktemp("data-run")))
 
 
 def interrupted(cfg, data, at: int, train=train_tokenizer):

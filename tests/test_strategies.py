@@ -25,8 +25,8 @@ LORA = {"lora_rank": 2, "lora_alpha": 4.0, "lora_targets": ["q_proj", "v_proj", 
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(smoke_config("unused"))
+def data(tmp_path_factory):
+    return load_data(smoke_config(tmp_path_factory.mktemp("data-run")))
 
 
 def phase_config(run_dir, phase: str, strategy: str, **extra) -> KitConfig:

@@ -36,8 +36,8 @@ def smoke_config(run_dir, **extra) -> KitConfig:
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(smoke_config("unused"))
+def data(tmp_path_factory):
+    return load_data(smoke_config(tmp_path_factory.mktemp("data-run")))
 
 
 @pytest.fixture(scope="module")

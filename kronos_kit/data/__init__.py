@@ -12,7 +12,10 @@ This package owns
   the future never leaks into the normalisation;
 * the normalisation, its inverse and the amount fill (`normalize`, `denormalize`, `fill_amount`,
   in ``schema``), the one home of the column order and `NORM_EPS`;
-* the configured data in one object (`load_data` -> `DataBundle`, in ``bundle``);
+* one copy of the data per machine (`cached_arrays` -> `MarketArrays`, in ``store``): the validated
+  arrays written once per data hash as ``.npy`` files and memory-mapped by every rank and notebook;
+* the configured data in one object (`load_data` -> `DataBundle`, in ``bundle``), read through that
+  cache; windows (`RowBlocks`) and split frames come from the mapped arrays;
 * batch plumbing (`loop_batches`, `iter_batches`, `take`, `unpack_batch`, in ``batches``): the one
   loop every model-over-windows computation uses;
 * forecast origins and the model inputs at them (`forecast_origins`, `origin_inputs`, in
@@ -42,8 +45,9 @@ from .schema import (
     normalize,
     time_features,
 )
+from .store import MarketArrays, cached_arrays
 from .summary import DataSummary, summarize
-from .windows import Splits, WindowDataset, split
+from .windows import RowBlocks, SplitRows, Splits, WindowDataset, split, split_rows
 
 __all__ = [
     "COLUMNS",
@@ -57,8 +61,12 @@ __all__ = [
     "DataError",
     "DataNotice",
     "DataSummary",
+    "MarketArrays",
+    "RowBlocks",
+    "SplitRows",
     "Splits",
     "WindowDataset",
+    "cached_arrays",
     "denormalize",
     "fill_amount",
     "forecast_origins",
@@ -71,6 +79,7 @@ __all__ = [
     "normalize",
     "origin_inputs",
     "split",
+    "split_rows",
     "summarize",
     "take",
     "time_features",

@@ -394,6 +394,33 @@ def load_ohlcv(
     amt/turnover, ticker/code/instrument). ``Adj Close`` is ignored unless ``use_adj_close``.
     Raises `DataError` (a ValueError) naming the source, column and first rows at fault.
     """
+    return canonical_frame(load_validated(source, symbol=symbol, fill=fill, use_adj_close=use_adj_close,
+                                          repair=repair, columns=columns))
+
+
+@dataclass
+class Validated:
+    """A validated source as flat arrays, before any DataFrame is built (what `load_ohlcv` returns as a
+    frame and the data cache writes to disk): rows sorted by symbol code then time."""
+
+    codes: np.ndarray  # (N,) int64 index into `names`, non-decreasing
+    names: list[str]  # symbols, sorted
+    timestamps: np.ndarray  # (N,) int64 nanoseconds (UTC instants when zoned)
+    tz: object  # the times' zone, None when naive
+    values: dict[str, np.ndarray]  # FEATURE_COLUMNS -> (N,) float64
+    notices: list[str]
+
+
+def load_validated(
+    source: str | PathLike | Sequence[str | PathLike] | pd.DataFrame,
+    *,
+    symbol: str | None = None,
+    fill: str | None = None,
+    use_adj_close: bool = False,
+    repair: str | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> Validated:
+    """`load_ohlcv`'s reading and every check, returning arrays (same arguments, same `DataError`s)."""
     if fill not in (None, "ffill"):
         raise ValueError(f"fill={fill!r}: use None (missing values are errors) or 'ffill'.")
     if repair not in (None, "clip"):
@@ -418,22 +445,29 @@ def load_ohlcv(
                         "; check the file is not empty and the symbol is spelled as in the data.")
 
     codes, names, ts, tz, values, origin = _combine(parts)
+    many = len(parts) > 1
+    del parts  # the combined arrays hold every row now; at market scale the parts' copies are gigabytes
     codes, ts, values, origin = _sort_by_symbol_time(codes, names, ts, values, origin, label, notices)
     first_of_symbol = np.r_[True, codes[1:] != codes[:-1]]
 
     _fill_missing(values, first_of_symbol, fill=fill, origin=origin, label=label, notices=notices)
     _check_candles(values, first_of_symbol, ts, repair=repair, origin=origin, label=label, notices=notices,
-                   many=len(parts) > 1)
+                   many=many)
 
-    times = pd.DatetimeIndex(ts.view("datetime64[ns]"))
-    if tz is not None:
-        times = times.tz_localize("UTC").tz_convert(tz)
+    return Validated(codes, names, ts, tz, values, notices)
+
+
+def canonical_frame(data: Validated) -> pd.DataFrame:
+    """The canonical long frame of validated arrays (the columns and dtypes `load_ohlcv` documents)."""
+    times = pd.DatetimeIndex(data.timestamps.view("datetime64[ns]"))
+    if data.tz is not None:
+        times = times.tz_localize("UTC").tz_convert(data.tz)
     frame = pd.DataFrame({
-        "symbol": pd.Categorical.from_codes(codes, names).astype("str"),
+        "symbol": pd.Categorical.from_codes(data.codes, data.names).astype("str"),
         "timestamps": times,
-        **values,
+        **{c: data.values[c] for c in FEATURE_COLUMNS},
     })
-    frame.attrs["notices"] = notices
+    frame.attrs["notices"] = list(data.notices)
     return frame
 
 

@@ -55,6 +55,19 @@ def _need(lookback: int, predict: int) -> str:
     return f"one window needs {lookback + predict + 1} bars (lookback {lookback} + predict {predict} + 1)"
 
 
+@dataclass(frozen=True)
+class SplitRows:
+    """One split's rows, per symbol of the source: positions ``lo <= p < hi`` within the symbol's block,
+    of which ``p < first`` are look-back context (``is_context``); ``kept`` False: left out (too short)."""
+
+    name: str
+    lo: np.ndarray  # (S,) int64
+    first: np.ndarray  # (S,) int64
+    hi: np.ndarray  # (S,) int64
+    kept: np.ndarray  # (S,) bool
+    notices: list[str]
+
+
 def split(
     frame: pd.DataFrame,
     *,
@@ -80,11 +93,46 @@ def split(
     ``notices``.
     """
     require_canonical(frame, "split")
+    starts, ends, names = symbol_bounds(frame, "split")
+    ts = frame["timestamps"]
+    rows = split_rows(starts, ends, names, nanoseconds(ts), getattr(ts.dt, "tz", None), lookback=lookback,
+                      predict=predict, ratios=ratios, dates=dates, short=short,
+                      notices=list(frame.attrs.get("notices", [])))
+    sizes = ends - starts
+    pos = np.arange(len(frame)) - np.repeat(starts, sizes)  # row position within its symbol
+    base = frame.loc[:, list(COLUMNS)]
+    parts = {}
+    for name, part_rows in rows.items():
+        lo = np.repeat(np.where(part_rows.kept, part_rows.lo, 0), sizes)
+        hi = np.repeat(np.where(part_rows.kept, part_rows.hi, 0), sizes)
+        keep = (pos >= lo) & (pos < hi)
+        part = base.loc[keep].reset_index(drop=True)
+        part[CONTEXT_COLUMN] = (pos < np.repeat(part_rows.first, sizes))[keep]
+        part.attrs = {"notices": part_rows.notices, "split": name, "lookback": lookback}
+        parts[name] = part
+    return Splits(**parts)
+
+
+def split_rows(
+    starts: np.ndarray,
+    ends: np.ndarray,
+    names: list[str],
+    timestamps: np.ndarray,
+    tz: object,
+    *,
+    lookback: int,
+    predict: int = 0,
+    ratios: tuple[float, float, float] | None = None,
+    dates: tuple[str | pd.Timestamp, str | pd.Timestamp] | None = None,
+    short: str = "error",
+    notices: Sequence[str] = (),
+) -> dict[str, SplitRows]:
+    """`split`'s cut of symbol blocks ``[starts[k], ends[k])`` of time-sorted ``timestamps`` (int64 ns,
+    UTC instants when ``tz`` is set): the rows of each split, its checks and notices, without a frame."""
     if short not in ("error", "drop"):
         raise ValueError(f"short={short!r}: use 'error' or 'drop'.")
     if lookback < 1 or predict < 0:
         raise ValueError(f"lookback={lookback}, predict={predict}: need lookback >= 1 and predict >= 0.")
-    starts, ends, names = symbol_bounds(frame, "split")
     sizes = ends - starts
     if dates is None:
         r = np.asarray(ratios if ratios is not None else (0.8, 0.1, 0.1), dtype=float)
@@ -94,21 +142,18 @@ def split(
         cut2 = np.floor(sizes * (r[0] + r[1])).astype(np.int64)
         how = f"ratios={tuple(r.tolist())}"
     else:
-        ts = frame["timestamps"]
-        val_start, test_start = (_bound(d, getattr(ts.dt, "tz", None), dates) for d in dates)
+        val_start, test_start = (_bound(d, tz, dates) for d in dates)
         if not val_start < test_start:
             raise ValueError(f"dates={dates}: val_start must come before test_start.")
         # rows are time-sorted within each symbol, so a cut is the count of that symbol's earlier rows
-        cut1 = np.add.reduceat((ts < val_start).to_numpy(np.int64), starts)
-        cut2 = np.add.reduceat((ts < test_start).to_numpy(np.int64), starts)
+        cut1 = np.add.reduceat((timestamps < val_start.value).astype(np.int64), starts)
+        cut2 = np.add.reduceat((timestamps < test_start.value).astype(np.int64), starts)
         how = f"dates=({val_start}, {test_start})"
 
     window = lookback + predict + 1
-    pos = np.arange(len(frame)) - np.repeat(starts, sizes)  # row position within its symbol
-    base = frame.loc[:, list(COLUMNS)]
     parts = {}
     for name, first, last in (("train", np.zeros_like(cut1), cut1), ("val", cut1, cut2), ("test", cut2, sizes)):
-        notices = list(frame.attrs.get("notices", []))
+        part_notices = list(notices)
         context_from = np.maximum(0, first - lookback)
         counts = np.maximum(0, last - window - context_from + 1)  # windows whose targets lie in [first, last)
         short_ones = np.flatnonzero(counts == 0)
@@ -123,16 +168,10 @@ def split(
                 raise DataError(f"split '{name}': {len(short_ones)} symbol(s) too short for one window: "
                                 f"{listing}; {_need(lookback, predict)}. Lower lookback/predict, change the "
                                 "split, or pass short='drop' to leave such symbols out of this split.")
-            notify(notices, f"split '{name}': left out {len(short_ones)} symbol(s) too short for one "
-                            f"window: {listing}.")
-        lo = np.repeat(np.where(counts > 0, context_from, 0), sizes)
-        hi = np.repeat(np.where(counts > 0, last, 0), sizes)
-        keep = (pos >= lo) & (pos < hi)
-        part = base.loc[keep].reset_index(drop=True)
-        part[CONTEXT_COLUMN] = (pos < np.repeat(first, sizes))[keep]
-        part.attrs = {"notices": notices, "split": name, "lookback": lookback}
-        parts[name] = part
-    return Splits(**parts)
+            notify(part_notices, f"split '{name}': left out {len(short_ones)} symbol(s) too short for one "
+                                 f"window: {listing}.")
+        parts[name] = SplitRows(name, context_from, first, last, counts > 0, part_notices)
+    return parts
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,28 +187,73 @@ def _normalize_windows(windows: np.ndarray, lookback: int, clip: float) -> tuple
     return x, mean.squeeze(-2), std.squeeze(-2)
 
 
-def _cut_at_gaps(
-    frame: pd.DataFrame, starts: np.ndarray, ends: np.ndarray, names: list[str], *, gaps: str,
-    max_gap: float | str | pd.Timedelta, where: str,
-) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class RowBlocks:
+    """The rows a `WindowDataset` reads: one block of rows per symbol in shared arrays, which are a
+    frame's own columns or the memory-mapped canonical arrays of the data cache (`store`), so every
+    window indexes into one copy of the data and none is copied up front."""
+
+    columns: tuple[np.ndarray, ...]  # FEATURE_COLUMNS in order, (N,) each: float64, or float32 where exact
+    stamps: np.ndarray  # (N, 5) TIME_FEATURE_COLUMNS, float32 or uint8 (the values are small whole numbers)
+    timestamps: np.ndarray  # (N,) int64 ns, UTC instants when zoned
+    tz: object  # the times' zone; None when naive
+    starts: np.ndarray  # (S,) first row of each symbol's block, ascending
+    ends: np.ndarray  # (S,) one past its last row
+    n_context: np.ndarray  # (S,) `is_context` rows at the start of each block
+    names: list[str]
+    split: str | None = None  # the split's name, for messages
+
+    @classmethod
+    def of_frame(cls, frame: pd.DataFrame, where: str) -> RowBlocks:
+        """The blocks of a canonical frame (or a split part of one), checked as `WindowDataset` needs."""
+        starts, ends, names = symbol_bounds(frame, where)
+        columns = tuple(frame[c].to_numpy(np.float64) for c in FEATURE_COLUMNS)
+        if not all(np.isfinite(c).all() for c in columns):
+            raise DataError(f"{where}: frame holds missing or infinite values; load it with "
+                            "load_ohlcv(..., fill='ffill') or drop those rows.")
+        context = (frame[CONTEXT_COLUMN].to_numpy(bool) if CONTEXT_COLUMN in frame.columns
+                   else np.zeros(len(frame), bool))
+        sym_of_row = np.repeat(np.arange(len(starts)), ends - starts)
+        if (context[1:] & ~context[:-1] & (sym_of_row[1:] == sym_of_row[:-1])).any():
+            raise DataError(f"{where}: '{CONTEXT_COLUMN}' rows must come first within each symbol; "
+                            "build val/test frames with split(...).")
+        ts = frame["timestamps"]
+        return cls(columns, time_features(ts).to_numpy(np.float32), nanoseconds(ts), getattr(ts.dt, "tz", None),
+                   starts, ends, np.add.reduceat(context.astype(np.int64), starts), names, frame.attrs.get("split"))
+
+    def features(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Raw feature values of ``rows`` (a slice, or row numbers of any shape) as float64 (..., 6)."""
+        return np.stack([c[rows] for c in self.columns], axis=-1).astype(np.float64, copy=False)
+
+    def time_text(self, row: int) -> str:
+        t = pd.Timestamp(int(self.timestamps[row]))
+        return str(t if self.tz is None else t.tz_localize("UTC").tz_convert(self.tz))
+
+
+def _cut_at_gaps(blocks: RowBlocks, *, gaps: str, max_gap: float | str | pd.Timedelta,
+                 where: str) -> tuple[np.ndarray, np.ndarray]:
     """Unbroken stretches [lo, hi) of rows: the symbol blocks, cut at gaps when ``gaps="split"``."""
+    starts, ends, names = blocks.starts, blocks.ends, blocks.names
     if gaps == "ignore":
         return starts, ends
-    ts = nanoseconds(frame["timestamps"])
-    sym_of_row = np.repeat(np.arange(len(starts)), ends - starts)
+    sizes = ends - starts
+    local = np.cumsum(sizes) - sizes  # each block's first position in the gathered rows
+    rows = np.arange(int(sizes.sum())) + np.repeat(starts - local, sizes)
+    ts = blocks.timestamps[rows]
+    sym_of_row = np.repeat(np.arange(len(starts)), sizes)
     if isinstance(max_gap, numbers.Real):  # a multiple of each symbol's own bar interval
-        limit = modal_step(ts, starts)[sym_of_row[1:]] * float(max_gap)
+        limit = modal_step(ts, local)[sym_of_row[1:]] * float(max_gap)
     else:
         limit = pd.Timedelta(max_gap).value
     jump = np.flatnonzero((np.diff(ts) > limit) & (sym_of_row[1:] == sym_of_row[:-1])) + 1
     if len(jump) and gaps == "error":
-        times = frame["timestamps"]
-        listing = ", ".join(f"'{names[sym_of_row[j]]}' {times.iat[j - 1]} -> {times.iat[j]}" for j in jump[:SHOW])
+        listing = ", ".join(f"'{names[sym_of_row[j]]}' {blocks.time_text(rows[j - 1])} -> "
+                            f"{blocks.time_text(rows[j])}" for j in jump[:SHOW])
         raise DataError(f"{where}: {len(jump)} gap(s) longer than max_gap={max_gap!r} (times the bar interval "
                         f"when a number), first: {listing}. Pass gaps='split' to keep windows inside unbroken "
                         "stretches, gaps='ignore' if such breaks are normal (overnight, weekends), or a "
                         "larger max_gap.")
-    return np.sort(np.r_[starts, jump]), np.sort(np.r_[ends, jump])
+    return np.sort(np.r_[starts, rows[jump]]), np.sort(np.r_[ends, rows[jump]])
 
 
 class WindowDataset(Dataset):
@@ -183,6 +267,10 @@ class WindowDataset(Dataset):
     its symbol's rows in ``frame``); ``in_split`` (L,) bool, False for the ``is_context`` bars that a
     val/test window borrows from the previous split (score only targets where it is True). The
     default DataLoader collate works.
+
+    ``frame`` is a canonical frame (or a split part of one), or `RowBlocks` over shared arrays (what
+    `load_data` passes: the memory-mapped cache); items slice those arrays when asked for, and the
+    dataset keeps only a few numbers per unbroken stretch of rows, never one per window.
 
     Windows never cross symbols. For frames from `split`, the target bars (after the look-back)
     of every window lie outside the ``is_context`` rows. ``gaps`` decides what a time jump larger
@@ -200,7 +288,7 @@ class WindowDataset(Dataset):
 
     def __init__(
         self,
-        frame: pd.DataFrame,
+        frame: pd.DataFrame | RowBlocks,
         *,
         lookback: int,
         predict: int,
@@ -220,29 +308,21 @@ class WindowDataset(Dataset):
         if gaps not in ("ignore", "split", "error") or short not in ("error", "drop"):
             raise ValueError(f"gaps={gaps!r}, short={short!r}: gaps is 'ignore', 'split' or 'error'; "
                              "short is 'error' or 'drop'.")
-        require_canonical(frame, "WindowDataset")
-        where = f"WindowDataset (split '{frame.attrs['split']}')" if "split" in frame.attrs else "WindowDataset"
+        if isinstance(frame, RowBlocks):
+            blocks = frame
+            where = f"WindowDataset (split '{blocks.split}')" if blocks.split else "WindowDataset"
+        else:
+            require_canonical(frame, "WindowDataset")
+            where = f"WindowDataset (split '{frame.attrs['split']}')" if "split" in frame.attrs else "WindowDataset"
+            blocks = RowBlocks.of_frame(frame, where)
         self.lookback, self.predict, self.clip = lookback, predict, float(clip)
         self.window = lookback + predict + 1
         self.max_samples, self.seed, self.epoch = max_samples, seed, 0
         self.notices: list[str] = []
+        self._blocks = blocks
+        starts, ends, n_context, names = blocks.starts, blocks.ends, blocks.n_context, blocks.names
 
-        # precomputed once; __getitem__ only slices these
-        starts, ends, names = symbol_bounds(frame, where)
-        self._features = frame.loc[:, list(FEATURE_COLUMNS)].to_numpy(np.float64)  # (N, 6)
-        if not np.isfinite(self._features).all():
-            raise DataError(f"{where}: frame holds missing or infinite values; load it with "
-                            "load_ohlcv(..., fill='ffill') or drop those rows.")
-        self._stamps = time_features(frame["timestamps"]).to_numpy(np.float32)  # (N, 5)
-        context = (frame[CONTEXT_COLUMN].to_numpy(bool) if CONTEXT_COLUMN in frame.columns
-                   else np.zeros(len(frame), bool))
-        sym_of_row = np.repeat(np.arange(len(starts)), ends - starts)
-        if (context[1:] & ~context[:-1] & (sym_of_row[1:] == sym_of_row[:-1])).any():
-            raise DataError(f"{where}: '{CONTEXT_COLUMN}' rows must come first within each symbol; "
-                            "build val/test frames with split(...).")
-        n_context = np.add.reduceat(context.astype(np.int64), starts)
-
-        seg_lo, seg_hi = _cut_at_gaps(frame, starts, ends, names, gaps=gaps, max_gap=max_gap, where=where)
+        seg_lo, seg_hi = _cut_at_gaps(blocks, gaps=gaps, max_gap=max_gap, where=where)
         seg_sym = np.searchsorted(starts, seg_lo, side="right") - 1
         # a window may start in the context rows, but its targets (after the look-back) may not
         lo = np.maximum(seg_lo, (starts + n_context)[seg_sym] - lookback)
@@ -252,12 +332,11 @@ class WindowDataset(Dataset):
         self._check_short(np.bincount(seg_sym, weights=count, minlength=len(starts)), names,
                           ends - starts - n_context, n_context, longest, short=short, where=where)
 
-        # every segment's starts lo, lo + stride, ... in one vectorised expression
-        within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-        self._starts = np.repeat(lo, count) + stride * within
-        self._win_symbol = np.repeat(seg_sym, count)
-        self._symbol_start = starts
-        self._n_context = n_context
+        # windows are numbered segment by segment: window j of a segment starts at lo + stride * j; only
+        # these per-segment numbers are kept (a per-window table would cost 16 bytes a window)
+        self._stride = stride
+        self._seg_lo, self._seg_count, self._seg_sym = lo, count, seg_sym
+        self._seg_end = np.cumsum(count)
         self.symbols = names
         self._order: np.ndarray | None = None
         self.set_epoch(0)
@@ -285,14 +364,20 @@ class WindowDataset(Dataset):
     @property
     def n_windows(self) -> int:
         """Every window the frame holds (``len(self)`` is smaller under ``max_samples``)."""
-        return len(self._starts)
+        return int(self._seg_end[-1]) if len(self._seg_end) else 0
+
+    def _window_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """First row (in the blocks' arrays) and symbol of windows ``ids``."""
+        seg = np.searchsorted(self._seg_end, ids, side="right")
+        first = self._seg_end[seg] - self._seg_count[seg]
+        return self._seg_lo[seg] + self._stride * (ids - first), self._seg_sym[seg]
 
     def set_epoch(self, epoch: int) -> None:
         """Choose this epoch's windows (only matters with ``max_samples``)."""
         self.epoch = int(epoch)
         if self.max_samples is not None:
             rng = np.random.default_rng((self.seed, self.epoch))
-            self._order = rng.permutation(self.n_windows)[: self.max_samples]
+            self._order = rng.permutation(self.n_windows)[: self.max_samples].copy()  # free the rest
 
     def __len__(self) -> int:
         return self.n_windows if self._order is None else len(self._order)
@@ -305,16 +390,20 @@ class WindowDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, object]:
         j = self._window_id(index)
-        start, k = int(self._starts[j]), int(self._win_symbol[j])
-        x, mean, std = _normalize_windows(self._features[start : start + self.window], self.lookback, self.clip)
+        rows, syms = self._window_rows(np.array([j]))
+        start, k = int(rows[0]), int(syms[0])
+        blocks = self._blocks
+        span = slice(start, start + self.window)
+        x, mean, std = _normalize_windows(blocks.features(span), self.lookback, self.clip)
+        offset = start - int(blocks.starts[k])  # position within the symbol's rows of this split
         return {
             "x": torch.from_numpy(x.astype(np.float32)),
-            "stamp": torch.from_numpy(self._stamps[start : start + self.window].copy()),
+            "stamp": torch.from_numpy(blocks.stamps[span].astype(np.float32)),
             "mean": torch.from_numpy(mean.astype(np.float32)),
             "std": torch.from_numpy(std.astype(np.float32)),
             "symbol": self.symbols[k],
-            "start": start - int(self._symbol_start[k]),
-            "in_split": torch.arange(self.window) >= int(self._n_context[k]) - (start - int(self._symbol_start[k])),
+            "start": offset,
+            "in_split": torch.arange(self.window) >= int(blocks.n_context[k]) - offset,
         }
 
     def window_array(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -324,8 +413,6 @@ class WindowDataset(Dataset):
         N * L * 6 * 4 bytes).
         """
         items = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64) % max(len(self), 1)
-        starts = self._starts[items if self._order is None else self._order[items]]
+        starts, _ = self._window_rows(items if self._order is None else self._order[items])
         rows = starts[:, None] + np.arange(self.window)  # (N, L)
-        return _normalize_windows(self._features[rows], self.lookback, self.clip)[0].astype(np.float32)
-
-
+        return _normalize_windows(self._blocks.features(rows), self.lookback, self.clip)[0].astype(np.float32)
