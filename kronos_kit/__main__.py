@@ -77,6 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--temperature", type=float, help="sampling temperature (default: the run's calibrated one)")
     fc.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's calibrated one)")
+    fc.add_argument("--uncalibrated", action="store_true",
+                    help="skip the run's path calibration (calibration.json) and write the paths as sampled")
     fc.add_argument("--max-context", type=int, help="context window in bars (default: the run's, else 512)")
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--threads", type=int, help="torch CPU threads (default: $KRONOS_THREADS, else torch's)")
@@ -101,9 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def run_models(run_dir: str | Path) -> dict[str, Any]:
-    """What `forecast --run` uses from a run (`runs.run_choice`): the promoted pair and calibrated sampling
-    when the run has decided them, else its own `best` checkpoints (the base ones for a phase it skipped)
-    and its configured sampling. Reads plain JSON and YAML only."""
+    """What `forecast --run` uses from a run (`runs.run_choice`): the promoted pair, calibrated sampling and
+    path calibration when the run has decided them, else its own `best` checkpoints (the base ones for a phase
+    it skipped) and its configured sampling. Reads plain JSON and YAML only."""
     from kronos_kit.config import KitConfig
     from kronos_kit.runs import RunDir, run_choice
 
@@ -115,6 +117,7 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
     return {"max_context": choice.max_context, "top_k": choice.top_k, "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
+            "path_calibration": choice.path_calibration,  # plain JSON, read by calibration.PathCalibration
             "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
 
 
@@ -126,6 +129,7 @@ def _quantiles(text: str) -> list[float]:
 
 
 def _forecast(args: argparse.Namespace) -> int:
+    from kronos_kit.calibration import PathCalibration
     from kronos_kit.config import (
         DEFAULT_MAX_CONTEXT,
         DEFAULT_TOP_K,
@@ -167,8 +171,11 @@ def _forecast(args: argparse.Namespace) -> int:
     model = Kronos.from_pretrained(sources.predictor.start_from, device=device)
     predictor = KronosPredictor(model, tokenizer, device=str(device),
                                 max_context=args.max_context or chosen["max_context"])
+    calibration = None if args.uncalibrated else PathCalibration.from_dict(chosen.get("path_calibration", {}),
+                                                                            where="--run calibration.json")
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples,
-                           quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"], **sampling)
+                           quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"],
+                           calibration=calibration, **sampling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
@@ -176,7 +183,8 @@ def _forecast(args: argparse.Namespace) -> int:
     print(f"wrote {len(table)} rows ({n_symbols} symbol(s) x {args.horizon} steps) to {out}\n"
           f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
-          f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}")
+          f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}\n"
+          f"path calibration: {(calibration or PathCalibration()).describe()}")
     return 0
 
 

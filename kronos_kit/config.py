@@ -63,6 +63,8 @@ LORA_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAtten
 LORA_FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
 LORA_TARGET_NAMES = LORA_ATTENTION_TARGETS + LORA_FFN_TARGETS  # the default: every linear of every block
 SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
+# how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
+PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
@@ -217,18 +219,22 @@ class GateConfig:
 
 @dataclass
 class EvalConfig:
-    stride: int = 24  # bars between forecast origins on the test split (and on validation for promotion)
+    stride: int = 1  # bars between forecast origins on the test split (and on validation for promotion)
     pred_len: int = 24  # forecast horizon in bars (independent of data.predict)
-    sample_count: int = 8  # sample paths per origin
-    max_origins: int | None = 60  # cap per model (None: every origin)
+    sample_count: int = 32  # sample paths per origin (fewer make 95% intervals little more than min..max)
+    max_origins: int | None = 200  # cap per model, evenly spaced in time (None: every origin)
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
-    calibrate: bool = True  # fit temperature / top-p on validation and evaluate test with them
-    calibration_temperatures: list[float] = field(default_factory=lambda: [0.85, 1.0, 1.15])  # calibration grid
-    calibration_top_ps: list[float] = field(default_factory=lambda: [0.9, 1.0])  # calibration grid
-    val_origins: int | None = 40  # origin cap on validation for promotion and calibration (None: every origin)
+    calibrate: bool = True  # fit the forecast calibration on validation; test and the run's forecaster use it
+    # path calibration candidates (kronos_kit.calibration), the one with the lowest held-out validation CRPS wins
+    calibration_methods: list[str] = field(default_factory=lambda: list(PATH_CALIBRATION_METHODS))
+    # temperature / top-p grid: searched only when it holds a setting other than the configured one (each point
+    # is one more validation walk-forward); by default it holds just that one (benchmarks/RESULTS.md)
+    calibration_temperatures: list[float] = field(default_factory=lambda: [DEFAULT_TEMPERATURE])
+    calibration_top_ps: list[float] = field(default_factory=lambda: [DEFAULT_TOP_P])
+    val_origins: int | None = 200  # origin cap on validation for promotion and calibration (None: every origin)
 
     def __post_init__(self) -> None:
         temps, top_ps = self.calibration_temperatures, self.calibration_top_ps
@@ -238,6 +244,10 @@ class EvalConfig:
             raise ValueError(f"evaluation.calibration_top_ps must be a non-empty list of numbers in (0, 1]: {top_ps!r}")
         if self.val_origins is not None and self.val_origins < 1:
             raise ValueError(f"evaluation.val_origins must be >= 1 or null, got {self.val_origins}")
+        methods = self.calibration_methods
+        if isinstance(methods, str) or not methods or set(methods) - set(PATH_CALIBRATION_METHODS):
+            raise ValueError(f"evaluation.calibration_methods must be a non-empty list drawn from "
+                             f"{list(PATH_CALIBRATION_METHODS)} (['none'] switches path calibration off): {methods!r}")
 
 
 @dataclass

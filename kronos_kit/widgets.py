@@ -20,6 +20,7 @@ import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.plots.figure import figure_png, new_figure
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from kronos_kit.forecast import Forecast, KronosPredictor
     from kronos_kit.model import Kronos, KronosTokenizer
+    from kronos_kit.runs import SamplingCalibration
 
 __all__ = ["LiveCurve", "window_browser", "code_inspector", "codes_table_html", "forecast_explorer"]
 
@@ -322,20 +324,21 @@ class _ForecastExplorer:
 
     def __init__(self, models: dict[str, KronosPredictor], bars: dict[str, pd.DataFrame], *, lookback: int,
                  pred_len: int, sample_count: int, max_sample_count: int, history_bars: int,
-                 seed: int | None) -> None:
+                 seed: int | None, calibration: SamplingCalibration | None = None) -> None:
         self.models, self.names, self.bars = models, list(models), bars
         self.lookback, self.pred_len, self.history_bars, self.seed = lookback, pred_len, history_bars, seed
+        self.calibration = calibration
         self._build_controls(sample_count, max_sample_count)
         self.button.on_click(self._on_click)
         self.symbol.observe(self._on_symbol, names="value")
-        for control in (self.origin, self.which, self.temperature, self.top_p, self.samples):
+        for control in (self.origin, self.which, self.temperature, self.top_p, self.samples, self.calibrated):
             control.observe(self._changed, names="value")
         self._describe()
         self.status.value = "press <b>Forecast</b> (nothing runs while the sliders move)"
         self.box = widgets.VBox([
             widgets.HBox([self.symbol, self.which]),
             self.origin,
-            widgets.HBox([self.temperature, self.top_p, self.samples]),
+            widgets.HBox([self.temperature, self.top_p, self.samples, self.calibrated]),
             widgets.HBox([self.button, self.status]),
             self.info,
             self.figure,
@@ -357,10 +360,15 @@ class _ForecastExplorer:
         self.which = widgets.Dropdown(options=model_options, value=model_options[-1], description="model")
         self.origin = widgets.IntSlider(value=start, min=lo, max=hi, description="origin bar", style=wide,
                                         continuous_update=False, layout=widgets.Layout(width="95%"))
-        self.temperature = widgets.FloatSlider(value=DEFAULT_TEMPERATURE, min=0.1, max=2.0, step=0.05,
+        # the run's calibrated setting when given (calibration.json), else the kit's default sampling
+        sampling = self.calibration.sampling() if self.calibration is not None else {
+            "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P}
+        self.temperature = widgets.FloatSlider(value=sampling["temperature"], min=0.1, max=2.0, step=0.05,
                                                description="temperature", style=wide)
-        self.top_p = widgets.FloatSlider(value=DEFAULT_TOP_P, min=0.05, max=1.0, step=0.05, description="top-p",
+        self.top_p = widgets.FloatSlider(value=sampling["top_p"], min=0.05, max=1.0, step=0.05, description="top-p",
                                          style=wide)
+        self.calibrated = widgets.Checkbox(value=self.calibration is not None, disabled=self.calibration is None,
+                                           description="calibrated paths", style=wide)
         self.samples = widgets.IntSlider(value=min(sample_count, max_sample_count), min=1, max=max_sample_count,
                                          description="sample paths", style=wide)
         self.button = widgets.Button(description="Forecast", button_style="primary", icon="play")
@@ -398,12 +406,16 @@ class _ForecastExplorer:
 
     def _forecast(self, history: pd.DataFrame, future: pd.Series, chosen: list[str]) -> dict[str, Forecast]:
         feats = [c for c in FEATURE_COLUMNS if c in history.columns]
-        return {
-            name: self.models[name].predict_paths(
+        out = {}
+        for name in chosen:
+            fc = self.models[name].predict_paths(
                 history[feats], history["timestamps"], future, self.pred_len, T=float(self.temperature.value),
                 top_p=float(self.top_p.value), sample_count=int(self.samples.value), verbose=False, seed=self.seed)
-            for name in chosen
-        }
+            if self.calibrated.value and self.calibration is not None:  # each model's own fit on validation
+                fit = PathCalibration.from_dict(self.calibration.path_calibration(name), where="calibration")
+                fc = fc.calibrated(fit, [float(history["close"].iloc[-1])])
+            out[name] = fc
+        return out
 
     def _draw(self, history: pd.DataFrame, realized: pd.DataFrame, forecasts: dict[str, Forecast]) -> list[str]:
         """Draw one fan chart per forecast into the figure; return each model's score on the realized bars."""
@@ -473,6 +485,7 @@ def forecast_explorer(
     max_sample_count: int = 64,
     history_bars: int = 60,
     seed: int | None = 0,
+    calibration: SamplingCalibration | None = None,
 ) -> widgets.VBox:
     """Forecast from any bar of ``frame`` and see each model's fan chart against what happened.
 
@@ -489,6 +502,9 @@ def forecast_explorer(
     seconds, so nothing runs while sliders move; the button (or ``box.run()``, which returns the
     ``{name: Forecast}`` it drew) forecasts with the current settings and ``seed`` and redraws the
     fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
+    ``calibration`` (the run's calibration.json, e.g. ``decision.calibration``) starts the sliders at
+    its temperature / top-p and ticks "calibrated paths": each model's path calibration fitted on
+    validation is applied to its paths (untick it to see them as sampled).
     """
     if lookback < 2 or pred_len < 1:
         raise ValueError(f"need lookback >= 2 and pred_len >= 1, got lookback={lookback}, pred_len={pred_len}")
@@ -497,4 +513,5 @@ def forecast_explorer(
     models = _explorer_predictors(predictors, max_context, device)
     bars = _symbol_frames(frame, lookback)
     return _ForecastExplorer(models, bars, lookback=lookback, pred_len=pred_len, sample_count=sample_count,
-                             max_sample_count=max_sample_count, history_bars=history_bars, seed=seed).box
+                             max_sample_count=max_sample_count, history_bars=history_bars, seed=seed,
+                             calibration=calibration).box

@@ -78,7 +78,7 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     gate = json.loads((smoke_run / "reconstruction_gate.json").read_text())
     assert gate["passed"] and {c["metric"] for c in gate["checks"]} >= {"full_mse_vs_base", "close_error_to_move"}
     assert all(c["value"] is not None and c["threshold"] is not None and c["base"] is not None for c in gate["checks"])
-    assert "## Sampling calibration" in report
+    assert "## Forecast calibration" in report and "as sampled vs calibrated" in report
     promoted = json.loads((smoke_run / "promoted.json").read_text())
     assert promoted["split"] == "validation" and promoted["reason"] in report
     with pytest.raises(UsageError, match="--resume"):
