@@ -79,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--temperature", type=float, help="sampling temperature (default: the run's calibrated one)")
     fc.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's calibrated one)")
+    fc.add_argument("--uncalibrated", action="store_true",
+                    help="skip the run's path calibration (calibration.json) and write the paths as sampled")
     fc.add_argument("--max-context", type=int,
                     help="bars of history per symbol (default: the run's data.lookback, else 512)")
     fc.add_argument("--device", default="cpu")
@@ -104,9 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def run_models(run_dir: str | Path) -> dict[str, Any]:
-    """What `forecast --run` uses from a run (`runs.run_choice`): the promoted pair and calibrated sampling
-    when the run has decided them, else its own `best` checkpoints (the base ones for a phase it skipped)
-    and its configured sampling. Reads plain JSON and YAML only."""
+    """What `forecast --run` uses from a run (`runs.run_choice`): the promoted pair, calibrated sampling and
+    path calibration when the run has decided them, else its own `best` checkpoints (the base ones for a phase
+    it skipped) and its configured sampling. Reads plain JSON and YAML only."""
     from kronos_kit.config import KitConfig
     from kronos_kit.runs import RunDir, run_choice
 
@@ -119,6 +121,7 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
     return {"max_context": choice.max_context, "top_k": choice.top_k, "lookback": choice.lookback,
             "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
+            "path_calibration": choice.path_calibration,  # plain JSON, read by calibration.PathCalibration
             "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
 
 
@@ -154,6 +157,7 @@ def _check_forecast_args(args: argparse.Namespace) -> None:
 
 
 def _forecast(args: argparse.Namespace) -> int:
+    from kronos_kit.calibration import PathCalibration
     from kronos_kit.config import (
         DEFAULT_MAX_CONTEXT,
         DEFAULT_TOP_K,
@@ -199,8 +203,11 @@ def _forecast(args: argparse.Namespace) -> int:
     why_history = "--max-context" if args.max_context is not None else "the run's data.lookback" if args.run \
         else "the default"
     predictor = KronosPredictor(model, tokenizer, device=str(device), max_context=max(history, chosen["max_context"]))
+    calibration = None if args.uncalibrated else PathCalibration.from_dict(chosen.get("path_calibration", {}),
+                                                                            where="--run calibration.json")
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples, lookback=history,
-                           quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"], **sampling)
+                           quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"],
+                           calibration=calibration, **sampling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
@@ -209,7 +216,8 @@ def _forecast(args: argparse.Namespace) -> int:
           f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
           f"history: the last {history} bars of each symbol ({why_history})\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
-          f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}")
+          f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}\n"
+          f"path calibration: {(calibration or PathCalibration()).describe()}")
     return 0
 
 

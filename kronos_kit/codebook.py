@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kronos_kit.data.batches import loop_batches, unpack_batch
+from kronos_kit.data.batches import in_split_mask, loop_batches, unpack_batch
 from kronos_kit.runs import JsonFile, json_float
 from kronos_kit.runtime import inference
 
@@ -361,15 +361,18 @@ def codebook_stats(
 ) -> CodebookStats:
     """Encode every batch with ``tokenizer.encode(x, half=True)`` and return the codebook statistics.
 
-    The tokenizer runs in eval mode under ``torch.no_grad()`` on ``device`` (None: where it already
-    lives); its training mode and device are restored afterwards.  ``batches`` may also be a window
-    dataset, which is batched for you.
+    Only each window's in-split bars are counted (`kronos_kit.data.in_split_mask`: a validation
+    window's context bars belong to the training split). The tokenizer runs in eval mode under
+    ``torch.no_grad()`` on ``device`` (None: where it already lives); its training mode and device are
+    restored afterwards.  ``batches`` may also be a window dataset, which is batched for you.
     """
     with inference(tokenizer, device=device) as dev:
         counter = CodebookCounter(tokenizer.s1_bits, tokenizer.s2_bits, joint=joint, device=dev)
         for batch in loop_batches(batches, max_batches=max_batches, progress=progress, desc="codebook"):
-            s1, s2 = tokenizer.encode(unpack_batch(batch).x.to(dev, torch.float32), half=True)
-            counter.update(s1, s2)
+            x = unpack_batch(batch).x.to(dev, torch.float32)
+            s1, s2 = tokenizer.encode(x, half=True)
+            keep = in_split_mask(batch, x)
+            counter.update(s1[keep], s2[keep])
     return counter.stats()
 
 

@@ -47,7 +47,11 @@ def _config(rd: RunDir) -> dict[str, Any]:
 
 
 def _gate(gate: dict[str, Any]) -> dict[str, Any]:
-    return {"gate": "passed" if gate["passed"] else "FAILED", "gate full_mse": gate["metrics"].get("full_mse")}
+    row = {"gate": "passed" if gate["passed"] else "FAILED", "gate full_mse": gate["metrics"].get("full_mse")}
+    for metric in ("full_mse_vs_base", "close_error_to_move"):  # absent in gate files of older runs
+        if gate["metrics"].get(metric) is not None:
+            row[f"gate {metric}"] = gate["metrics"][metric]
+    return row
 
 
 def _usage(when: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

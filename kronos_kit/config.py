@@ -63,13 +63,12 @@ STRATEGIES = ("full", "freeze", "lora", "l2sp")  # finetune strategies of a phas
 LORA_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAttention linears of a block
 LORA_FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
 LORA_TARGET_NAMES = LORA_ATTENTION_TARGETS + LORA_FFN_TARGETS  # the default: every linear of every block
-# the tokenizer gate's configurable thresholds (GateConfig; reconstruction_gate's defaults)
-DEFAULT_MAX_FULL_MSE = 0.5
-DEFAULT_MIN_S1_USAGE = 0.2
 SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
 # a LoRA update of rank r costs r * (in + out) weights per linear; the published models' widest layer
 # is 832 wide, so a rank above this is never low-rank (apply_lora also checks it against each layer)
 MAX_LORA_RANK = 1024
+# how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
+PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
@@ -221,25 +220,38 @@ class PredictorPhaseConfig(PhaseConfig):
 
 @dataclass
 class GateConfig:
-    max_full_mse: float = DEFAULT_MAX_FULL_MSE  # reconstruction MSE (normalised units) of the full decoder
-    min_s1_usage: float = DEFAULT_MIN_S1_USAGE  # share of s1 codes used on validation windows
+    """Thresholds of the tokenizer gate before phase 2 (`kronos_kit.gate`); null disables a check."""
+
+    max_full_mse_vs_base: float | None = 1.05  # adapted / base per-window full MSE, failed only when significant
+    base_test_level: float = 0.05  # one-sided level of that paired test (Diebold-Mariano over windows)
+    max_close_error_to_move: float | None = 1.0  # mean close error / median |bar-to-bar move|, both in bp
+    max_high_low_error_to_move: float | None = 1.25  # the same for the high and the low (the larger)
+    max_full_mse: float | None = 0.2  # reconstruction MSE (normalised units) of the full decoder
+    max_full_to_s1_mse_ratio: float | None = 1.0  # the fine bits must not make the reconstruction worse
+    min_s1_usage: float | None = 0.2  # share of s1 codes used on validation windows
+    min_s2_usage: float | None = 0.05  # share of s2 codes used
+    min_bit_balance: float | None = 0.05  # least balanced bit's min(P(1), P(0))
     override: bool = False  # run phase 2 even if the gate failed
 
 
 @dataclass
 class EvalConfig:
-    stride: int = 24  # bars between forecast origins on the test split (and on validation for promotion)
+    stride: int = 1  # bars between forecast origins on the test split (and on validation for promotion)
     pred_len: int = 24  # forecast horizon in bars (independent of data.predict)
-    sample_count: int = 8  # sample paths per origin
-    max_origins: int | None = 60  # cap per model (None: every origin)
+    sample_count: int = 32  # sample paths per origin (fewer make 95% intervals little more than min..max)
+    max_origins: int | None = 200  # cap per model, evenly spaced in time (None: every origin)
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
-    calibrate: bool = True  # fit temperature / top-p on validation and evaluate test with them
-    calibration_temperatures: list[float] = field(default_factory=lambda: [0.85, 1.0, 1.15])  # calibration grid
-    calibration_top_ps: list[float] = field(default_factory=lambda: [0.9, 1.0])  # calibration grid
-    val_origins: int | None = 40  # origin cap on validation for promotion and calibration (None: every origin)
+    calibrate: bool = True  # fit the forecast calibration on validation; test and the run's forecaster use it
+    # path calibration candidates (kronos_kit.calibration), the one with the lowest held-out validation CRPS wins
+    calibration_methods: list[str] = field(default_factory=lambda: list(PATH_CALIBRATION_METHODS))
+    # temperature / top-p grid: searched only when it holds a setting other than the configured one (each point
+    # is one more validation walk-forward); by default it holds just that one (benchmarks/RESULTS.md)
+    calibration_temperatures: list[float] = field(default_factory=lambda: [DEFAULT_TEMPERATURE])
+    calibration_top_ps: list[float] = field(default_factory=lambda: [DEFAULT_TOP_P])
+    val_origins: int | None = 200  # origin cap on validation for promotion and calibration (None: every origin)
 
     def __post_init__(self) -> None:
         for name in ("stride", "pred_len", "sample_count"):
@@ -264,6 +276,10 @@ class EvalConfig:
         if isinstance(top_ps, (str, dict)) or not top_ps or not all(_is_number(q) and 0 < q <= 1 for q in top_ps):
             raise ValueError(f"evaluation.calibration_top_ps must be a non-empty list of numbers in (0, 1], "
                              f"e.g. [0.9, 1.0]; got {top_ps!r}")
+        methods = self.calibration_methods
+        if isinstance(methods, str) or not methods or set(methods) - set(PATH_CALIBRATION_METHODS):
+            raise ValueError(f"evaluation.calibration_methods must be a non-empty list drawn from "
+                             f"{list(PATH_CALIBRATION_METHODS)} (['none'] switches path calibration off): {methods!r}")
 
 
 def _is_number(value: Any) -> bool:

@@ -55,6 +55,7 @@ __all__ = [
     "PhaseResult",
     "ResumeMismatchError", "StepOutput", "TrainState", "planned_steps", "restore_state", "run_phase",
     "save_checkpoint", "save_state", "setup_optimizer", "train_epoch", "validate", "validation_loader",
+    "write_reference",
 ]
 
 logger = logging.getLogger("kronos_kit.train")  # one logger for the engine and the phases
@@ -167,7 +168,7 @@ class Phase:
     val_set: Dataset
     before_save: Callable[[], None] = lambda: None  # hook run before each checkpoint (checks)
     inputs: dict[str, Any] = field(default_factory=dict)  # what else fixes the result (data config...); resume checks
-    reference: Callable[[], dict[str, Any]] | None = None  # levels of the starting model: a `reference` record, step 0
+    reference: Callable[[], dict[str, Any]] | None = None  # more about the starting model for its `reference` record
 
 
 @dataclass(repr=False)
@@ -285,8 +286,8 @@ def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | No
     if not resumed:
         run.state.run_id = uuid.uuid4().hex[:12]  # os entropy: the seeded RNGs stay untouched
     run.log.run, run.log.attempt = run.state.run_id, run.state.attempt
-    if not resumed and phase.reference is not None:  # the starting model, once per run (a resume keeps it)
-        run.log.write({"phase": phase.name, "kind": "reference", "step": 0, **phase.reference()})
+    if not resumed:  # the starting model's validation, once per run (a resume keeps it): the base level
+        write_reference(run)
     if resumed:
         run.log.drop_after(phase.name, run.state.step)  # the interrupted attempt's records past the state
         if run.state.stopped:
@@ -545,6 +546,22 @@ def validation_loader(val_set: Dataset, batch_size: int, ctx: DistContext, max_b
     return loader if max_batches is None else take(loader, max_batches)
 
 
+def _validation_metrics(run: _Run) -> dict[str, float]:
+    with inference(run.model), run.autocast:
+        return run.phase.evaluate(run.model, validation_loader(run.phase.val_set, run.local_batch, run.ctx,
+                                                               run.cfg.max_val_batches), run.ctx)
+
+
+def write_reference(run: _Run) -> None:
+    """Validate the starting model (the base checkpoint) before the first step and log it as the phase's
+    `reference` record at step 0: the level every later validation is drawn and judged against. It
+    takes no random numbers, so training is the same with or without it."""
+    metrics = {k: runs.json_float(v) if isinstance(v, float) else v for k, v in _validation_metrics(run).items()}
+    extra = run.phase.reference() if run.phase.reference is not None else {}
+    run.log.write({"phase": run.phase.name, "kind": "reference", "step": 0, "epoch": 0, "model": "start",
+                   **metrics, **extra})
+
+
 def validate(run: _Run) -> bool:
     """Validate, log, keep `best`; True when early stopping says stop. A non-finite metric stops training.
 
@@ -552,9 +569,7 @@ def validate(run: _Run) -> bool:
     sums over ranks), so several processes score the same windows as one.
     """
     phase, cfg, st = run.phase, run.cfg, run.state
-    with inference(run.model), run.autocast:
-        metrics = phase.evaluate(run.model, validation_loader(phase.val_set, run.local_batch, run.ctx,
-                                                              cfg.max_val_batches), run.ctx)
+    metrics = _validation_metrics(run)
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         run.log.write({"phase": phase.name, "kind": "eval", "step": st.step, "epoch": st.epoch,

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from kronos_kit import metrics
+from kronos_kit.calibration import PathCalibration, apply_path_calibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import (
@@ -295,6 +296,11 @@ class Forecast:
     def quantiles(self, series: int = 0) -> dict[float, pd.DataFrame]:
         return {q: self.quantile(q, series) for q in self.quantile_levels}
 
+    def calibrated(self, calibration: PathCalibration, last_close: Sequence[float]) -> Forecast:
+        """A copy with the paths calibrated (`kronos_kit.calibration`) around each series' last history close."""
+        paths = apply_path_calibration(self.paths, np.asarray(last_close, dtype=np.float64), calibration)
+        return Forecast(paths, self.timestamps, self.columns, self.quantile_levels)
+
 
 class KronosPredictor:
     """Forecast OHLCV bars with a Kronos predictor and its (frozen) tokenizer.
@@ -499,6 +505,7 @@ def forecast_frame(
     top_k: int = 0,
     lookback: int | None = None,
     progress: bool = False,
+    calibration: PathCalibration | None = None,
 ) -> pd.DataFrame:
     """Forecast the `horizon` bars after the end of each symbol's data, as one tidy frame.
 
@@ -507,6 +514,8 @@ def forecast_frame(
     history; its future bar times come from `future_timestamps` over all its bars. Each symbol is
     forecast on its own with the same `seed` (common random numbers, as the evaluation does), so
     its forecast does not depend on the other symbols in the frame, and a rerun is identical.
+    `calibration` (a run's path calibration, fitted on validation) is applied to every symbol's paths
+    before they are summarized.
 
     Returns one row per symbol and step, sorted by symbol then step: `symbol`, `timestamp`, `step`
     (1..horizon), then per channel (open, high, low, close, volume, amount) `<channel>_mean`,
@@ -531,12 +540,15 @@ def forecast_frame(
             horizon,
             T=temperature, top_k=top_k, top_p=top_p, sample_count=sample_count, verbose=False, seed=seed,
         )
+        if calibration is not None:
+            fc = fc.calibrated(calibration, [float(history["close"].iloc[-1])])
         parts.append(fc.summary(quantiles=levels).assign(symbol=name))
     out = pd.concat(parts, ignore_index=True)
     out = out[["symbol", *out.columns[:-1]]]
     out.attrs["forecast"] = {"horizon": horizon, "sample_count": sample_count, "quantiles": list(levels),
                              "seed": seed, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                             "lookback": lookback, "max_context": predictor.max_context}
+                             "lookback": lookback, "max_context": predictor.max_context,
+                             "path_calibration": (calibration or PathCalibration()).describe()}
     return out
 
 
@@ -613,14 +625,24 @@ class RunForecaster:
     tokenizer_source: str  # where the tokenizer was loaded from
     predictor_source: str
     sampling: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))  # temperature, top_p
-    calibrated: bool = False  # True when `sampling` comes from calibration.json
+    calibrated: bool = False  # True when `sampling` and `path_calibration` come from calibration.json
+    path_calibration: PathCalibration = field(default_factory=PathCalibration)  # applied to every sampled path
     lookback: int | None = None  # bars of history per forecast: the run's data.lookback (None: max_context)
 
     def forecast_frame(self, frame: pd.DataFrame, *, horizon: int, **kwargs: Any) -> pd.DataFrame:
-        """`forecast_frame` with this run's predictor, sampling and history length (the run's data.lookback,
-        recorded in the table's attrs["forecast"]["lookback"]); keyword arguments override them."""
+        """`forecast_frame` with this run's predictor, sampling, path calibration and history length (the run's
+        data.lookback, recorded in the table's attrs["forecast"]["lookback"]); keywords override them."""
         return forecast_frame(self.predictor, frame, horizon=horizon,
-                              **{**self.sampling, "lookback": self.lookback, **kwargs})
+                              **{**self.sampling, "calibration": self.path_calibration, "lookback": self.lookback,
+                                 **kwargs})
+
+    def predict_paths(self, df: pd.DataFrame, x_timestamp, y_timestamp, pred_len: int, sample_count: int = 32,
+                      **kwargs: Any) -> Forecast:
+        """`KronosPredictor.predict_paths` at this run's sampling, then its path calibration."""
+        sampling = {"T": self.sampling["temperature"], "top_p": self.sampling["top_p"], "verbose": False, **kwargs}
+        fc = self.predictor.predict_paths(df, x_timestamp, y_timestamp, pred_len, sample_count=sample_count,
+                                          **sampling)
+        return fc.calibrated(self.path_calibration, [float(_lowercase_features(df, "history")["close"].iloc[-1])])
 
 
 def read_run_choice(run_dir: str | os.PathLike, *, calibrated: bool = True) -> RunChoice:
@@ -635,11 +657,11 @@ def load_run_forecaster(
     max_context: int = DEFAULT_MAX_CONTEXT,
     calibrated: bool = True,  # False: ignore calibration.json and sample with the kit's defaults
 ) -> RunForecaster:
-    """The promoted tokenizer + predictor of a run directory with its calibrated sampling (`read_run_choice`);
+    """The promoted tokenizer + predictor of a run directory with its calibration (`read_run_choice`);
     its `forecast_frame` uses the run's data.lookback bars of history, as the run was trained and evaluated.
 
-    Use `rf.predictor.predict_paths(..., T=rf.sampling["temperature"], top_p=rf.sampling["top_p"])` or
-    `rf.forecast_frame(frame, horizon=...)`.
+    Use `rf.predict_paths(df, x_timestamp, y_timestamp, pred_len)` or `rf.forecast_frame(frame, horizon=...)`:
+    both sample as calibrated and calibrate the paths (`rf.predictor` alone gives the paths as sampled).
     """
     choice = run_choice(run_dir, calibrated=calibrated)
     Sampler(choice.sampling["temperature"], 0, choice.sampling["top_p"])  # a clear error for out-of-range values
@@ -647,7 +669,9 @@ def load_run_forecaster(
                                 KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
                                 device=device, max_context=max(max_context, choice.lookback))
     return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source,
-                         choice.sampling, choice.calibrated, lookback=choice.lookback)
+                         choice.sampling, choice.calibrated,
+                         PathCalibration.from_dict(choice.path_calibration, where=f"{run_dir}/calibration.json"),
+                         lookback=choice.lookback)
 
 
 __all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunChoice",

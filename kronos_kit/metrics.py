@@ -94,6 +94,24 @@ def crps(samples: np.ndarray, y: np.ndarray, axis: int = 1) -> np.ndarray:
     return term1 - 0.5 * pair_sum / s**2
 
 
+def fair_crps(samples: np.ndarray, y: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Fair (unbiased) ensemble CRPS: E|X-y| - sum_{i != j} |x_i - x_j| / (2 S (S - 1)) (Ferro 2014, QJRMS 140:1917).
+
+    :func:`crps` scores the S samples' empirical distribution, whose expected score is lowest for an
+    ensemble drawn somewhat too narrow (about 6% at S = 32 for Gaussian targets); the fair version's
+    expectation is lowest when the samples come from the true distribution, whatever S. Fitting a
+    spread by it therefore targets the distribution, not the S-sample artefact. Needs S >= 2.
+    """
+    x = np.moveaxis(np.asarray(samples, dtype=np.float64), axis, -1)
+    s = x.shape[-1]
+    if s < 2:
+        raise ValueError(f"fair_crps needs at least 2 samples, got {s}")
+    term1 = np.abs(x - np.asarray(y, dtype=np.float64)[..., None]).mean(axis=-1)
+    weights = 2.0 * np.arange(1, s + 1) - s - 1
+    pair_sum = 2.0 * (np.sort(x, axis=-1) * weights).sum(axis=-1)
+    return term1 - 0.5 * pair_sum / (s * (s - 1))
+
+
 def sample_quantiles(samples: np.ndarray, levels: np.ndarray | tuple[float, ...], axis: int = 1) -> np.ndarray:
     """Quantiles over the sample axis (numpy's default linear interpolation); the level axis comes first."""
     return np.quantile(samples, np.asarray(levels, dtype=np.float64), axis=axis)
@@ -425,6 +443,42 @@ def relative_skill(loss_a: np.ndarray, loss_b: np.ndarray) -> float:
     if mean_b == 0:
         return float("-inf") if mean_a > 0 else float("nan")
     return 1.0 - mean_a / mean_b
+
+
+def minimum_detectable_effect(
+    loss_a: np.ndarray, loss_b: np.ndarray, *, lag: int | None = None, level: float = 0.05, power: float = 0.8,
+    hln: bool = True,
+) -> float:
+    """Smallest relative loss difference |mean(a - b)| / mean(b) that :func:`diebold_mariano` would detect.
+
+    With the observed HAC standard error ``se`` of mean(a - b) (:func:`newey_west_variance` at ``lag``)
+    and n pairs, a two-sided test at ``level`` rejects with probability ``power`` when the true mean
+    difference is (t_{1-level/2} + t_{power}) * se / sqrt(f): Student's t with n - 1 degrees of freedom
+    and the HLN factor f of :func:`diebold_mariano` (normal quantiles and f = 1 with ``hln=False``).
+    Returned as a share of mean(b): 0.05 means a 5% lower or higher loss is the smallest effect the
+    origins could pick up at that power. NaN for fewer than 3 pairs or mean(b) = 0; 0 for a zero variance.
+    """
+    a = _finite_series(loss_a, "loss_a")
+    b = _finite_series(loss_b, "loss_b")
+    if a.shape != b.shape:
+        raise ValueError(f"loss_a and loss_b must pair up origin by origin, got {a.shape} and {b.shape}")
+    if not (0 < level < 1 and 0 < power < 1):
+        raise ValueError(f"level and power must be in (0, 1), got {level} and {power}")
+    n = len(a)
+    mean_b = float(b.mean()) if n else 0.0
+    if n < 3 or mean_b == 0:
+        return float("nan")
+    lag = min(newey_west_lag(n) if lag is None else int(lag), n - 1)
+    se = float(np.sqrt(newey_west_variance(a - b, lag)))
+    if hln:
+        h = lag + 1
+        factor = (n + 1 - 2 * h + h * (h - 1) / n) / n
+        if not factor > 0:
+            raise ValueError(f"lag {lag} is too large for {n} origins with the HLN correction; use lag < n/2")
+        z = float(_stats.t.ppf(1 - level / 2, df=n - 1) + _stats.t.ppf(power, df=n - 1)) / np.sqrt(factor)
+    else:
+        z = float(_stats.norm.ppf(1 - level / 2) + _stats.norm.ppf(power))
+    return z * se / abs(mean_b)
 
 
 def moving_block_indices(n: int, block: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:

@@ -23,6 +23,7 @@ Also here: `pretrain_base` (the command behind `make base`). The run directory's
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import itertools
@@ -44,6 +45,7 @@ from typing import Any
 from kronos_kit.binding import file_sha256
 from kronos_kit.config import (
     NOTEBOOK_PARAMETERS,
+    GateConfig,
     KitConfig,
     apply_overrides,
     config_diff,
@@ -79,7 +81,8 @@ KERNEL_NAME = "kronos-kit"
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
 # the config a stage's outputs depend on; its input hash also covers the previous stage's outputs
 STAGE_CONFIG = {
-    "01": ("seed", "device", "precision", "data", "tokenizer", "gate.max_full_mse", "gate.min_s1_usage"),
+    "01": ("seed", "device", "precision", "data", "tokenizer",  # the gate's thresholds: all of gate but override
+           *(f"gate.{f.name}" for f in dataclasses.fields(GateConfig) if f.name != "override")),
     "02": ("predictor", "gate.override"),
     "03": ("evaluation",),
 }
@@ -445,7 +448,7 @@ class _KernelMessages:
 
 def pipeline_summary(run_dir: str | Path, ran: dict[str, float], skipped: list[str]) -> str:
     """The lines a pipeline ends with: gate, verdict, promotion, time per stage, where the report is."""
-    from kronos_kit.reconstruction import GateResult
+    from kronos_kit.gate import GateResult
 
     rd = RunDir(run_dir)
     lines = ["[pipeline] summary"]

@@ -1,19 +1,19 @@
-"""How well the tokenizer reconstructs candles, and whether it is fit for phase 2.
+"""How well the tokenizer reconstructs candles.
 
-* per-channel reconstruction errors of the s1-only and full decoders -> :func:`reconstruction_report`
-* the gate before phase 2                                            -> :func:`reconstruction_gate`
-* one window through the tokenizer, and what each s1 code looks like -> :func:`reconstruct_window`,
-  :func:`code_profile` (for plots and widgets)
+* per-channel reconstruction errors of the s1-only and full decoders, per-window errors and the
+  full decoder's errors in return units (bp of the previous close)    -> :func:`reconstruction_report`
+* one window through the tokenizer, the windows it reconstructs worst, and what each s1 code looks
+  like -> :func:`reconstruct_window`, :func:`worst_windows`, :func:`code_profile` (plots, widgets)
 
+Whether the tokenizer is fit for phase 2 (the gate) is decided from these reports in `kronos_kit.gate`.
 ``batches`` are anything `kronos_kit.data.loop_batches` takes (a window dataset or batches); the
 tokenizer runs in eval mode under no_grad (`kronos_kit.runtime.inference`), its mode and device
-restored afterwards.
+restored afterwards. Errors count a window's in-split bars only (`kronos_kit.data.in_split_mask`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kronos_kit.codebook import CodebookStats
-from kronos_kit.config import DEFAULT_MAX_FULL_MSE, DEFAULT_MIN_S1_USAGE, GateConfig
-from kronos_kit.data.batches import loop_batches, unpack_batch
+from kronos_kit.data.batches import in_split_mask, loop_batches, unpack_batch
 from kronos_kit.data.schema import FEATURE_COLUMNS, NORM_EPS, PRICE_COLUMNS, denormalize
 from kronos_kit.runs import JsonFile, json_float
 from kronos_kit.runtime import inference
@@ -32,14 +30,15 @@ from kronos_kit.runtime import inference
 __all__ = [
     "ALL_SYMBOLS",
     "DECODERS",
+    "RETURN_CHANNELS",
     "ChannelErrors",
     "ReconstructionReport",
+    "WindowErrors",
     "reconstruction_report",
-    "GateResult",
-    "TokenizerGateError",
-    "reconstruction_gate",
     "WindowReconstruction",
     "reconstruct_window",
+    "WorstWindow",
+    "worst_windows",
     "CodeProfile",
     "code_profile",
 ]
@@ -121,6 +120,16 @@ class ReconstructionReport(JsonFile):
     n_windows: int
     overall: dict[str, ChannelErrors]
     per_symbol: dict[str, dict[str, ChannelErrors]] = field(default_factory=dict)
+    windows: WindowErrors | None = None  # per-window errors of the full decoder, in input order
+    returns: dict[str, float] | None = None  # full decoder in return units: <channel>_error_bp, median_move_bp
+
+    def error_to_move(self, channel: str = "close") -> float | None:
+        """Mean absolute ``channel`` error over the median absolute bar-to-bar close move, both in bp of
+        the previous close (None without prices): 1.0 means the error is as large as a typical move."""
+        if self.returns is None:
+            return None
+        move = self.returns["median_move_bp"]
+        return self.returns[f"{channel}_error_bp"] / move if move > 0 else float("inf")
 
     def errors(self, decoder: str = "full", symbol: str | None = None) -> ChannelErrors:
         if decoder not in DECODERS:
@@ -172,6 +181,8 @@ class ReconstructionReport(JsonFile):
             "n_windows": self.n_windows,
             "overall": {k: v.to_dict() for k, v in self.overall.items()},
             "per_symbol": {s: {k: v.to_dict() for k, v in d.items()} for s, d in self.per_symbol.items()},
+            "windows": self.windows.to_dict() if self.windows is not None else None,
+            "returns": dict(self.returns) if self.returns is not None else None,
         }
 
     @classmethod
@@ -183,14 +194,17 @@ class ReconstructionReport(JsonFile):
             per_symbol={
                 s: {k: ChannelErrors.from_dict(v) for k, v in dd.items()} for s, dd in d.get("per_symbol", {}).items()
             },
+            windows=WindowErrors.from_dict(d["windows"]) if d.get("windows") else None,
+            returns=d.get("returns"),
         )
 
 
-def _window_sums(x: torch.Tensor, recon: torch.Tensor, scale: torch.Tensor | None) -> np.ndarray:
-    """(B, 4, C) per-window sums of squared / absolute error, normalized and in price space."""
+def _window_sums(x: torch.Tensor, recon: torch.Tensor, scale: torch.Tensor | None, keep: torch.Tensor) -> np.ndarray:
+    """(B, 4, C) per-window sums of squared / absolute error over the in-split bars (``keep`` (B, L)),
+    normalized and in price space."""
     # float64 where the device has it (MPS does not); the sums run over one window only
     dtype = torch.float32 if x.device.type == "mps" else torch.float64
-    err = (recon.float() - x.float()).to(dtype)
+    err = (recon.float() - x.float()).to(dtype) * keep[..., None].to(dtype)
     sums = [err.pow(2).sum(1), err.abs().sum(1)]
     if scale is not None:
         # de-normalized error: denormalize(recon) - denormalize(x) = err * scale, scale = std + NORM_EPS
@@ -199,6 +213,153 @@ def _window_sums(x: torch.Tensor, recon: torch.Tensor, scale: torch.Tensor | Non
     else:
         sums += [torch.zeros_like(sums[0])] * 2
     return torch.stack(sums, dim=1).cpu().double().numpy()
+
+
+RETURN_CHANNELS: tuple[str, ...] = ("close", "high", "low")  # errors measured in return units
+BP = 1e4  # basis points per unit of return
+
+
+@dataclass
+class WindowErrors:
+    """Per-window reconstruction errors of the full decoder, one entry per window in input order.
+
+    ``full_mse``: normalized MSE over the window's in-split bars (what the gate pairs against the base
+    tokenizer). ``close_bp`` / ``high_bp`` / ``low_bp``: the mean absolute error of the reconstructed
+    close / high / low in basis points of the previous bar's close, ``|x_hat_t - x_t| / close_{t-1}``:
+    for the close this is exactly the error in the bar's return ``close_t / close_{t-1} - 1``, the quantity
+    phase 2 has to predict. Over in-split bars with a previous bar in the window; NaN without one, None
+    without ``mean``/``std`` (no prices).
+    """
+
+    n_bars: list[int]
+    full_mse: list[float]
+    close_bp: list[float] | None = None
+    high_bp: list[float] | None = None
+    low_bp: list[float] | None = None
+    symbol: list[str] | None = None
+    start: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.full_mse)
+
+    def array(self, name: str) -> np.ndarray:
+        v = getattr(self, name)
+        if v is None:
+            raise ValueError(f"no per-window {name}: the batches carried no mean/std, so there are no prices")
+        return np.asarray(v, dtype=np.float64)
+
+    def worst(self, k: int, by: str = "close_bp", *, spacing: int | None = None) -> np.ndarray:
+        """Positions of the ``k`` windows with the largest ``by`` error, worst first (NaN never).
+
+        Neighbouring windows share most of their bars, so the worst few would be one event seen ``k``
+        times: a window is skipped when it starts fewer than ``spacing`` bars (default: half a window)
+        from one already picked of the same symbol. ``spacing=0`` takes the plain ranking."""
+        v = self.array(by)
+        order = [int(i) for i in np.argsort(-np.nan_to_num(v, nan=-np.inf), kind="stable") if np.isfinite(v[i])]
+        if spacing is None:
+            spacing = max(self.n_bars, default=0) // 2
+        if not spacing or self.start is None:
+            return np.asarray(order[:k], dtype=int)
+        symbols = self.symbol or [""] * len(v)
+        picked: list[int] = []
+        for i in order:
+            if len(picked) == k:
+                break
+            if all(symbols[j] != symbols[i] or abs(self.start[j] - self.start[i]) >= spacing for j in picked):
+                picked.append(i)
+        return np.asarray(picked, dtype=int)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_list(getattr(self, k)) for k in ("n_bars", "full_mse", "close_bp", "high_bp", "low_bp",
+                                                            "symbol", "start")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WindowErrors:
+        floats = {k: None if d.get(k) is None else [math.nan if v is None else float(v) for v in d[k]]
+                  for k in ("full_mse", "close_bp", "high_bp", "low_bp")}
+        return cls(n_bars=list(d["n_bars"]), symbol=d.get("symbol"), start=d.get("start"), **floats)
+
+
+def _json_list(values: list[Any] | None) -> list[Any] | None:
+    if values is None:
+        return None
+    return [json_float(v) if isinstance(v, float) else v for v in values]
+
+
+class _ReturnErrors:
+    """Running pieces of the return-unit errors: per-window means, pooled sums and every bar's move."""
+
+    def __init__(self) -> None:
+        self.window_means: list[np.ndarray] = []  # (B, 3) per batch: close, high, low
+        self.sums = np.zeros(3)
+        self.count = 0
+        self.moves: list[np.ndarray] = []
+
+    def add(self, x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+            keep: torch.Tensor, features: Sequence[str]) -> None:
+        idx = [features.index(c) for c in RETURN_CHANNELS]
+        shift, scale = mean.double()[:, None, idx], scale.double()[:, None, idx]
+        true = x.double()[..., idx] * scale + shift  # (B, L, 3) prices
+        fit = recon.double()[..., idx] * scale + shift
+        prev = true[:, :-1, 0].abs()  # the previous bar's close
+        valid = keep[:, 1:] & (prev > 0)  # bar t in the split; its previous bar may be context
+        err = (fit[:, 1:] - true[:, 1:]).abs() / prev.clamp_min(1e-300)[..., None] * BP  # (B, L-1, 3)
+        err = err * valid[..., None]
+        n = valid.sum(1)  # (B,)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.window_means.append((err.sum(1) / n[:, None]).cpu().numpy())
+        self.sums += err.sum((0, 1)).cpu().numpy()
+        self.count += int(n.sum())
+        move = (true[:, 1:, 0] - true[:, :-1, 0]).abs() / prev.clamp_min(1e-300) * BP
+        self.moves.append(move[valid].cpu().numpy())
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.count:
+            return None
+        mean = self.sums / self.count
+        return {**{f"{c}_error_bp": float(v) for c, v in zip(RETURN_CHANNELS, mean)},
+                "median_move_bp": float(np.median(np.concatenate(self.moves))), "n_bars": self.count}
+
+
+@dataclass
+class _Accumulator:
+    """Everything `reconstruction_report` collects in its one pass over the batches."""
+
+    c: int
+    overall: dict[str, _ErrorSums] = field(default_factory=dict)
+    per_symbol: dict[str, dict[str, _ErrorSums]] = field(default_factory=dict)
+    n_windows: int = 0
+    window_n: list[np.ndarray] = field(default_factory=list)
+    window_mse: list[np.ndarray] = field(default_factory=list)
+    symbols: list[str] | None = field(default_factory=list)
+    starts: list[int] | None = field(default_factory=list)
+    returns: _ReturnErrors | None = field(default_factory=_ReturnErrors)
+
+    def __post_init__(self) -> None:
+        self.overall = {d: _ErrorSums(self.c) for d in DECODERS}
+
+    def add_sums(self, dec: str, w: np.ndarray, n: np.ndarray, symbols: list[str] | None, has_price: bool) -> None:
+        self.overall[dec].add(int(n.sum()), w.sum(0), has_price)
+        if symbols is None:
+            return
+        # group the windows of the batch by symbol without a loop over windows
+        names, inv = np.unique(np.asarray(symbols, dtype=object).astype(str), return_inverse=True)
+        g = np.zeros((len(names), *w.shape[1:]))
+        np.add.at(g, inv, w)
+        n_per = np.bincount(inv, weights=n, minlength=len(names))
+        for j, name in enumerate(names):
+            acc = self.per_symbol.setdefault(name, {d: _ErrorSums(self.c) for d in DECODERS})[dec]
+            acc.add(int(n_per[j]), g[j], has_price)
+
+    def windows(self) -> WindowErrors:
+        n = np.concatenate(self.window_n) if self.window_n else np.zeros(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mse = np.concatenate(self.window_mse) / (n * self.c) if self.window_n else np.zeros(0)
+        means = np.concatenate(self.returns.window_means) if self.returns and self.returns.window_means else None
+        cols = {c: None if means is None else means[:, i].tolist() for i, c in enumerate(("close_bp", "high_bp",
+                                                                                          "low_bp"))}
+        return WindowErrors(n_bars=n.astype(int).tolist(), full_mse=mse.tolist(), symbol=self.symbols or None,
+                            start=self.starts or None, **cols)
 
 
 def reconstruction_report(
@@ -210,187 +371,57 @@ def reconstruction_report(
     progress: bool = True,
     features: Sequence[str] = FEATURE_COLUMNS,
 ) -> ReconstructionReport:
-    """Per-channel MSE/MAE of the s1-only (``z_pre``) and full (``z``) reconstructions.
+    """Per-channel MSE/MAE of the s1-only (``z_pre``) and full (``z``) reconstructions, per-window errors
+    (:class:`WindowErrors`) and the full decoder's errors in return units (:attr:`ReconstructionReport.returns`).
 
     Errors are measured against the tokenizer's own input (z-scored and clipped windows) and, when
-    batches carry ``mean``/``std``, again after de-normalizing both sides.  The tokenizer runs in
-    eval mode under ``no_grad`` (mode and device restored afterwards).
+    batches carry ``mean``/``std``, again after de-normalizing both sides; only over each window's
+    in-split bars (`kronos_kit.data.in_split_mask`: a validation window's context bars belong to the
+    training split). The tokenizer runs in eval mode under ``no_grad`` (mode and device restored).
     """
-    c = len(features)
-    overall = {d: _ErrorSums(c) for d in DECODERS}
-    per_symbol: dict[str, dict[str, _ErrorSums]] = {}
-    n_windows = 0
+    acc = _Accumulator(len(features))
     with inference(tokenizer, device=device) as dev:
         for batch in loop_batches(batches, max_batches=max_batches, progress=progress, desc="reconstruction"):
             x, mean, std, symbols = unpack_batch(batch)
             x = x.to(dev, torch.float32)
-            if x.shape[-1] != c:
-                raise ValueError(f"batch has {x.shape[-1]} channels but {c} feature names were given")
+            if x.shape[-1] != acc.c:
+                raise ValueError(f"batch has {x.shape[-1]} channels but {acc.c} feature names were given")
+            keep = in_split_mask(batch, x)
             # index, not .reconstructions: any tokenizer with the reference return ((z_pre, z), bsq, quantized, idx)
             recon = dict(zip(DECODERS, tokenizer(x)[0]))
             scale = (std.to(dev, torch.float32) + NORM_EPS) if std is not None else None
-            b, t = x.shape[:2]
-            n_windows += b
-            if symbols is not None:
-                names, inv = np.unique(np.asarray(symbols, dtype=object).astype(str), return_inverse=True)
+            n = keep.sum(1).cpu().numpy()
+            acc.n_windows += len(x)
+            _track_windows(acc, batch, symbols, len(x))
             for dec, r in recon.items():
                 if r.shape != x.shape:
                     raise ValueError(f"{dec} reconstruction has shape {tuple(r.shape)}, input {tuple(x.shape)}")
-                w = _window_sums(x, r, scale)  # (B, 4, C)
-                overall[dec].add(b * t, w.sum(0), scale is not None)
-                if symbols is None:
-                    continue
-                # group the windows of the batch by symbol without a loop over windows
-                g = np.zeros((len(names), *w.shape[1:]))
-                np.add.at(g, inv, w)
-                n_per = np.bincount(inv, minlength=len(names)) * t
-                for j, name in enumerate(names):
-                    acc = per_symbol.setdefault(name, {d: _ErrorSums(c) for d in DECODERS})[dec]
-                    acc.add(int(n_per[j]), g[j], scale is not None)
+                w = _window_sums(x, r, scale, keep)  # (B, 4, C)
+                acc.add_sums(dec, w, n, symbols, scale is not None)
+                if dec == "full":
+                    acc.window_n.append(n)
+                    acc.window_mse.append(w[:, 0].sum(1))
+            if scale is None or not set(RETURN_CHANNELS) <= set(features):
+                acc.returns = None
+            elif acc.returns is not None:
+                acc.returns.add(x, recon["full"], mean.to(dev), scale, keep, list(features))
     return ReconstructionReport(
         features=list(features),
-        n_windows=n_windows,
-        overall={d: a.result() for d, a in overall.items()},
-        per_symbol={s: {d: a.result() for d, a in by.items()} for s, by in sorted(per_symbol.items())},
+        n_windows=acc.n_windows,
+        overall={d: a.result() for d, a in acc.overall.items()},
+        per_symbol={s: {d: a.result() for d, a in by.items()} for s, by in sorted(acc.per_symbol.items())},
+        windows=acc.windows(),
+        returns=acc.returns.summary() if acc.returns is not None else None,
     )
 
 
-# --------------------------------------------------------------------------------------------
-# the gate before phase 2
-# --------------------------------------------------------------------------------------------
-
-
-class TokenizerGateError(RuntimeError):
-    """Raised by :meth:`GateResult.raise_if_failed` when the tokenizer failed the gate."""
-
-
-@dataclass
-class GateResult(JsonFile):
-    """Outcome of :func:`reconstruction_gate`; JSON-serialisable with :meth:`save` / :meth:`load`."""
-
-    passed: bool
-    metrics: dict[str, float | None]
-    thresholds: dict[str, float | None]
-    reasons: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "metrics": {k: json_float(v) if v is not None else None for k, v in self.metrics.items()},
-            "thresholds": dict(self.thresholds),
-            "reasons": list(self.reasons),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> GateResult:
-        return cls(bool(d["passed"]), dict(d["metrics"]), dict(d["thresholds"]), list(d.get("reasons", [])))
-
-    def summary(self) -> str:
-        if self.passed:
-            return "Tokenizer gate passed."
-        return "Tokenizer gate FAILED: " + "; ".join(self.reasons) + "."
-
-    def checks(self) -> list[str]:
-        """One short line per active check: the number, its threshold and ok / FAIL
-        (e.g. ``full_mse 0.0412 <= 0.5 ok``)."""
-        lines = []
-        for key, limit in self.thresholds.items():
-            upper = key.startswith("max_")
-            metric = key if key in self.metrics else key[4:]  # min_bit_balance is its own metric's name
-            value = self.metrics.get(metric)
-            if limit is None or value is None:
-                continue
-            ok = math.isfinite(value) and (value <= limit if upper else value >= limit)
-            lines.append(f"{metric} {value:.4g} {'<=' if upper else '>='} {limit:.4g} {'ok' if ok else 'FAIL'}")
-        return lines
-
-    def report(self) -> str:
-        """The summary, then every check with its number against its threshold, one per line."""
-        return "\n".join([self.summary(), *(f"  {line}" for line in self.checks())])
-
-    def raise_if_failed(self, *, override: bool = False) -> None:
-        """Stop the pipeline on a failed gate, unless ``override`` (then only warn)."""
-        if self.passed:
-            return
-        if override:
-            warnings.warn(self.summary() + " Continuing because the gate was overridden.", stacklevel=2)
-            return
-        raise TokenizerGateError(self.summary() + " Pass override=True to continue anyway.")
-
-
-def reconstruction_gate(
-    report: ReconstructionReport,
-    stats: CodebookStats | None,
-    config: GateConfig | None = None,
-    *,
-    max_full_mse: float | None = DEFAULT_MAX_FULL_MSE,
-    min_s1_usage: float | None = DEFAULT_MIN_S1_USAGE,
-    min_s2_usage: float | None = 0.05,
-    max_full_to_s1_mse_ratio: float | None = 1.0,
-    min_bit_balance: float | None = 0.01,
-) -> GateResult:
-    """Decide whether the tokenizer is healthy enough for phase 2.  ``None`` disables a check.
-
-    Defaults, and why:
-
-    * ``max_full_mse=0.5``: inputs are z-scored per window, so predicting each window's mean already
-      gives a normalized MSE near 1; above 0.5 the full decoder explains less than half the variance,
-      which means the tokenizer is broken rather than merely imperfect.
-    * ``min_s1_usage=0.2``: the paper reaches 97.66% on its corpus; a small adaptation set cannot be
-      expected to visit every coarse code, but fewer than a fifth of them means the coarse codebook
-      (the predictor's vocabulary) has collapsed.
-    * ``min_s2_usage=0.05``: the same for the fine codebook (paper 85.25%), looser because fine codes
-      are spread thinner.
-    * ``max_full_to_s1_mse_ratio=1.0``: the fine bits must not make the reconstruction worse than the
-      coarse bits alone.
-    * ``min_bit_balance=0.01``: a bit that is (almost) always 0 or always 1 wastes half the vocabulary;
-      the check is on ``min(p, 1 - p)`` over all bits.
-
-    With ``stats=None`` the codebook checks are skipped (their metrics are None). A ``config``
-    (the run's ``cfg.gate``) supplies ``max_full_mse`` and ``min_s1_usage``.
-    """
-    if config is not None:
-        max_full_mse, min_s1_usage = config.max_full_mse, config.min_s1_usage
-    thresholds = {
-        "max_full_mse": max_full_mse,
-        "min_s1_usage": min_s1_usage,
-        "min_s2_usage": min_s2_usage,
-        "max_full_to_s1_mse_ratio": max_full_to_s1_mse_ratio,
-        "min_bit_balance": min_bit_balance,
-    }
-    full_mse, s1_mse = report.full_mse, report.s1_mse
-    ratio = full_mse / s1_mse if s1_mse > 0 else (1.0 if full_mse == 0 else float("inf"))
-    metrics: dict[str, float | None] = {
-        "full_mse": full_mse,
-        "s1_mse": s1_mse,
-        "full_to_s1_mse_ratio": ratio,
-        "s1_usage": stats.s1.usage if stats is not None else None,
-        "s2_usage": stats.s2.usage if stats is not None else None,
-        "min_bit_balance": (
-            float(min(min(p, 1 - p) for p in stats.bit_balance)) if stats is not None and stats.n_tokens else None
-        ),
-    }
-    reasons: list[str] = []
-
-    def _check(metric: str, limit: float | None, upper: bool, label: str) -> None:
-        value = metrics[metric]
-        if limit is None or value is None:
-            return
-        if not math.isfinite(value):
-            reasons.append(f"{label} is {value} (not finite)")
-        elif (value > limit) if upper else (value < limit):
-            bound = "maximum" if upper else "minimum"
-            reasons.append(f"{label} {value:.4g} is {'above' if upper else 'below'} the {bound} {limit:.4g}")
-
-    _check("full_mse", max_full_mse, True, "full-decoder normalized MSE")
-    _check("full_to_s1_mse_ratio", max_full_to_s1_mse_ratio, True, "full / s1-only MSE ratio")
-    _check("s1_usage", min_s1_usage, False, "s1 codebook usage")
-    _check("s2_usage", min_s2_usage, False, "s2 codebook usage")
-    _check("min_bit_balance", min_bit_balance, False, "least balanced bit's min(P(1), P(0))")
-    return GateResult(passed=not reasons, metrics=metrics, thresholds=thresholds, reasons=reasons)
+def _track_windows(acc: _Accumulator, batch: Any, symbols: list[str] | None, b: int) -> None:
+    """Keep each window's symbol and start (None once a batch lacks them)."""
+    starts = batch.get("start") if isinstance(batch, Mapping) else None
+    if acc.symbols is not None:
+        acc.symbols = None if symbols is None else [*acc.symbols, *map(str, symbols)]
+    if acc.starts is not None:
+        acc.starts = None if starts is None else [*acc.starts, *torch.as_tensor(starts).reshape(-1).tolist()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +442,7 @@ class WindowReconstruction:
     std: np.ndarray | None = None
     symbol: str | None = None
     start: int | None = None
+    in_split: np.ndarray | None = None  # (L,) bool: bars of the window's own split (False: borrowed context)
 
     def denormalize(self, a: np.ndarray) -> np.ndarray:
         """`kronos_kit.data.denormalize` with this window's mean/std; ``a`` unchanged without them."""
@@ -442,7 +474,47 @@ def reconstruct_window(
         std=std[0].float().numpy() if std is not None else None,
         symbol=symbols[0] if symbols else None,
         start=int(start) if start is not None else None,
+        in_split=in_split_mask(window, x)[0].cpu().numpy() if isinstance(window, Mapping) else None,
     )
+
+
+@dataclass
+class WorstWindow:
+    """One of the windows a tokenizer reconstructs worst: its place in the dataset, rank (1 = worst), each
+    tokenizer's per-window close error in bp of the previous close, and each one's reconstruction."""
+
+    position: int
+    rank: int
+    close_bp: dict[str, float]
+    reconstructions: dict[str, WindowReconstruction]
+
+
+def worst_windows(
+    reports: Mapping[str, ReconstructionReport],
+    tokenizers: Mapping[str, Any],
+    dataset: Any,
+    *,
+    k: int = 6,
+    by: str | None = None,
+    device: str | torch.device | None = "cpu",
+) -> list[WorstWindow]:
+    """The ``k`` windows of ``dataset`` with the largest close error of tokenizer ``by`` (default: the last
+    one, e.g. ``"after"``), reconstructed by every tokenizer. ``reports[name]`` is
+    :func:`reconstruction_report` of ``tokenizers[name]`` on ``dataset``, in order."""
+    names = list(tokenizers)
+    by = by or names[-1]
+    for name in names:
+        windows = reports[name].windows
+        if windows is None or len(windows) != len(dataset):
+            raise ValueError(f"worst_windows: reports[{name!r}] must cover the {len(dataset)} windows of the dataset "
+                             "in order (reconstruction_report(tokenizer, dataset))")
+    errors = {name: reports[name].windows.array("close_bp") for name in names}
+    out = []
+    for rank, pos in enumerate(reports[by].windows.worst(k), start=1):
+        item = dataset[int(pos)]
+        out.append(WorstWindow(int(pos), rank, {n: float(errors[n][pos]) for n in names},
+                               {n: reconstruct_window(tokenizers[n], item, device=device) for n in names}))
+    return out
 
 
 @dataclass
@@ -473,7 +545,8 @@ def code_profile(
     progress: bool = False,
     features: Sequence[str] = FEATURE_COLUMNS,
 ) -> CodeProfile:
-    """Count s1 codes and average the normalized input features of the bars that carry each code."""
+    """Count s1 codes and average the normalized input features of the bars that carry each code
+    (in-split bars only)."""
     k1 = 2**tokenizer.s1_bits
     sums = torch.zeros(k1, len(features), dtype=torch.float64)
     counts = torch.zeros(k1, dtype=torch.int64)
@@ -481,8 +554,9 @@ def code_profile(
         for batch in loop_batches(batches, max_batches=max_batches, progress=progress, desc="code profile"):
             x = unpack_batch(batch).x.to(dev, torch.float32)
             s1, _ = tokenizer.encode(x, half=True)
-            ids = s1.reshape(-1).cpu()
-            sums.index_add_(0, ids, x.reshape(-1, x.shape[-1]).cpu().double())
+            keep = in_split_mask(batch, x)
+            ids = s1[keep].cpu()
+            sums.index_add_(0, ids, x[keep].cpu().double())
             counts += torch.bincount(ids, minlength=k1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (sums / counts[:, None].double()).numpy()  # NaN rows for unused codes

@@ -46,7 +46,7 @@ METRICS_JSON = "metrics.json"
 METRICS_TABLE = "metrics_table.csv"
 REPORT = "report.md"
 FORECASTS = "forecasts.parquet"  # per-origin test forecasts of every model, for downstream backtests
-CALIBRATION_FILE = "calibration.json"  # sampling temperature / top-p fitted on validation
+CALIBRATION_FILE = "calibration.json"  # sampling and the sample-path calibration, fitted on validation
 PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
 CHECKPOINT_KINDS = ("best", "last")
 
@@ -524,7 +524,11 @@ class SamplingCalibration(DecisionFile):
     """Sampling temperature and top-p fitted on the validation split (`evaluate.calibrate_sampling`).
 
     ``before`` / ``after`` hold temperature, top_p, close CRPS and the coverage of the 50/80/95% close
-    intervals at the starting and at the chosen setting; ``grid`` holds the same for every grid point.
+    intervals of ``model`` as sampled at the configured setting and after the whole calibration (sampling,
+    then its path calibration); ``grid`` holds the temperature / top-p grid when one was searched. ``paths``
+    maps each model name to its path calibration fitted on the validation paths
+    (:meth:`kronos_kit.calibration.PathCalibrationFit.to_dict`: the transform, every candidate's held-out
+    CRPS and coverage, the rule); :meth:`path_calibration` reads one back.
     """
 
     FILE: ClassVar[str] = CALIBRATION_FILE
@@ -540,6 +544,23 @@ class SamplingCalibration(DecisionFile):
     metric: str = "close_crps"
     split: str = "validation"
     checkpoints: dict[str, Any] = dataclasses.field(default_factory=dict)  # binding.bind: the weights it is for
+    paths: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.paths:
+            self.path_calibration(name)  # a malformed entry fails at load, naming it
+
+    def path_calibration(self, model: str | None = None) -> dict[str, Any]:
+        """The plain-JSON path calibration fitted for ``model`` (default: the promoted ``model``), ``{}`` (the
+        identity) when none; `kronos_kit.calibration.PathCalibration.from_dict` turns it into the transform
+        (this module stays below the calibration code, so it only checks the shape)."""
+        name = self.model if model is None else model
+        entry = self.paths.get(name, {})
+        fit = entry.get("path_calibration", {}) if isinstance(entry, dict) else None
+        if not isinstance(fit, dict):
+            raise ValueError(f"{CALIBRATION_FILE} paths[{name!r}] must be a JSON object with a 'path_calibration' "
+                             f"object, got {entry!r}; rerun notebook 03's validation step to rewrite it")
+        return dict(fit)
 
     def sampling(self) -> dict[str, float]:
         """Keyword arguments for `evaluate.evaluate_models` / `KronosPredictor.as_forecast_fn`."""
@@ -577,6 +598,8 @@ class RunChoice:
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
     lookback: int = DataConfig.lookback  # bars of history the run's models were trained and evaluated with
+    # applied to the sample paths after sampling (calibration.json's fit for this model; identity otherwise)
+    path_calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # plain JSON; {}: identity
 
 
 RUN_MODELS = ("promoted", "finetuned", "base")
@@ -589,8 +612,9 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     ``model``:
 
     - ``"promoted"``: the pair `promoted.json` names (FileNotFoundError until the validation step wrote
-      it), sampled as `calibration.json` says when present and ``calibrated``; both files must still match
-      the weights they were decided for and stage 03 must be complete (`binding`: `StaleDecisionError`);
+      it), sampled and its paths calibrated as `calibration.json` says when present and ``calibrated``; both
+      files must still match the weights they were decided for and stage 03 must be complete (`binding`:
+      `StaleDecisionError`);
     - ``"finetuned"``: the run's own pair: ``predictor.tokenizer_from`` if set, else phase 1's best
       tokenizer when phase 1 is on or has run (it must exist), else ``tokenizer.start_from``; phase 2's
       best predictor when phase 2 is on or has run (the folder it writes), else ``predictor.start_from``;
@@ -606,6 +630,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
         cfg = KitConfig.from_file(rd.config) if rd.config.is_file() else KitConfig()
     e = cfg.evaluation
     sampling, is_calibrated = {"temperature": e.temperature, "top_p": e.top_p}, False
+    path_calibration: dict[str, Any] = {}
     if model == "promoted":
         promotion = Promotion.load(rd.path)
         name = promotion.promoted
@@ -614,6 +639,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
             calibration = SamplingCalibration.load(rd.path)
             check_bound(calibration.checkpoints, {"tokenizer": tokenizer, "predictor": predictor}, rd.calibration)
             sampling, is_calibrated = calibration.sampling(), True
+            path_calibration = calibration.path_calibration(name)
     elif model == "finetuned":
         name = model
         tokenizer = cfg.predictor.tokenizer_from or _trained(rd, "tokenizer", cfg.tokenizer.enabled,
@@ -622,7 +648,8 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     else:
         name, tokenizer, predictor = model, cfg.tokenizer.start_from, cfg.predictor.start_from
     return RunChoice(name, tokenizer, predictor, {k: float(v) for k, v in sampling.items()}, is_calibrated,
-                     top_k=e.top_k, max_context=e.max_context, lookback=cfg.data.lookback)
+                     top_k=e.top_k, max_context=e.max_context, lookback=cfg.data.lookback,
+                     path_calibration=path_calibration)
 
 
 def _decided_sources(rd: RunDir, cfg: KitConfig, promotion: Promotion) -> tuple[str, str]:

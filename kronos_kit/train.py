@@ -18,8 +18,9 @@ model before the engine builds the optimizer and the DDP wrapper: `full` trains 
 the merged weights in the reference layout, the adapter files beside them), `l2sp` every weight
 with a penalty toward the starting weights added to the loss (logged as `l2sp`). Phase 2 also
 scores forecast skill on the validation split at each validation (`forecast.ForecastSkill`: close
-CRPS and MAE), the base model once beforehand as the reference level, and selects `best` by
-`predictor.select_metric`.
+CRPS and MAE) and selects `best` by `predictor.select_metric`. The engine validates the starting
+checkpoint of both phases once before the first step (`engine.write_reference`: a `reference` record
+at step 0), the level the curves and the reports compare against.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 
 from kronos_kit.codebook import CodebookCounter
 from kronos_kit.config import KitConfig, PhaseConfig
-from kronos_kit.data import DataBundle, load_data
+from kronos_kit.data import DataBundle, in_split_mask, load_data
 from kronos_kit.engine import (
     HARMLESS_ON_RESUME,
     EpochSampler,
@@ -76,7 +77,7 @@ from kronos_kit.model import (
     weights_hash,
 )
 from kronos_kit.runs import run_choice
-from kronos_kit.runtime import DistContext, freeze, inference, module_device, resolve_device, unwrap
+from kronos_kit.runtime import DistContext, freeze, module_device, resolve_device, unwrap
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
@@ -161,12 +162,6 @@ def tokenizer_step(model: nn.Module, batch: dict[str, Any]) -> StepOutput:
                                  "bsq_codebook_entropy": bsq.codebook_entropy.detach()})
 
 
-def _in_split(batch: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the bars of each window that belong to its split (all, for data without the mask)."""
-    mask = batch.get("in_split")
-    return torch.ones(x.shape[:2], dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-
-
 def _require(count: float, what: str) -> float:
     if count <= 0:
         raise ValueError(f"validation saw no {what} over all ranks; the validation split or max_val_batches is "
@@ -175,27 +170,30 @@ def _require(count: float, what: str) -> float:
 
 
 def evaluate_tokenizer(model: nn.Module, loader, ctx: DistContext) -> dict[str, float]:
-    """Full-decoder and s1-only reconstruction MSE over the windows' in-split bars, loss, s1/s2 usage."""
+    """Full-decoder and s1-only reconstruction MSE, the BSQ term, loss and s1/s2 usage, all over the
+    windows' in-split bars (a validation window's context bars belong to the training split)."""
     device = module_device(model)
     counter = CodebookCounter(model.s1_bits, model.s2_bits, joint=False)
-    sums = [0.0] * 5  # full squared error, s1 squared error, bsq loss * windows, windows, in-split values
+    sums = [0.0] * 5  # full squared error, s1 squared error, bsq loss * bars, in-split bars, in-split values
     for batch in loader:
         x = batch["x"].to(device)
-        (z_pre, z), bsq_loss, quantized, _ = model(x)
+        bars = in_split_mask(batch, x)  # (B, L)
+        (z_pre, z), bsq_loss, quantized, _ = model(x, loss_mask=bars)
         s1, s2 = model.quantizer.codes_to_indices(quantized)
-        counter.update(s1.cpu(), s2.cpu())
-        keep = _in_split(batch, x).to(device)[..., None].expand_as(x)  # (B, L, 6)
+        counter.update(s1[bars].cpu(), s2[bars].cpu())
+        keep = bars[..., None].expand_as(x)  # (B, L, 6)
+        n_bars = bars.sum().item()
         sums = [a + b for a, b in zip(sums, (((z.float() - x) ** 2)[keep].sum().item(),
                                              ((z_pre.float() - x) ** 2)[keep].sum().item(),
-                                             bsq_loss.item() * len(x), len(x), keep.sum().item()))]
+                                             bsq_loss.item() * n_bars if n_bars else 0.0, n_bars, keep.sum().item()))]
     sums = ctx.sum(sums, device)
     s1_counts, s2_counts, _ = counter.counts()
     if ctx.world_size > 1:
         merged = ctx.sum([*s1_counts.tolist(), *s2_counts.tolist()], device)
         s1_counts, s2_counts = np.array(merged[: len(s1_counts)]), np.array(merged[len(s1_counts):])
-    windows, values = _require(sums[3], "windows"), sums[4]
-    full, pre = sums[0] / values, sums[1] / values
-    return {"val_recon_full": full, "val_recon_s1": pre, "val_loss": (full + pre + sums[2] / windows) / 2,
+    bars, values = _require(sums[3], "windows (in-split bars)"), sums[4]
+    full, pre, bsq = sums[0] / values, sums[1] / values, sums[2] / bars
+    return {"val_recon_full": full, "val_recon_s1": pre, "val_bsq": bsq, "val_loss": (full + pre + bsq) / 2,
             "s1_usage": float((s1_counts > 0).mean()), "s2_usage": float((s2_counts > 0).mean())}
 
 
@@ -337,7 +335,7 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
     phase = Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens, skill), cfg.predictor.select_metric,
                   data.train, data.val, before_save=check_frozen,
                   inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash},
-                  reference=None if skill is None else _reference_skill(cfg, skill, predictor, tokenizer))
+                  reference=None if skill is None else _reference_skill(cfg, skill))
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
                        resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
     check_frozen()
@@ -354,14 +352,12 @@ def _skill_probe(cfg: KitConfig, data: DataBundle) -> ForecastSkill | None:
                          max_origins=p.skill_origins, sample_count=p.skill_paths, seed=cfg.seed)
 
 
-def _reference_skill(cfg: KitConfig, skill: ForecastSkill, predictor: Kronos,
-                     tokenizer: KronosTokenizer) -> Callable[[], dict[str, Any]]:
-    """The starting predictor scored on the probe's origins: the level a finetune must beat (`reference`)."""
+def _reference_skill(cfg: KitConfig, skill: ForecastSkill) -> Callable[[], dict[str, Any]]:
+    """What the `reference` record says about the probe; its scores (the level a finetune must beat) are
+    the starting predictor's step-0 validation, which includes the probe."""
 
     def reference() -> dict[str, Any]:
-        with inference(predictor):
-            scores = skill(predictor, tokenizer)
-        return {"model": "base", "source": cfg.predictor.start_from, **scores, "origins": skill.n_origins,
+        return {"model": "base", "source": cfg.predictor.start_from, "origins": skill.n_origins,
                 "paths": skill.sample_count, "horizon": skill.pred_len}
 
     return reference

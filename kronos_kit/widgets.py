@@ -20,16 +20,24 @@ import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.plots.figure import figure_png, new_figure
-from kronos_kit.reconstruction import CodeProfile, WindowReconstruction, code_profile, reconstruct_window
+from kronos_kit.reconstruction import (
+    CodeProfile,
+    ReconstructionReport,
+    WindowReconstruction,
+    code_profile,
+    reconstruct_window,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from kronos_kit.forecast import Forecast, KronosPredictor
     from kronos_kit.model import Kronos, KronosTokenizer
+    from kronos_kit.runs import SamplingCalibration
 
 __all__ = ["LiveCurve", "window_browser", "code_inspector", "codes_table_html", "forecast_explorer"]
 
@@ -145,6 +153,7 @@ def window_browser(
     *,
     device: str | None = "cpu",
     symbols: Mapping[str, Sequence[int]] | None = None,
+    reports: Mapping[str, ReconstructionReport] | None = None,
 ) -> widgets.VBox:
     """Browse a window dataset and see each tokenizer's reconstruction of the selected window.
 
@@ -153,21 +162,31 @@ def window_browser(
     ``symbol`` and ``start``.  Controls: symbol dropdown, window slider (within the symbol) and a
     toggle between tokenizers; below them the candle overlay (original / s1 only / full) and the
     window's s1 and s2 codes.  ``symbols`` (symbol -> dataset positions) skips the one pass over the
-    dataset that otherwise builds that index.
-    """
+    dataset that otherwise builds that index. ``reports`` (name -> `reconstruction_report` of that tokenizer
+    on ``dataset``) adds an ``order`` toggle: ``worst close error`` walks the symbol's windows from the
+    selected tokenizer's largest close error (bp of the previous close) down."""
     if not tokenizers:
         raise ValueError("tokenizers must name at least one tokenizer")
     index = {str(k): list(v) for k, v in (symbols or _symbol_index(dataset)).items()}
     if not index:
         raise ValueError("the dataset has no windows")
     names = list(tokenizers)
+    errors = _close_errors(reports, names, len(dataset))
 
     symbol = widgets.Dropdown(options=sorted(index), description="symbol")
     position = widgets.IntSlider(value=0, min=0, max=len(index[symbol.value]) - 1, description="window")
     which = widgets.ToggleButtons(options=names, value=names[0], description="tokenizer")
+    order = widgets.ToggleButtons(options=["time", _WORST], value="time", description="order")
     info = widgets.HTML()
     figure = widgets.Output()
     codes = widgets.HTML()
+
+    def _items() -> list[int]:
+        items = index[symbol.value]
+        if order.value != _WORST:
+            return items
+        e = errors[which.value]
+        return sorted(items, key=lambda i: -e[i] if np.isfinite(e[i]) else np.inf)
 
     @lru_cache(maxsize=64)  # scrubbing back and forth should not re-run the tokenizer
     def _reconstruct(name: str, item: int) -> WindowReconstruction:
@@ -176,15 +195,16 @@ def window_browser(
     def _redraw(*_: Any) -> None:
         from kronos_kit.plots.codebook import plot_window_reconstruction
 
-        item = index[symbol.value][position.value]
+        item = _items()[position.value]
         rec = _reconstruct(which.value, item)
         err = ((rec.full_recon - rec.x) ** 2).mean(), ((rec.s1_recon - rec.x) ** 2).mean()
+        worst = (f"; close error {errors[which.value][item]:.1f} bp of the previous close, rank "
+                 f"{position.value + 1} from the worst" if order.value == _WORST else "")
         info.value = (
             f"<b>{html.escape(str(symbol.value))}</b> window {position.value + 1}/{len(index[symbol.value])}"
             f" (dataset item {item}, start {rec.start}); tokenizer <b>{html.escape(which.value)}</b>: "
             f"normalized MSE over all {rec.x.shape[-1]} channels: full {err[0]:.4f}, s1 only {err[1]:.4f} "
-            "(the figure's titles: over open, high, low, close only)"
-        )
+            f"(the figure's titles: over open, high, low, close only){worst}")
         _show(figure, plot_window_reconstruction(rec, title=f"{symbol.value} - {which.value}"))
         codes.value = codes_table_html(rec.s1_ids, rec.s2_ids)
 
@@ -195,11 +215,36 @@ def window_browser(
             position.max = len(index[change["new"]]) - 1
         _redraw()
 
+    def _on_order(*_: Any) -> None:
+        with position.hold_trait_notifications():
+            position.value = 0
+        _redraw()
+
     symbol.observe(_on_symbol, names="value")
     position.observe(_redraw, names="value")
-    which.observe(_redraw, names="value")
+    which.observe(lambda *_: _on_order() if order.value == _WORST else _redraw(), names="value")
+    order.observe(_on_order, names="value")
     _redraw()
-    return _NotedBox([widgets.HBox([symbol, which]), position, info, figure, codes], "window browser")
+    controls = [symbol, which, order] if errors else [symbol, which]
+    return _NotedBox([widgets.HBox(controls), position, info, figure, codes], "window browser")
+
+
+_WORST = "worst close error"
+
+
+def _close_errors(reports: Mapping[str, ReconstructionReport] | None, names: list[str],
+                  n: int) -> dict[str, np.ndarray]:
+    """Per-window close errors (bp) by tokenizer name, for the browser's worst-first order ({} without reports)."""
+    if not reports:
+        return {}
+    out = {}
+    for name in names:
+        windows = reports[name].windows if name in reports else None
+        if windows is None or len(windows) != n or windows.close_bp is None:
+            raise ValueError(f"window_browser: reports[{name!r}] must be reconstruction_report of that tokenizer on "
+                             f"the same {n} windows, with prices (mean/std)")
+        out[name] = windows.array("close_bp")
+    return out
 
 
 def code_inspector(
@@ -302,20 +347,21 @@ class _ForecastExplorer:
 
     def __init__(self, models: dict[str, KronosPredictor], bars: dict[str, pd.DataFrame], *, lookback: int,
                  pred_len: int, sample_count: int, max_sample_count: int, history_bars: int,
-                 seed: int | None) -> None:
+                 seed: int | None, calibration: SamplingCalibration | None = None) -> None:
         self.models, self.names, self.bars = models, list(models), bars
         self.lookback, self.pred_len, self.history_bars, self.seed = lookback, pred_len, history_bars, seed
+        self.calibration = calibration
         self._build_controls(sample_count, max_sample_count)
         self.button.on_click(self._on_click)
         self.symbol.observe(self._on_symbol, names="value")
-        for control in (self.origin, self.which, self.temperature, self.top_p, self.samples):
+        for control in (self.origin, self.which, self.temperature, self.top_p, self.samples, self.calibrated):
             control.observe(self._changed, names="value")
         self._describe()
         self.status.value = "press <b>Forecast</b> (nothing runs while the sliders move)"
         self.box = _NotedBox([
             widgets.HBox([self.symbol, self.which]),
             self.origin,
-            widgets.HBox([self.temperature, self.top_p, self.samples]),
+            widgets.HBox([self.temperature, self.top_p, self.samples, self.calibrated]),
             widgets.HBox([self.button, self.status]),
             self.info,
             self.figure,
@@ -337,10 +383,15 @@ class _ForecastExplorer:
         self.which = widgets.Dropdown(options=model_options, value=model_options[-1], description="model")
         self.origin = widgets.IntSlider(value=start, min=lo, max=hi, description="origin bar", style=wide,
                                         continuous_update=False, layout=widgets.Layout(width="95%"))
-        self.temperature = widgets.FloatSlider(value=DEFAULT_TEMPERATURE, min=0.1, max=2.0, step=0.05,
+        # the run's calibrated setting when given (calibration.json), else the kit's default sampling
+        sampling = self.calibration.sampling() if self.calibration is not None else {
+            "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P}
+        self.temperature = widgets.FloatSlider(value=sampling["temperature"], min=0.1, max=2.0, step=0.05,
                                                description="temperature", style=wide)
-        self.top_p = widgets.FloatSlider(value=DEFAULT_TOP_P, min=0.05, max=1.0, step=0.05, description="top-p",
+        self.top_p = widgets.FloatSlider(value=sampling["top_p"], min=0.05, max=1.0, step=0.05, description="top-p",
                                          style=wide)
+        self.calibrated = widgets.Checkbox(value=self.calibration is not None, disabled=self.calibration is None,
+                                           description="calibrated paths", style=wide)
         self.samples = widgets.IntSlider(value=min(sample_count, max_sample_count), min=1, max=max_sample_count,
                                          description="sample paths", style=wide)
         self.button = widgets.Button(description="Forecast", button_style="primary", icon="play")
@@ -378,12 +429,16 @@ class _ForecastExplorer:
 
     def _forecast(self, history: pd.DataFrame, future: pd.Series, chosen: list[str]) -> dict[str, Forecast]:
         feats = [c for c in FEATURE_COLUMNS if c in history.columns]
-        return {
-            name: self.models[name].predict_paths(
+        out = {}
+        for name in chosen:
+            fc = self.models[name].predict_paths(
                 history[feats], history["timestamps"], future, self.pred_len, T=float(self.temperature.value),
                 top_p=float(self.top_p.value), sample_count=int(self.samples.value), verbose=False, seed=self.seed)
-            for name in chosen
-        }
+            if self.calibrated.value and self.calibration is not None:  # each model's own fit on validation
+                fit = PathCalibration.from_dict(self.calibration.path_calibration(name), where="calibration")
+                fc = fc.calibrated(fit, [float(history["close"].iloc[-1])])
+            out[name] = fc
+        return out
 
     def _draw(self, history: pd.DataFrame, realized: pd.DataFrame, forecasts: dict[str, Forecast]) -> list[str]:
         """Draw one fan chart per forecast into the figure; return each model's score on the realized bars."""
@@ -453,6 +508,7 @@ def forecast_explorer(
     max_sample_count: int = 64,
     history_bars: int = 60,
     seed: int | None = 0,
+    calibration: SamplingCalibration | None = None,
 ) -> widgets.VBox:
     """Forecast from any bar of ``frame`` and see each model's fan chart against what happened.
 
@@ -469,6 +525,9 @@ def forecast_explorer(
     seconds, so nothing runs while sliders move; the button (or ``box.run()``, which returns the
     ``{name: Forecast}`` it drew) forecasts with the current settings and ``seed`` and redraws the
     fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
+    ``calibration`` (the run's calibration.json, e.g. ``decision.calibration``) starts the sliders at
+    its temperature / top-p and ticks "calibrated paths": each model's path calibration fitted on
+    validation is applied to its paths (untick it to see them as sampled).
     """
     if lookback < 2 or pred_len < 1:
         raise ValueError(f"need lookback >= 2 and pred_len >= 1, got lookback={lookback}, pred_len={pred_len}")
@@ -477,4 +536,5 @@ def forecast_explorer(
     models = _explorer_predictors(predictors, max_context, device)
     bars = _symbol_frames(frame, lookback)
     return _ForecastExplorer(models, bars, lookback=lookback, pred_len=pred_len, sample_count=sample_count,
-                             max_sample_count=max_sample_count, history_bars=history_bars, seed=seed).box
+                             max_sample_count=max_sample_count, history_bars=history_bars, seed=seed,
+                             calibration=calibration).box

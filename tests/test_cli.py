@@ -276,6 +276,24 @@ def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, 
     assert run_models(tiny_run)["sampling"] == {"temperature": 1e-6, "top_p": 1.0}
 
 
+def test_forecast_run_applies_the_runs_path_calibration(tmp_path, tiny_run, capsys):
+    rd = RunDir(tiny_run)
+    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
+    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
+                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    wide = {"method": "spread", "scale": 3.0, "power": 0.0, "center": 1.0, "conformal": {}}
+    save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base",
+                               "paths": {"base": {"path_calibration": wide}}, "checkpoints": bound})
+    stage_03_completed(rd)
+    args = ("--run", str(tiny_run), "--data", CSV, "--quantiles", "0.1,0.9")
+    calibrated, out = forecast(tmp_path, capsys, *args)
+    raw, out_raw = forecast(tmp_path, capsys, *args, "--uncalibrated")
+    assert "path calibration: spread: k_h = 3" in out and "path calibration: none" in out_raw
+    width, raw_width = (t["close_q0.9"] - t["close_q0.1"] for t in (calibrated, raw))
+    assert (width > 2.5 * raw_width).all()  # three times the spread around the same median
+    np.testing.assert_allclose(calibrated["volume_median"], raw["volume_median"])  # volume as sampled
+
+
 def test_forecast_resolves_promoted_sources_inside_the_run(tmp_path, tiny_run, capsys, monkeypatch):
     """The validation step writes sources relative to the run (`predictor/best`): they load from the run
     folder wherever the command runs, never as hub ids."""

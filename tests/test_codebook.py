@@ -31,13 +31,11 @@ from kronos_kit.codebook import (  # noqa: E402
     total_variation,
 )
 from kronos_kit.data import FEATURE_COLUMNS  # noqa: E402
+from kronos_kit.gate import reconstruction_gate  # noqa: E402
 from kronos_kit.reconstruction import (  # noqa: E402
-    GateResult,
     ReconstructionReport,
-    TokenizerGateError,
     code_profile,
     reconstruct_window,
-    reconstruction_gate,
     reconstruction_report,
 )
 
@@ -346,7 +344,7 @@ def test_reconstruction_report_matches_numpy_and_frame(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# the gate
+# tables (the gate's own tests are in test_gate.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -358,65 +356,6 @@ def good_and_bad():
     return good, bad
 
 
-def test_gate_passes_and_fails(good_and_bad, tmp_path):
-    good, bad = good_and_bad
-    healthy = stats_of(torch.arange(16).repeat(4), torch.arange(16).repeat(4), 4, 4)
-    collapsed = stats_of(torch.tensor([1, 2] * 32), torch.arange(16).repeat(4), 4, 4)  # bit 0, 2, 3 stuck
-
-    ok = reconstruction_gate(good, healthy)
-    assert ok.passed and bool(ok) and ok.reasons == []
-    assert ok.metrics["full_mse"] == pytest.approx(0.01, rel=1e-4)
-    assert ok.metrics["s1_usage"] == 1.0 and ok.thresholds["max_full_mse"] == 0.5
-
-    fail = reconstruction_gate(bad, collapsed)
-    assert not fail.passed
-    text = " | ".join(fail.reasons)
-    assert "full-decoder normalized MSE 0.64 is above the maximum 0.5" in text
-    assert "full / s1-only MSE ratio" in text  # 0.64 / 0.25 > 1
-    assert "s1 codebook usage 0.125 is below the minimum 0.2" in text
-    assert "least balanced bit" in text
-    assert len(fail.reasons) == 4
-
-    # thresholds are configurable, None disables a check
-    relaxed = reconstruction_gate(
-        bad, collapsed, max_full_mse=1.0, min_s1_usage=0.1, max_full_to_s1_mse_ratio=None, min_bit_balance=None
-    )
-    assert relaxed.passed, relaxed.reasons
-    assert reconstruction_gate(good, None).passed  # codebook checks skipped without stats
-    assert not reconstruction_gate(good, healthy, max_full_mse=0.005).passed
-    # the run's gate section supplies its two thresholds
-    from kronos_kit.config import GateConfig
-
-    strict = reconstruction_gate(good, healthy, GateConfig(max_full_mse=0.005, min_s1_usage=0.2))
-    assert not strict.passed and strict.thresholds["max_full_mse"] == 0.005
-    assert reconstruction_gate(bad, collapsed, GateConfig(max_full_mse=1.0, min_s1_usage=0.1),
-                               max_full_to_s1_mse_ratio=None, min_bit_balance=None).passed
-
-    # JSON round trip
-    path = fail.save(tmp_path / "gate.json")
-    assert json.loads(path.read_text())["passed"] is False
-    back = GateResult.load(path)
-    assert back == fail
-    assert GateResult.load(ok.save(tmp_path / "ok.json")) == ok
-
-    with pytest.raises(TokenizerGateError, match="override=True"):
-        fail.raise_if_failed()
-    with pytest.warns(UserWarning, match="overridden"):
-        fail.raise_if_failed(override=True)
-    ok.raise_if_failed()
-
-
-def test_gate_report_prints_each_number_against_its_threshold(good_and_bad):
-    good, bad = good_and_bad
-    healthy = stats_of(torch.arange(16).repeat(4), torch.arange(16).repeat(4), 4, 4)
-    lines = reconstruction_gate(bad, healthy).report().splitlines()
-    assert lines[0].startswith("Tokenizer gate FAILED: full-decoder normalized MSE 0.64")
-    assert lines[1:] == ["  full_mse 0.64 <= 0.5 FAIL", "  s1_usage 1 >= 0.2 ok", "  s2_usage 1 >= 0.05 ok",
-                         "  full_to_s1_mse_ratio 2.56 <= 1 FAIL", "  min_bit_balance 0.5 >= 0.01 ok"]
-    assert reconstruction_gate(good, None).checks() == ["full_mse 0.01 <= 0.5 ok",
-                                                        "full_to_s1_mse_ratio 0.1111 <= 1 ok"]
-
-
 def test_tables_can_leave_volume_prices_out(good_and_bad):
     good, _ = good_and_bad
     table = good.to_frame(per_symbol=False, volume_prices=False)
@@ -424,15 +363,6 @@ def test_tables_can_leave_volume_prices_out(good_and_bad):
     assert price_rows[["volume", "amount"]].isna().all().all() and price_rows["close"].notna().all()
     normalized = table.xs("mse", level="metric")
     pd.testing.assert_frame_equal(normalized, good.to_frame(per_symbol=False).xs("mse", level="metric"))
-
-
-def test_gate_flags_non_finite(good_and_bad):
-    good, _ = good_and_bad
-    broken = ReconstructionReport.from_dict(good.to_dict())
-    broken.overall["full"].mse = [float("nan")] * 6
-    res = reconstruction_gate(broken, None)
-    assert not res.passed and "not finite" in res.reasons[0]
-    assert json.loads(json.dumps(res.to_dict()))["metrics"]["full_mse"] is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -384,7 +384,8 @@ def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     assert result.n_origins == 30
     assert result.origin_pos.min() >= 199
     t = result.table
-    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "garch"]
+    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "random_walk", "garch_rw", "bootstrap",
+                             "garch"]
     assert t.loc["finetuned", "close_crps"] < t.loc["base", "close_crps"]
     assert t.loc["garch", "vol_mae"] > 0 and np.isnan(t.loc["garch", "close_mae"])
     assert np.isnan(t.loc["persistence", "coverage_80"])  # a single path has no interval
@@ -398,6 +399,10 @@ def test_walk_forward_on_ashare_sample_writes_report(tmp_path):
     payload = json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert payload["table"]["finetuned"]["n_origins"] == 30
     assert payload["table"]["persistence"]["coverage_80"] is None  # NaN as null
+    csv = pd.read_csv(paths["table"], index_col="model")  # the naive probabilistic baselines, scored like a model
+    for name in ("random_walk", "garch_rw", "bootstrap"):
+        assert np.isfinite(csv.loc[name, ["close_crps", "close_wql", "coverage_50", "coverage_80", "coverage_95",
+                                          "close_mae"]].to_numpy(float)).all()
     assert len(payload["scores"]["finetuned"]["by_step"]["mae"]["close"]) == 12
     report = paths["report"].read_text()
     for word in ("base", "finetuned", "persistence", "garch"):
@@ -553,7 +558,8 @@ def test_evaluate_models_fixture_checkpoints_end_to_end(fixture_pair, ashare_spl
               seed=0, progress=False)
     result = evaluate_models(ashare_splits, models, **kw)  # the Splits: its test part is used
     t = result.table
-    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "garch"]
+    assert list(t.index) == ["base", "finetuned", "persistence", "drift", "random_walk", "garch_rw", "bootstrap",
+                             "garch"]
     assert result.n_origins == 6 and (t["n_origins"] == 6).all()
     assert t.loc["base", "n_samples"] == t.loc["finetuned", "n_samples"] == 4
     # origins lie in the test split: histories may use its context rows, targets may not
@@ -693,6 +699,23 @@ def test_forecast_explorer_builds_and_forecasts_without_kernel(fixture_predictor
     assert sorted(forecasts) == ["base", "tuned"] and forecasts["base"].paths.shape == (1, 6, 8, 6)
     assert len(figure.outputs) == 1 and "image/png" in figure.outputs[0]["data"]
     assert "2 model(s)" in status.value and "8 realized bars" in status.value and "tuned close CRPS" in status.value
+
+    # started at a run's calibration: its sampling on the sliders, each model's path calibration applied
+    from kronos_kit.runs import SamplingCalibration
+
+    wide = {"method": "spread", "scale": 3.0, "power": 0.0, "center": 1.0, "conformal": {}}
+    cal = SamplingCalibration(temperature=0.8, top_p=0.95, model="base", paths={"base": {"path_calibration": wide}})
+    calibrated_box = forecast_explorer(models, frame, lookback=32, pred_len=8, max_context=20, sample_count=6,
+                                       calibration=cal)
+    sliders = {w.description: w for w in calibrated_box.children[2].children}
+    start = (sliders["temperature"].value, sliders["top-p"].value, sliders["calibrated paths"].value)
+    assert start == (0.8, 0.95, True)
+    done = calibrated_box.run()
+    sliders["calibrated paths"].value = False
+    raw = calibrated_box.run()
+    spread = [np.ptp(np.log(f["base"].paths[0, :, -1, 3])) for f in (done, raw)]
+    assert spread[0] == pytest.approx(3 * spread[1], rel=1e-3)  # paths come in float32
+    np.testing.assert_allclose(done["tuned"].paths, raw["tuned"].paths)  # no fit for "tuned": as sampled
 
     controls["Dropdown:model"].value = "base"
     origin.value = origin.max  # past the end of the data: no realized path, still forecasts

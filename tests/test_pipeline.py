@@ -69,8 +69,16 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     assert len(figures) >= 10 and "01_candles.png" in figures
     report = (smoke_run / "report.md").read_text()
     assert "finetuned" in report and "persistence" in report
-    assert report.startswith("# Forecast evaluation\n\n**Bottom line.** ") and "## Promotion" in report
-    assert "## Sampling calibration" in report
+    # the phase sections come first, then the forecast evaluation with its bottom line
+    assert report.startswith("# Phase 1: tokenizer adaptation\n\n**Gate: passed.**")
+    phase2 = report.index("# Phase 2: predictor finetune")
+    forecast = report.index("# Forecast evaluation\n\n**Bottom line.** ")
+    assert phase2 < forecast and "## Promotion" in report
+    assert "| close_error_to_move |" in report and "| full_mse_vs_base |" in report and "Best validation step" in report
+    gate = json.loads((smoke_run / "reconstruction_gate.json").read_text())
+    assert gate["passed"] and {c["metric"] for c in gate["checks"]} >= {"full_mse_vs_base", "close_error_to_move"}
+    assert all(c["value"] is not None and c["threshold"] is not None and c["base"] is not None for c in gate["checks"])
+    assert "## Forecast calibration" in report and "as sampled vs calibrated" in report
     promoted = json.loads((smoke_run / "promoted.json").read_text())
     assert promoted["split"] == "validation" and promoted["reason"] in report
     with pytest.raises(UsageError, match="--resume"):
@@ -102,8 +110,14 @@ def test_notebooks_run_from_the_notebooks_folder_with_figures_inline(smoke_run, 
     for name in ("01_tokenizer_adaptation.ipynb", "02_predictor_finetune.ipynb", "03_diagnostics.ipynb"):
         assert png_cells(tmp_path / name), f"{name} shows no figure inline"
     shown = "\n".join(png_cells(tmp_path / "01_tokenizer_adaptation.ipynb"))
-    for figure in ("01_candles", "01_rank_frequency_s1", "01_s1_heatmap", "01_bit_balance", "01_reconstruction"):
+    for figure in ("01_candles", "01_rank_frequency_s1", "01_s1_heatmap", "01_bit_balance", "01_reconstruction",
+                   "01_worst_windows", "01_window_errors", "01_tokenizer_curves"):
         assert figure in shown, f"{figure} is not shown inline"
+    assert "02_predictor_curves" in "\n".join(png_cells(tmp_path / "02_predictor_finetune.ipynb"))
+    # the curves of both phases draw the base: each phase logged its start checkpoint's validation at step 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for phase in ("tokenizer", "predictor"):
+        assert [r["step"] for r in records if r["phase"] == phase and r["kind"] == "reference"] == [0], phase
 
 
 def test_failing_stage_stops_and_from_completes_it(smoke_run, tmp_path, capsys):

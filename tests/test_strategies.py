@@ -256,6 +256,37 @@ def test_load_run_forecaster_moves_with_the_run_and_names_bad_files(tmp_path):
 # ------------------------------------------------------------------------------ the validation step
 
 
+def _check_path_calibration(tmp_path, data, models, evaluation, cal, rf):
+    """Each model's path calibration is fitted on validation, applied by the test evaluation to the price
+    channels of that model's paths only, and loaded by the run's forecaster; the test split is never read."""
+    import numpy as np
+
+    from kronos_kit.calibration import PathCalibration, apply_path_calibration
+    from kronos_kit.data import Splits
+    from kronos_kit.evaluate import decide_on_validation
+
+    assert set(cal.paths) == {"base", "finetuned"}
+    assert rf.path_calibration == PathCalibration.from_dict(cal.path_calibration(cal.model))
+    assert cal.path_calibration()["method"] != "none"
+    result = evaluate_models(data.splits.test, models, evaluation, lookback=30, baselines=(), calibration=cal,
+                             progress=False)
+    for name in ("base", "finetuned"):
+        raw, done = result.uncalibrated[name], result.samples[name]
+        expected = apply_path_calibration(raw, result.last_close, PathCalibration.from_dict(cal.path_calibration(name)))
+        np.testing.assert_allclose(done, expected)  # skipped calibration or another model's fit: red
+        np.testing.assert_array_equal(done[..., 4:], raw[..., 4:])  # volume / amount as sampled
+        assert not np.allclose(done[..., 3], raw[..., 3])  # the close did move
+    # an absurd test split (prices x 1000, volumes negative) leaves every decision unchanged
+    absurd = data.splits.test.copy()
+    absurd[["open", "high", "low", "close"]] *= 1000.0
+    absurd["volume"] = -absurd["volume"]
+    splits = Splits(train=data.splits.train, val=data.splits.val, test=absurd)
+    again = decide_on_validation(splits, models, evaluation, lookback=30, run_dir=tmp_path / "absurd", seed=2,
+                                 finetuned_sources=("tiny", tmp_path / "predictor" / "best"),
+                                 base_sources=("tiny", "tiny"))
+    assert again.calibration.paths == cal.paths and again.promotion.promoted == cal.model
+
+
 def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, data):
     from kronos_kit.config import EvalConfig
     from kronos_kit.evaluate import Promotion, SamplingCalibration, decide_on_validation
@@ -264,10 +295,11 @@ def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, dat
     tuned = Kronos.from_pretrained("tiny", seed=1)
     tuned.save_pretrained(tmp_path / "predictor" / "best")
     models = {"base": (Kronos.from_pretrained("tiny", seed=0), tokenizer), "finetuned": (tuned, tokenizer)}
-    evaluation = EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12)
+    evaluation = EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12,
+                            calibration_temperatures=[0.5, 1.0], calibration_top_ps=[0.9, 1.0])
     decision = decide_on_validation(data.splits, models, evaluation, lookback=30, run_dir=tmp_path, seed=2,
                                     finetuned_sources=("tiny", tmp_path / "predictor" / "best"),
-                                    base_sources=("tiny", "tiny"), temperatures=(0.5, 1.0), top_ps=(0.9, 1.0))
+                                    base_sources=("tiny", "tiny"))
     p = decision.promotion
     assert decision.result.n_origins == 12 and set(decision.result.names) == {"base", "finetuned"}
     assert Promotion.load(tmp_path) == p and p.split == "validation"
@@ -283,6 +315,8 @@ def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, dat
                              calibration=cal, progress=False)
     sampling = result.config["sampling"]
     assert (sampling["temperature"], sampling["top_p"], sampling["calibrated"]) == (cal.temperature, cal.top_p, True)
+    assert not result.uncalibrated  # "m" has no path calibration of its own: its paths stay as sampled
+    _check_path_calibration(tmp_path, data, models, evaluation, cal, rf)
     # calibration switched off: no stale calibration.json survives
     decide_on_validation(data.splits, models, EvalConfig(stride=15, pred_len=5, sample_count=3, val_origins=12,
                                                          calibrate=False), lookback=30, run_dir=tmp_path,

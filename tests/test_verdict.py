@@ -172,27 +172,25 @@ def test_bottom_line_sentences():
     hurt = _rows(("base", "close_crps", "close CRPS", 1.031, 1.0, 0.02, "worse"),
                  ("base", "close_ae", "close MAE", 1.0, 1.0, 0.9, "no detectable difference"),
                  ("persistence", "close_ae", "close MAE", 1.0, 0.8, 0.0004, "worse"),
-                 ("drift", "close_crps", "close CRPS", 1.0, 1.0, 0.5, "no detectable difference"))
-    assert bottom_line(hurt) == (
-        "Finetuning did not help: on 60 test origins the finetuned model's close CRPS is 3.1% worse than the base "
-        "model's (DM p = 0.02), and persistence beats it on close MAE (p < 0.001).")
-    helped = _rows(("base", "close_crps", "close CRPS", 0.9, 1.0, 0.003, "better"),
-                   ("drift", "close_crps", "close CRPS", 0.9, 1.2, 0.001, "better"))
-    assert bottom_line(helped) == (
-        "Finetuning helped: on 60 test origins the finetuned model's close CRPS is 10.0% lower than the base "
-        "model's (DM p = 0.003), and it beats every baseline (drift) on every paired metric.")
+                 ("drift", "close_crps", "close CRPS", 1.0, 1.1, 0.5, "no detectable difference"),
+                 ("random_walk", "close_crps", "close CRPS", 1.25, 1.0, 0.003, "worse"))
+    assert bottom_line(hurt, coverage_80=0.52) == (
+        "Finetuning did not help: on 60 test origins the finetuned model's close CRPS is 3.1% higher than the base "
+        "model's (significantly, DM p = 0.02). Against naive forecasts, its close CRPS is 25.0% higher than the best "
+        "naive probabilistic baseline's (random_walk) (significantly, DM p = 0.003); its close MAE is 25.0% higher "
+        "than persistence's (significantly, DM p < 0.001); its 80% interval covers 0.52 of the realized closes (too "
+        "narrow: the model is overconfident).")
     same = _rows(("base", "close_crps", "close CRPS", 0.99, 1.0, 0.41, "no detectable difference"),
-                 ("drift", "close_crps", "close CRPS", 0.9, 1.2, 0.01, "better"),
-                 ("drift", "close_ae", "close MAE", 1.0, 1.0, 0.7, "no detectable difference"))
-    assert bottom_line(same) == (
-        "Finetuning made no detectable difference: on 60 test origins the finetuned model's close CRPS is 1.0% "
-        "lower than the base model's (DM p = 0.41, not significant at 5%), and no baseline beats it significantly "
-        "(better in 1 of 2 baseline comparisons, no detectable difference in the rest).")
-    but = _rows(("base", "close_crps", "close CRPS", 0.9, 1.0, 0.003, "better"),
-                ("persistence", "close_ae", "close MAE", 1.1, 1.0, 0.03, "worse"),
-                ("persistence", "close_crps", "close CRPS", 1.2, 1.0, 0.0123, "worse"))
-    assert bottom_line(but).endswith(
-        "(DM p = 0.003), but persistence beats it on close MAE (p = 0.03) and close CRPS (p = 0.0123).")
+                 ("persistence", "close_ae", "close MAE", 0.98, 1.0, 0.7, "no detectable difference"))
+    same["mde"] = [0.083, 0.02]
+    assert bottom_line(same, coverage_80=0.78) == (
+        "Finetuning made no detectable difference: on 60 test origins the finetuned model's close CRPS is 1.0% lower "
+        "than the base model's (not significant, DM p = 0.41; underpowered: these origins detect only differences of "
+        "8.3% or more). Against naive forecasts, its close MAE is 2.0% lower than persistence's (not significant, "
+        "DM p = 0.70; these origins detect only differences of 2.0% or more); its 80% interval covers 0.78 of the "
+        "realized closes (calibrated).")
+    alone = _rows(("base", "close_crps", "close CRPS", 0.9, 1.0, 0.003, "better"))
+    assert bottom_line(alone).endswith("(significantly, DM p = 0.003); no baseline was evaluated.")
 
 
 def test_report_opens_with_the_verdict_and_metrics_json_carries_it(tmp_path):
@@ -205,9 +203,11 @@ def test_report_opens_with_the_verdict_and_metrics_json_carries_it(tmp_path):
     assert lines[0] == "# Forecast evaluation"
     assert lines[2].startswith("**Bottom line.** Finetuning did not help: on 76 test origins the finetuned model's "
                                "close CRPS is ")
-    assert "and persistence beats it on close CRPS (p < 0.001) and close MAE (p < 0.001); drift beats" in lines[2]
+    assert "its close MAE is" in lines[2] and "than persistence's (significantly, DM p < 0.001)" in lines[2]
+    assert "best naive probabilistic baseline's" in lines[2] and "its 80% interval covers" in lines[2]
     verdicts = [ln for ln in lines if ln.startswith("- finetuned vs ")]
-    assert len(verdicts) == 7
+    assert len(verdicts) == 13  # close CRPS and MAE vs base and the five path baselines, vol MAE vs GARCH
+    assert all("minimum detectable effect" in v for v in verdicts)
     assert verdicts[0].startswith("- finetuned vs base, close CRPS: **worse** at 5%.")
     assert any(v.startswith("- finetuned vs persistence, close MAE: **worse** at 5%.") for v in verdicts)
     assert lines.index("## Headline metrics") > lines.index(verdicts[-1])  # the old content stays, below
@@ -217,13 +217,14 @@ def test_report_opens_with_the_verdict_and_metrics_json_carries_it(tmp_path):
     rows = {(r["other"], r["metric"]): r for r in payload["paired_comparisons"]}
     assert rows[("persistence", "close_ae")]["verdict"] == "worse"
     assert rows[("base", "close_crps")]["p_value"] < 0.001
-    assert set(payload["ic_significance"]) == {"base", "finetuned", "persistence", "drift"}
+    assert set(payload["ic_significance"]) == {"base", "finetuned", "persistence", "drift", "random_walk", "garch_rw",
+                                               "bootstrap"}
     assert payload["promotion"] is None and payload["calibration"] is None
 
 
 def test_ic_significance_table(result):
     table = ic_significance(result)
-    assert list(table.index) == ["base", "finetuned", "persistence", "drift"]
+    assert list(table.index) == ["base", "finetuned", "persistence", "drift", "random_walk", "garch_rw", "bootstrap"]
     assert table.loc["finetuned", "ic"] == pytest.approx(result.scores["finetuned"]["ic"])
     assert table.loc["finetuned", "ic_t"] > 10  # the near-perfect model's IC is certain
     assert np.isnan(table.loc["persistence", "ic_t"])

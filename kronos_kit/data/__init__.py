@@ -16,8 +16,8 @@ This package owns
   arrays written once per data hash as ``.npy`` files and memory-mapped by every rank and notebook;
 * the configured data in one object (`load_data` -> `DataBundle`, in ``bundle``), read through that
   cache; windows (`RowBlocks`) and split frames come from the mapped arrays;
-* batch plumbing (`loop_batches`, `iter_batches`, `take`, `unpack_batch`, in ``batches``): the one
-  loop every model-over-windows computation uses;
+* batch plumbing (`loop_batches`, `iter_batches`, `take`, `unpack_batch`, `in_split_mask`, in
+  ``batches``): the one loop every model-over-windows computation uses, and which bars it scores;
 * forecast origins and the model inputs at them (`forecast_origins`, `origin_inputs`, in
   ``origins``), shared by the test evaluation and phase 2's forecast-skill probe;
 * the embedded samples (`load_sample`, in ``samples``) and a notebook summary (`summarize`).
@@ -26,7 +26,7 @@ Whatever the loader fills, sorts or repairs is reported with ``warnings.warn(...
 and kept in ``frame.attrs["notices"]``. Every check is vectorised: no Python loop runs over rows.
 """
 
-from .batches import Batch, is_window_dataset, iter_batches, loop_batches, take, unpack_batch
+from .batches import Batch, in_split_mask, is_window_dataset, iter_batches, loop_batches, take, unpack_batch
 from .bundle import DataBundle, load_data
 from .load import load_ohlcv
 from .origins import forecast_origins, origin_inputs, walk_forward_frame
@@ -71,6 +71,7 @@ __all__ = [
     "fill_amount",
     "forecast_origins",
     "is_window_dataset",
+    "in_split_mask",
     "iter_batches",
     "load_data",
     "load_ohlcv",

@@ -86,3 +86,14 @@ def unpack_batch(batch: Any) -> Batch:
         return unpack_batch(batch[0])
     x = torch.as_tensor(batch)
     return Batch(x[None] if x.ndim == 2 else x, None, None, None)
+
+
+def in_split_mask(batch: Any, x: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the bars of each window that belong to its split (``in_split``; all of them for data
+    without the mask). A val/test window borrows its first bars from the previous split as context; a
+    score of that split counts only the bars where this is True."""
+    mask = batch.get("in_split") if isinstance(batch, Mapping) else None
+    if mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    mask = torch.as_tensor(mask, dtype=torch.bool, device=x.device)
+    return mask[None] if mask.ndim == 1 else mask

@@ -3,7 +3,7 @@
 The question answered: did finetuning help, against the base model and naive baselines, on held-out
 data? One module per seam, every public name re-exported here:
 
-- :mod:`.baselines`: persistence, drift, GARCH(1,1) volatility;
+- :mod:`.baselines`: persistence, drift, zero-drift / GARCH(1,1) / block-bootstrap random walks, GARCH volatility;
 - :mod:`.table`: the one table of headline metrics (column, label, direction, how to read it);
 - :mod:`.scores`: :class:`EvaluationResult`, every metric per model, the summary table;
 - :mod:`.walk_forward`: :func:`walk_forward` over plain callables, :func:`evaluate_models` for Kronos pairs;
@@ -23,11 +23,22 @@ Rules that keep the comparison honest:
 """
 
 from kronos_kit.data.origins import forecast_origins
-from kronos_kit.evaluate.baselines import BASELINES, drift_paths, garch_vol, persistence_paths
+from kronos_kit.evaluate.baselines import (
+    BASELINES,
+    PROBABILISTIC_BASELINES,
+    bootstrap_paths,
+    drift_paths,
+    fit_garch,
+    garch_paths,
+    garch_vol,
+    persistence_paths,
+    random_walk_paths,
+)
 from kronos_kit.evaluate.decisions import (
     TEMPERATURE_GRID,
     TOP_P_GRID,
     ValidationDecision,
+    calibrate_forecasts,
     calibrate_sampling,
     decide_on_validation,
     decide_promotion,
@@ -53,7 +64,8 @@ from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, Promotion, Samplin
 __all__ = [
     "BASELINES", "CALIBRATION_FILE", "FORECAST_QUANTILES", "HEADLINE", "METRICS", "ORIGIN_LOSSES", "PROMOTION_FILE",
     "TABLE_COLUMNS", "TEMPERATURE_GRID", "TOKEN_HEADLINE", "TOP_P_GRID", "VERDICTS", "EvaluationResult", "ForecastFn",
-    "Metric", "Promotion", "SamplingCalibration", "ValidationDecision", "bottom_line", "calibrate_sampling",
+    "Metric", "Promotion", "SamplingCalibration", "ValidationDecision", "bottom_line", "calibrate_forecasts",
+    "calibrate_sampling", "PROBABILISTIC_BASELINES", "bootstrap_paths", "fit_garch", "garch_paths", "random_walk_paths",
     "compare", "comparison_lag", "decide_on_validation", "decide_promotion", "drift_paths", "evaluate_models",
     "forecast_origins", "forecast_table", "garch_vol", "ic_significance", "overlap_lag", "paired_comparisons",
     "paired_losses", "persistence_paths", "report_comparisons", "save_token_metrics", "score_entry",

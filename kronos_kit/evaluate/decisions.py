@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit.binding import bind
+from kronos_kit.calibration import fit_path_calibration
 from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
@@ -211,22 +212,18 @@ def decide_on_validation(
     run_dir: str | Path | None = None,
     finetuned: str = "finetuned",
     base: str = "base",
-    temperatures: Sequence[float] | None = None,
-    top_ps: Sequence[float] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> ValidationDecision:
-    """Promotion and sampling calibration, both on the validation split only (never the test split).
+    """Promotion and forecast calibration, both on the validation split only (never the test split).
 
     1. ``base`` and ``finetuned`` forecast the same validation origins (``evaluation``'s horizon, stride
        and paths, at most ``evaluation.val_origins`` origins, the configured sampling);
        :func:`decide_promotion` keeps the base pair unless the finetuned one has the lower close CRPS and a
        close MAE that is not significantly worse.
-    2. When ``evaluation.calibrate``, :func:`calibrate_sampling` fits temperature and top-p of the
-       promoted pair on the same origins (``temperatures`` x ``top_ps``, by default
-       ``evaluation.calibration_temperatures`` x ``evaluation.calibration_top_ps``, plus the configured
-       setting; each grid point is one walk-forward, so the grid is the cost).
+    2. When ``evaluation.calibrate``, :func:`calibrate_forecasts` fits the calibration on those paths:
+       the sampling grid when configured, then each model's path calibration.
 
     ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
     With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
@@ -235,25 +232,17 @@ def decide_on_validation(
     """
     frame = validation.val if hasattr(validation, "val") else validation
     e = evaluation
-    settings = dict(lookback=lookback, pred_len=e.pred_len, stride=e.stride, sample_count=e.sample_count,
-                    max_origins=e.val_origins)
-    sampling = dict(temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, max_context=e.max_context)
     pairs = {name: models[name] for name in (base, finetuned)}
-    result = evaluate_models(frame, pairs, **settings, **sampling, baselines=(), seed=seed, device=device,
-                             progress=progress)
+    result = evaluate_models(frame, pairs, lookback=lookback, **_validation_settings(e), baselines=(), seed=seed,
+                             device=device, progress=progress)
     root = Path(run_dir) if run_dir is not None else None
     promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed,
                                  finetuned_sources=tuple(relative_source(s, root) for s in finetuned_sources),
                                  base_sources=tuple(relative_source(s, root) for s in base_sources))
     calibration = None
     if e.calibrate:
-        predictor = as_predictors({promotion.promoted: pairs[promotion.promoted]}, device=device,
-                                max_context=e.max_context)[promotion.promoted]
-        temperatures = e.calibration_temperatures if temperatures is None else temperatures
-        top_ps = e.calibration_top_ps if top_ps is None else top_ps
-        calibration = calibrate_sampling(predictor, frame, **settings, temperatures=temperatures, top_ps=top_ps,
-                                         current=(e.temperature, e.top_p), top_k=e.top_k, seed=seed,
-                                         model=promotion.promoted, progress=progress)
+        calibration = calibrate_forecasts(result, frame, pairs, e, lookback=lookback, promoted=promotion.promoted,
+                                          seed=seed, device=device, progress=progress)
     chosen = finetuned_sources if promotion.promoted == finetuned else base_sources
     bound = bind({"tokenizer": str(chosen[0]), "predictor": str(chosen[1])})  # the reader checks these hashes
     promotion.checkpoints = bound
@@ -268,5 +257,67 @@ def decide_on_validation(
     return ValidationDecision(result, promotion, calibration)
 
 
-__all__ = ["MIN_DECISION_ORIGINS", "TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_sampling",
-           "decide_on_validation", "decide_promotion"]
+def _validation_settings(e: EvalConfig) -> dict:
+    return dict(pred_len=e.pred_len, stride=e.stride, sample_count=e.sample_count, max_origins=e.val_origins,
+                temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, max_context=e.max_context)
+
+
+def calibrate_forecasts(
+    validation_result: EvaluationResult,
+    validation: pd.DataFrame,
+    models: Mapping[str, tuple[Kronos, KronosTokenizer]],
+    evaluation: EvalConfig,
+    *,
+    lookback: int,
+    promoted: str,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> SamplingCalibration:
+    """The run's forecast calibration, fitted on the validation split (``validation_result``: every model in
+    ``models`` on validation origins at the configured sampling).
+
+    1. Sampling: when ``evaluation.calibration_temperatures`` x ``calibration_top_ps`` holds a setting other
+       than the configured one, :func:`calibrate_sampling` picks the promoted model's temperature / top-p
+       by validation CRPS and, if that moves them, the validation paths are sampled again at it (every
+       model samples alike on test). Otherwise the configured sampling stays and nothing is resampled.
+    2. Paths: for every model, :func:`~kronos_kit.calibration.fit_path_calibration` chooses among
+       ``evaluation.calibration_methods`` by held-out validation CRPS and fits the winner.
+
+    ``before`` is the promoted model as sampled at the configured setting, ``after`` after both steps
+    (in-sample on these origins); the per-model fits land in ``paths``.
+    """
+    e = evaluation
+    current = (float(e.temperature), float(e.top_p))
+    settings = {(float(t), float(p)) for t in e.calibration_temperatures for p in e.calibration_top_ps}
+    sampled, sampling, grid, sampling_rule = validation_result, current, [], "sampling kept as configured"
+    if settings - {current}:
+        predictor = as_predictors({promoted: models[promoted]}, device=device, max_context=e.max_context)[promoted]
+        vs = _validation_settings(e)
+        searched = calibrate_sampling(predictor, validation, lookback=lookback, pred_len=e.pred_len, stride=e.stride,
+                                      sample_count=e.sample_count, max_origins=e.val_origins,
+                                      temperatures=e.calibration_temperatures, top_ps=e.calibration_top_ps,
+                                      current=current, top_k=e.top_k, seed=seed, model=promoted, progress=progress)
+        sampling, grid, sampling_rule = (searched.temperature, searched.top_p), searched.grid, searched.rule
+        if sampling != current:
+            vs.update(temperature=sampling[0], top_p=sampling[1])
+            sampled = evaluate_models(validation, models, lookback=lookback, **vs, baselines=(), seed=seed,
+                                      device=device, progress=progress)
+    fits = {name: fit_path_calibration(sampled.samples[name], sampled.realized, sampled.last_close,
+                                       methods=tuple(e.calibration_methods), order=sampled.origin_time)
+            for name in models}
+    row = validation_result.table.loc[promoted]
+    keep = ("close_crps", "coverage_50", "coverage_80", "coverage_95")
+    before = {"temperature": current[0], "top_p": current[1], **{k: float(row[k]) for k in keep}}
+    chosen = fits[promoted].after
+    after = {"temperature": sampling[0], "top_p": sampling[1], **{k: chosen.get(k, float("nan")) for k in keep}}
+    rule = (f"Sampling: {sampling_rule} (temperature {sampling[0]:g}, top-p {sampling[1]:g}). Paths, for each model "
+            f"on its own validation paths: {fits[promoted].rule} Chosen for {promoted}: "
+            f"{fits[promoted].calibration.describe()}.")
+    return SamplingCalibration(temperature=sampling[0], top_p=sampling[1], model=promoted, before=before, after=after,
+                               grid=grid, n_origins=sampled.n_origins, rule=rule,
+                               paths={name: jsonable(fit.to_dict()) for name, fit in fits.items()})
+
+
+__all__ = ["MIN_DECISION_ORIGINS", "TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_forecasts",
+           "calibrate_sampling", "decide_on_validation", "decide_promotion"]

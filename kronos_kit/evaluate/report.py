@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.baselines import BASELINES
 from kronos_kit.evaluate.scores import EvaluationResult
@@ -26,6 +27,7 @@ from kronos_kit.evaluate.verdicts import (
     verdict_lines,
 )
 from kronos_kit.metrics import CLOSE
+from kronos_kit.phase_report import phase_sections
 from kronos_kit.runs import RunDir, atomic_write, atomic_write_text, jsonable, save_json
 
 if TYPE_CHECKING:
@@ -170,7 +172,8 @@ def write_report(
     if finetuned in result.samples:
         paired = paired_comparisons(result, finetuned, (base, *BASELINES), level, n_boot=n_boot,
                                     seed=int(result.config.get("seed", 0)))
-        headline = bottom_line(paired, model=finetuned, base=base)
+        headline = bottom_line(paired, model=finetuned, base=base,
+                               coverage_80=float(result.table.at[finetuned, "coverage_80"]))
     else:
         paired = pd.DataFrame(columns=COMPARISON_COLUMNS)
         headline = f"No model named {finetuned!r} was evaluated, so this run cannot say whether finetuning helped."
@@ -192,13 +195,15 @@ def write_report(
         "ic_significance": ic_table.to_dict(orient="index"),
         "promotion": promotion.to_dict() if promotion is not None else None,
         "calibration": calibration.to_dict() if calibration is not None else None,
+        "test_as_sampled_vs_calibrated": result.uncalibrated_scores().to_dict(orient="index"),
     }
     paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report, "forecasts": rd.forecasts}
     save_json(paths["json"], jsonable(payload), newline=False, allow_nan=False)
     atomic_write_text(paths["table"], result.table.to_csv())
     atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
 
-    lines = _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines = phase_sections(rd.path)  # phase 1 and phase 2, from the run's files, before the forecast evaluation
+    lines += _report_head(result, headline, paired, level, promotion, calibration, payload)
     lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
     atomic_write_text(paths["report"], "\n".join(lines))
     return paths
@@ -221,7 +226,7 @@ def _report_head(result: EvaluationResult, headline: str, paired: pd.DataFrame, 
         lines += ["## Promotion (decided on the validation split)", "", promotion.reason, "",
                   f"Tokenizer: `{promotion.tokenizer}`; predictor: `{promotion.predictor}`. Rule: {promotion.rule}", ""]
     if calibration is not None:
-        lines += _calibration_lines(calibration)
+        lines += _calibration_lines(calibration, result)
     lines += [
         f"Walk-forward on the test split: {result.n_origins} origins over {payload['n_symbols']} symbol(s) "
         f"({payload['origin_time_range'][0]} to {payload['origin_time_range'][1]}), lookback {cfg['lookback']}, "
@@ -278,12 +283,24 @@ def _report_details(result: EvaluationResult, ic_table: pd.DataFrame, comparison
     return lines
 
 
-def _calibration_lines(cal: SamplingCalibration) -> list[str]:
-    table = cal.table()
-    return ["## Sampling calibration (fitted on the validation split)", "",
-            f"Temperature {cal.before['temperature']:g} -> {cal.temperature:g}, top-p {cal.before['top_p']:g} -> "
-            f"{cal.top_p:g}: {cal.rule}. Coverage of the central close intervals (nominal 0.5 / 0.8 / 0.95):", "",
-            _markdown_table(table), ""]
+def _calibration_lines(cal: SamplingCalibration, result: EvaluationResult) -> list[str]:
+    """The calibration fitted on validation (sampling, then each model's path calibration) and what it did on test."""
+    lines = ["## Forecast calibration (fitted on the validation split)", "", cal.rule, "",
+             f"Validation, {cal.model} (before: as sampled at the configured setting; after: calibrated, in-sample on "
+             f"{cal.n_origins} origins); nominal coverage 0.5 / 0.8 / 0.95:", "", _markdown_table(cal.table()), ""]
+    for name in cal.paths:
+        if not cal.paths[name].get("candidates"):
+            continue  # nothing was fitted (too few validation origins or paths): the rule says so
+        candidates = pd.DataFrame(cal.paths[name]["candidates"]).set_index("method")
+        candidates = candidates.drop(columns="describe", errors="ignore")
+        lines += [f"Path calibration candidates for {name} (cv_crps: held-out validation fair CRPS, the choice; the "
+                  f"others in-sample). Chosen: {PathCalibration.from_dict(cal.path_calibration(name)).describe()}.",
+                  "",
+                  _markdown_table(candidates), ""]
+    if result.uncalibrated:
+        lines += ["On the test split, as sampled vs calibrated (the calibration saw no test data):", "",
+                  _markdown_table(result.uncalibrated_scores()), ""]
+    return lines
 
 
 def _paired_crps_line(result: EvaluationResult, a: str, b: str) -> str:

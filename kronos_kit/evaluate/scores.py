@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit import metrics as M
+from kronos_kit.calibration import PathCalibration, apply_path_calibration
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
@@ -37,6 +39,7 @@ class EvaluationResult:
     timings: dict[str, float] = field(default_factory=dict)
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)  # paths as sampled, of calibrated models
 
     @property
     def names(self) -> list[str]:
@@ -54,6 +57,36 @@ class EvaluationResult:
     @property
     def realized_vol(self) -> np.ndarray:
         return M.realized_vol(self.realized[..., CLOSE], self.last_close)
+
+    def calibrate(self, calibrations: Mapping[str, PathCalibration]) -> None:
+        """Replace each named model's sample paths by their calibrated version (fitted on validation).
+
+        The paths as sampled are kept in ``uncalibrated`` (calibrating twice starts from them again); the
+        predicted volatility and every score follow the calibrated paths. ``config["path_calibration"]``
+        records what was applied, in words.
+        """
+        for name, cal in calibrations.items():
+            if name not in self.samples or self.kinds.get(name) != "model":
+                raise ValueError(f"cannot calibrate {name!r}: not a model of this result ({self.names})")
+            raw = self.uncalibrated.setdefault(name, self.samples[name])
+            self.samples[name] = apply_path_calibration(raw, self.last_close, cal)
+            self.vol_pred[name] = M.predicted_vol(self.samples[name], self.last_close)
+        self.config["path_calibration"] = {**self.config.get("path_calibration", {}),
+                                           **{n: c.describe() for n, c in calibrations.items()}}
+        self.rescore()
+
+    def uncalibrated_scores(self) -> pd.DataFrame:
+        """Close CRPS and 50/80/95% coverage of each calibrated model as sampled and as calibrated (this split)."""
+        rows = {}
+        for name, raw in self.uncalibrated.items():
+            for label, paths in (("as sampled", raw), ("calibrated", self.samples[name])):
+                cov = M.interval_coverage(paths[..., CLOSE], self.realized[..., CLOSE])
+                rows[f"{name} ({label})"] = {
+                    "close_crps": float(M.crps(paths[..., CLOSE], self.realized[..., CLOSE]).mean()),
+                    **{f"coverage_{round(lvl * 100)}": float(c.mean()) for lvl, c in cov.items()}}
+        table = pd.DataFrame.from_dict(rows, orient="index")
+        table.index.name = "model"
+        return table
 
     def point(self, name: str, how: str | None = None) -> np.ndarray:
         """Point path (N, H, 6) of ``name``: median (default) or mean of its sample paths."""

@@ -25,4 +25,9 @@ def fmt_p(p: float) -> str:
     return f"p = {p:.2f}" if p >= 0.1 else f"p = {p:.3g}" if p >= 0.01 else f"p = {p:.1g}"
 
 
-__all__ = ["fmt", "fmt_p"]
+def fmt_pct(x: float) -> str:
+    """A share as a percentage with one decimal ("6.3%"), missing as "n/a"."""
+    return f"{x:.1%}" if x is not None and np.isfinite(x) else "n/a"
+
+
+__all__ = ["fmt", "fmt_p", "fmt_pct"]

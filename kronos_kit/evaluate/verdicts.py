@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit import metrics as M
+from kronos_kit.evaluate.baselines import PROBABILISTIC_BASELINES
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
-from kronos_kit.evaluate.text import fmt, fmt_p
+from kronos_kit.evaluate.text import fmt, fmt_p, fmt_pct
 
 VERDICTS: tuple[str, ...] = ("better", "no detectable difference", "worse")
 """What a paired test can say at the chosen level; "not testable" when it has fewer than 3 time points."""
@@ -92,11 +93,14 @@ def paired_comparisons(
     - ``relative_skill`` = 1 - mean(model) / mean(other) (positive: ``model`` is better) with its
       moving-block bootstrap percentile CI at 1 - ``level`` (block = lag + 1, at least round(n^(1/3));
       ``n_boot`` resamples, ``seed``);
-    - ``model_mean`` / ``other_mean`` over origins (the table's values) and ``change_pct`` of the model.
+    - ``model_mean`` / ``other_mean`` over origins (the table's values) and ``change_pct`` of the model;
+    - ``mde``: the minimum detectable effect (:func:`~kronos_kit.metrics.minimum_detectable_effect`), the
+      smallest relative difference of the two mean losses the test detects at ``level`` with 80% power,
+      given the observed HAC variance of the differences and the number of origin times.
 
     Entries missing from the result are skipped. Returns one row per comparison with columns model,
     other, metric, label, model_mean, other_mean, change_pct, relative_skill, ci_low, ci_high, ci_level,
-    dm_stat, p_value, mean_diff, verdict, test, n_origins, n_periods, lag, block.
+    dm_stat, p_value, mean_diff, verdict, test, n_origins, n_periods, lag, block, mde.
     """
     if model not in result.samples:
         raise ValueError(f"no sample paths for {model!r}; evaluated: {result.names}")
@@ -119,6 +123,7 @@ def paired_comparisons(
             else:
                 low = high = float("nan")
             skill = M.relative_skill(la[ok], lb[ok]) if ok.any() else float("nan")
+            mde = M.minimum_detectable_effect(a, b, lag=lag, level=level, hln=hln) if len(a) >= 3 else float("nan")
             rows.append({
                 "model": model, "other": other, "metric": metric, "label": ORIGIN_LOSSES[metric],
                 "model_mean": model_mean, "other_mean": other_mean, "change_pct": -100 * skill,
@@ -126,74 +131,88 @@ def paired_comparisons(
                 "ci_low": low, "ci_high": high, "ci_level": 1 - level,
                 "dm_stat": dm.statistic, "p_value": dm.p_value, "mean_diff": dm.mean_diff,
                 "verdict": verdict(dm.p_value, dm.mean_diff, level), "test": dm.test,
-                "n_origins": n_used, "n_periods": len(a), "lag": lag, "block": block,
+                "n_origins": n_used, "n_periods": len(a), "lag": lag, "block": block, "mde": mde,
             })
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 COMPARISON_COLUMNS = ["model", "other", "metric", "label", "model_mean", "other_mean", "change_pct",
                        "relative_skill", "ci_low", "ci_high", "ci_level", "dm_stat", "p_value", "mean_diff",
-                       "verdict", "test", "n_origins", "n_periods", "lag", "block"]
+                       "verdict", "test", "n_origins", "n_periods", "lag", "block", "mde"]
+
+
+UNDERPOWERED_MDE = 0.05
+"""A comparison without a detectable difference is called underpowered when its origins could not detect a
+5% difference in mean loss (minimum detectable effect >= 5%): a gap a user would care about could hide there."""
+COVERAGE_TOLERANCE = 0.05  # the 80% interval reads as calibrated when its coverage is within 0.75..0.85
+
+
+def _vs(r: pd.Series, what: str, than: str) -> str:
+    """'<what> 5.2% lower than <than> (the verdict in words)' for one comparison row."""
+    size = f"{abs(r['change_pct']):.1f}% {'lower' if r['change_pct'] < 0 else 'higher'}"
+    if r["verdict"] in ("better", "worse"):
+        sure = f"significantly, DM {fmt_p(r['p_value'])}"
+    elif r["verdict"] == "not testable":
+        sure = "too few origins for a test"
+    else:
+        sure = f"not significant, DM {fmt_p(r['p_value'])}{_power(r)}"
+    return f"{what} {size} than {than} ({sure})"
+
+
+def _power(r: pd.Series) -> str:
+    mde = r.get("mde", np.nan)
+    if not np.isfinite(mde):
+        return ""
+    tag = "underpowered: " if mde >= UNDERPOWERED_MDE else ""
+    return f"; {tag}these origins detect only differences of {mde:.1%} or more"
 
 
 def bottom_line(
-    comparisons: pd.DataFrame, *, model: str = "finetuned", base: str = "base", split: str = "test"
+    comparisons: pd.DataFrame, *, model: str = "finetuned", base: str = "base", split: str = "test",
+    coverage_80: float | None = None,
 ) -> str:
-    """One sentence: did finetuning help against ``base`` on close CRPS, how sure, and which baselines beat it.
+    """Two sentences a user needs, built from :func:`paired_comparisons` rows (and the 80% coverage).
 
-    Built only from :func:`paired_comparisons` rows, e.g. "Finetuning did not help: on 60 test origins
-    the finetuned model's close CRPS is 3.1% worse than the base model's (DM p = 0.02), and persistence
-    beats it on close MAE (p < 0.001)."
+    First: did finetuning help against ``base`` on close CRPS and how sure (with the minimum detectable
+    effect when nothing was detected, "underpowered" when it is >= :data:`UNDERPOWERED_MDE`). Second: the
+    best naive probabilistic baseline (lowest mean close CRPS among
+    :data:`~kronos_kit.evaluate.baselines.PROBABILISTIC_BASELINES`) on close CRPS, persistence on close
+    MAE, and whether ``coverage_80`` (the model's 80% interval coverage) is within
+    :data:`COVERAGE_TOLERANCE` of nominal.
     """
     if comparisons.empty:
         return f"No comparison was possible: {model!r} has nothing to be compared against."
     rows = comparisons[comparisons["model"] == model]
     head_rows = rows[(rows["other"] == base) & (rows["metric"] == "close_crps")]
     if head_rows.empty:
-        n = int(rows["n_origins"].max())
-        head = f"No {base} model was evaluated, so this run cannot say whether finetuning helped; on {n} {split} " \
-               "origins"
-        helped = None
+        head = f"No {base} model was evaluated, so this run cannot say whether finetuning helped"
     else:
         r = head_rows.iloc[0]
-        size = f"{abs(r['change_pct']):.1f}%"
-        where = f"on {int(r['n_origins'])} {split} origins the {model} model's close CRPS is"
-        sure = f"(DM {fmt_p(r['p_value'])})"
-        if r["verdict"] == "better":
-            head = f"Finetuning helped: {where} {size} lower than the {base} model's {sure}"
-        elif r["verdict"] == "worse":
-            head = f"Finetuning did not help: {where} {size} worse than the {base} model's {sure}"
-        elif r["verdict"] == "not testable":
-            head = f"Finetuning cannot be judged: {where} {size} {'lower' if r['change_pct'] < 0 else 'higher'} " \
-                   f"than the {base} model's, too few origins for a test"
-        else:
-            head = (f"Finetuning made no detectable difference: {where} {size} "
-                    f"{'lower' if r['change_pct'] < 0 else 'higher'} than the {base} model's "
-                    f"(DM {fmt_p(r['p_value'])}, not significant at {1 - r['ci_level']:.0%})")
-        helped = {"better": 1, "worse": -1}.get(r["verdict"], 0)
-    baselines = rows[rows["other"] != base]
-    if baselines.empty:
-        return head + " no baseline was evaluated." if helped is None else head + "."
-    worse = baselines[baselines["verdict"] == "worse"]
-    if not worse.empty:
-        beats = [f"{other} beats it on " + " and ".join(f"{r.label} ({fmt_p(r.p_value)})" for r in g.itertuples())
-                 for other, g in worse.groupby("other", sort=False)]
-        tail = "; ".join(beats)
-    elif (baselines["verdict"] == "better").all():
-        tail = f"it beats every baseline ({', '.join(dict.fromkeys(baselines['other']))}) on every paired metric"
-    else:
-        k = int((baselines["verdict"] == "better").sum())
-        tail = (f"no baseline beats it significantly (better in {k} of {len(baselines)} baseline "
-                "comparisons, no detectable difference in the rest)")
-    if helped is None:  # no base model: the baselines are the whole story
-        return f"{head} {tail}."
-    # "but" where the baselines' news goes against the news about the base model
-    joiner = ", but " if helped * (1 if worse.empty else -1) < 0 else ", and "
-    return f"{head}{joiner}{tail}."
+        opening = {"better": "Finetuning helped", "worse": "Finetuning did not help",
+                   "not testable": "Finetuning cannot be judged"}.get(r["verdict"], "Finetuning made no detectable "
+                                                                                 "difference")
+        head = _vs(r, f"{opening}: on {int(r['n_origins'])} {split} origins the {model} model's close CRPS is",
+                   f"the {base} model's")
+    parts = []
+    crps_rows = rows[rows["other"].isin(PROBABILISTIC_BASELINES) & (rows["metric"] == "close_crps")]
+    if not crps_rows.empty:
+        best = crps_rows.loc[crps_rows["other_mean"].idxmin()]
+        parts.append(_vs(best, "its close CRPS is", f"the best naive probabilistic baseline's ({best['other']})"))
+    mae_rows = rows[(rows["other"] == "persistence") & (rows["metric"] == "close_ae")]
+    if not mae_rows.empty:
+        parts.append(_vs(mae_rows.iloc[0], "its close MAE is", "persistence's"))
+    if coverage_80 is not None and np.isfinite(coverage_80):
+        state = ("calibrated" if abs(coverage_80 - 0.8) <= COVERAGE_TOLERANCE else
+                 "too narrow: the model is overconfident" if coverage_80 < 0.8 else "too wide")
+        parts.append(f"its 80% interval covers {coverage_80:.2f} of the realized closes ({state})")
+    if not parts:
+        return head + "; no baseline was evaluated."
+    return f"{head}. Against naive forecasts, " + "; ".join(parts) + "."
 
 
 def verdict_lines(comparisons: pd.DataFrame) -> list[str]:
-    """One markdown bullet per comparison: the verdict in bold, the means, skill with CI, DM statistic, test."""
+    """One markdown bullet per comparison: the verdict in bold, the means, skill with CI, DM statistic, test and
+    the minimum detectable effect (the smallest relative difference these origins detect with 80% power)."""
     lines = []
     for r in comparisons.itertuples():
         level = f"{1 - r.ci_level:.0%}"
@@ -202,7 +221,8 @@ def verdict_lines(comparisons: pd.DataFrame) -> list[str]:
         lines.append(
             f"- {r.model} vs {r.other}, {r.label}: **{r.verdict}** at {level}. {fmt(r.model_mean)} vs "
             f"{fmt(r.other_mean)} ({r.change_pct:+.1f}%); {skill}; DM {r.dm_stat:.2f}, {fmt_p(r.p_value)} "
-            f"({r.test}; {r.n_origins} origins at {r.n_periods} times)."
+            f"({r.test}; {r.n_origins} origins at {r.n_periods} times); minimum detectable effect "
+            f"{fmt_pct(getattr(r, 'mde', np.nan))} at 80% power."
         )
     return lines
 

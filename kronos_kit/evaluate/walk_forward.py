@@ -20,10 +20,19 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit import metrics as M
+from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
-from kronos_kit.evaluate.baselines import BASELINES, drift_paths, garch_vol, persistence_paths
+from kronos_kit.evaluate.baselines import (
+    BASELINES,
+    bootstrap_paths,
+    drift_paths,
+    fit_garch,
+    garch_paths,
+    persistence_paths,
+    random_walk_paths,
+)
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.metrics import CLOSE
 from kronos_kit.runtime import tqdm
@@ -61,8 +70,9 @@ def walk_forward(
     ``frame`` is the canonical long frame (symbol, timestamps, open, high, low, close, volume, amount,
     optional boolean ``is_context``). Origins come from :func:`forecast_origins`; each model is called
     with up to ``batch_size`` origins at a time. ``point`` picks the median or mean of the sample paths
-    for point metrics; ``season`` is the MASE seasonal period m. Baselines: "persistence" (one path),
-    "drift" (``sample_count`` seeded paths), "garch" (volatility only).
+    for point metrics; ``season`` is the MASE seasonal period m. Baselines
+    (:mod:`~kronos_kit.evaluate.baselines`): "persistence" (one path), "drift", "random_walk", "garch_rw"
+    and "bootstrap" (``sample_count`` seeded paths each), "garch" (volatility only).
     """
     unknown = set(baselines) - set(BASELINES)
     if unknown:
@@ -143,24 +153,30 @@ def _forecast_models(result: EvaluationResult, frame: pd.DataFrame, rows: np.nda
 
 def _forecast_baselines(result: EvaluationResult, baselines: Sequence[str], *, pred_len: int, sample_count: int,
                         seed: int, progress: bool) -> None:
-    """Baseline paths (persistence, drift) and GARCH volatility at every origin, into ``result``."""
+    """Baseline paths and GARCH volatility at every origin, into ``result`` (one GARCH fit per origin
+    serves both ``garch`` and ``garch_rw``; its time is counted once, under the first of them)."""
     history = result.history
     rng = np.random.default_rng(seed)
+    fits = None
     for name in baselines:
         t0 = time.perf_counter()
+        if name in ("garch", "garch_rw") and fits is None:
+            fits = [fit_garch(history[i, :, CLOSE]) for i in tqdm(range(len(history)), desc="GARCH(1,1)",
+                                                                   disable=not progress)]
+            reasons = Counter(f.fallback for f in fits if f.fallback is not None)
+            result.garch_fallbacks = {"total": sum(reasons.values()), **dict(reasons)}
         if name == "persistence":
             result.samples[name] = persistence_paths(history, pred_len)
         elif name == "drift":
             result.samples[name] = drift_paths(history, pred_len, sample_count, rng)
+        elif name == "random_walk":
+            result.samples[name] = random_walk_paths(history, pred_len, sample_count, rng)
+        elif name == "bootstrap":
+            result.samples[name] = bootstrap_paths(history, pred_len, sample_count, rng)
+        elif name == "garch_rw":
+            result.samples[name] = garch_paths(fits, history, pred_len, sample_count, rng)
         else:
-            vols, reasons = [], Counter()
-            for i in tqdm(range(len(history)), desc="GARCH(1,1)", disable=not progress):
-                vol, reason = garch_vol(history[i, :, CLOSE], pred_len)
-                vols.append(vol)
-                if reason is not None:
-                    reasons[reason] += 1
-            result.vol_pred[name] = np.array(vols)
-            result.garch_fallbacks = {"total": sum(reasons.values()), **dict(reasons)}
+            result.vol_pred[name] = np.array([f.variance_forecast(pred_len).sum() for f in fits])
         result.timings[f"baseline:{name}"] = time.perf_counter() - t0
 
 
@@ -201,10 +217,12 @@ def evaluate_models(
     with the same ``temperature``, ``top_k``, ``top_p`` and ``seed`` (the same seed for every batch
     and model: common random numbers, reproducible), through
     :meth:`~kronos_kit.forecast.KronosPredictor.as_forecast_fn`; everything else is
-    :func:`walk_forward`, whose arguments these are. ``calibration`` (fitted on the validation split by
-    :func:`calibrate_sampling`) replaces the configured ``temperature`` and ``top_p`` (so it cannot be
-    combined with an explicit ``temperature`` or ``top_p``). The sampling settings are recorded in
-    ``result.config["sampling"]``.
+    :func:`walk_forward`, whose arguments these are. ``calibration`` (calibration.json, fitted on the
+    validation split by :func:`~kronos_kit.evaluate.decisions.calibrate_forecasts`) replaces the configured
+    ``temperature`` and ``top_p`` (so it cannot be combined with an explicit ``temperature`` or ``top_p``),
+    and each model it holds a path calibration for has its sample paths calibrated after sampling
+    (:meth:`EvaluationResult.calibrate`; the paths as sampled stay in ``result.uncalibrated``). The
+    sampling settings are recorded in ``result.config["sampling"]``.
     """
     if calibration is not None and (temperature is not None or top_p is not None):
         raise ValueError("pass either calibration (its temperature / top_p) or temperature / top_p, not both")
@@ -223,6 +241,9 @@ def evaluate_models(
                           sample_count=s["sample_count"], max_origins=s["max_origins"], baselines=baselines,
                           seed=0 if seed is None else seed, progress=progress, batch_size=batch_size, point=point,
                           season=season)
+    if calibration is not None:  # each model's path calibration fitted on validation, applied to its paths
+        result.calibrate({name: PathCalibration.from_dict(calibration.path_calibration(name), where="calibration.json")
+                          for name in fns if name in calibration.paths})
     result.config["sampling"] = {"temperature": temperature, "top_k": s["top_k"], "top_p": top_p, "seed": seed,
                                  "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},

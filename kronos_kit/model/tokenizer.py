@@ -279,19 +279,42 @@ class KronosTokenizer(CheckpointMixin, nn.Module):
             z = block(z)
         return self.head(z)  # (B, T, d_in)
 
-    def forward(self, x: torch.Tensor, *, return_loss_breakdown: bool = False
+    def forward(self, x: torch.Tensor, *, return_loss_breakdown: bool = False, loss_mask: torch.Tensor | None = None
                 ) -> TokenizerOutput | tuple[TokenizerOutput, LossBreakdown]:
         """x (B, T, d_in) -> ((z_pre, z), bsq_loss, quantized, indices), the reference's order.
 
         With `return_loss_breakdown`, `(output, LossBreakdown)`: the BSQ loss's unweighted parts.
+        `loss_mask` (B, T) bool computes the BSQ loss over those bars only (e.g. a validation window's
+        in-split bars), window by window, averaged with weights the windows' masked bar counts: the
+        codebook entropy is a batch statistic, and per window it does not depend on how windows are
+        batched. The reconstructions and codes are the same.
         """
-        q = self.quantizer(self._encode_latent(x), return_loss_breakdown=return_loss_breakdown)
-        q, breakdown = q if return_loss_breakdown else (q, None)
+        latent = self._encode_latent(x)
+        if loss_mask is None:
+            q = self.quantizer(latent, return_loss_breakdown=return_loss_breakdown)
+            q, breakdown = q if return_loss_breakdown else (q, None)
+        else:
+            loss, breakdown = self._masked_bsq(latent, loss_mask.to(latent.device, torch.bool))
+            q = self.quantizer(latent, with_loss=False)._replace(loss=loss)
         quantized = q.quantized.to(x.dtype)
         z_pre = self._decode(self.post_quant_embed_pre(quantized[..., : self.s1_bits]))
         z = self._decode(self.post_quant_embed(quantized))
         out = TokenizerOutput((z_pre, z), q.loss, quantized, q.indices)
         return (out, breakdown) if return_loss_breakdown else out
+
+    def _masked_bsq(self, latent: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, LossBreakdown]:
+        """BSQ loss and parts over each window's masked bars, averaged over windows by masked bar count."""
+        n = mask.sum(1)
+        parts = []
+        for z, m in zip(latent[n > 0], mask[n > 0]):
+            q, b = self.quantizer(z[m][None], return_loss_breakdown=True)
+            parts.append(torch.stack([q.loss, *b]))
+        if not parts:
+            nan = latent.new_full((), float("nan"))
+            return nan, LossBreakdown(nan, nan, nan)
+        w = n[n > 0].to(latent.dtype)
+        mean = (torch.stack(parts) * w[:, None]).sum(0) / w.sum()
+        return mean[0], LossBreakdown(*mean[1:])
 
     @staticmethod
     def loss(x: torch.Tensor, output: TokenizerOutput, breakdown: LossBreakdown | None = None) -> TokenizerLoss:

@@ -26,6 +26,7 @@ from kronos_kit.plots.forecast import (
     plot_pit_histogram,
     plot_return_scatter,
 )
+from kronos_kit.plots.reconstruction import plot_window_errors, plot_worst_windows
 from kronos_kit.plots.training import plot_loss_curves, plot_selection_curves, plot_training_curves
 
 __all__ = [
@@ -52,4 +53,6 @@ __all__ = [
     "plot_reconstruction",
     "plot_return_scatter",
     "plot_window_reconstruction",
+    "plot_window_errors",
+    "plot_worst_windows",
 ]

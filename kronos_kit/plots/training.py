@@ -35,11 +35,22 @@ Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # name -> (steps
 
 
 def _draw_panel(ax: Axes, series: Series, *, title: str, ylabel: str, xlabel: str = "optimizer step",
-                marker: str | None = None, reference: Mapping[str, float] | None = None) -> None:
-    """One panel: a line per non-empty series, a dashed horizontal line per reference level, legend outside."""
+                marker: str | None = None, reference: Mapping[str, float] | None = None,
+                start: Mapping[str, float] | None = None) -> None:
+    """One panel: a line per non-empty series, a dashed horizontal line per reference level, legend outside.
+
+    ``start`` maps a series to the starting model's value (its step-0 validation): a hollow diamond at
+    step 0 and a dashed line in the series' colour, so a curve that never goes below it shows at a glance.
+    """
+    start = {k: float(v) for k, v in (start or {}).items() if k in series and v is not None}
     for key, (xs, ys) in series.items():
-        if len(xs):
-            ax.plot(xs, ys, marker=marker, markersize=4, lw=1.2, label=key)
+        if not len(xs) and key not in start:
+            continue
+        line, = ax.plot(xs, ys, marker=marker, markersize=4, lw=1.2, label=key)
+        if key in start:
+            color, level = line.get_color(), start[key]
+            ax.axhline(level, color=color, ls="--", lw=0.9, alpha=0.8, label=f"{key}, base (step 0) = {level:.4g}")
+            ax.plot([0], [level], ls="none", marker="D", markersize=7, mfc="white", mec=color, mew=1.5, zorder=3)
     has_data = bool(ax.lines)
     for k, (name, level) in enumerate((reference or {}).items()):
         ax.axhline(float(level), color="0.25", lw=1.0, ls=_REFERENCE_STYLES[k % len(_REFERENCE_STYLES)],
@@ -108,13 +119,15 @@ def plot_training_curves(
     separate: Sequence[str] | None = None,
     reference: Mapping[str, float] | None = None,
     title: str | None = None,
+    base: bool = True,
 ) -> Figure:
     """Training loss terms by step (left), validation metrics by evaluation step (right).
 
     ``metrics`` is a run's ``metrics.jsonl`` or its records. Keys default per phase
     (:data:`PHASE_CURVES`); training keys in ``separate`` (default :data:`SEPARATE_AXIS_KEYS`: the
-    negative BSQ term) get a middle panel of their own. ``reference`` draws ``{label: level}`` as dashed
-    lines on the validation panel, e.g. ``{"base model": 2.31}`` to show where the starting model stood.
+    negative BSQ term) get a middle panel of their own. With ``base`` the validation panel shows the
+    starting checkpoint's step-0 validation (the phase's ``reference`` record) as a diamond at step 0
+    and a dashed line per metric. ``reference`` draws more ``{label: level}`` as dashed grey lines.
     Legends sit outside the axes, so they never cover a curve.
     """
     records = _records(metrics, phase)
@@ -123,6 +136,7 @@ def plot_training_curves(
     separate = SEPARATE_AXIS_KEYS if separate is None else tuple(separate)
     train = _series([r for r in records if r.get("kind") == "train"], train_keys or default_train)
     evals = _series([r for r in records if r.get("kind") == "eval"], val_keys or default_val)
+    start = next((r for r in records if r.get("kind") == "reference"), {}) if base else {}
     main = {k: v for k, v in train.items() if k not in separate}
     side = {k: v for k, v in train.items() if k in separate}
 
@@ -133,7 +147,9 @@ def plot_training_curves(
     else:
         left, right = fig.subplots(1, 2, sharex=True)
     _draw_panel(left, main, title=f"{phase} training", ylabel=train_label)
-    _draw_panel(right, evals, title=f"{phase} validation", ylabel=val_label, marker="o", reference=reference)
+    note = "\n(diamond, dashed: the base at step 0)" if start else ""
+    _draw_panel(right, evals, title=f"{phase} validation{note}", ylabel=val_label, marker="o", reference=reference,
+                start={k: start.get(k) for k in evals})
     if title:
         fig.suptitle(title)
     return fig
@@ -157,8 +173,10 @@ def plot_selection_curves(metrics: str | Path | list[dict], phase: str = "predic
             best = [(p[0], p[1]) for p in points if p[2]]
             if best:
                 ax.scatter(*zip(*best), s=120, facecolors="none", edgecolors=line.get_color())
-            if key in reference:
+            if reference.get(key) is not None:
                 ax.axhline(reference[key], color=line.get_color(), ls="--", lw=1, label=f"{key} (base model)")
+                ax.plot([0], [reference[key]], ls="none", marker="D", markersize=7, mfc="white",
+                        mec=line.get_color(), mew=1.5, zorder=3)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.lines:
