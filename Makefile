@@ -39,8 +39,10 @@ base: $(PY)  ## re-pretrain the embedded tiny base checkpoints on the S&P 500 sa
 
 # Lab serves the project root (runs/ and configs/ browsable beside notebooks/) and opens notebooks/;
 # extra options pass through: make lab ARGS="--port 8899 --no-browser"
+# as root (a container) Jupyter refuses to start without --allow-root
 lab: $(PY)  ## JupyterLab on the project, opened at notebooks/ (ARGS="--port 8899" passes options)
-	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 # .ci/run-tests keeps pytest's exit status and turns exit 5 ("collected no tests") into a failure
 test: $(PY)  ## run the whole test suite (what CI runs)

@@ -130,7 +130,7 @@ def run_one(dataset: str, variant: str, out_dir: str, quick: bool, threads: int,
         "tokenizer.enabled": False, "predictor.strategy": strategy,
     })
     bundle = load_data(cfg)
-    phase2 = train_predictor(cfg, data=bundle, progress=False)
+    phase2 = train_predictor(cfg, data=bundle, progress=False, overwrite=True)  # each variant reruns into its folder
     tokenizer_from = cfg.tokenizer.start_from
     models = {name: (Kronos.from_pretrained(source), KronosTokenizer.from_pretrained(tokenizer_from))
               for name, source in (("base", cfg.predictor.start_from), ("finetuned", phase2.best_dir))}

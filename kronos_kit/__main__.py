@@ -46,6 +46,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config (default: built-in defaults)")
     train.add_argument("--run-dir", help="run directory (overrides the config's run_dir)")
     train.add_argument("--resume", action="store_true", help="continue from <run_dir>/state/<phase>.pt")
+    train.add_argument("--overwrite", action="store_true",
+                       help="retrain a phase the run folder already holds from step 0 (replaces its best, last, state)")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokenizer.max_steps=20")
 
     pipe = sub.add_parser("pipeline", help="run notebooks 01 -> 02 -> 03 with papermill into a run directory",
@@ -79,7 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's calibrated one)")
     fc.add_argument("--uncalibrated", action="store_true",
                     help="skip the run's path calibration (calibration.json) and write the paths as sampled")
-    fc.add_argument("--max-context", type=int, help="context window in bars (default: the run's, else 512)")
+    fc.add_argument("--max-context", type=int,
+                    help="bars of history per symbol (default: the run's data.lookback, else 512)")
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--threads", type=int, help="torch CPU threads (default: $KRONOS_THREADS, else torch's)")
 
@@ -115,7 +118,8 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
     cfg = KitConfig.from_file(rd.config)
     decided = rd.promoted.is_file()
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
-    return {"max_context": choice.max_context, "top_k": choice.top_k, "tokenizer": choice.tokenizer_source,
+    return {"max_context": choice.max_context, "top_k": choice.top_k, "lookback": choice.lookback,
+            "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
             "path_calibration": choice.path_calibration,  # plain JSON, read by calibration.PathCalibration
             "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
@@ -123,9 +127,33 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
 
 def _quantiles(text: str) -> list[float]:
     try:
-        return [float(q) for q in text.split(",") if q.strip()]
+        levels = [float(q) for q in text.split(",") if q.strip()]
     except ValueError:
-        raise ValueError(f"--quantiles {text!r}: give comma-separated levels in [0, 1], e.g. 0.1,0.5,0.9") from None
+        levels = []
+    if not levels:
+        raise ValueError(f"--quantiles {text!r}: give comma-separated levels in [0, 1], e.g. 0.1,0.5,0.9")
+    return levels
+
+
+def _check_forecast_args(args: argparse.Namespace) -> None:
+    """Refuse bad options before any data is read or model runs."""
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give a whole number >= 1, or leave it out")
+    if args.max_context is not None and args.max_context < 2:
+        raise ValueError(f"--max-context {args.max_context}: give at least 2 bars of history, or leave it out "
+                         "(the run's data.lookback)")
+    for flag, value in (("--horizon", args.horizon), ("--samples", args.samples)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: give a whole number >= 1")
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", "\\")):
+        raise ValueError(f"--out {args.out}: a folder; give the CSV file to write, e.g. {out / 'forecast.csv'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: {out.parent} is a file, not a folder")
+    _quantiles(args.quantiles)
+    from kronos_kit.runtime import check_device
+
+    check_device(args.device)
 
 
 def _forecast(args: argparse.Namespace) -> int:
@@ -151,13 +179,14 @@ def _forecast(args: argparse.Namespace) -> int:
         raise ValueError("give either --run RUN_DIR, or --tokenizer and --predictor")
     if args.run is None and (args.tokenizer is None or args.predictor is None):
         raise ValueError("--tokenizer and --predictor go together (a predictor needs the tokenizer it was trained on)")
+    _check_forecast_args(args)
     set_threads(args.threads if args.threads is not None else thread_count())
     if args.run is not None:
         chosen = run_models(resolve_path(args.run))
     else:
         chosen = {"tokenizer": args.tokenizer, "predictor": args.predictor, "chosen": "given",
                   "sampling": dict(DEFAULT_SAMPLING), "calibrated": False, "max_context": DEFAULT_MAX_CONTEXT,
-                  "top_k": DEFAULT_TOP_K}
+                  "top_k": DEFAULT_TOP_K, "lookback": DEFAULT_MAX_CONTEXT}
     sampling = {"temperature": args.temperature if args.temperature is not None else chosen["sampling"]["temperature"],
                 "top_p": args.top_p if args.top_p is not None else chosen["sampling"]["top_p"]}
     columns = {k: str(v) for k, v in parse_overrides(args.column).items()} or None
@@ -169,11 +198,14 @@ def _forecast(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     tokenizer = KronosTokenizer.from_pretrained(sources.tokenizer.start_from, device=device)
     model = Kronos.from_pretrained(sources.predictor.start_from, device=device)
-    predictor = KronosPredictor(model, tokenizer, device=str(device),
-                                max_context=args.max_context or chosen["max_context"])
+    # history per symbol: the run's data.lookback (what its models were trained and evaluated with), or --max-context
+    history = args.max_context if args.max_context is not None else chosen["lookback"]
+    why_history = "--max-context" if args.max_context is not None else "the run's data.lookback" if args.run \
+        else "the default"
+    predictor = KronosPredictor(model, tokenizer, device=str(device), max_context=max(history, chosen["max_context"]))
     calibration = None if args.uncalibrated else PathCalibration.from_dict(chosen.get("path_calibration", {}),
                                                                             where="--run calibration.json")
-    table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples,
+    table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples, lookback=history,
                            quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"],
                            calibration=calibration, **sampling)
     out = Path(args.out)
@@ -182,6 +214,7 @@ def _forecast(args: argparse.Namespace) -> int:
     n_symbols = table["symbol"].nunique()
     print(f"wrote {len(table)} rows ({n_symbols} symbol(s) x {args.horizon} steps) to {out}\n"
           f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
+          f"history: the last {history} bars of each symbol ({why_history})\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
           f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}\n"
           f"path calibration: {(calibration or PathCalibration()).describe()}")
@@ -199,15 +232,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return strip_notebooks(args.paths, check=args.check)
     if args.command == "train":
         from kronos_kit.config import thread_count
-        from kronos_kit.runtime import set_threads
+        from kronos_kit.runtime import check_device, set_threads
         from kronos_kit.train import train_predictor, train_tokenizer
 
         cfg = _config(args.config, args.overrides, run_dir=args.run_dir)
+        check_device(cfg.device)
         set_threads(thread_count(cfg))
         fn = train_tokenizer if args.phase == "tokenizer" else train_predictor
-        result = fn(cfg, resume=args.resume)
-        print(f"{args.phase}: {result.steps} steps ({result.stopped}), "
-              f"best {result.best_metric:.6f} -> {result.best_dir}")
+        result = fn(cfg, resume=args.resume, overwrite=args.overwrite)
+        print(repr(result))
         return 0
     if args.command == "pretrain":
         from kronos_kit.pipeline import pretrain_base
@@ -246,12 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.WARNING)  # the pipeline prints its own stage lines
     from kronos_kit.data.schema import DataError
     from kronos_kit.pipeline import UsageError
+    from kronos_kit.run_lock import RunLockedError
+    from kronos_kit.runs import DiskFullError
+    from kronos_kit.train import NonFiniteError
 
     try:
         return _dispatch(args)
-    except (UsageError, DataError, FileNotFoundError, FileExistsError) as err:
+    except (UsageError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
+    except (NonFiniteError, DiskFullError) as err:  # the run failed; what it saved before is finite and kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         # bad values in a call (config fields, options); the pipeline's own checks raise UsageError above
         if args.command in ("train", "forecast", "compare", "pretrain"):

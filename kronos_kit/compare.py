@@ -10,14 +10,13 @@ A file a run lacks (a failed or unfinished stage) leaves its cells empty.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from kronos_kit.config import flatten
+from kronos_kit.config import flatten, read_yaml
 from kronos_kit.runs import RunDir, load_json
 
 __all__ = ["COMPARED_METRICS", "compare_runs", "comparison_markdown", "write_comparison"]
@@ -28,38 +27,50 @@ COMPARED_MODELS: tuple[str, ...] = ("finetuned", "base")
 IGNORED_FIELDS: tuple[str, ...] = ("run_dir",)  # differs by construction
 
 
-def _read(path: Path) -> Any:
-    return load_json(path) if path.is_file() else None
+def _read(path: Path, pick: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """`pick(data)` of a JSON file of the run; {} when the run lacks it. A file that is not as the kit
+    writes it (broken JSON, missing keys, wrong types) is a ValueError naming it."""
+    if not path.is_file():
+        return {}
+    data = load_json(path)
+    try:
+        return pick(data)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(f"{path}: not as the kit writes it ({type(err).__name__}: {err}); rerun the stage that "
+                         "writes it, or leave this run out of the comparison") from None
 
 
 def _config(rd: RunDir) -> dict[str, Any]:
     if not rd.config.is_file():
         raise FileNotFoundError(f"{rd.path}: no config.yaml; give the folder of a pipeline run (runs/<name>)")
-    return flatten(yaml.safe_load(rd.config.read_text()) or {})
+    return flatten(read_yaml(rd.config))
+
+
+def _gate(gate: dict[str, Any]) -> dict[str, Any]:
+    row = {"gate": "passed" if gate["passed"] else "FAILED", "gate full_mse": gate["metrics"].get("full_mse")}
+    for metric in ("full_mse_vs_base", "close_error_to_move"):  # absent in gate files of older runs
+        if gate["metrics"].get(metric) is not None:
+            row[f"gate {metric}"] = gate["metrics"][metric]
+    return row
+
+
+def _usage(when: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda stats: {f"s1 usage {when}": stats["s1"]["usage"], f"s2 usage {when}": stats["s2"]["usage"]}
+
+
+def _metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    table, row = metrics.get("table", {}), {}
+    for model in COMPARED_MODELS:
+        for metric in COMPARED_METRICS:
+            if model in table and metric in table[model]:
+                row[f"{model} {metric}"] = table[model][metric]
+    return {**row, "bottom line": metrics.get("bottom_line")}
 
 
 def _outcome(rd: RunDir) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    if (gate := _read(rd.gate)) is not None:
-        row["gate"] = "passed" if gate["passed"] else "FAILED"
-        row["gate full_mse"] = gate["metrics"].get("full_mse")
-        for metric in ("full_mse_vs_base", "close_error_to_move"):  # absent in gate files of older runs
-            if gate["metrics"].get(metric) is not None:
-                row[f"gate {metric}"] = gate["metrics"][metric]
-    for when, path in (("before", rd.codebook_before), ("after", rd.codebook_after)):
-        if (stats := _read(path)) is not None:
-            row[f"s1 usage {when}"] = stats["s1"]["usage"]
-            row[f"s2 usage {when}"] = stats["s2"]["usage"]
-    if (metrics := _read(rd.metrics_json)) is not None:
-        table = metrics.get("table", {})
-        for model in COMPARED_MODELS:
-            for metric in COMPARED_METRICS:
-                if model in table and metric in table[model]:
-                    row[f"{model} {metric}"] = table[model][metric]
-        row["bottom line"] = metrics.get("bottom_line")
-    if (promoted := _read(rd.promoted)) is not None:
-        row["promoted"] = promoted.get("promoted")
-    return row
+    return {**_read(rd.gate, _gate), **_read(rd.codebook_before, _usage("before")),
+            **_read(rd.codebook_after, _usage("after")), **_read(rd.metrics_json, _metrics),
+            **_read(rd.promoted, lambda promoted: {"promoted": promoted.get("promoted")})}
 
 
 def compare_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:

@@ -52,9 +52,10 @@ NOTEBOOK_PARAMETERS = {
     "tokenizer_strategy": "tokenizer.strategy",
     "predictor_strategy": "predictor.strategy",
 }
-# notebook parameters that are not config fields: where the run goes, which YAML, and whether the
-# training stages continue from their saved state (the pipeline sets it under --resume)
-RUN_PARAMETERS = ("run_dir", "config", "resume")
+# notebook parameters that are not config fields: where the run goes, which YAML, whether the training
+# stages continue from their saved state (the pipeline sets it under --resume), and whether they may
+# retrain a phase the run folder already holds (the pipeline sets it: its own checks guard the folder)
+RUN_PARAMETERS = ("run_dir", "config", "resume", "overwrite")
 THREADS_ENV = "KRONOS_THREADS"  # thread count when the config leaves `threads` at null
 
 STRATEGIES = ("full", "freeze", "lora", "l2sp")  # finetune strategies of a phase (see PhaseConfig.strategy)
@@ -63,6 +64,9 @@ LORA_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # SelfAtten
 LORA_FFN_TARGETS = ("w1", "w2", "w3")  # SwiGLU linears of a block
 LORA_TARGET_NAMES = LORA_ATTENTION_TARGETS + LORA_FFN_TARGETS  # the default: every linear of every block
 SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and decides early stopping
+# a LoRA update of rank r costs r * (in + out) weights per linear; the published models' widest layer
+# is 832 wide, so a rank above this is never low-rank (apply_lora also checks it against each layer)
+MAX_LORA_RANK = 1024
 # how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
 PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
 
@@ -140,16 +144,29 @@ class PhaseConfig:
             raise ValueError(f"nonfinite_grad must be 'stop' or 'skip', got {self.nonfinite_grad!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            # clip_grad_norm_ with a negative norm flips the gradient (ascent); 0 zeroes every update
+            raise ValueError(f"grad_clip must be a finite number > 0 (the largest gradient norm kept, e.g. 2.0), "
+                             f"got {self.grad_clip}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 validations or null (no early stopping), got {self.patience}")
+        if self.max_val_batches is not None and self.max_val_batches < 1:
+            raise ValueError(f"max_val_batches must be >= 1 or null (every batch), got {self.max_val_batches}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.trainable is not None and (isinstance(self.trainable, str) or not self.trainable
                                            or not all(isinstance(g, str) for g in self.trainable)):
             raise ValueError(f"trainable must be a non-empty list of parameter groups (e.g. ['head', 'last:1']) "
                              f"or null for the default {list(self.DEFAULT_TRAINABLE)}, got {self.trainable!r}")
-        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be a whole number >= 1, got {self.lora_rank!r}")
+        if self.trainable is not None and self.strategy != "freeze":
+            raise ValueError(f"trainable={self.trainable!r} is read by strategy 'freeze' only, but strategy is "
+                             f"{self.strategy!r}: set strategy: freeze, or trainable: null")
+        if (not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool)
+                or not 1 <= self.lora_rank <= MAX_LORA_RANK):
+            raise ValueError(f"lora_rank must be a whole number in [1, {MAX_LORA_RANK}] (a low rank: 4 to 64 is "
+                             f"usual), got {self.lora_rank!r}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -237,17 +254,41 @@ class EvalConfig:
     val_origins: int | None = 200  # origin cap on validation for promotion and calibration (None: every origin)
 
     def __post_init__(self) -> None:
+        for name in ("stride", "pred_len", "sample_count"):
+            _require_count(f"evaluation.{name}", getattr(self, name), 1)
+        if self.max_origins is not None:
+            _require_count("evaluation.max_origins", self.max_origins, 1, "or null (every origin)")
+        if self.val_origins is not None:
+            _require_count("evaluation.val_origins", self.val_origins, 1, "or null (every origin)")
+        _require_count("evaluation.top_k", self.top_k, 0, "(0 disables it)")
+        _require_count("evaluation.max_context", self.max_context, 2, f"(the forecaster's window; default "
+                       f"{DEFAULT_MAX_CONTEXT})")
+        # the evaluation samples paths: a temperature of 0 is greedy and makes every path the same
+        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"evaluation.temperature must be a finite number > 0 (e.g. 1.0), got {self.temperature!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"evaluation.top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
         temps, top_ps = self.calibration_temperatures, self.calibration_top_ps
-        if isinstance(temps, str) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
-            raise ValueError(f"evaluation.calibration_temperatures must be a non-empty list of numbers > 0: {temps!r}")
-        if isinstance(top_ps, str) or not top_ps or not all(isinstance(q, (int, float)) and 0 < q <= 1 for q in top_ps):
-            raise ValueError(f"evaluation.calibration_top_ps must be a non-empty list of numbers in (0, 1]: {top_ps!r}")
-        if self.val_origins is not None and self.val_origins < 1:
-            raise ValueError(f"evaluation.val_origins must be >= 1 or null, got {self.val_origins}")
+        if (isinstance(temps, (str, dict)) or not temps
+                or not all(_is_number(t) and math.isfinite(t) and t > 0 for t in temps)):
+            raise ValueError(f"evaluation.calibration_temperatures must be a non-empty list of finite numbers > 0, "
+                             f"e.g. [0.85, 1.0, 1.15]; got {temps!r}")
+        if isinstance(top_ps, (str, dict)) or not top_ps or not all(_is_number(q) and 0 < q <= 1 for q in top_ps):
+            raise ValueError(f"evaluation.calibration_top_ps must be a non-empty list of numbers in (0, 1], "
+                             f"e.g. [0.9, 1.0]; got {top_ps!r}")
         methods = self.calibration_methods
         if isinstance(methods, str) or not methods or set(methods) - set(PATH_CALIBRATION_METHODS):
             raise ValueError(f"evaluation.calibration_methods must be a non-empty list drawn from "
                              f"{list(PATH_CALIBRATION_METHODS)} (['none'] switches path calibration off): {methods!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_count(name: str, value: Any, minimum: int, note: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}{' ' + note if note else ''}, got {value!r}")
 
 
 @dataclass
@@ -284,7 +325,7 @@ class KitConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path)
         values.setdefault("name", path.stem)
         return cls.from_dict(values, source=str(path))
 
@@ -297,6 +338,25 @@ class KitConfig:
     def with_overrides(self, overrides: dict[str, Any] | None = None, **kwargs: Any) -> KitConfig:
         """A copy with dotted keys replaced, e.g. {"tokenizer.max_steps": 20}; see `apply_overrides`."""
         return apply_overrides(self, {**(overrides or {}), **kwargs})
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's top-level mapping; malformed YAML (syntax, a list, a `!!python` tag) is a ValueError
+    naming the file and line. `yaml.safe_load` never builds Python objects from tags, it refuses them."""
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config file {path}{where}: not valid YAML ({problem}); a config is a mapping of "
+                         "sections such as `data:` and `tokenizer:` (see configs/default.yaml)") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: the top level must be a mapping of fields and sections (e.g. "
+                         f"`seed: 0`, `data:`), got a {type(values).__name__}; see configs/default.yaml")
+    return values
 
 
 def apply_overrides(cfg: KitConfig, values: dict[str, Any]) -> KitConfig:
@@ -348,7 +408,7 @@ def _walk(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
 def _mapping_fields(cls: type, prefix: str = "") -> list[str]:
     """Dotted names of the fields typed as mappings (e.g. `data.columns`)."""
     out = []
-    for name, hint in typing.get_type_hints(cls).items():
+    for name, hint in _field_hints(cls).items():
         if dataclasses.is_dataclass(hint):
             out += _mapping_fields(hint, f"{prefix}{name}.")
         elif dict in (typing.get_origin(hint), *map(typing.get_origin, typing.get_args(hint))):
@@ -356,11 +416,17 @@ def _mapping_fields(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+def _field_hints(cls: type) -> dict[str, Any]:
+    """The type hint of each dataclass field of `cls` (class-level constants such as DEFAULT_TRAINABLE left out)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def config_fields(cls: type | None = None, prefix: str = "") -> list[str]:
     """Every dotted config field (`seed`, `data.source`, `tokenizer.max_steps`, ...), in declaration order."""
     cls = cls or KitConfig
     out = []
-    for name, hint in typing.get_type_hints(cls).items():
+    for name, hint in _field_hints(cls).items():
         out += config_fields(hint, f"{prefix}{name}.") if dataclasses.is_dataclass(hint) else [prefix + name]
     return out
 

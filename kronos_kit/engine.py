@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
 from kronos_kit import runs
 from kronos_kit.config import PhaseConfig
@@ -36,6 +35,7 @@ from kronos_kit.data import take
 from kronos_kit.model import (
     save_merged,
 )
+from kronos_kit.run_lock import run_lock
 from kronos_kit.runs import (
     CHECKPOINT_KINDS,
     MetricsLog,
@@ -47,11 +47,12 @@ from kronos_kit.runs import (
     replace_dir,
     save_training_state,
 )
-from kronos_kit.runtime import DistContext, inference, seed_everything, unwrap
+from kronos_kit.runtime import DistContext, inference, seed_everything, tqdm, unwrap
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "NonFiniteError", "NonFiniteGradientError",
-    "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "OnStep", "Phase", "PhaseResult",
+    "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "OnStep", "Phase", "PhaseExistsError",
+    "PhaseResult",
     "ResumeMismatchError", "StepOutput", "TrainState", "planned_steps", "restore_state", "run_phase",
     "save_checkpoint", "save_state", "setup_optimizer", "train_epoch", "validate", "validation_loader",
     "write_reference",
@@ -65,6 +66,10 @@ OnStep = Callable[[int, dict[str, float]], None]
 # phase config fields that may change between a run and its resume: they decide when to log,
 # validate or stop, never what the weights become or what a validation metric means
 HARMLESS_ON_RESUME = ("enabled", "log_every", "eval_every", "patience", "nonfinite_grad", "resume_changed")
+# phase config fields that decide which parameters train (and so which optimizer moment belongs to which
+# weight, saved by position): never changed on resume, not even with resume_changed
+STRUCTURAL_ON_RESUME = ("strategy", "trainable", "lora_rank", "lora_targets")
+THREADS_KEY = "threads"  # torch's CPU thread count, saved with the resume config: it moves results by rounding
 
 
 class NonFiniteError(RuntimeError):
@@ -85,6 +90,10 @@ class NonFiniteMetricError(NonFiniteError):
 
 class NonFiniteWeightsError(NonFiniteError):
     """Weights or optimizer state with NaN or inf values, refused before writing anything."""
+
+
+class PhaseExistsError(FileExistsError):
+    """A fresh start of a phase that the run folder already holds, without `overwrite`."""
 
 
 class ResumeMismatchError(ValueError):
@@ -162,7 +171,7 @@ class Phase:
     reference: Callable[[], dict[str, Any]] | None = None  # more about the starting model for its `reference` record
 
 
-@dataclass
+@dataclass(repr=False)
 class PhaseResult:
     name: str
     steps: int
@@ -172,6 +181,11 @@ class PhaseResult:
     stopped: str  # "max_steps", "epochs", "early_stopping"
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
     skipped_steps: int = 0  # steps without an update for a non-finite gradient (nonfinite_grad: skip)
+
+    def __repr__(self) -> str:  # one line in a notebook, not the whole history
+        skipped = f", {self.skipped_steps} skipped" if self.skipped_steps else ""
+        return (f"{self.name}: {self.steps} steps ({self.stopped}{skipped}), best {self.best_metric:.6g} -> "
+                f"{self.best_dir}")
 
 
 @dataclass
@@ -229,15 +243,38 @@ def run_phase(
     device: torch.device,
     precision: str = "fp32",
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: OnStep | None = None,
 ) -> PhaseResult:
     """Train `phase.model` per `cfg`; checkpoints, state and metrics go under `run_dir`.
 
     With `resume`, `restore_state` continues exactly from `state/<phase>.pt` (see there for what it
-    checks); a finished phase returns its result unchanged.
+    checks); a finished phase returns its result unchanged. A phase `run_dir` already holds is
+    retrained from step 0 only with `overwrite` (else `PhaseExistsError`). The run folder is locked
+    for the whole phase (`run_lock.run_lock`): a second writer is refused.
     """
     run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision)
+    if not resume and not overwrite:
+        _refuse_existing(run)
+    with run_lock(run_dir, f"training the {phase.name}"):
+        return _run_locked(run, resume=resume, progress=progress, on_step=on_step)
+
+
+def _refuse_existing(run: _Run) -> None:
+    """A fresh start would replace a phase this run folder holds: refuse unless asked to (overwrite)."""
+    name, state = run.phase.name, run.rd.state(run.phase.name)
+    held = [p for p in (state, run.best_dir, run.last_dir) if p.exists()]
+    if held:
+        listing = ", ".join(str(p.relative_to(run.rd.path)) for p in held)
+        raise PhaseExistsError(
+            f"{run.rd.path} already holds the {name} phase ({listing}); "
+            "a fresh start would replace it. Continue it (or get its result) with resume (--resume), retrain "
+            "it from step 0 with overwrite (--overwrite; the notebooks' `overwrite = True`), or use another run_dir")
+
+
+def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | None) -> PhaseResult:
+    phase, cfg, device, seed = run.phase, run.cfg, run.device, run.seed
     seed_everything(seed)
     setup_optimizer(run)
     if run.ctx.is_main:
@@ -355,6 +392,7 @@ def _resume_config(run: _Run) -> dict[str, Any]:
     """What fixes a phase's result, flat: `<phase>.<field>`, seed, precision and the phase's inputs."""
     flat = {f"{run.phase.name}.{k}": v for k, v in dataclasses.asdict(run.cfg).items()}
     flat.update(seed=run.seed, precision=run.precision)
+    flat[THREADS_KEY] = torch.get_num_threads()
     for key, value in run.phase.inputs.items():
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
@@ -366,10 +404,15 @@ def _resume_config(run: _Run) -> dict[str, Any]:
 def _config_changes(run: _Run, state: dict[str, Any], path: Path) -> list[str]:
     """The saved config's fields that changed and break exactness ("field: old -> new"); raises unless allowed."""
     name, saved, now, absent = run.phase.name, state[runs.CONFIG_KEY], _resume_config(run), "<absent>"
-    harmless = {f"{name}.{f}" for f in HARMLESS_ON_RESUME}
+    harmless = {f"{name}.{f}" for f in HARMLESS_ON_RESUME} | {THREADS_KEY}
     keys = [*now, *(k for k in saved if k not in now)]
     changed = [k for k in keys if saved.get(k, absent) != now.get(k, absent)]
     breaking = [f"{k}: {saved.get(k, absent)!r} -> {now.get(k, absent)!r}" for k in changed if k not in harmless]
+    if THREADS_KEY in changed and THREADS_KEY in saved and not state["stopped"]:
+        logger.warning("%s: resuming with %s CPU threads, saved with %s: the result will differ from an "
+                       "uninterrupted run by rounding (about 1e-9; the thread count changes the order of float "
+                       "sums); resume with threads=%s for a bit-identical continuation", name, now[THREADS_KEY],
+                       saved[THREADS_KEY], saved[THREADS_KEY])
     if changed and not breaking:
         logger.info("%s: resuming with changed %s (they do not change the weights)", name, changed)
     if not breaking:
@@ -377,6 +420,12 @@ def _config_changes(run: _Run, state: dict[str, Any], path: Path) -> list[str]:
     listing = "; ".join(breaking)
     new_run = (f"start a new run (another run_dir) from this one's checkpoint with "
                f"{name}.start_from={run.last_dir} (or its best)")
+    structural = [b for b in breaking if b.split(":")[0] in {f"{name}.{f}" for f in STRUCTURAL_ON_RESUME}]
+    if structural:
+        raise ResumeMismatchError(
+            f"{path}: the saved state trains other parameters than this config ({'; '.join(structural)}), so it "
+            f"cannot be resumed, not even with {name}.resume_changed=true (the optimizer's moments would land on "
+            f"other weights). Resume with the saved strategy, or {new_run}.")
     if state["stopped"]:
         raise ResumeMismatchError(
             f"{path}: the {name} phase already finished ({state['stopped']} at step {state['step']}), "

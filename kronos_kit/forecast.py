@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from kronos_kit import metrics
 from kronos_kit.calibration import PathCalibration, apply_path_calibration
@@ -64,7 +63,7 @@ from kronos_kit.data.schema import (
 )
 from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
 from kronos_kit.runs import RunChoice, run_choice
-from kronos_kit.runtime import inference
+from kronos_kit.runtime import inference, tqdm
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures <= this take the argmax instead of sampling
 SLIDING_MODES = ("exact", "approx")
@@ -628,11 +627,14 @@ class RunForecaster:
     sampling: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SAMPLING))  # temperature, top_p
     calibrated: bool = False  # True when `sampling` and `path_calibration` come from calibration.json
     path_calibration: PathCalibration = field(default_factory=PathCalibration)  # applied to every sampled path
+    lookback: int | None = None  # bars of history per forecast: the run's data.lookback (None: max_context)
 
     def forecast_frame(self, frame: pd.DataFrame, *, horizon: int, **kwargs: Any) -> pd.DataFrame:
-        """`forecast_frame` with this run's predictor, sampling and path calibration (keywords override them)."""
+        """`forecast_frame` with this run's predictor, sampling, path calibration and history length (the run's
+        data.lookback, recorded in the table's attrs["forecast"]["lookback"]); keywords override them."""
         return forecast_frame(self.predictor, frame, horizon=horizon,
-                              **{**self.sampling, "calibration": self.path_calibration, **kwargs})
+                              **{**self.sampling, "calibration": self.path_calibration, "lookback": self.lookback,
+                                 **kwargs})
 
     def predict_paths(self, df: pd.DataFrame, x_timestamp, y_timestamp, pred_len: int, sample_count: int = 32,
                       **kwargs: Any) -> Forecast:
@@ -655,7 +657,8 @@ def load_run_forecaster(
     max_context: int = DEFAULT_MAX_CONTEXT,
     calibrated: bool = True,  # False: ignore calibration.json and sample with the kit's defaults
 ) -> RunForecaster:
-    """The promoted tokenizer + predictor of a run directory with its calibration (`read_run_choice`).
+    """The promoted tokenizer + predictor of a run directory with its calibration (`read_run_choice`);
+    its `forecast_frame` uses the run's data.lookback bars of history, as the run was trained and evaluated.
 
     Use `rf.predict_paths(df, x_timestamp, y_timestamp, pred_len)` or `rf.forecast_frame(frame, horizon=...)`:
     both sample as calibrated and calibrate the paths (`rf.predictor` alone gives the paths as sampled).
@@ -664,10 +667,11 @@ def load_run_forecaster(
     Sampler(choice.sampling["temperature"], 0, choice.sampling["top_p"])  # a clear error for out-of-range values
     predictor = KronosPredictor(Kronos.from_pretrained(choice.predictor_source, device=device),
                                 KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
-                                device=device, max_context=max_context)
+                                device=device, max_context=max(max_context, choice.lookback))
     return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source,
                          choice.sampling, choice.calibrated,
-                         PathCalibration.from_dict(choice.path_calibration, where=f"{run_dir}/calibration.json"))
+                         PathCalibration.from_dict(choice.path_calibration, where=f"{run_dir}/calibration.json"),
+                         lookback=choice.lookback)
 
 
 __all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunChoice",

@@ -42,7 +42,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kronos_kit.binding import file_sha256
 from kronos_kit.config import (
+    NOTEBOOK_PARAMETERS,
     GateConfig,
     KitConfig,
     apply_overrides,
@@ -53,8 +55,11 @@ from kronos_kit.config import (
     resolve_paths,
 )
 from kronos_kit.data import load_data
+from kronos_kit.data.origins import forecast_origins, walk_forward_frame
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
+from kronos_kit.run_lock import RunLockedError, run_lock
 from kronos_kit.runs import RunDir, atomic_write_text, load_json, save_json
+from kronos_kit.runtime import check_device
 from kronos_kit.train import planned_steps
 
 __all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "data_hash", "file_sha256",
@@ -86,14 +91,6 @@ PACKAGES = ["kronos-kit", "torch", "numpy", "pandas", "matplotlib", "papermill",
 
 # ---------------------------------------------------------------------------------------------
 # hashes and provenance
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_hash(source: str) -> str:
@@ -284,8 +281,70 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
                                  f"{_describe_changes(frozen)}. Use an earlier --from, or start a new run")
         config_source = str(RunDir(run_dir).config)
     cfg = resolve_paths(cfg)
+    _usage(lambda: check_device(cfg.device), "device: ")
     bundle = _usage(lambda: load_data(cfg), f"data.source {cfg.data.source!r}: ")
+    _check_origins(cfg, bundle)
+    _check_phases(cfg, len(bundle.train))
     return _Plan(cfg, values, config_source, run_dir, mode, from_stage, len(bundle.train))
+
+
+def _check_phases(cfg: KitConfig, train_windows: int) -> None:
+    """Refuse up front what training would refuse later: a batch the data cannot fill, groups `freeze` lacks."""
+    from kronos_kit.model import Kronos, KronosTokenizer
+
+    for name, model_class in (("tokenizer", KronosTokenizer), ("predictor", Kronos)):
+        phase = getattr(cfg, name)
+        if not phase.enabled:
+            continue
+        per_step = phase.batch_size * phase.grad_accum_steps
+        if train_windows < per_step:
+            raise UsageError(f"{name}: {train_windows} training windows per epoch cannot fill one optimizer step of "
+                             f"{name}.batch_size={phase.batch_size} x {name}.grad_accum_steps="
+                             f"{phase.grad_accum_steps} = {per_step} windows; lower batch_size or grad_accum_steps, "
+                             "or bring more data")
+        if phase.strategy in ("freeze", "lora"):
+            _check_strategy(name, model_class, phase)
+
+
+def _check_strategy(name: str, model_class: type, phase: Any) -> None:
+    """Group names and layer widths are the model's: load the start checkpoint and set the strategy up on it."""
+    import torch
+
+    from kronos_kit.model import apply_lora, set_trainable
+
+    model = _usage(lambda: model_class.from_pretrained(phase.start_from), f"{name}.start_from: ")
+    if phase.strategy == "freeze":
+        _usage(lambda: set_trainable(model, phase.trainable_groups), f"{name}.trainable: ")
+    else:
+        _usage(lambda: apply_lora(model, rank=phase.lora_rank, alpha=phase.lora_alpha, dropout=phase.lora_dropout,
+                                  targets=phase.lora_targets, generator=torch.Generator()), f"{name}.lora_rank: ")
+
+
+def _check_origins(cfg: KitConfig, bundle: Any) -> None:
+    """Refuse up front a horizon the validation or test split cannot hold (stage 03 would fail after training)."""
+    e, lookback = cfg.evaluation, cfg.data.lookback
+    checks = [("validation", bundle.splits.val, e.pred_len, e.stride, "evaluation.pred_len"),
+              ("test", bundle.splits.test, e.pred_len, e.stride, "evaluation.pred_len")]
+    if cfg.predictor.enabled and cfg.predictor.skill_origins:
+        p = cfg.predictor
+        checks.append(("validation", bundle.splits.val, p.skill_horizon, p.skill_stride, "predictor.skill_horizon"))
+    from kronos_kit.evaluate.decisions import MIN_DECISION_ORIGINS
+
+    val = forecast_origins(walk_forward_frame(bundle.splits.val), lookback=lookback, pred_len=e.pred_len,
+                           stride=e.stride, max_origins=e.val_origins)
+    if 0 < val["origin_time"].nunique() < MIN_DECISION_ORIGINS:
+        _say(f"[pipeline] warning: the validation split holds {val['origin_time'].nunique()} forecast origin times "
+             f"(fewer than {MIN_DECISION_ORIGINS}): stage 03 will keep the base pair and the configured sampling. "
+             "Raise evaluation.val_origins, lower evaluation.stride, or enlarge the validation split", err=True)
+    for split, frame, horizon, stride, field in checks:
+        origins = forecast_origins(walk_forward_frame(frame), lookback=lookback, pred_len=horizon, stride=stride)
+        if origins.empty:
+            own = frame[~frame["is_context"].astype(bool)] if "is_context" in frame else frame
+            longest = int(own.groupby("symbol").size().max()) if len(own) else 0
+            raise UsageError(f"{field}={horizon}: the {split} split has no forecast origin (its longest symbol "
+                             f"has {longest} bars of its own; an origin needs {horizon} bars after "
+                             f"data.lookback={lookback} bars of history). Lower {field}, or enlarge the {split} "
+                             "split (data.val_ratio / data.train_ratio) or the data")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +426,8 @@ class _TrainingProgress:
 
 
 class _KernelMessages:
-    """papermill's `stderr_file`: the kit's warnings and resume messages from the kernel, to the terminal."""
+    """papermill's `stderr_file` / `stdout_file`: the kit's warnings and resume messages from the kernel, to the
+    terminal (in a kernel the kit logs INFO to stdout, warnings to stderr)."""
 
     SHOWN = re.compile(r"^(WARNING|ERROR)\b|^INFO kronos_kit\.train: .*(resumed|nothing to resume)")
 
@@ -449,7 +509,16 @@ def run_pipeline(
     """
     values = _usage(lambda: parse_overrides(params)) if isinstance(params, list) else dict(params or {})
     plan = _plan(config, run_dir, values, resume=resume, from_stage=from_stage, overwrite=overwrite)
-    run_dir, cfg, manifest = _open_run(plan, values)
+    folder = _run_folder(plan)
+    try:
+        with run_lock(folder, f"pipeline ({plan.mode})"):
+            return _run_stages(plan, values, folder, notebooks, progress)
+    except RunLockedError as err:
+        raise UsageError(str(err)) from None
+
+
+def _run_stages(plan: _Plan, values: dict[str, Any], folder: Path, notebooks: Path, progress: bool) -> int:
+    run_dir, cfg, manifest = _open_run(plan, values, folder)
     stage_run = _StageRun(run_dir, cfg, manifest, notebooks, _kernel_name(), progress,
                           totals={"tokenizer": planned_steps(cfg.tokenizer, plan.train_windows),
                                   "predictor": planned_steps(cfg.predictor, plan.train_windows)})
@@ -476,15 +545,17 @@ def run_pipeline(
     return 0
 
 
-def _open_run(plan: _Plan, values: dict[str, Any]) -> tuple[Path, KitConfig, Manifest]:
-    """Create (or reopen) the run folder; write its resolved config.yaml and update manifest.json."""
-    cfg = plan.cfg
+def _run_folder(plan: _Plan) -> Path:
+    """The run folder, created when new (the kernels run in notebooks/, so the path is absolute)."""
     if plan.run_dir is None:
-        run_dir = create_run_dir(project_root() / "runs", run_name(cfg))
-    else:
-        run_dir = plan.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = run_dir.resolve()  # the kernels run in notebooks/, so every path they get is absolute
+        return create_run_dir(project_root() / "runs", run_name(plan.cfg)).resolve()
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    return plan.run_dir.resolve()
+
+
+def _open_run(plan: _Plan, values: dict[str, Any], run_dir: Path) -> tuple[Path, KitConfig, Manifest]:
+    """Write the (locked) run folder's resolved config.yaml and update manifest.json."""
+    cfg = plan.cfg
     cfg = cfg.with_overrides(run_dir=str(run_dir))
     atomic_write_text(RunDir(run_dir).config, f"# resolved from {plan.config_source} with {values}\n" + cfg.to_yaml())
     manifest = Manifest.load_or_new(run_dir)
@@ -532,13 +603,14 @@ class _StageRun:
         training = {"01": ("tokenizer",), "02": ("predictor",)}.get(stage, ())
         phases = {p: self.totals[p] for p in training if getattr(self.cfg, p).enabled}
         rd = RunDir(self.run_dir)
-        parameters = {"run_dir": str(self.run_dir), "config": str(rd.config), "resume": continues}
+        parameters = stage_parameters(self.run_dir, continues)
         try:
             with _TrainingProgress(rd.metrics_log, phases if self.progress else {}):
                 papermill.execute_notebook(
                     str(self.notebooks / notebook), str(output), parameters=parameters, kernel_name=self.kernel,
                     cwd=str(self.notebooks), progress_bar=False, log_output=False,
                     stderr_file=_KernelMessages() if self.progress else None,
+                    stdout_file=_KernelMessages() if self.progress else None,  # the kit's INFO lines go to stdout
                     extra_arguments=KERNEL_ARGUMENTS,
                 )
         except papermill.PapermillExecutionError as err:
@@ -565,6 +637,14 @@ class _StageRun:
         self.manifest.save()
         self.say(f"[pipeline] stage {stage} done in {_seconds(seconds)}")
         return seconds, outputs
+
+
+def stage_parameters(run_dir: Path, resume: bool) -> dict[str, Any]:
+    """What papermill injects into a stage notebook: the run's folder and saved config, `resume`, and every
+    notebook parameter as None, so values saved in the notebook's parameters cell (edited in Lab) never
+    override the run's config.yaml; the pipeline's -p values reach the notebook through config.yaml."""
+    return {**dict.fromkeys(NOTEBOOK_PARAMETERS), "run_dir": str(run_dir), "config": str(RunDir(run_dir).config),
+            "resume": resume, "overwrite": True}
 
 
 def _stage_hash(stage: str, cfg: KitConfig, upstream: str, notebook: Path) -> str:

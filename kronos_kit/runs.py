@@ -14,6 +14,7 @@ kill interrupted at any point.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -26,7 +27,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, KitConfig
+from kronos_kit.binding import check_bound, check_stage_complete, decision_source
+from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, DataConfig, KitConfig
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -169,11 +171,48 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
             stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+            _fsync(tmp)  # the data on disk before the rename makes it visible (power loss, not only kills)
+        except (OSError, RuntimeError) as err:
+            _raise_if_disk_full(err, path)
+            raise
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+class DiskFullError(OSError):
+    """A write into a run folder ran out of disk space; the previous file was kept."""
+
+
+def _raise_if_disk_full(err: BaseException, target: Path) -> None:
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), not as ENOSPC
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full:
+        try:
+            full = shutil.disk_usage(target.parent).free < (1 << 20)
+        except OSError:
+            full = False
+    if full:
+        raise DiskFullError(errno.ENOSPC, f"no space left on the device while writing {target}; the previous "
+                            "version of the file is kept. Free some space, then continue with --resume") from err
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (or a folder's entries) to disk; a no-op where the OS cannot fsync folders."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -241,10 +280,17 @@ def replace_dir(directory: str | Path, write: Callable[[Path], Any]) -> Path:
     directory = Path(directory)
     tmp, old = _swap_names(directory)
     finish_swap(directory)
-    write(tmp)
+    try:
+        write(tmp)
+        for written in [*tmp.rglob("*"), tmp]:
+            _fsync(written)
+    except (OSError, RuntimeError) as err:
+        _raise_if_disk_full(err, directory)
+        raise
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
+    _fsync(directory.parent)
     shutil.rmtree(old, ignore_errors=True)  # what a failure leaves here, the next swap removes
     return directory
 
@@ -470,6 +516,7 @@ class Promotion(DecisionFile):
     rule: str = ""
     reason: str = ""
     split: str = "validation"
+    checkpoints: dict[str, Any] = dataclasses.field(default_factory=dict)  # binding.bind: the weights it chose
 
 
 @dataclasses.dataclass
@@ -496,6 +543,7 @@ class SamplingCalibration(DecisionFile):
     rule: str = ""
     metric: str = "close_crps"
     split: str = "validation"
+    checkpoints: dict[str, Any] = dataclasses.field(default_factory=dict)  # binding.bind: the weights it is for
     paths: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -538,12 +586,6 @@ def relative_source(source: str | Path, run_dir: str | Path | None) -> str:
         return str(source)
 
 
-def resolve_source(source: str, run_dir: str | Path) -> str:
-    """A source written relative to the run directory (e.g. `predictor/best`) resolves inside it."""
-    inside = Path(run_dir) / source
-    return str(inside) if not Path(source).is_absolute() and inside.is_dir() else source
-
-
 @dataclasses.dataclass
 class RunChoice:
     """Which tokenizer, predictor and sampling a run uses (`run_choice`)."""
@@ -555,6 +597,7 @@ class RunChoice:
     calibrated: bool  # True when `sampling` comes from calibration.json
     top_k: int = DEFAULT_TOP_K
     max_context: int = DEFAULT_MAX_CONTEXT
+    lookback: int = DataConfig.lookback  # bars of history the run's models were trained and evaluated with
     # applied to the sample paths after sampling (calibration.json's fit for this model; identity otherwise)
     path_calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # plain JSON; {}: identity
 
@@ -569,7 +612,9 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     ``model``:
 
     - ``"promoted"``: the pair `promoted.json` names (FileNotFoundError until the validation step wrote
-      it), sampled and its paths calibrated as `calibration.json` says when present and ``calibrated``;
+      it), sampled and its paths calibrated as `calibration.json` says when present and ``calibrated``; both
+      files must still match the weights they were decided for and stage 03 must be complete (`binding`:
+      `StaleDecisionError`);
     - ``"finetuned"``: the run's own pair: ``predictor.tokenizer_from`` if set, else phase 1's best
       tokenizer when phase 1 is on or has run (it must exist), else ``tokenizer.start_from``; phase 2's
       best predictor when phase 2 is on or has run (the folder it writes), else ``predictor.start_from``;
@@ -589,10 +634,10 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     if model == "promoted":
         promotion = Promotion.load(rd.path)
         name = promotion.promoted
-        tokenizer = resolve_source(promotion.tokenizer, rd.path)
-        predictor = resolve_source(promotion.predictor, rd.path)
+        tokenizer, predictor = _decided_sources(rd, cfg, promotion)
         if calibrated and rd.calibration.is_file():
             calibration = SamplingCalibration.load(rd.path)
+            check_bound(calibration.checkpoints, {"tokenizer": tokenizer, "predictor": predictor}, rd.calibration)
             sampling, is_calibrated = calibration.sampling(), True
             path_calibration = calibration.path_calibration(name)
     elif model == "finetuned":
@@ -603,7 +648,20 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     else:
         name, tokenizer, predictor = model, cfg.tokenizer.start_from, cfg.predictor.start_from
     return RunChoice(name, tokenizer, predictor, {k: float(v) for k, v in sampling.items()}, is_calibrated,
-                     top_k=e.top_k, max_context=e.max_context, path_calibration=path_calibration)
+                     top_k=e.top_k, max_context=e.max_context, lookback=cfg.data.lookback,
+                     path_calibration=path_calibration)
+
+
+def _decided_sources(rd: RunDir, cfg: KitConfig, promotion: Promotion) -> tuple[str, str]:
+    """The promoted pair, checked: stage 03 complete, sources inside the run or its configured base, and
+    the weights unchanged since the decision (`binding`); a `StaleDecisionError` otherwise."""
+    check_stage_complete(load_json(rd.manifest) if rd.manifest.is_file() else None, rd.promoted)
+    configured = {"tokenizer": (cfg.tokenizer.start_from, cfg.predictor.tokenizer_from),
+                  "predictor": (cfg.predictor.start_from,)}
+    resolved = {role: decision_source(getattr(promotion, role), rd.path, configured[role], role, rd.promoted)
+                for role in ("tokenizer", "predictor")}
+    check_bound(promotion.checkpoints, resolved, rd.promoted)
+    return resolved["tokenizer"], resolved["predictor"]
 
 
 def _trained(rd: RunDir, phase: str, enabled: bool, start_from: str, *, must_exist: bool) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +20,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "set_threads",
-           "state_dict_hash", "unwrap", "weights_hash"]
+__all__ = ["DistContext", "check_device", "freeze", "inference", "module_device", "resolve_device", "seed_everything",
+           "set_threads", "state_dict_hash", "tqdm", "unwrap", "weights_hash"]
+
+
+def tqdm(*args: Any, **kwargs: Any):
+    """The kit's progress bar: `tqdm.auto`, except inside a Jupyter kernel, where it is tqdm's text bar on
+    stdout. A widget bar freezes at its first frame in a notebook opened without a kernel; a text bar
+    redraws in place and what the notebook keeps is its last state."""
+    if "ipykernel" in sys.modules:
+        from tqdm.std import tqdm as text_bar
+
+        kwargs.setdefault("file", sys.stdout)
+        return text_bar(*args, **kwargs)
+    from tqdm.auto import tqdm as auto_bar
+
+    return auto_bar(*args, **kwargs)
 
 
 def seed_everything(seed: int) -> None:
@@ -51,6 +67,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(name: str) -> torch.device:
+    """`resolve_device(name)`, refusing with a ValueError a device name torch does not know or this machine
+    lacks (`cuda` without CUDA, `mps` off Apple silicon) before anything runs on it."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device {name!r} is not a device name ({err}); use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA"
+        raise ValueError(f"device {name!r}: this machine has {found} (torch {torch.__version__}); use auto or cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r}: MPS is not available here; use auto or cpu")
+    return device
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
@@ -68,6 +100,7 @@ class DistContext:
         if world == 1:
             return cls()
         if not dist.is_initialized():
+            _end_with_parent()
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
@@ -78,6 +111,20 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return t.tolist()
+
+
+def _end_with_parent() -> None:
+    """Ask Linux to SIGTERM this torchrun worker when its launcher dies: a SIGKILLed torchrun cannot stop its
+    workers itself, and orphans would keep writing the run folder (elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:

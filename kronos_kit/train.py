@@ -51,6 +51,7 @@ from kronos_kit.engine import (
     NonFiniteWeightsError,
     OnStep,
     Phase,
+    PhaseExistsError,
     PhaseResult,
     ResumeMismatchError,
     StepOutput,
@@ -81,7 +82,7 @@ from kronos_kit.runtime import DistContext, freeze, module_device, resolve_devic
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
     "NonFiniteGradientError", "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "Phase",
-    "PhaseResult", "ResumeMismatchError", "StepOutput", "Strategy", "TrainState", "apply_strategy",
+    "PhaseExistsError", "PhaseResult", "ResumeMismatchError", "StepOutput", "Strategy", "TrainState", "apply_strategy",
     "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "planned_steps", "restore_state",
     "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
     "train_epoch", "train_predictor", "train_tokenizer", "validate", "validation_loader",
@@ -292,9 +293,9 @@ def _run_dir(cfg: KitConfig) -> Path:
     return Path(cfg.run_dir)
 
 
-def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | None = None, progress: bool = True,
-                    on_step: OnStep | None = None) -> PhaseResult:
-    """Phase 1: adapt the tokenizer to the configured data."""
+def train_tokenizer(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
+                    progress: bool = True, on_step: OnStep | None = None) -> PhaseResult:
+    """Phase 1: adapt the tokenizer to the configured data (`resume` / `overwrite`: see `engine.run_phase`)."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
     data = data or load_data(cfg)
@@ -304,12 +305,13 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
     phase = Phase("tokenizer", tokenizer, strategy.wrap_step(tokenizer_step), evaluate_tokenizer, "val_recon_full",
                   data.train, data.val, inputs={"data": dataclasses.asdict(cfg.data)})
     return run_phase(phase, cfg.tokenizer, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                     resume=resume, progress=progress, on_step=on_step)
+                     resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
 
 
-def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | None = None, progress: bool = True,
-                    on_step: OnStep | None = None) -> PhaseResult:
-    """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer."""
+def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
+                    progress: bool = True, on_step: OnStep | None = None) -> PhaseResult:
+    """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer (`resume` / `overwrite`: see
+    `engine.run_phase`)."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
     data = data or load_data(cfg)
@@ -335,7 +337,7 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, data: DataBundle | 
                   inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash},
                   reference=None if skill is None else _reference_skill(cfg, skill))
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                       resume=resume, progress=progress, on_step=on_step)
+                       resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
     check_frozen()
     logger.info("predictor: tokenizer weights unchanged (sha256 %s...)", frozen_hash[:12])
     return result

@@ -42,6 +42,28 @@ if TYPE_CHECKING:
 __all__ = ["LiveCurve", "window_browser", "code_inspector", "codes_table_html", "forecast_explorer"]
 
 
+# what a notebook opened without a running kernel shows in place of a widget (its text/plain; <= 110 chars)
+NO_KERNEL_NOTE = "[interactive {what}: needs a live kernel; run the cell to use it]"
+
+
+class _NotedBox(widgets.VBox):
+    """A VBox whose plain-text fallback says what it is and that it needs a kernel (not `VBox(children=...`)."""
+
+    def __init__(self, children: Sequence[widgets.Widget], what: str):
+        super().__init__(children)
+        self._note = NO_KERNEL_NOTE.format(what=what)
+
+    def __repr__(self) -> str:
+        return self._note
+
+
+class _NotedOutput(widgets.Output):
+    """An Output whose plain-text fallback is a note (the live loss curve: the figures below show the result)."""
+
+    def __repr__(self) -> str:
+        return NO_KERNEL_NOTE.format(what="loss curve (static figure below)")
+
+
 def _show(out: widgets.Output, fig: Figure, *, dpi: int = 80) -> None:
     """Replace the contents of ``out`` with ``fig`` as a PNG."""
     out.outputs = ()
@@ -74,7 +96,7 @@ class LiveCurve:
         self.separate = separate
         self.steps: list[int] = []
         self.values: dict[str, list[float]] = {k: [] for k in self.keys}
-        self.widget = widgets.Output()
+        self.widget = _NotedOutput()
 
     def __call__(self, step: int, parts: Mapping[str, float]) -> None:
         self.steps.append(step)
@@ -181,8 +203,8 @@ def window_browser(
         info.value = (
             f"<b>{html.escape(str(symbol.value))}</b> window {position.value + 1}/{len(index[symbol.value])}"
             f" (dataset item {item}, start {rec.start}); tokenizer <b>{html.escape(which.value)}</b>: "
-            f"normalized MSE full {err[0]:.4f}, s1 only {err[1]:.4f}{worst}"
-        )
+            f"normalized MSE over all {rec.x.shape[-1]} channels: full {err[0]:.4f}, s1 only {err[1]:.4f} "
+            f"(the figure's titles: over open, high, low, close only){worst}")
         _show(figure, plot_window_reconstruction(rec, title=f"{symbol.value} - {which.value}"))
         codes.value = codes_table_html(rec.s1_ids, rec.s2_ids)
 
@@ -204,7 +226,7 @@ def window_browser(
     order.observe(_on_order, names="value")
     _redraw()
     controls = [symbol, which, order] if errors else [symbol, which]
-    return widgets.VBox([widgets.HBox(controls), position, info, figure, codes])
+    return _NotedBox([widgets.HBox(controls), position, info, figure, codes], "window browser")
 
 
 _WORST = "worst close error"
@@ -258,18 +280,19 @@ def code_inspector(
         used = int((prof.counts > 0).sum())
         if n:
             means = ", ".join(f"{f} {v:+.2f}" for f, v in zip(prof.features, prof.mean_features[c]))
-            detail = f"rank {rank[c]} of {k1} ({used} used); mean normalized {means}"
+            detail = (f"rank {rank[c]} of {k1} ({used} used); each channel's mean over those bars, normalized "
+                      f"(averaged separately, so not one real candle): {means}")
         else:
             detail = f"never used ({used} of {k1} codes used)"
         info.value = (
-            f"<b>code {c}</b> (bits {format(c, f'0{prof.s1_bits}b')}): {n:,} of {prof.n_tokens:,} bars "
-            f"({share:.2%}); {detail}"
+            f"<b>code {c}</b> (bits {format(c, f'0{prof.s1_bits}b')}): {n:,} of {prof.n_tokens:,} bar positions "
+            f"({share:.2%}; windows overlap, so a bar counts once for each window holding it); {detail}"
         )
         _show(figure, plot_code_candle(prof, c))
 
     code.observe(_redraw, names="value")
     _redraw()
-    return widgets.VBox([code, info, figure])
+    return _NotedBox([code, info, figure], "code inspector")
 
 
 # ------------------------------------------------------------------------------------ forecasts
@@ -335,14 +358,14 @@ class _ForecastExplorer:
             control.observe(self._changed, names="value")
         self._describe()
         self.status.value = "press <b>Forecast</b> (nothing runs while the sliders move)"
-        self.box = widgets.VBox([
+        self.box = _NotedBox([
             widgets.HBox([self.symbol, self.which]),
             self.origin,
             widgets.HBox([self.temperature, self.top_p, self.samples, self.calibrated]),
             widgets.HBox([self.button, self.status]),
             self.info,
             self.figure,
-        ])
+        ], "forecast explorer")
         self.box.run = self.run  # programmatic hook (tests, scripts): the button, but raises on errors
 
     def _origin_range(self, sym: str) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ import yaml
 from conftest import DATA
 
 from kronos_kit.__main__ import main, run_models
+from kronos_kit.binding import bind
 from kronos_kit.config import KitConfig, project_root
 from kronos_kit.pipeline import RUN_KIND, create_run_dir, pipeline_summary, run_name
 from kronos_kit.runs import RunDir, save_json
@@ -244,18 +245,31 @@ def test_forecast_command_writes_a_tidy_csv(tmp_path, tiny_run, capsys):
     assert (table["close_q0.1"] <= table["close_q0.5"]).all() and (table["close_q0.5"] <= table["close_q0.9"]).all()
     assert pd.to_datetime(table["timestamp"]).gt(pd.Timestamp("2024-08-29 11:30")).all()  # after the data's end
     assert "the run's best checkpoints" in out and str(tiny_run / "predictor" / "best") in out
+    # the history is the run's data.lookback (what its models were trained and evaluated with), and says so
+    assert "history: the last 90 bars of each symbol (the run's data.lookback)" in out
 
-    # explicit checkpoints give the same forecast as the run's own pair
-    given, _ = forecast(tmp_path, capsys, "--tokenizer", str(tiny_run / "tokenizer" / "best"),
-                        "--predictor", str(tiny_run / "predictor" / "best"), "--data", str(two_symbols(tmp_path)))
+    # explicit checkpoints with the same history give the same forecast as the run's own pair
+    pair = ("--tokenizer", str(tiny_run / "tokenizer" / "best"), "--predictor", str(tiny_run / "predictor" / "best"))
+    given, _ = forecast(tmp_path, capsys, *pair, "--data", str(two_symbols(tmp_path)), "--max-context", "90")
     pd.testing.assert_frame_equal(given, table)
+    longer, out = forecast(tmp_path, capsys, *pair, "--data", str(two_symbols(tmp_path)))  # 512 bars: another forecast
+    assert "history: the last 512 bars" in out and not np.allclose(longer["close_mean"], table["close_mean"])
+
+
+def stage_03_completed(rd: RunDir) -> None:
+    """Record stage 03 (which writes the decision files) as completed in the run's manifest."""
+    manifest = json.loads(rd.manifest.read_text())
+    manifest["stages"]["03"] = {"status": "completed"}
+    save_json(rd.manifest, manifest)
 
 
 def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, tiny_run, capsys):
     rd = RunDir(tiny_run)
+    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
     save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
-                            "predictor": "embedded:base/predictor"})
-    save_json(rd.calibration, {"temperature": 1e-6, "top_p": 1.0})  # greedy: every path the same
+                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    save_json(rd.calibration, {"temperature": 1e-6, "top_p": 1.0, "checkpoints": bound})  # greedy: paths all the same
+    stage_03_completed(rd)
     table, out = forecast(tmp_path, capsys, "--run", str(tiny_run), "--data", CSV, "--quantiles", "0.05,0.95")
     assert "promoted (promoted.json): tokenizer embedded:base/tokenizer" in out and "calibrated" in out
     assert len(table) == 4 and np.allclose(table["close_q0.05"], table["close_q0.95"])
@@ -264,11 +278,13 @@ def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, 
 
 def test_forecast_run_applies_the_runs_path_calibration(tmp_path, tiny_run, capsys):
     rd = RunDir(tiny_run)
+    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
     save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
-                            "predictor": "embedded:base/predictor"})
+                            "predictor": "embedded:base/predictor", "checkpoints": bound})
     wide = {"method": "spread", "scale": 3.0, "power": 0.0, "center": 1.0, "conformal": {}}
     save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base",
-                               "paths": {"base": {"path_calibration": wide}}})
+                               "paths": {"base": {"path_calibration": wide}}, "checkpoints": bound})
+    stage_03_completed(rd)
     args = ("--run", str(tiny_run), "--data", CSV, "--quantiles", "0.1,0.9")
     calibrated, out = forecast(tmp_path, capsys, *args)
     raw, out_raw = forecast(tmp_path, capsys, *args, "--uncalibrated")
@@ -282,7 +298,10 @@ def test_forecast_resolves_promoted_sources_inside_the_run(tmp_path, tiny_run, c
     """The validation step writes sources relative to the run (`predictor/best`): they load from the run
     folder wherever the command runs, never as hub ids."""
     rd = RunDir(tiny_run)
-    save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": "tokenizer/best", "predictor": "predictor/best"})
+    bound = bind({"tokenizer": str(rd.checkpoint("tokenizer")), "predictor": str(rd.checkpoint("predictor"))})
+    save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": "tokenizer/best", "predictor": "predictor/best",
+                            "checkpoints": bound})
+    stage_03_completed(rd)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -550,5 +550,11 @@ def test_widgets_build_without_kernel():
     counts = np.bincount(before.encode(torch.stack([w["x"] for w in windows]), half=True)[0].ravel(), minlength=4)
     assert slider.value == int(np.argmax(counts))
     slider.value = (slider.value + 1) % 4
-    assert f"{counts[slider.value]:,} of {counts.sum():,} bars" in text.value
+    assert f"{counts[slider.value]:,} of {counts.sum():,} bar positions" in text.value
+    assert "windows overlap" in text.value and "not one real candle" in text.value
     assert "image/png" in out.outputs[0]["data"]
+    # a saved notebook opened without a kernel shows the plain-text fallback: a note, not VBox(children=...)
+    for widget in (box, insp):
+        plain = widget._repr_mimebundle_()["text/plain"]
+        assert "needs a live kernel" in plain and "children" not in plain and len(plain) <= 110
+    assert "over all 6 channels" in info.value and "open, high, low, close only" in info.value

@@ -363,7 +363,7 @@ def test_metrics_log_holds_one_record_per_step_of_the_current_run(tmp_path, data
     assert {r["attempt"] for r in lines if r["step"] > 4} == {2}
     assert len({r["run"] for r in lines}) == 1
 
-    train_tokenizer(cfg, data=data, progress=False)  # a fresh run in the same folder (--overwrite)
+    train_tokenizer(cfg, data=data, progress=False, overwrite=True)  # a fresh run in the same folder
     records = read_metrics(tmp_path / "metrics.jsonl", "tokenizer")
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert len({r["run"] for r in records}) == 1 and records[0]["run"] != lines[0]["run"]

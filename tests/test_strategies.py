@@ -203,13 +203,21 @@ def write_run(run_dir, promoted: str, calibration: dict | None):
     base.save_pretrained(run_dir / "base_predictor")
     tuned.save_pretrained(run_dir / "predictor" / "best")
     tokenizer.save_pretrained(run_dir / "tokenizer" / "best")
+    from kronos_kit.binding import bind
+    from kronos_kit.config import KitConfig
+
+    # the run's configured base: tokenizer `tiny`, predictor the base_predictor folder
+    cfg = KitConfig(run_dir=str(run_dir)).with_overrides({"predictor.start_from": str(run_dir / "base_predictor")})
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     sources = {"finetuned": ("tokenizer/best", "predictor/best"), "base": ("tiny", str(run_dir / "base_predictor"))}
     tok, pred = sources[promoted]
+    bound = bind({"tokenizer": tok if tok == "tiny" else str(run_dir / tok),
+                  "predictor": pred if promoted == "base" else str(run_dir / pred)})
     (run_dir / "promoted.json").write_text(json.dumps({"promoted": promoted, "tokenizer": tok, "predictor": pred,
                                                        "metric": "close_crps", "evidence": {}, "rule": "",
-                                                       "reason": ""}))
+                                                       "reason": "", "checkpoints": bound}))
     if calibration is not None:
-        (run_dir / "calibration.json").write_text(json.dumps(calibration))
+        (run_dir / "calibration.json").write_text(json.dumps({**calibration, "checkpoints": bound}))
     return base, tuned
 
 
@@ -224,6 +232,10 @@ def test_load_run_forecaster_uses_promotion_and_calibration(tmp_path, data, prom
     frame = data.splits.val[data.splits.val["timestamps"] < data.splits.val["timestamps"].iloc[60]]
     ours = rf.forecast_frame(frame.drop(columns="is_context"), horizon=3, sample_count=4, lookback=30)
     assert ours.attrs["forecast"]["temperature"] == 0.85 and ours.attrs["forecast"]["top_p"] == 1.0
+    # without lookback=, the history is the run's data.lookback (90 here), as the run was trained and evaluated
+    assert rf.lookback == 90 and rf.predictor.max_context >= 90
+    assert rf.forecast_frame(frame.drop(columns="is_context"), horizon=2, sample_count=2).attrs["forecast"][
+        "lookback"] == 90
     assert not load_run_forecaster(tmp_path, calibrated=False).calibrated
 
 

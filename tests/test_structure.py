@@ -217,8 +217,12 @@ def test_run_choice_answers_for_promoted_finetuned_and_base(tmp_path):
     assert own.predictor_source == str(tmp_path / "predictor" / "best")
     with pytest.raises(FileNotFoundError, match="promoted.json not found"):
         run_choice(tmp_path, cfg)
-    Promotion(promoted="finetuned", tokenizer="tokenizer/best", predictor="predictor/best").save(tmp_path)
-    SamplingCalibration(temperature=0.85, top_p=1.0).save(tmp_path)
+    from kronos_kit.binding import bind
+
+    bound = bind({"tokenizer": own.tokenizer_source, "predictor": own.predictor_source})
+    Promotion(promoted="finetuned", tokenizer="tokenizer/best", predictor="predictor/best",
+              checkpoints=bound).save(tmp_path)
+    SamplingCalibration(temperature=0.85, top_p=1.0, checkpoints=bound).save(tmp_path)
     chosen = run_choice(tmp_path, cfg)
     assert (chosen.promoted, chosen.predictor_source) == ("finetuned", own.predictor_source)
     assert (chosen.sampling, chosen.calibrated) == ({"temperature": 0.85, "top_p": 1.0}, True)

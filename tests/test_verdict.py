@@ -381,3 +381,34 @@ def test_promotion_needs_the_lower_crps_even_with_a_better_point_forecast():
     assert promo.evidence["metric"]["model_mean"] == pytest.approx(1.5 * promo.evidence["metric"]["other_mean"],
                                                                    rel=1e-3)
     assert promo.promoted == "base" and promo.tokenizer == SOURCES["base_sources"][0]
+
+
+# ------------------------------------------------------------------------------ too few validation origins
+
+
+@pytest.mark.parametrize("n_bars", [52, 58, 90])  # 1, 2 and 9 validation origins
+def test_promotion_on_too_few_origins_keeps_the_base_and_says_why(n_bars, caplog):
+    """Item 7 of issue 20: a clearly better finetuned model on a handful of origins is not promoted, and a
+    "not testable" MAE test never counts as "not worse"."""
+    from kronos_kit.evaluate.decisions import MIN_DECISION_ORIGINS
+
+    frame = market(("X",), n=n_bars, seed=3)
+    res = validation_result(good(frame), bad(frame), frame)
+    n = res.n_origins
+    assert 1 <= n < MIN_DECISION_ORIGINS
+    with caplog.at_level("WARNING", logger="kronos_kit.evaluate.decisions"):
+        promo = decide_promotion(res, **SOURCES)
+    assert promo.evidence["metric"]["model_mean"] < promo.evidence["metric"]["other_mean"]  # it looks better
+    assert promo.promoted == "base" and (promo.tokenizer, promo.predictor) == SOURCES["base_sources"]
+    assert f"{n} validation origins are fewer than the {MIN_DECISION_ORIGINS}" in promo.reason
+    assert "promotion:" in caplog.text
+
+
+def test_calibration_on_too_few_origins_keeps_the_configured_sampling(caplog):
+    frame = market(("X",), n=80, seed=5)
+    with caplog.at_level("WARNING", logger="kronos_kit.evaluate.decisions"):
+        cal = calibrate_sampling(gaussian_sampler(0.85), frame, lookback=10, pred_len=4, stride=20, sample_count=16,
+                                 temperatures=(0.7, 0.85, 1.3), top_ps=(0.9,), current=(1.0, 0.9))
+    assert cal.n_origins < 10
+    assert cal.sampling() == {"temperature": 1.0, "top_p": 0.9} and cal.after == cal.before
+    assert cal.rule.startswith("not calibrated:") and "kept the configured sampling" in caplog.text

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+
+from kronos_kit.runtime import tqdm
 
 
 class Batch(NamedTuple):

@@ -51,6 +51,8 @@ class _Origin:
         return f"{where}{'line' if self.csv[s] else 'row'} {int(self.row[pos])}"
 
 
+MAX_ABS_VALUE = 1e15  # largest |value| of a price, volume or amount the kit accepts
+
 def _rows_error(
     origin: _Origin,
     bad: np.ndarray,
@@ -231,6 +233,13 @@ def _parse_timestamps(values: pd.Series, origin: _Origin, label: str) -> pd.Seri
                               detail=lambda pos: [repr(str(raw[p])) for p in pos], fix=fix_zone)
         raise _rows_error(origin, bad, column="timestamps", problem="cannot be parsed as a time",
                           detail=lambda pos: [repr(str(raw[p])) for p in pos], fix=fix_parse)
+    naive = parsed.dt.tz_localize(None) if isinstance(parsed.dtype, pd.DatetimeTZDtype) else parsed
+    outside = ((naive < pd.Timestamp.min) | (naive > pd.Timestamp.max)).to_numpy()
+    if outside.any():  # nanosecond times span 1677-09-21 .. 2262-04-11
+        raw = values.to_numpy()
+        raise _rows_error(origin, outside, column="timestamps", problem="lies outside 1677-09-22 .. 2262-04-11",
+                          detail=lambda pos: [repr(str(raw[p])) for p in pos],
+                          fix="Times are stored in nanoseconds, which cannot go further; fix or drop those rows.")
     return parsed.dt.as_unit("ns")
 
 
@@ -511,6 +520,13 @@ def _check_candles(values: dict[str, np.ndarray], first_of_symbol: np.ndarray, t
             raise _rows_error(origin, bad, column=col, problem="is zero or negative",
                               detail=_values(**{col: values[col]}),
                               fix="Prices must be positive: fix or drop those rows.")
+    for col in FEATURE_COLUMNS:  # normalising squares the values: far larger ones overflow to inf / NaN
+        bad = np.abs(values[col]) > MAX_ABS_VALUE
+        if bad.any():
+            raise _rows_error(origin, bad, column=col, problem=f"is above {MAX_ABS_VALUE:.0e}",
+                              detail=_values(**{col: values[col]}),
+                              fix="Values that large overflow the model's arithmetic: rescale the column (e.g. "
+                                  "prices in thousands) or fix those rows.")
     candle = _values(open=o, high=h, low=lo, close=c)
     fix_hl = "Fix the source, or pass repair='clip' to move high/low to the open-close range (reported)."
     if (bad := h < np.maximum(o, c)).any():

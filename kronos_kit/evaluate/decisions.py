@@ -6,6 +6,7 @@ The decision files' schema, load and save live with the run layout (:class:`~kro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from kronos_kit.binding import bind
 from kronos_kit.calibration import fit_path_calibration
 from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.evaluate.scores import EvaluationResult
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
     from kronos_kit.model import Kronos, KronosTokenizer
 
 
+# fewer validation origins (time points) than this cannot support a decision: promotion keeps the base
+# pair and calibration keeps the configured sampling, and both say so
+MIN_DECISION_ORIGINS = 10
+logger = logging.getLogger(__name__)
 TEMPERATURE_GRID: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15, 1.3)
 TOP_P_GRID: tuple[float, ...] = (0.8, 0.9, 1.0)
 
@@ -94,10 +100,19 @@ def calibrate_sampling(
     tied = [g for g in candidates if np.isclose(g["close_crps"], best_crps, rtol=1e-9, atol=0)]
     chosen = min(tied, key=lambda g: abs(g["temperature"] - current[0]) + abs(g["top_p"] - current[1]))
     before = next(g for g in grid if (g["temperature"], g["top_p"]) == current)
+    too_few = n_origins < MIN_DECISION_ORIGINS
+    if too_few:  # a grid search on a handful of origins fits their noise: keep the configured sampling
+        logger.warning("calibration: only %d validation origins (fewer than %d): kept the configured sampling "
+                       "(temperature %g, top_p %g); raise evaluation.val_origins or the validation split",
+                       n_origins, MIN_DECISION_ORIGINS, *current)
+        chosen = before
     keep = ("temperature", "top_p", "close_crps", "coverage_50", "coverage_80", "coverage_95")
     rule = (f"lowest mean close CRPS of {model!r} over {len(settings)} (temperature, top_p) settings on "
             f"{n_origins} validation origins (seed {seed}, {sample_count} paths); ties go to the setting "
             f"closest to the starting one ({current[0]:g}, {current[1]:g})")
+    if too_few:
+        rule = (f"not calibrated: {n_origins} validation origins are fewer than the {MIN_DECISION_ORIGINS} a "
+                f"calibration needs, so the configured sampling ({current[0]:g}, {current[1]:g}) is kept")
     return SamplingCalibration(temperature=chosen["temperature"], top_p=chosen["top_p"], model=model,
                                before={k: before[k] for k in keep}, after={k: chosen[k] for k in keep},
                                grid=grid, n_origins=n_origins, rule=rule)
@@ -134,22 +149,35 @@ def decide_promotion(
     mae = rows[rows["metric"] == "close_ae"].iloc[0]
     lower = bool(np.isfinite(main["model_mean"]) and np.isfinite(main["other_mean"])
                  and main["model_mean"] < main["other_mean"])
-    mae_worse = mae["verdict"] == "worse"
-    promote = lower and not mae_worse
+    n_origins = int(main["n_origins"])
+    # "not testable" is no evidence that the close MAE is not worse: only a test that ran can clear it
+    mae_cleared = mae["verdict"] in ("better", "no detectable difference")
+    enough = n_origins >= MIN_DECISION_ORIGINS
+    promote = lower and mae_cleared and enough
     label = ORIGIN_LOSSES[metric]
     change = f"{abs(main['change_pct']):.1f}% {'lower' if main['change_pct'] < 0 else 'higher'}"
     numbers = (f"validation {label} {fmt(main['model_mean'])} vs {fmt(main['other_mean'])} ({change}, "
                f"DM {fmt_p(main['p_value'])}, {int(main['n_origins'])} origins)")
     if promote:
         reason = f"Promoted {finetuned}: its {numbers} is lower than {base}'s, and close MAE is not worse."
+    elif lower and not enough:
+        reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but {n_origins} validation origins are fewer "
+                  f"than the {MIN_DECISION_ORIGINS} a promotion needs; raise evaluation.val_origins or the "
+                  "validation split to decide.")
+    elif lower and not mae_cleared and mae["verdict"] != "worse":
+        reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but its close MAE could not be tested "
+                  f"({mae['verdict']}), so it is not shown to be no worse.")
     elif lower:
         reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but its close MAE is significantly worse "
                   f"({fmt(mae['model_mean'])} vs {fmt(mae['other_mean'])}, DM {fmt_p(mae['p_value'])}).")
     else:
         reason = f"Promoted {base}: {finetuned} did not beat it on the {numbers}."
     rule = (f"Promote the finetuned tokenizer + predictor only when its mean validation {label} is lower than "
-            f"the base model's and the paired Diebold-Mariano test (Newey-West variance) does not find its close "
-            f"MAE worse at {level:.0%}; otherwise keep the base pair. Decided on validation only, never on test.")
+            f"the base model's and the paired Diebold-Mariano test (Newey-West variance) ran on at least "
+            f"{MIN_DECISION_ORIGINS} origins and does not find its close MAE worse at {level:.0%}; otherwise keep "
+            "the base pair. Decided on validation only, never on test.")
+    if not promote and (not enough or not mae_cleared):
+        logger.warning("promotion: %s", reason)
     keys = ("model_mean", "other_mean", "change_pct", "relative_skill", "ci_low", "ci_high", "dm_stat", "p_value",
             "verdict", "test", "n_origins")
     evidence = {"metric": {k: main[k] for k in keys}, "close_mae": {k: mae[k] for k in keys},
@@ -199,7 +227,8 @@ def decide_on_validation(
 
     ``validation`` is the validation frame or the :class:`~kronos_kit.data.Splits` (its ``val`` part).
     With ``run_dir`` the decisions are written there (``promoted.json``, ``calibration.json``), sources
-    inside it relative to it, so the run folder can move.
+    inside it relative to it, so the run folder can move; both record the sha256 of the promoted pair's
+    weights (`binding.bind`), which the run's reader checks.
     """
     frame = validation.val if hasattr(validation, "val") else validation
     e = evaluation
@@ -214,6 +243,11 @@ def decide_on_validation(
     if e.calibrate:
         calibration = calibrate_forecasts(result, frame, pairs, e, lookback=lookback, promoted=promotion.promoted,
                                           seed=seed, device=device, progress=progress)
+    chosen = finetuned_sources if promotion.promoted == finetuned else base_sources
+    bound = bind({"tokenizer": str(chosen[0]), "predictor": str(chosen[1])})  # the reader checks these hashes
+    promotion.checkpoints = bound
+    if calibration is not None:
+        calibration.checkpoints = bound
     if root is not None:
         promotion.save(root)
         if calibration is not None:
@@ -285,5 +319,5 @@ def calibrate_forecasts(
                                paths={name: jsonable(fit.to_dict()) for name, fit in fits.items()})
 
 
-__all__ = ["TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_forecasts", "calibrate_sampling",
-           "decide_on_validation", "decide_promotion"]
+__all__ = ["MIN_DECISION_ORIGINS", "TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_forecasts",
+           "calibrate_sampling", "decide_on_validation", "decide_promotion"]

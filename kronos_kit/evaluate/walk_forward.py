@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from kronos_kit import metrics as M
 from kronos_kit.calibration import PathCalibration
@@ -36,6 +35,7 @@ from kronos_kit.evaluate.baselines import (
 )
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.metrics import CLOSE
+from kronos_kit.runtime import tqdm
 
 if TYPE_CHECKING:  # only for annotations: walk_forward itself never touches the model
     import torch

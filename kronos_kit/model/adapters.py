@@ -273,9 +273,14 @@ def apply_lora(
         raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    widths = [min(lin.in_features, lin.out_features) for block in blocks
+              for lin in (getattr(_target_parent(block, t), t) for t in LORA_TARGETS if t in targets)]
+    if widths and rank > min(widths):  # rank r of a w-wide linear: r >= w is no low-rank update at all
+        raise ValueError(f"LoRA rank {rank} is not below the narrowest adapted linear ({min(widths)} wide): "
+                         f"choose lora_rank < {min(widths)} (4 to 16 is typical)")
     for param in model.parameters():
         param.requires_grad_(False)
-    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
     for block in blocks:
         for target in (t for t in LORA_TARGETS if t in targets):  # a fixed order: reproducible inits
             parent = _target_parent(block, target)

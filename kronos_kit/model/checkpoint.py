@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kronos_kit.binding import embedded_folder
 from kronos_kit.runs import atomic_write, load_json, save_json
 from kronos_kit.runtime import state_dict_hash as state_dict_hash  # re-exported: the checkpoint hashes
 from kronos_kit.runtime import weights_hash as weights_hash
@@ -37,7 +39,6 @@ from kronos_kit.runtime import weights_hash as weights_hash
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets"
 WEIGHTS_NAME = "model.safetensors"
 
 _TOKENIZER_BASE = dict(
@@ -177,7 +178,7 @@ def _resolve_folder(cls, source, *, revision, cache_dir, local_files_only) -> Pa
     """Local folder for `source`, or None when it names a preset."""
     name = str(source)
     if name.startswith("embedded:"):
-        path = EMBEDDED_DIR / name.removeprefix("embedded:")
+        path = embedded_folder(name)  # inside the kit's assets: `embedded:../..` is refused
         if not (path / CONFIG_NAME).is_file():
             raise CheckpointNotFoundError(f"embedded checkpoint {name!r} not found at {path}; "
                                           "run `make base` to build it")
@@ -273,7 +274,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Strictly load a safetensors file, naming every missing, unexpected or misshapen tensor."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:  # truncated, replaced or not safetensors at all
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); the checkpoint is damaged: "
+                         "rerun the phase that wrote it, or use another checkpoint") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -342,7 +342,7 @@ def plot_code_candle(profile: CodeProfile, code: int, *, ax: Axes | None = None)
     else:
         ax.text(0.5, 0.5, "never used", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
-    ax.set_ylabel("mean normalized value")
+    ax.set_ylabel("mean normalized value (each channel averaged on its own)")
     bits = format(code, f"0{profile.s1_bits}b")
-    ax.set_title(f"s1 code {code} ({bits})\n{n:,} bars ({share:.2%})", fontsize="medium")
+    ax.set_title(f"s1 code {code} ({bits}): channel means\n{n:,} bar positions ({share:.2%})", fontsize="medium")
     return fig

@@ -1,0 +1,423 @@
+"""Bad inputs, category by category, as a break-it review feeds them to the command line: every one must
+end in an `error: ...` line (exit 2 for a mistake in the call, 1 for a run that failed), never in a
+traceback or an exit 0, and a refused pipeline call must leave no run folder behind.
+
+The categories are the ones of issue 20's count (CSV, forecast arguments, tampered runs, compare, YAML,
+strategy values, phase values, evaluation values, resume changes); `pytest tests/test_bad_inputs.py -q`
+reports how many are handled well.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import DATA
+
+from kronos_kit.__main__ import main
+from kronos_kit.config import KitConfig
+from kronos_kit.runs import RunDir, save_json
+
+CSV = str(DATA / "ashare_5min_sample.csv")
+HEADER = "timestamps,open,high,low,close,volume"
+GOOD_ROWS = [f"2024-01-{d:02d} 10:00:00,10,11,9,10.5,100" for d in range(1, 29)]
+# a fast pipeline call on the sample: stops at the first check that fails, before anything is trained
+# (tiny steps, so that a kit which let a bad value through would fail fast instead of training for minutes)
+PIPELINE = ["-p", f"data={CSV}", "-p", "data.symbol=A", "-p", "data.lookback=30", "-p", "data.predict=5",
+            "-p", "tokenizer_steps=1", "-p", "predictor_steps=1", "-p", "predictor.skill_origins=2",
+            "-p", "tokenizer.batch_size=8", "-p", "predictor.batch_size=8"]
+
+
+def _expect_error(capsys, argv: list[str], code: int = 2) -> str:
+    got = main(argv)
+    err = capsys.readouterr().err
+    assert got == code, f"exit {got}, wanted {code}; stderr: {err[-600:]}"
+    assert "error: " in err and "Traceback" not in err, err[-600:]
+    return err
+
+
+def _no_folder(path: Path) -> None:
+    assert not path.exists() or not any(p.name != ".lock" for p in path.iterdir()), sorted(path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+
+
+CSV_CASES = {
+    "no file": None,
+    "empty file": "",
+    "header only": HEADER + "\n",
+    "text price": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["2024-01-28 10:00:00,ten,11,9,10.5,100"]),
+    "negative price": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["2024-01-28 10:00:00,-1,11,9,10.5,100"]),
+    "NaN close": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["2024-01-28 10:00:00,10,11,9,,100"]),
+    "inf volume": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["2024-01-28 10:00:00,10,11,9,10.5,inf"]),
+    "price near 1e303": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["2024-01-28 10:00:00,1e303,1e303,1e303,1e303,1"]),
+    "timestamp after 2262": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["2300-01-28 10:00:00,10,11,9,10.5,100"]),
+    "unparseable time": HEADER + "\n" + "\n".join(GOOD_ROWS[:-1] + ["yesterday,10,11,9,10.5,100"]),
+    "duplicate time": HEADER + "\n" + "\n".join(GOOD_ROWS + [GOOD_ROWS[-1]]),
+    "no close column": "timestamps,open,high,low,volume\n2024-01-01,1,2,0.5,3\n",
+    "mixed zones": HEADER + "\n2024-01-01T10:00:00+08:00,10,11,9,10.5,100\n2024-01-02T10:00:00Z,10,11,9,10.5,100\n",
+}
+
+
+@pytest.mark.parametrize("case", list(CSV_CASES))
+def test_bad_csv_is_an_error_naming_the_file(case, tmp_path, capsys):
+    path = tmp_path / "bars.csv"
+    if CSV_CASES[case] is not None:
+        path.write_text(CSV_CASES[case])
+    err = _expect_error(capsys, ["forecast", "--tokenizer", "embedded:base/tokenizer", "--predictor",
+                                 "embedded:base/predictor", "--data", str(path), "--horizon", "2",
+                                 "--out", str(tmp_path / "out.csv")])
+    assert "bars.csv" in err
+    assert not (tmp_path / "out.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# forecast arguments
+
+
+FORECAST_CASES = {
+    "threads 0": ["--threads", "0"],
+    "max-context 0": ["--max-context", "0"],
+    "max-context 1": ["--max-context", "1"],
+    "quantiles comma": ["--quantiles", ","],
+    "quantiles text": ["--quantiles", "low,high"],
+    "quantile above 1": ["--quantiles", "0.5,1.5"],
+    "samples 0": ["--samples", "0"],
+    "horizon 0": ["--horizon", "0"],
+    "temperature negative": ["--temperature", "-1"],
+    "top-p 0": ["--top-p", "0"],
+    "device cuda without CUDA": ["--device", "cuda:7"],
+    "device nonsense": ["--device", "gpu0"],
+    "out is a folder": ["--out", "{tmp}"],
+    "only a tokenizer": ["--predictor", None],
+    "missing checkpoint folder": ["--predictor", "{tmp}/nope/model"],
+}
+
+
+@pytest.mark.parametrize("case", list(FORECAST_CASES))
+def test_bad_forecast_arguments_are_refused_before_forecasting(case, tmp_path, capsys):
+    args = {"--tokenizer": "embedded:base/tokenizer", "--predictor": "embedded:base/predictor", "--data": CSV,
+            "--symbol": "A", "--horizon": "2", "--out": str(tmp_path / "out.csv"), "--samples": "2"}
+    flag, value = FORECAST_CASES[case]
+    if value is None:
+        args.pop(flag)
+    else:
+        args[flag] = value.format(tmp=tmp_path)
+    _expect_error(capsys, ["forecast", *(w for kv in args.items() for w in kv)])
+    assert not (tmp_path / "out.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# tampered runs
+
+
+def _tamper(rd: RunDir, case: str) -> None:
+    if case == "config.yaml deleted":
+        rd.config.unlink()
+    elif case == "config.yaml not YAML":
+        rd.config.write_text("data: [unclosed\n")
+    elif case == "config.yaml a list":
+        rd.config.write_text("- 1\n- 2\n")
+    elif case == "config.yaml python tag":
+        rd.config.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    elif case == "config.yaml unknown field":
+        rd.config.write_text(rd.config.read_text() + "surprise: 1\n")
+    elif case == "promoted.json broken":
+        rd.promoted.write_text("{not json")
+    elif case == "predictor weights replaced":
+        (rd.checkpoint("predictor") / "model.safetensors").write_bytes(b"not safetensors")
+    elif case == "predictor config not JSON":
+        (rd.checkpoint("predictor") / "config.json").write_text("{")
+    elif case == "tokenizer folder deleted":
+        shutil.rmtree(rd.checkpoint("tokenizer"))
+
+
+TAMPER_CASES = ["config.yaml deleted", "config.yaml not YAML", "config.yaml a list", "config.yaml python tag",
+                "config.yaml unknown field", "promoted.json broken", "predictor weights replaced",
+                "predictor config not JSON", "tokenizer folder deleted"]
+
+
+@pytest.mark.parametrize("case", TAMPER_CASES)
+def test_forecast_refuses_a_tampered_run(case, tmp_path, tiny_run, capsys):
+    rd = RunDir(tiny_run)
+    _tamper(rd, case)
+    _expect_error(capsys, ["forecast", "--run", str(tiny_run), "--data", CSV, "--symbol", "A", "--horizon", "2",
+                           "--samples", "2", "--out", str(tmp_path / "out.csv")])
+    assert not (tmp_path / "out.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+
+COMPARE_CASES = {
+    "gate without passed": ("gate", {"metrics": {}}),
+    "gate a list": ("gate", [1, 2]),
+    "codebook without s1": ("codebook_after", {"s2": {"usage": 0.1}}),
+    "metrics broken JSON": ("metrics_json", "{"),
+    "config.yaml not YAML": ("config", "a: [b"),
+    "config.yaml a list": ("config", "- 1\n"),
+    "not a run folder": (None, None),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPARE_CASES))
+def test_compare_refuses_malformed_run_files(case, tmp_path, tiny_run, capsys):
+    rd = RunDir(tiny_run)
+    attr, content = COMPARE_CASES[case]
+    target = tiny_run
+    if attr is None:
+        target = tmp_path / "empty"
+        target.mkdir()
+    elif isinstance(content, str):
+        getattr(rd, attr).write_text(content)
+    else:
+        save_json(getattr(rd, attr), content)
+    _expect_error(capsys, ["compare", str(target), str(tiny_run)])
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML configs (pipeline --config)
+
+
+YAML_CASES = {
+    "syntax error": "data: [unclosed\n",
+    "top-level list": "- seed: 1\n",
+    "python tag": "seed: !!python/object/apply:os.system ['echo hacked']\n",
+    "unknown section": "tokeniser:\n  lr: 1\n",
+    "unknown key": "tokenizer:\n  learning_rate: 1\n",
+    "section not a mapping": "tokenizer: 3\n",
+    "text for a number": "seed: one\n",
+    "bool for a number": "tokenizer:\n  max_steps: true\n",
+    "name with a slash": "name: a/b\n",
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_malformed_yaml_config_is_an_error_naming_the_file(case, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(YAML_CASES[case])
+    err = _expect_error(capsys, ["pipeline", "--config", str(config), "--run-dir", str(tmp_path / "run")])
+    assert "bad.yaml" in err or case in ("name with a slash", "text for a number", "bool for a number")
+    _no_folder(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# config values: strategy, phase, evaluation (all refused before a run folder exists)
+
+
+STRATEGY_CASES = {
+    "unknown strategy": "predictor.strategy=adapter",
+    "lora rank 0": "predictor.lora_rank=0",
+    "lora rank 100000": "predictor.lora_rank=100000",
+    "lora alpha 0": "predictor.lora_alpha=0",
+    "lora dropout 1": "predictor.lora_dropout=1",
+    "lora unknown target": "predictor.lora_targets=[q_proj,fc9]",
+    "lora targets a string": "predictor.lora_targets=q_proj",
+    "l2sp negative": "predictor.l2sp_strength=-1",
+    "l2sp nan": "predictor.l2sp_strength=.nan",
+    "trainable empty": "predictor.trainable=[]",
+    "trainable a string": "predictor.trainable=head",
+    "trainable with full": "tokenizer.trainable=[head]",
+    "freeze unknown group": "tokenizer.strategy=freeze tokenizer.trainable=[heads]",
+    "freeze layer out of range": "predictor.strategy=freeze predictor.trainable=[layers.99]",
+    "lora rank above the layer width": "predictor.strategy=lora predictor.lora_rank=1000",
+}
+PHASE_CASES = {
+    "grad_clip negative": "tokenizer.grad_clip=-3",
+    "grad_clip zero": "predictor.grad_clip=0",
+    "grad_clip inf": "tokenizer.grad_clip=.inf",
+    "lr zero": "tokenizer.lr=0",
+    "lr nan": "predictor.lr=.nan",
+    "patience zero": "tokenizer.patience=0",
+    "patience negative": "predictor.patience=-2",
+    "max_steps zero": "tokenizer.max_steps=0",
+    "batch_size zero": "predictor.batch_size=0",
+    "epochs zero": "tokenizer.epochs=0",
+    "eval_every zero": "tokenizer.eval_every=0",
+    "max_val_batches zero": "tokenizer.max_val_batches=0",
+    "nonfinite_grad typo": "tokenizer.nonfinite_grad=ignore",
+    "select_metric typo": "predictor.select_metric=val_mse",
+    "skill_paths zero": "predictor.skill_paths=0",
+    "batch above the data": "tokenizer.batch_size=100000",
+    "device cuda without CUDA": "device=cuda:7",
+    "threads zero": "threads=0",
+    "DEFAULT_TRAINABLE": "tokenizer.DEFAULT_TRAINABLE=[head]",
+}
+EVALUATION_CASES = {
+    "temperature 0": "evaluation.temperature=0",
+    "temperature negative": "evaluation.temperature=-1",
+    "top_p 0": "evaluation.top_p=0",
+    "top_p above 1": "evaluation.top_p=1.5",
+    "top_k negative": "evaluation.top_k=-1",
+    "stride 0": "evaluation.stride=0",
+    "pred_len 0": "evaluation.pred_len=0",
+    "sample_count 0": "evaluation.sample_count=0",
+    "max_origins 0": "evaluation.max_origins=0",
+    "val_origins 0": "evaluation.val_origins=0",
+    "max_context 1": "evaluation.max_context=1",
+    "calibration grid nan": "evaluation.calibration_temperatures=[1.0,.nan]",
+    "calibration grid true": "evaluation.calibration_temperatures=[true]",
+    "calibration grid empty": "evaluation.calibration_top_ps=[]",
+    "calibration top_p 0": "evaluation.calibration_top_ps=[0]",
+    "pred_len above the validation split": "evaluation.pred_len=5000",
+    "skill horizon above the validation split": "predictor.skill_horizon=5000",
+}
+
+
+def _pipeline_refuses(capsys, tmp_path: Path, words: str) -> str:
+    params = [w for word in words.split() for w in ("-p", word)]
+    err = _expect_error(capsys, ["pipeline", "--run-dir", str(tmp_path / "run"), *PIPELINE, *params])
+    _no_folder(tmp_path / "run")
+    return err
+
+
+@pytest.mark.parametrize("case", list(STRATEGY_CASES))
+def test_bad_strategy_values_are_refused_before_the_run(case, tmp_path, capsys):
+    _pipeline_refuses(capsys, tmp_path, STRATEGY_CASES[case])
+
+
+@pytest.mark.parametrize("case", list(PHASE_CASES))
+def test_bad_phase_values_are_refused_before_the_run(case, tmp_path, capsys):
+    _pipeline_refuses(capsys, tmp_path, PHASE_CASES[case])
+
+
+@pytest.mark.parametrize("case", list(EVALUATION_CASES))
+def test_bad_evaluation_values_are_refused_before_the_run(case, tmp_path, capsys):
+    _pipeline_refuses(capsys, tmp_path, EVALUATION_CASES[case])
+
+
+@pytest.mark.parametrize("case", ["grad_clip negative", "patience zero", "lr zero"])
+def test_bad_phase_values_are_refused_by_train_too(case, tmp_path, capsys):
+    _expect_error(capsys, ["train", "tokenizer", "--run-dir", str(tmp_path / "run"), PHASE_CASES[case]])
+    _no_folder(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# resume changes
+
+
+SMALL = ["data.source=" + CSV, "data.symbol=A", "data.lookback=30", "data.predict=5", "data.stride=2",
+         "tokenizer.batch_size=16", "tokenizer.max_steps=4", "tokenizer.eval_every=2", "tokenizer.max_val_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A run folder whose tokenizer phase trained 4 steps with the `train` command."""
+    run = tmp_path_factory.mktemp("trained")
+    assert main(["train", "tokenizer", "--run-dir", str(run), *SMALL]) == 0
+    return run
+
+
+RESUME_CASES = {
+    "strategy to lora": ["tokenizer.strategy=lora"],
+    "strategy to lora, resume_changed": ["tokenizer.strategy=lora", "tokenizer.resume_changed=true"],
+    "strategy to freeze, resume_changed": ["tokenizer.strategy=freeze", "tokenizer.trainable=[head]",
+                                           "tokenizer.resume_changed=true"],
+    "lr changed": ["tokenizer.lr=1e-3"],
+    "seed changed": ["seed=5"],
+    "lookback changed": ["data.lookback=40"],
+    "fresh start over the finished phase": None,
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_changes_are_refused(case, trained_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = (RunDir(run).checkpoint("tokenizer") / "model.safetensors").read_bytes()
+    extra = RESUME_CASES[case]
+    resume = [] if extra is None else ["--resume"]
+    err = _expect_error(capsys, ["train", "tokenizer", "--run-dir", str(run), *resume, *SMALL, *(extra or [])])
+    assert "Missing key" not in err
+    assert (RunDir(run).checkpoint("tokenizer") / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["-p changes lr", "-p changes the data", "--from 02 changes phase 1"])
+def test_pipeline_resume_changes_are_refused(case, tiny_run, capsys):
+    manifest = json.loads(RunDir(tiny_run).manifest.read_text())
+    words = {"-p changes lr": ["--resume", "-p", "tokenizer.lr=1e-3"],
+             "-p changes the data": ["--resume", "-p", "data.lookback=40"],
+             "--from 02 changes phase 1": ["--from", "02", "-p", "tokenizer_steps=3"]}[case]
+    _expect_error(capsys, ["pipeline", "--run-dir", str(tiny_run), *words])
+    assert json.loads(RunDir(tiny_run).manifest.read_text()) == manifest
+    KitConfig.from_file(RunDir(tiny_run).config)  # untouched and still valid
+
+
+def test_class_constants_are_not_listed_as_settable_fields():
+    from kronos_kit.config import config_fields, unknown_key_message
+
+    assert not [f for f in config_fields() if "DEFAULT" in f]
+    assert "DEFAULT_TRAINABLE" not in unknown_key_message("tokenizer.trainabl")
+
+
+# ---------------------------------------------------------------------------------------------
+# tampered decisions (items 3 and 4): bound to the weights they chose, sources inside the run only
+
+
+def _decide(rd: RunDir, tokenizer: str, predictor: str, *, stage: str = "completed") -> None:
+    """Decision files as notebook 03 writes them (bound to the chosen weights), stage 03 in the manifest."""
+    from kronos_kit.binding import bind
+
+    bound = bind({"tokenizer": str(rd.path / tokenizer), "predictor": str(rd.path / predictor)})
+    save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": tokenizer, "predictor": predictor,
+                            "checkpoints": bound})
+    save_json(rd.calibration, {"temperature": 1.0, "top_p": 1.0, "checkpoints": bound})
+    manifest = json.loads(rd.manifest.read_text())
+    manifest["stages"]["03"] = {"status": stage}
+    save_json(rd.manifest, manifest)
+
+
+def _retrained(rd: RunDir) -> None:
+    """Other weights in predictor/best (as `train predictor` into the finished run, or --from 02, leaves it)."""
+    import torch
+
+    from kronos_kit.model import Kronos
+
+    model = Kronos.from_pretrained(rd.checkpoint("predictor"))
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    shutil.rmtree(rd.checkpoint("predictor"))
+    model.save_pretrained(rd.checkpoint("predictor"))
+
+
+DECISION_CASES = {
+    "weights retrained after the decision": lambda rd: _retrained(rd),
+    "stage 03 killed (running)": lambda rd: _decide(rd, "tokenizer/best", "predictor/best", stage="running"),
+    "stage 03 failed": lambda rd: _decide(rd, "tokenizer/best", "predictor/best", stage="failed"),
+    "decision without hashes": lambda rd: save_json(rd.promoted, {
+        "promoted": "finetuned", "tokenizer": "tokenizer/best", "predictor": "predictor/best"}),
+    "calibration bound to other weights": lambda rd: save_json(rd.calibration, {
+        "temperature": 1.0, "top_p": 1.0, "checkpoints": {"tokenizer": {"sha256": "0" * 64},
+                                                          "predictor": {"sha256": "0" * 64}}}),
+    "predictor/best missing (another run's in the cwd)": lambda rd: shutil.rmtree(rd.checkpoint("predictor")),
+    "source /etc": lambda rd: _decide(rd, "tokenizer/best", "/etc"),
+    "source ../../..": lambda rd: _decide(rd, "tokenizer/best", "../../.."),
+    "source tiny (random init)": lambda rd: _decide(rd, "tokenizer/best", "tiny"),
+    "source embedded:../..": lambda rd: _decide(rd, "tokenizer/best",
+                                                "embedded:../../../kronos_kit/assets/base/predictor"),
+    "source a hub id": lambda rd: _decide(rd, "tokenizer/best", "NeoQuasar/Kronos-small"),
+}
+
+
+@pytest.mark.parametrize("case", list(DECISION_CASES))
+def test_forecast_refuses_stale_or_escaping_decisions(case, tmp_path, tiny_run, capsys, monkeypatch):
+    rd = RunDir(tiny_run)
+    _decide(rd, "tokenizer/best", "predictor/best")
+    args = ["forecast", "--run", str(tiny_run), "--data", CSV, "--symbol", "A", "--horizon", "2", "--samples", "2",
+            "--out", str(tmp_path / "out.csv")]
+    assert main(args) == 0  # bound and complete: used
+    assert "promoted (promoted.json)" in capsys.readouterr().out
+    other = tmp_path / "cwd"  # another run's predictor/best where the command runs
+    shutil.copytree(rd.path, other / "run")
+    shutil.copytree(rd.checkpoint("predictor"), other / "predictor" / "best")
+    monkeypatch.chdir(other)
+    (tmp_path / "out.csv").unlink()
+    DECISION_CASES[case](rd)
+    err = _expect_error(capsys, args)
+    assert "promoted.json" in err or "calibration.json" in err
+    assert not (tmp_path / "out.csv").exists()
