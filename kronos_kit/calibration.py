@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from kronos_kit.config import PATH_CALIBRATION_METHODS
+from kronos_kit.config import MIN_DECISION_ORIGINS, PATH_CALIBRATION_METHODS
 from kronos_kit.metrics import CLOSE, INTERVALS, crps, fair_crps, interval_coverage
 
 METHODS: tuple[str, ...] = PATH_CALIBRATION_METHODS
@@ -334,11 +334,12 @@ def fit_path_calibration(
     y = y[..., CLOSE] if y.ndim == 3 else y
     c0 = np.asarray(last_close, dtype=np.float64)
     n = len(close)
-    if n < 4 or close.shape[1] < 2:  # nothing to fit on: the paths stay as sampled, and the rule says why
+    if n < MIN_DECISION_ORIGINS or close.shape[1] < 2:  # too little to fit on: paths stay as sampled, rule says why
         before = _scores(close, y) if close.shape[1] > 1 else {}
+        rule = (f"no path calibration: it needs >= {MIN_DECISION_ORIGINS} validation origins and >= 2 paths, "
+                f"got {n} and {close.shape[1]}; the paths stay as sampled.")
         return PathCalibrationFit(calibration=IDENTITY, candidates=[], before=before, after=dict(before), n_origins=n,
-                                  rule=f"no path calibration: it needs >= 4 validation origins and >= 2 paths, got "
-                                       f"{n} and {close.shape[1]}; the paths stay as sampled.")
+                                  rule=rule)
     r_close = np.log(np.maximum(close, 1e-300) / c0[:, None, None])
     y_r = np.log(np.maximum(y, 1e-300) / c0[:, None])
     tables = {"spread": _spread_table(r_close, y, c0, np.array([1.0]))} if "spread" in methods else {}

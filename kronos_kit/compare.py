@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from kronos_kit.config import flatten, read_yaml
-from kronos_kit.runs import RunDir, load_json
+from kronos_kit.runs import Promotion, RunDir, load_json
 
 __all__ = ["COMPARED_METRICS", "compare_runs", "comparison_markdown", "write_comparison"]
 
@@ -70,7 +70,7 @@ def _metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def _outcome(rd: RunDir) -> dict[str, Any]:
     return {**_read(rd.gate, _gate), **_read(rd.codebook_before, _usage("before")),
             **_read(rd.codebook_after, _usage("after")), **_read(rd.metrics_json, _metrics),
-            **_read(rd.promoted, lambda promoted: {"promoted": promoted.get("promoted")})}
+            **({"promoted": Promotion.load(rd.path).promoted} if rd.promoted.is_file() else {})}
 
 
 def compare_runs(run_dirs: Sequence[str | Path]) -> pd.DataFrame:

@@ -67,6 +67,9 @@ SELECT_METRICS = ("val_loss", "val_crps")  # what picks the phase-2 `best` and d
 # a LoRA update of rank r costs r * (in + out) weights per linear; the published models' widest layer
 # is 832 wide, so a rank above this is never low-rank (apply_lora also checks it against each layer)
 MAX_LORA_RANK = 1024
+# fewer validation origins (time points) than this cannot support a decision: promotion keeps the base pair,
+# sampling and path calibration keep the paths as sampled, and each says so
+MIN_DECISION_ORIGINS = 10
 # how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
 PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
 

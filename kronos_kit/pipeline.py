@@ -58,7 +58,7 @@ from kronos_kit.data import load_data
 from kronos_kit.data.origins import forecast_origins, walk_forward_frame
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
 from kronos_kit.run_lock import RunLockedError, run_lock
-from kronos_kit.runs import RunDir, atomic_write_text, load_json, save_json
+from kronos_kit.runs import Promotion, RunDir, atomic_write_text, load_json, save_json
 from kronos_kit.runtime import check_device
 from kronos_kit.train import planned_steps
 
@@ -458,8 +458,8 @@ def pipeline_summary(run_dir: str | Path, ran: dict[str, float], skipped: list[s
     if rd.metrics_json.is_file():
         lines.append(f"  verdict   {load_json(rd.metrics_json).get('bottom_line', '(no bottom line)')}")
     if rd.promoted.is_file():
-        promoted = load_json(rd.promoted)
-        lines.append(f"  promoted  {promoted.get('promoted')}: {promoted.get('reason', '')}")
+        promotion = Promotion.load(rd.path)
+        lines.append(f"  promoted  {promotion.promoted}: {promotion.reason}")
     times = [f"{s} {_seconds(t)}" for s, t in ran.items()] + [f"{s} skipped (done before)" for s in skipped]
     lines.append(f"  stages    {', '.join(times)}; this run {_seconds(sum(ran.values()))}")
     if rd.report.is_file():

@@ -15,6 +15,7 @@ from kronos_kit.calibration import (
     conformal_quantile,
     fit_path_calibration,
 )
+from kronos_kit.config import MIN_DECISION_ORIGINS
 from kronos_kit.evaluate.baselines import bootstrap_paths, close_path_bars, fit_garch, garch_paths, random_walk_paths
 
 SIGMA = 0.01
@@ -108,7 +109,10 @@ def test_json_round_trip_and_errors_name_the_field():
 def test_too_few_origins_or_paths_leave_the_paths_as_sampled():
     bars, y, c0 = _world(9, n=3)
     fit = fit_path_calibration(bars, y, c0)
-    assert fit.calibration == IDENTITY and "needs >= 4 validation origins" in fit.rule
+    assert fit.calibration == IDENTITY and f"needs >= {MIN_DECISION_ORIGINS} validation origins" in fit.rule
+    # nine origins are still too few to decide on (the promotion rule's minimum too)
+    bars9, y9, c09 = _world(9, n=MIN_DECISION_ORIGINS - 1)
+    assert fit_path_calibration(bars9, y9, c09).calibration == IDENTITY
     assert fit_path_calibration(bars[:, :1], y, c0).calibration == IDENTITY
 
 

@@ -189,7 +189,9 @@ def test_summary_has_gate_verdict_promotion_times_and_report(tiny_run):
     save_json(rd.gate, {"passed": True, "metrics": {"full_mse": 0.04, "s1_usage": 0.6},
                         "thresholds": {"max_full_mse": 0.5, "min_s1_usage": 0.2}, "reasons": []})
     save_json(rd.metrics_json, {"bottom_line": "Finetuning helped: ..."})
-    save_json(rd.promoted, {"promoted": "finetuned", "reason": "lower validation CRPS"})
+    # the summary reads promoted.json with its one schema (runs.Promotion), as the kit writes it
+    save_json(rd.promoted, {"promoted": "finetuned", "tokenizer": "tokenizer/best", "predictor": "predictor/best",
+                            "reason": "lower validation CRPS"})
     rd.report.write_text("# report")
     text = pipeline_summary(tiny_run, {"01": 41.0, "03": 30.0}, ["02"])
     assert "gate      passed (full_mse 0.04 <= 0.5 ok, s1_usage 0.6 >= 0.2 ok)" in text

@@ -17,7 +17,7 @@ import pandas as pd
 
 from kronos_kit.binding import bind
 from kronos_kit.calibration import fit_path_calibration
-from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
+from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, MIN_DECISION_ORIGINS, EvalConfig
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
 from kronos_kit.evaluate.text import fmt, fmt_p
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from kronos_kit.model import Kronos, KronosTokenizer
 
 
-# fewer validation origins (time points) than this cannot support a decision: promotion keeps the base
-# pair and calibration keeps the configured sampling, and both say so
-MIN_DECISION_ORIGINS = 10
 logger = logging.getLogger(__name__)
 TEMPERATURE_GRID: tuple[float, ...] = (0.7, 0.85, 1.0, 1.15, 1.3)
 TOP_P_GRID: tuple[float, ...] = (0.8, 0.9, 1.0)
