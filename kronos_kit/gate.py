@@ -35,7 +35,7 @@ import numpy as np
 
 from kronos_kit.codebook import CodebookStats
 from kronos_kit.config import GateConfig
-from kronos_kit.metrics import andrews_lag, diebold_mariano, newey_west_lag
+from kronos_kit.metrics import diebold_mariano, hac_lag
 from kronos_kit.reconstruction import ReconstructionReport
 from kronos_kit.runs import JsonFile, json_float
 
@@ -205,7 +205,7 @@ def paired_vs_base(report: ReconstructionReport, base: ReconstructionReport, *, 
     ma, mb = ma[ok], mb[ok]
     d = ma - (1 + tolerance) * mb
     # overlapping windows make d persistent: a data-dependent lag (below n/2, as HLN needs)
-    lag = max(0, min(max(andrews_lag(d), newey_west_lag(len(d))) if len(d) > 2 else 0, (len(d) - 1) // 2 - 1))
+    lag = max(0, min(hac_lag(d), (len(d) - 1) // 2 - 1))
     dm = diebold_mariano(ma, (1 + tolerance) * mb, lag=lag)
     p_one = dm.p_value / 2 if dm.statistic > 0 else 1 - dm.p_value / 2  # H1: adapted worse beyond tolerance
     ratio = float(ma.mean() / mb.mean()) if len(ma) and mb.mean() > 0 else float("nan")

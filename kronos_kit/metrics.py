@@ -323,6 +323,16 @@ def andrews_lag(x: np.ndarray) -> int:
     return int(np.floor(1.1447 * (alpha * n) ** (1 / 3)))
 
 
+def hac_lag(diff: np.ndarray, *, floor: int = 0) -> int:
+    """The lag of a paired test on the loss-difference series ``diff``: the largest of ``floor`` (e.g. the
+    origins' target overlap), :func:`newey_west_lag` and :func:`andrews_lag`, capped at (n - 1) // 2 so
+    the HLN correction stays defined; 0 below three values."""
+    n = len(diff)
+    if n < 3:
+        return 0
+    return min(max(int(floor), newey_west_lag(n), andrews_lag(diff)), (n - 1) // 2)
+
+
 def _finite_series(x: np.ndarray, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1:

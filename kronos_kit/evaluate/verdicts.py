@@ -41,10 +41,7 @@ def comparison_lag(result: EvaluationResult, diff: np.ndarray) -> int:
     overlap; with persistent differences the fixed rule alone leaves the test overconfident). Capped at
     (n - 1) // 2 so the HLN correction stays defined.
     """
-    n = len(diff)
-    if n < 3:
-        return 0
-    return min(max(overlap_lag(result), M.newey_west_lag(n), M.andrews_lag(diff)), (n - 1) // 2)
+    return M.hac_lag(diff, floor=overlap_lag(result))
 
 
 def paired_losses(result: EvaluationResult, a: str, b: str, metric: str) -> tuple[np.ndarray, np.ndarray, int]:
