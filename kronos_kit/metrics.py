@@ -478,8 +478,28 @@ def minimum_detectable_effect(
     mean_b = float(b.mean()) if n else 0.0
     if n < 3 or mean_b == 0:
         return float("nan")
+    return minimum_detectable_difference(a - b, lag=lag, level=level, power=power, hln=hln) / abs(mean_b)
+
+
+def minimum_detectable_difference(
+    diff: np.ndarray, *, lag: int | None = None, level: float = 0.05, power: float = 0.8, hln: bool = True,
+) -> float:
+    """Smallest |mean(diff)| the paired test on ``diff`` (:func:`diebold_mariano` on its two series) detects.
+
+    (t_{1-level/2} + t_{power}) * se / sqrt(f), with se the HAC standard error of mean(diff) at ``lag``
+    (:func:`newey_west_variance`; default :func:`newey_west_lag`), Student's t with n - 1 degrees of freedom
+    and the HLN factor f (normal quantiles and f = 1 with ``hln=False``). In the units of ``diff`` (e.g. a
+    daily return difference); :func:`minimum_detectable_effect` divides it by the other's mean loss. NaN for
+    fewer than 3 values; 0 for a zero variance.
+    """
+    d = _finite_series(diff, "diff")
+    if not (0 < level < 1 and 0 < power < 1):
+        raise ValueError(f"level and power must be in (0, 1), got {level} and {power}")
+    n = len(d)
+    if n < 3:
+        return float("nan")
     lag = min(newey_west_lag(n) if lag is None else int(lag), n - 1)
-    se = float(np.sqrt(newey_west_variance(a - b, lag)))
+    se = float(np.sqrt(newey_west_variance(d, lag)))
     if hln:
         h = lag + 1
         factor = (n + 1 - 2 * h + h * (h - 1) / n) / n
@@ -488,7 +508,7 @@ def minimum_detectable_effect(
         z = float(_stats.t.ppf(1 - level / 2, df=n - 1) + _stats.t.ppf(power, df=n - 1)) / np.sqrt(factor)
     else:
         z = float(_stats.norm.ppf(1 - level / 2) + _stats.norm.ppf(power))
-    return z * se / abs(mean_b)
+    return z * se
 
 
 def moving_block_indices(n: int, block: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -551,6 +571,27 @@ def moving_block_bootstrap_ci(
     method = "linear" if np.isfinite(skills).all() else "inverted_cdf"
     low, high = np.quantile(skills, [(1 - level) / 2, (1 + level) / 2], method=method)
     return BootstrapCI(relative_skill(a, b), float(low), float(high), float(level), block, int(n_boot))
+
+
+def moving_block_mean_ci(
+    diff: np.ndarray, *, block: int | None = None, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+) -> BootstrapCI:
+    """Moving-block bootstrap percentile CI of mean(``diff``), e.g. the daily return difference of two portfolios.
+
+    Blocks of ``block`` consecutive values (default round(n^(1/3))) keep the series' autocorrelation
+    (:func:`moving_block_indices`); the interval holds the (1 - level)/2 and (1 + level)/2 quantiles of the
+    ``n_boot`` resampled means (seeded, so reruns are identical). ``estimate`` is the mean of ``diff``.
+    """
+    d = _finite_series(diff, "diff")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = len(d)
+    if n == 0:
+        raise ValueError("no values to resample")
+    block = max(1, int(round(n ** (1 / 3)))) if block is None else int(block)
+    means = d[moving_block_indices(n, block, n_boot, np.random.default_rng(seed))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return BootstrapCI(float(d.mean()), float(low), float(high), float(level), block, int(n_boot))
 
 
 def ic_tstats(
