@@ -72,6 +72,9 @@ MAX_LORA_RANK = 1024
 MIN_DECISION_ORIGINS = 10
 # how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
 PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
+# how data.train_ratio / val_ratio cut several symbols: on the pooled calendar (common dates), or each symbol by its
+# own bar count (the symbols' test periods then differ, and one symbol's training targets can lie in another's test)
+RATIO_SPLITS = ("calendar", "symbol")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
@@ -87,8 +90,9 @@ class DataConfig:
     lookback: int = 90  # bars of history in a window (normalisation uses these only)
     predict: int = 10  # bars after the lookback in a training window (not the forecast horizon)
     clip: float = 5.0  # clip normalised values to +-clip
-    train_ratio: float = 0.8  # chronological split per symbol, when val_start/test_start are unset
+    train_ratio: float = 0.8  # chronological split (shares of time), when val_start/test_start are unset
     val_ratio: float = 0.1
+    ratio_split: str = "calendar"  # several symbols: cut on common dates (calendar) or each by its bar count (symbol)
     val_start: str | None = None  # or split by dates: first timestamp of validation ...
     test_start: str | None = None  # ... and of test
     stride: int = 1  # bars between consecutive training windows
@@ -102,6 +106,9 @@ class DataConfig:
         if not (0 < self.train_ratio < 1 and 0 < self.val_ratio < 1 and self.train_ratio + self.val_ratio < 1):
             raise ValueError("data.train_ratio and data.val_ratio must be in (0, 1) and sum below 1 "
                              "(test gets the rest)")
+        if self.ratio_split not in RATIO_SPLITS:
+            raise ValueError(f"data.ratio_split must be one of {list(RATIO_SPLITS)} (calendar: every symbol cut on "
+                             f"the same dates; symbol: each by its own bar count), got {self.ratio_split!r}")
 
     @property
     def window(self) -> int:

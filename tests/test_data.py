@@ -506,10 +506,11 @@ def _targets(part: pd.DataFrame) -> set[tuple[str, pd.Timestamp]]:
     return set(zip(rows["symbol"], rows["timestamps"]))
 
 
+@pytest.mark.filterwarnings("ignore:split.*own bar count")  # the per-symbol cut's notice
 def test_ratio_split_shares_no_target_bar_and_val_windows_target_only_val():
     frame = load_quiet(pd.concat([candles(200, symbol="A"), candles(150, symbol="B", seed=9)]))
     lookback, predict = 20, 5
-    parts = split(frame, lookback=lookback, predict=predict, ratios=(0.6, 0.2, 0.2))
+    parts = split(frame, lookback=lookback, predict=predict, ratios=(0.6, 0.2, 0.2), ratio_split="symbol")
     train, val, test = parts
     t_train, t_val, t_test = _targets(train), _targets(val), _targets(test)
     assert not (t_train & t_val) and not (t_val & t_test) and not (t_train & t_test)
@@ -547,13 +548,18 @@ def test_empty_or_short_split_is_an_error_naming_the_split():
     frame = load_quiet(candles(100, symbol="A"))
     with pytest.raises(DataError, match=r"split 'val' is empty.*needs 31 bars"):
         split(frame, lookback=20, predict=10, ratios=(0.8, 0.1, 0.1))
+    # SMALL's 100 bars end long before the common validation start (the 320th of BIG's 400 times)
     two = load_quiet(pd.concat([candles(400, symbol="BIG"), candles(100, symbol="SMALL")]))
-    with pytest.raises(DataError, match=r"split 'val'.*'SMALL' \(10 of its 100 bars\).*short='drop'"):
+    with pytest.raises(DataError, match=r"split 'val'.*'SMALL' \(0 of its 100 bars\).*short='drop'"):
         split(two, lookback=20, predict=10)
     with pytest.warns(DataNotice, match="left out 1 symbol"):
         parts = split(two, lookback=20, predict=10, short="drop")
     assert parts.val["symbol"].unique().tolist() == ["BIG"]
     assert set(parts.train["symbol"]) == {"BIG", "SMALL"}
+    # cut by its own bar count, SMALL keeps 10 validation bars: too few for a window, named in the error
+    with pytest.warns(DataNotice, match="own bar count"), \
+            pytest.raises(DataError, match=r"split 'val'.*'SMALL' \(10 of its 100 bars\).*short='drop'"):
+        split(two, lookback=20, predict=10, ratio_split="symbol")
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,7 +73,10 @@ def data_cache_dir(cfg: KitConfig) -> Path | None:
 
 
 def load_data(cfg: KitConfig) -> DataBundle:
-    """Load, split and window the configured data (train windows per the epoch cap; val/test all)."""
+    """Load, split and window the configured data (train windows per the epoch cap; val/test all).
+
+    A panel (several symbols) is cut on common calendar dates unless ``data.ratio_split`` says
+    ``symbol``; a symbol without a window in a split is left out of it with a notice."""
     d = cfg.data
     arrays = cached_arrays(d.source, data_cache_dir(cfg), symbol=d.symbol, fill=d.fill, columns=d.columns)
     if d.val_start or d.test_start:
@@ -81,9 +84,12 @@ def load_data(cfg: KitConfig) -> DataBundle:
             raise ValueError("data.val_start and data.test_start go together: set both, or neither to use ratios")
         how = {"dates": (d.val_start, d.test_start)}
     else:
-        how = {"ratios": (d.train_ratio, d.val_ratio, 1 - d.train_ratio - d.val_ratio)}
+        how = {"ratios": (d.train_ratio, d.val_ratio, 1 - d.train_ratio - d.val_ratio), "ratio_split": d.ratio_split}
+    # in a panel cut on common dates a symbol listed late (or delisted early) may have no window in a split:
+    # it is left out of that split with a notice; one series too short for a split stays an error
+    short = "drop" if len(arrays.names) > 1 else "error"
     parts = split_rows(arrays.offsets[:-1], arrays.offsets[1:], arrays.names, arrays.timestamps, arrays.tz,
-                       lookback=d.lookback, predict=d.predict, notices=arrays.notices, **how)
+                       lookback=d.lookback, predict=d.predict, notices=arrays.notices, short=short, **how)
     train = WindowDataset(arrays.blocks(parts["train"]), lookback=d.lookback, predict=d.predict, clip=d.clip,
                           stride=d.stride, max_samples=d.max_samples_per_epoch, seed=cfg.seed)
     val = WindowDataset(arrays.blocks(parts["val"]), lookback=d.lookback, predict=d.predict, clip=d.clip)

@@ -1,5 +1,6 @@
-"""Chronological splits and training windows: `split` cuts each symbol into train / val / test
-without sharing a target bar, `WindowDataset` cuts Kronos windows normalised on the look-back only."""
+"""Chronological splits and training windows: `split` cuts a frame into train / val / test without
+sharing a target bar (a panel of symbols on common calendar dates), `WindowDataset` cuts Kronos windows
+normalised on the look-back only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
+from kronos_kit.config import RATIO_SPLITS
 
 from .schema import (
     COLUMNS,
@@ -76,12 +79,20 @@ def split(
     ratios: tuple[float, float, float] | None = None,
     dates: tuple[str | pd.Timestamp, str | pd.Timestamp] | None = None,
     short: str = "error",
+    ratio_split: str = "calendar",
 ) -> Splits:
-    """Split each symbol chronologically into train / val / test, without sharing a target bar.
+    """Split a frame chronologically into train / val / test, without sharing a target bar.
 
-    ``ratios`` (default 0.8, 0.1, 0.1) cut each symbol by its bar count (floored); ``dates=
-    (val_start, test_start)`` cut by time instead (val holds val_start <= t < test_start; naive
-    dates are read in the frame's zone). Val and test carry up to ``lookback`` bars before their
+    ``ratios`` (default 0.8, 0.1, 0.1) are shares of time: with several symbols (``ratio_split=
+    "calendar"``, the default) the cut dates are taken from the pooled calendar (every distinct timestamp
+    of every symbol; val starts at its ``floor(n * ratios[0])``-th timestamp, test at its
+    ``floor(n * (ratios[0] + ratios[1]))``-th) and every symbol is cut on those dates, so no symbol's
+    training target lies at or after the validation start, nor a validation target at or after the test
+    start (a market-wide move of the test period cannot leak through another symbol's training data).
+    ``ratio_split="symbol"`` cuts each symbol by its own bar count (floored) instead, with a notice; with
+    one symbol both are the same cut. ``dates=(val_start, test_start)`` cut by time (val holds
+    val_start <= t < test_start; naive dates are read in the frame's zone). Val and test carry up to
+    ``lookback`` bars before their
     first bar as context rows (``is_context`` True; they may reach back past the previous split
     when it is shorter), so `WindowDataset` builds windows there whose target bars (those after
     the look-back) all lie in the split. Pass the ``predict`` you will train with so the check
@@ -96,7 +107,7 @@ def split(
     starts, ends, names = symbol_bounds(frame, "split")
     ts = frame["timestamps"]
     rows = split_rows(starts, ends, names, nanoseconds(ts), getattr(ts.dt, "tz", None), lookback=lookback,
-                      predict=predict, ratios=ratios, dates=dates, short=short,
+                      predict=predict, ratios=ratios, dates=dates, short=short, ratio_split=ratio_split,
                       notices=list(frame.attrs.get("notices", [])))
     sizes = ends - starts
     pos = np.arange(len(frame)) - np.repeat(starts, sizes)  # row position within its symbol
@@ -125,29 +136,39 @@ def split_rows(
     ratios: tuple[float, float, float] | None = None,
     dates: tuple[str | pd.Timestamp, str | pd.Timestamp] | None = None,
     short: str = "error",
+    ratio_split: str = "calendar",
     notices: Sequence[str] = (),
 ) -> dict[str, SplitRows]:
     """`split`'s cut of symbol blocks ``[starts[k], ends[k])`` of time-sorted ``timestamps`` (int64 ns,
     UTC instants when ``tz`` is set): the rows of each split, its checks and notices, without a frame."""
     if short not in ("error", "drop"):
         raise ValueError(f"short={short!r}: use 'error' or 'drop'.")
+    if ratio_split not in RATIO_SPLITS:
+        raise ValueError(f"ratio_split={ratio_split!r}: use one of {list(RATIO_SPLITS)}.")
     if lookback < 1 or predict < 0:
         raise ValueError(f"lookback={lookback}, predict={predict}: need lookback >= 1 and predict >= 0.")
     sizes = ends - starts
+    notices = list(notices)
     if dates is None:
         r = np.asarray(ratios if ratios is not None else (0.8, 0.1, 0.1), dtype=float)
         if r.shape != (3,) or (r < 0).any() or abs(r.sum() - 1) > 1e-6:
             raise ValueError(f"ratios={ratios}: give three non-negative shares summing to 1.")
-        cut1 = np.floor(sizes * r[0]).astype(np.int64)
-        cut2 = np.floor(sizes * (r[0] + r[1])).astype(np.int64)
         how = f"ratios={tuple(r.tolist())}"
+        if ratio_split == "calendar" and len(starts) > 1:
+            cut1, cut2, how = _calendar_cuts(starts, timestamps, tz, r)
+        else:  # one symbol: its bar count is its calendar, the same cut
+            cut1 = np.floor(sizes * r[0]).astype(np.int64)
+            cut2 = np.floor(sizes * (r[0] + r[1])).astype(np.int64)
+            if len(starts) > 1:
+                notify(notices, f"split: {how} cut each of the {len(starts)} symbols by its own bar count "
+                                "(ratio_split='symbol'), so their validation and test periods differ and one "
+                                "symbol's training targets can lie in another's test period; the default "
+                                "ratio_split='calendar' cuts every symbol on the same dates.")
     else:
         val_start, test_start = (_bound(d, tz, dates) for d in dates)
         if not val_start < test_start:
             raise ValueError(f"dates={dates}: val_start must come before test_start.")
-        # rows are time-sorted within each symbol, so a cut is the count of that symbol's earlier rows
-        cut1 = np.add.reduceat((timestamps < val_start.value).astype(np.int64), starts)
-        cut2 = np.add.reduceat((timestamps < test_start.value).astype(np.int64), starts)
+        cut1, cut2 = _date_cuts(starts, timestamps, val_start.value, test_start.value)
         how = f"dates=({val_start}, {test_start})"
 
     window = lookback + predict + 1
@@ -172,6 +193,32 @@ def split_rows(
                                  f"window: {listing}.")
         parts[name] = SplitRows(name, context_from, first, last, counts > 0, part_notices)
     return parts
+
+
+def _date_cuts(starts: np.ndarray, timestamps: np.ndarray, val_start: int, test_start: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per symbol, its rows before ``val_start`` and before ``test_start`` (int64 ns): rows are time-sorted
+    within each symbol, so a cut is the count of that symbol's earlier rows."""
+    return (np.add.reduceat((timestamps < val_start).astype(np.int64), starts),
+            np.add.reduceat((timestamps < test_start).astype(np.int64), starts))
+
+
+def _calendar_cuts(starts: np.ndarray, timestamps: np.ndarray, tz: object, r: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Ratio cuts of several symbols on common dates: shares of the pooled calendar's distinct timestamps."""
+    calendar = np.unique(np.asarray(timestamps))
+    n = len(calendar)
+    at = [int(np.floor(n * r[0])), int(np.floor(n * (r[0] + r[1])))]
+    bounds = [int(calendar[i]) if i < n else int(calendar[-1]) + 1 for i in at]  # past the end: an empty split
+    cut1, cut2 = _date_cuts(starts, timestamps, *bounds)
+
+    def text(value: int) -> str:
+        t = pd.Timestamp(value)
+        return str(t if tz is None else t.tz_localize("UTC").tz_convert(tz))
+
+    how = (f"ratios={tuple(r.tolist())} on the pooled calendar of {n} timestamps (validation from "
+           f"{text(bounds[0])}, test from {text(bounds[1])})")
+    return cut1, cut2, how
 
 
 # --------------------------------------------------------------------------------------------
