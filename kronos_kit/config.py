@@ -75,6 +75,10 @@ PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
 # how data.train_ratio / val_ratio cut several symbols: on the pooled calendar (common dates), or each symbol by its
 # own bar count (the symbols' test periods then differ, and one symbol's training targets can lie in another's test)
 RATIO_SPLITS = ("calendar", "symbol")
+# what a model's sample paths give as a cross-sectional signal (kronos_kit.evaluate.signals), the first the default
+UNIVERSE_SIGNALS = ("expected_return", "risk_adjusted", "prob_up")
+# what promotion decides on, on the validation split: close CRPS per series, or the universe signal's RankIC
+PROMOTION_METRICS = ("close_crps", "rank_ic")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
@@ -262,10 +266,26 @@ class EvalConfig:
     calibration_temperatures: list[float] = field(default_factory=lambda: [DEFAULT_TEMPERATURE])
     calibration_top_ps: list[float] = field(default_factory=lambda: [DEFAULT_TOP_P])
     val_origins: int | None = 200  # origin cap on validation for promotion and calibration (None: every origin)
+    promote_on: str = "close_crps"  # close_crps, or rank_ic (a panel: the validation RankIC of the universe signal)
+    # the universe evaluation of a panel (kronos_kit.evaluate.universe): signals, IC, quantiles, portfolios
+    universe: bool = True  # run it when at least universe_min_symbols symbols share rebalance dates
+    universe_min_symbols: int = 5  # symbols a rebalance date needs to count as a cross-section
+    rebalance_stride: int = 5  # bars between rebalance dates; every such date of validation and test is used
+    universe_sample_count: int | None = None  # paths per symbol and date; None: sample_count
+    signal: str = "expected_return"  # the model signal decisions use: expected_return, risk_adjusted or prob_up
+    n_quantiles: int = 5  # quantile groups per date (quantile returns, the long-short portfolio)
+    topk: int | None = None  # top-k dropout: names held; None: ceil(symbols / 5)
+    n_drop: int | None = None  # names replaced at most per rebalance; None: max(1, round(topk / 10))
+    hold_bars: int = 5  # minimum bars a name is held before it may be sold (qlib's hold_thresh)
+    buy_cost_bps: float = 10.0  # cost of a buy in basis points of its value (the reference: open_cost 0.10%)
+    sell_cost_bps: float = 15.0  # cost of a sell (the reference: close_cost 0.15%)
+    min_cost: float = 0.0  # least cost of one trade, in the account's currency (the reference: 5)
+    account: float = 1e8  # starting capital, in the currency of min_cost (the reference: 1e8)
 
     def __post_init__(self) -> None:
         for name in ("stride", "pred_len", "sample_count"):
             _require_count(f"evaluation.{name}", getattr(self, name), 1)
+        self._check_universe()
         if self.max_origins is not None:
             _require_count("evaluation.max_origins", self.max_origins, 1, "or null (every origin)")
         if self.val_origins is not None:
@@ -290,6 +310,31 @@ class EvalConfig:
         if isinstance(methods, str) or not methods or set(methods) - set(PATH_CALIBRATION_METHODS):
             raise ValueError(f"evaluation.calibration_methods must be a non-empty list drawn from "
                              f"{list(PATH_CALIBRATION_METHODS)} (['none'] switches path calibration off): {methods!r}")
+
+    def _check_universe(self) -> None:
+        if self.promote_on not in PROMOTION_METRICS:
+            raise ValueError(f"evaluation.promote_on must be one of {list(PROMOTION_METRICS)} (rank_ic needs a panel "
+                             f"of at least universe_min_symbols symbols), got {self.promote_on!r}")
+        if self.signal not in UNIVERSE_SIGNALS:
+            raise ValueError(f"evaluation.signal must be one of {list(UNIVERSE_SIGNALS)}, got {self.signal!r}")
+        _require_count("evaluation.rebalance_stride", self.rebalance_stride, 1)
+        if self.universe_sample_count is not None:
+            _require_count("evaluation.universe_sample_count", self.universe_sample_count, 1,
+                           "or null (evaluation.sample_count)")
+        _require_count("evaluation.n_quantiles", self.n_quantiles, 2)
+        _require_count("evaluation.universe_min_symbols", self.universe_min_symbols, max(3, self.n_quantiles),
+                       "(and at least evaluation.n_quantiles, so every quantile group holds a name)")
+        _require_count("evaluation.hold_bars", self.hold_bars, 1)
+        if self.topk is not None:
+            _require_count("evaluation.topk", self.topk, 1, "or null (a fifth of the symbols)")
+        if self.n_drop is not None:
+            _require_count("evaluation.n_drop", self.n_drop, 1, "or null (a tenth of topk, at least 1)")
+        for name in ("buy_cost_bps", "sell_cost_bps", "min_cost"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"evaluation.{name} must be a finite number >= 0, got {value!r}")
+        if not (_is_number(self.account) and math.isfinite(self.account) and self.account > 0):
+            raise ValueError(f"evaluation.account must be a finite number > 0 (e.g. 1e8), got {self.account!r}")
 
 
 def _is_number(value: Any) -> bool:

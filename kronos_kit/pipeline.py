@@ -56,6 +56,7 @@ from kronos_kit.config import (
 )
 from kronos_kit.data import load_data
 from kronos_kit.data.origins import forecast_origins, walk_forward_frame
+from kronos_kit.evaluate.universe_evaluation import check_promote_on
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
 from kronos_kit.run_lock import RunLockedError, run_lock
 from kronos_kit.runs import Promotion, RunDir, atomic_write_text, load_json, save_json
@@ -284,6 +285,7 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
     _usage(lambda: check_device(cfg.device), "device: ")
     bundle = _usage(lambda: load_data(cfg), f"data.source {cfg.data.source!r}: ")
     _check_origins(cfg, bundle)
+    _usage(lambda: check_promote_on(bundle.splits, cfg.evaluation, lookback=cfg.data.lookback))  # before training
     _check_phases(cfg, len(bundle.train))
     return _Plan(cfg, values, config_source, run_dir, mode, from_stage, len(bundle.train))
 

@@ -48,6 +48,8 @@ REPORT = "report.md"
 FORECASTS = "forecasts.parquet"  # per-origin test forecasts of every model, for downstream backtests
 CALIBRATION_FILE = "calibration.json"  # sampling and the sample-path calibration, fitted on validation
 PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
+UNIVERSE_FILE = "universe.json"  # a panel's universe evaluation: per split and signal, IC, quantiles, portfolios
+SIGNALS_FILE = "signals.parquet"  # a panel's per-date signals, indexed by (datetime, instrument)
 CHECKPOINT_KINDS = ("best", "last")
 
 # the parts of the training state (`state/<phase>.pt`) besides the counters of `TrainState`
@@ -141,6 +143,8 @@ class RunDir:
     forecasts = property(lambda self: self.path / FORECASTS)
     calibration = property(lambda self: self.path / CALIBRATION_FILE)
     promoted = property(lambda self: self.path / PROMOTION_FILE)
+    universe = property(lambda self: self.path / UNIVERSE_FILE)
+    signals = property(lambda self: self.path / SIGNALS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------

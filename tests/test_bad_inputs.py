@@ -266,6 +266,20 @@ EVALUATION_CASES = {
     "calibration top_p 0": "evaluation.calibration_top_ps=[0]",
     "pred_len above the validation split": "evaluation.pred_len=5000",
     "skill horizon above the validation split": "predictor.skill_horizon=5000",
+    "promote_on unknown": "evaluation.promote_on=sharpe",
+    "promote on RankIC without a panel": "evaluation.promote_on=rank_ic",
+    "signal unknown": "evaluation.signal=median",
+    "rebalance_stride 0": "evaluation.rebalance_stride=0",
+    "universe_sample_count 0": "evaluation.universe_sample_count=0",
+    "n_quantiles 1": "evaluation.n_quantiles=1",
+    "universe_min_symbols below n_quantiles": "evaluation.universe_min_symbols=3",
+    "topk 0": "evaluation.topk=0",
+    "n_drop 0": "evaluation.n_drop=0",
+    "hold_bars 0": "evaluation.hold_bars=0",
+    "buy cost negative": "evaluation.buy_cost_bps=-1",
+    "sell cost nan": "evaluation.sell_cost_bps=.nan",
+    "account 0": "evaluation.account=0",
+    "ratio_split unknown": "data.ratio_split=dates",
 }
 
 

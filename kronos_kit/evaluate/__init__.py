@@ -11,7 +11,13 @@ data? One module per seam, every public name re-exported here:
 - :mod:`.verdicts`: paired Diebold-Mariano verdicts, the bottom line, IC significance;
 - :mod:`.report`: metrics.json, metrics_table.csv, report.md, forecasts.parquet;
 - :mod:`.decisions`: sampling calibration and promotion, decided on validation (the files' schema is
-  :mod:`kronos_kit.runs`').
+  :mod:`kronos_kit.runs`');
+- the universe layer of a panel: :mod:`.universe` (the walk-forward at every rebalance date), :mod:`.signals`
+  (model signals from the sample paths, naive factors, the tidy signal table), :mod:`.cross_section` (IC and
+  RankIC by date and horizon, quantile returns), :mod:`.portfolio` (top-k dropout and long-short books with
+  costs, as pure functions), :mod:`.universe_verdicts` (paired tests, promotion on RankIC),
+  :mod:`.universe_report` (report.md's section) and :mod:`.universe_evaluation` (:func:`evaluate_universe`,
+  notebook 03's call: universe.json, signals.parquet).
 
 Rules that keep the comparison honest:
 
@@ -47,6 +53,8 @@ from kronos_kit.evaluate.report import FORECAST_QUANTILES, compare, forecast_tab
 from kronos_kit.evaluate.scores import EvaluationResult, score_entry, summary_table
 from kronos_kit.evaluate.table import HEADLINE, METRICS, ORIGIN_LOSSES, TABLE_COLUMNS, Metric
 from kronos_kit.evaluate.tokens import TOKEN_HEADLINE, save_token_metrics, token_metrics
+from kronos_kit.evaluate.universe import PanelGrid, UniverseResult, universe_walk_forward
+from kronos_kit.evaluate.universe_evaluation import UniverseEvaluation, evaluate_universe
 from kronos_kit.evaluate.verdicts import (
     VERDICTS,
     bottom_line,
@@ -64,10 +72,12 @@ from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, Promotion, Samplin
 __all__ = [
     "BASELINES", "CALIBRATION_FILE", "FORECAST_QUANTILES", "HEADLINE", "METRICS", "ORIGIN_LOSSES", "PROMOTION_FILE",
     "TABLE_COLUMNS", "TEMPERATURE_GRID", "TOKEN_HEADLINE", "TOP_P_GRID", "VERDICTS", "EvaluationResult", "ForecastFn",
-    "Metric", "Promotion", "SamplingCalibration", "ValidationDecision", "bottom_line", "calibrate_forecasts",
+    "Metric", "PanelGrid", "Promotion", "SamplingCalibration", "UniverseEvaluation", "UniverseResult",
+    "ValidationDecision", "bottom_line", "calibrate_forecasts",
     "calibrate_sampling", "PROBABILISTIC_BASELINES", "bootstrap_paths", "fit_garch", "garch_paths", "random_walk_paths",
     "compare", "comparison_lag", "decide_on_validation", "decide_promotion", "drift_paths", "evaluate_models",
     "forecast_origins", "forecast_table", "garch_vol", "ic_significance", "overlap_lag", "paired_comparisons",
     "paired_losses", "persistence_paths", "report_comparisons", "save_token_metrics", "score_entry",
-    "summary_table", "token_metrics", "verdict", "verdict_lines", "walk_forward", "write_report",
+    "summary_table", "token_metrics", "evaluate_universe", "universe_walk_forward", "verdict", "verdict_lines",
+    "walk_forward", "write_report",
 ]

@@ -240,18 +240,28 @@ def decide_on_validation(
     if e.calibrate:
         calibration = calibrate_forecasts(result, frame, pairs, e, lookback=lookback, promoted=promotion.promoted,
                                           seed=seed, device=device, progress=progress)
+    return record_decision(ValidationDecision(result, promotion, calibration), finetuned_sources=finetuned_sources,
+                           base_sources=base_sources, finetuned=finetuned, run_dir=run_dir)
+
+
+def record_decision(decision: ValidationDecision, *, finetuned_sources: tuple[str | Path, str | Path],
+                    base_sources: tuple[str | Path, str | Path], finetuned: str = "finetuned",
+                    run_dir: str | Path | None = None) -> ValidationDecision:
+    """Bind the decision to the promoted pair's weights (`binding.bind`: their sha256, which the run's reader
+    checks) and, with ``run_dir``, write ``promoted.json`` and ``calibration.json`` (or remove a stale one)."""
+    promotion, calibration = decision.promotion, decision.calibration
     chosen = finetuned_sources if promotion.promoted == finetuned else base_sources
     bound = bind({"tokenizer": str(chosen[0]), "predictor": str(chosen[1])})  # the reader checks these hashes
     promotion.checkpoints = bound
     if calibration is not None:
         calibration.checkpoints = bound
-    if root is not None:
-        promotion.save(root)
+    if run_dir is not None:
+        promotion.save(Path(run_dir))
         if calibration is not None:
-            calibration.save(root)
+            calibration.save(Path(run_dir))
         else:
-            RunDir(root).calibration.unlink(missing_ok=True)  # a stale file must not outlive the setting
-    return ValidationDecision(result, promotion, calibration)
+            RunDir(run_dir).calibration.unlink(missing_ok=True)  # a stale file must not outlive the setting
+    return decision
 
 
 def _validation_settings(e: EvalConfig) -> dict:
@@ -317,4 +327,4 @@ def calibrate_forecasts(
 
 
 __all__ = ["MIN_DECISION_ORIGINS", "TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_forecasts",
-           "calibrate_sampling", "decide_on_validation", "decide_promotion"]
+           "calibrate_sampling", "decide_on_validation", "decide_promotion", "record_decision"]

@@ -18,7 +18,9 @@ from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.baselines import BASELINES
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.text import fmt
+from kronos_kit.evaluate.text import markdown_table as _markdown_table
 from kronos_kit.evaluate.tokens import TOKEN_HEADLINE
+from kronos_kit.evaluate.universe_report import universe_section
 from kronos_kit.evaluate.verdicts import (
     COMPARISON_COLUMNS,
     bottom_line,
@@ -31,6 +33,7 @@ from kronos_kit.phase_report import phase_sections
 from kronos_kit.runs import RunDir, atomic_write, atomic_write_text, jsonable, save_json
 
 if TYPE_CHECKING:
+    from kronos_kit.evaluate.universe_evaluation import UniverseEvaluation
     from kronos_kit.runs import Promotion, SamplingCalibration
 
 
@@ -77,14 +80,6 @@ def _sentence(label: str, ft: str, ft_val: float, other: str, other_val: float, 
             text = f"{head}: {verdict}{pct}."
     return {"metric": label, "against": other, "finetuned": ft_val, "other": other_val, "better": better,
             "change_pct": change, "sentence": text}
-
-
-def _markdown_table(table: pd.DataFrame) -> str:
-    cols = [table.index.name or ""] + list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, row in table.iterrows():
-        lines.append("| " + " | ".join([str(name)] + [fmt(v) for v in row.tolist()]) + " |")
-    return "\n".join(lines)
 
 
 def report_comparisons(
@@ -155,6 +150,7 @@ def write_report(
     n_boot: int = 2000,
     calibration: SamplingCalibration | None = None,
     promotion: Promotion | None = None,
+    universe: UniverseEvaluation | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json`` (every number, NaN as null), ``metrics_table.csv``, ``report.md`` and
     ``forecasts.parquet`` (:func:`forecast_table`: every origin's forecast, for backtests).
@@ -165,7 +161,9 @@ def write_report(
     decided on validation), the IC / RankIC with Newey-West t-statistics, the headline table for every
     model and baseline and one sentence per headline metric saying whether ``finetuned`` beat ``base``
     and persistence (and GARCH on volatility), with the numbers. ``tokens`` optionally maps model names
-    to :func:`token_metrics` outputs. ``metrics.json`` holds the same verdicts.
+    to :func:`token_metrics` outputs. ``metrics.json`` holds the same verdicts. ``universe`` (a panel's
+    :func:`~kronos_kit.evaluate.evaluate_universe`) adds its sentences to the bottom line and its section
+    after the verdicts; without a cross-section it changes nothing.
     """
     rd = RunDir(run_dir)
     comparisons = report_comparisons(result, finetuned=finetuned, base=base, tokens=tokens)
@@ -177,6 +175,8 @@ def write_report(
     else:
         paired = pd.DataFrame(columns=COMPARISON_COLUMNS)
         headline = f"No model named {finetuned!r} was evaluated, so this run cannot say whether finetuning helped."
+    if universe is not None and universe.exists:
+        headline = f"{headline} {universe.bottom_line}"
     ic_table = ic_significance(result)
     payload = {
         "config": result.config,
@@ -204,6 +204,7 @@ def write_report(
 
     lines = phase_sections(rd.path)  # phase 1 and phase 2, from the run's files, before the forecast evaluation
     lines += _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines += universe_section(universe) if universe is not None else []
     lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
     atomic_write_text(paths["report"], "\n".join(lines))
     return paths

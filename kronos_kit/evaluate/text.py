@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 
 def fmt(x: Any) -> str:
-    """A number as the report prints it: 4 significant digits, integers whole, missing as "n/a"."""
+    """A number as the report prints it: 4 significant digits, integers whole, missing as "n/a" (text as it is)."""
+    if isinstance(x, str):
+        return x
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
     if isinstance(x, (int, np.integer)):
@@ -30,4 +33,13 @@ def fmt_pct(x: float) -> str:
     return f"{x:.1%}" if x is not None and np.isfinite(x) else "n/a"
 
 
-__all__ = ["fmt", "fmt_p", "fmt_pct"]
+def markdown_table(table: pd.DataFrame) -> str:
+    """A frame as a Markdown table: the index first (its name as the header), every cell through :func:`fmt`."""
+    cols = [table.index.name or ""] + list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, row in table.iterrows():
+        lines.append("| " + " | ".join([str(name)] + [fmt(v) for v in row.tolist()]) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["fmt", "fmt_p", "fmt_pct", "markdown_table"]

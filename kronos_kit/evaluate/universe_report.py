@@ -1,0 +1,174 @@
+"""report.md's universe section and its bottom-line sentences, from a :class:`UniverseEvaluation`.
+
+Only a panel has this section (``evaluation.exists``); a single-series report is unchanged. Every number is
+on the test split except the validation RankIC column, which is what promotion (``promote_on: rank_ic``)
+and a sweep decide on; ``universe.json`` holds both splits in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from kronos_kit.evaluate.text import fmt, fmt_p, markdown_table
+from kronos_kit.evaluate.universe_verdicts import comparison_text
+
+if TYPE_CHECKING:
+    from kronos_kit.evaluate.universe_evaluation import UniverseEvaluation
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}" if x is not None and np.isfinite(x) else "n/a"
+
+
+def _t(x: float) -> str:
+    return f"t {x:.2f}" if x is not None and np.isfinite(x) else "t n/a"
+
+
+def _breakeven(bps: float) -> str:
+    if not np.isfinite(bps):
+        return "no breakeven cost (it does not trade)"
+    if bps <= 0:
+        return "no breakeven cost: it loses before costs"
+    return f"breakeven cost {bps:.0f} bp per side"
+
+
+def _sampling(s: Mapping[str, Any]) -> str:
+    if "temperature" not in s:
+        return ""
+    return f" (temperature {s['temperature']:g}, top-p {s['top_p']:g})"
+
+
+def _row(comparisons: pd.DataFrame, model: str, other: str, metric: str) -> Mapping[str, Any]:
+    hit = comparisons[(comparisons["model"] == model) & (comparisons["other"] == other)
+                      & (comparisons["metric"] == metric)]
+    return hit.iloc[0].to_dict()
+
+
+def _brief(row: Mapping[str, Any]) -> str:
+    return row["verdict"] if row["verdict"] == "not testable" else f"{row['verdict']} ({fmt_p(row['p_value'])})"
+
+
+def universe_bottom_line(ev: UniverseEvaluation) -> str:
+    """Sentences for the bottom line: does the finetuned model rank the names better than the base, does its top-k
+    portfolio beat the equal-weight universe after costs and the base's, and how both compare with the best
+    naive factor (chosen on validation) and the placebo; each with its paired test and what it could detect."""
+    s, test, cmp = ev.settings, ev.analyses["test"], ev.comparisons
+    cfg = ev.results["test"].config
+    sig = ev.decision_signals
+    ft, bs = test.statistics[sig["finetuned"]], test.statistics[sig["base"]]
+    ft_book, bs_book = test.performance[sig["finetuned"]]["topk"], test.performance[sig["base"]]["topk"]
+    head = (f"Universe ({cfg['n_symbols']} symbols, {cfg['n_dates']} test rebalance dates every {s['stride']} bars, "
+            f"horizon {s['horizon']}, the {s['signal']} signal): the finetuned model ranks the names with a RankIC of "
+            f"{ft['rank_ic']:+.3f} ({_t(ft['rank_ic_t'])}), the base model with {bs['rank_ic']:+.3f} "
+            f"({_t(bs['rank_ic_t'])}); finetuned vs base: "
+            f"{comparison_text(_row(cmp, 'finetuned', 'base', 'rank_ic'), percent=False)}.")
+    if np.isfinite(ft["rank_ic_t"]) and ft["rank_ic_t"] < -1.96:
+        head += (" The finetuned signal is significantly inverted: its ranking points the wrong way more often than "
+                 "chance allows.")
+    book = (f"Its top-{s['topk']} dropout portfolio returns {_pct(ft_book['excess_return'])} a year over the "
+            f"equal-weight universe after costs ({_pct(ft_book['excess_return_gross'])} before; information ratio "
+            f"{fmt(ft_book['information_ratio'])}; {_breakeven(ft_book['breakeven_bps'])}), the base model's "
+            f"{_pct(bs_book['excess_return'])}: "
+            f"{comparison_text(_row(cmp, 'finetuned', 'base', 'topk_excess'), percent=True)}.")
+    best = ev.best_naive
+    naive, placebo = test.statistics[best], test.statistics["placebo"]
+    others = (f"Against the best naive factor ({best}, chosen on validation; test RankIC {naive['rank_ic']:+.3f}, "
+              f"top-k {_pct(test.performance[best]['topk']['excess_return'])} a year) the finetuned model is "
+              f"{_brief(_row(cmp, 'finetuned', best, 'rank_ic'))} on RankIC and "
+              f"{_brief(_row(cmp, 'finetuned', best, 'topk_excess'))} on the portfolio, the base model "
+              f"{_brief(_row(cmp, 'base', best, 'rank_ic'))} and {_brief(_row(cmp, 'base', best, 'topk_excess'))}; "
+              f"against the placebo (RankIC {placebo['rank_ic']:+.3f}) the finetuned model is "
+              f"{_brief(_row(cmp, 'finetuned', 'placebo', 'rank_ic'))} and "
+              f"{_brief(_row(cmp, 'finetuned', 'placebo', 'topk_excess'))}.")
+    return " ".join((head, book, others))
+
+
+def _order(ev: UniverseEvaluation) -> dict[str, str]:
+    """Rows of the tables: the compared entries (label -> signal column), then the models' other signals."""
+    entries = ev.entries()
+    rest = [c for c in ev.analyses["test"].statistics if c not in entries.values()]
+    return {**entries, **{c: c for c in rest}}
+
+
+def _signal_table(ev: UniverseEvaluation, order: Mapping[str, str]) -> pd.DataFrame:
+    test, val = ev.analyses["test"].statistics, ev.analyses["validation"].statistics
+    rows = {label: {"val_rank_ic": val[c]["rank_ic"], "rank_ic": test[c]["rank_ic"], "rank_ic_t": test[c]["rank_ic_t"],
+                    "ic": test[c]["ic"], "ic_t": test[c]["ic_t"], "rank_icir": test[c]["rank_ic_ir"],
+                    "spread_bp": test[c]["spread"] * 1e4, "spread_t": test[c]["spread_t"],
+                    "rank_autocorr": test[c]["rank_autocorr"], "dates": test[c]["n_dates"]}
+            for label, c in order.items()}
+    return _frame(rows)
+
+
+def _frame(rows: Mapping[str, Mapping[str, Any]], index: str = "signal") -> pd.DataFrame:
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = index
+    return table
+
+
+def _portfolio_table(ev: UniverseEvaluation, order: Mapping[str, str]) -> pd.DataFrame:
+    perf = ev.analyses["test"].performance
+    rows = {}
+    for label, c in order.items():
+        k, ls = perf[c]["topk"], perf[c]["long_short"]
+        rows[label] = {"topk_excess_%": 100 * k["excess_return"], "gross_%": 100 * k["excess_return_gross"],
+                       "ir": k["information_ratio"], "max_dd_%": 100 * k["max_drawdown"],
+                       "turnover_%": 100 * k["turnover"], "hit_rate": k["hit_rate"],
+                       "breakeven_bp": k["breakeven_bps"], "long_short_%": 100 * ls["excess_return"],
+                       "ls_gross_%": 100 * ls["excess_return_gross"], "ls_ir": ls["information_ratio"],
+                       "ls_breakeven_bp": ls["breakeven_bps"]}
+    return _frame(rows)
+
+
+def universe_section(ev: UniverseEvaluation) -> list[str]:
+    """report.md's universe section (nothing without a cross-section)."""
+    if not ev.exists:
+        return []
+    s, order = ev.settings, _order(ev)
+    cfg, test = ev.results["test"].config, ev.analyses["test"]
+    dates = ev.results["test"].dates
+    h = s["horizon"]
+    lines = ["## Universe: does the model rank the names, and would it trade? (test split)", "",
+             f"**Bottom line (universe).** {ev.bottom_line}", "",
+             f"{cfg['n_symbols']} symbols, {cfg['n_dates']} rebalance dates from {dates[0]:%Y-%m-%d} to "
+             f"{dates[-1]:%Y-%m-%d} (every {s['stride']} bars; {cfg['n_origins']} forecasts of {s['paths']} paths per "
+             f"model, horizon {h}; validation: {ev.results['validation'].config['n_dates']} dates). Model signals come "
+             f"from the sample paths{_sampling(s)}"
+             f"{', path-calibrated without the center shrink' if s['calibrated'] else ''}; the decision signal is "
+             f"`{s['signal']}` ({', '.join(f'{m} = `{c}`' for m, c in ev.decision_signals.items())}). Forward "
+             "returns run close to close. IC and RankIC are per date, then averaged; t is a Newey-West t of the "
+             "mean (lag at least the dates whose horizons overlap).", "",
+             f"### Signals at horizon {h}", "", markdown_table(_signal_table(ev, order)), "",
+             "### IC decay: RankIC by horizon", "",
+             markdown_table(_frame({label: {f"h{i + 1}": v for i, v in enumerate(test.statistics[c]["by_horizon"]
+                                                                                 ["rank_ic"])}
+                                    for label, c in order.items()})), "",
+             f"### Quantile returns at horizon {h} (mean forward return per date, bp; group 1 = lowest signal)", "",
+             markdown_table(_frame({label: {**{f"q{i + 1}": 1e4 * v for i, v in
+                                               enumerate(test.statistics[c]["quantile_returns"])},
+                                            "spread": 1e4 * test.statistics[c]["spread"]}
+                                    for label, c in order.items()})), "",
+             f"### Portfolios (annualized over {test.bars_per_year:g} bars a year)", "",
+             f"Top-{s['topk']} dropout (n_drop {s['n_drop']}, minimum hold {s['hold_bars']} bars, long only, fully "
+             f"invested): excess return over the equal-weight universe (which returned "
+             f"{_pct(test.performance[order['finetuned']]['topk']['benchmark_return'])} a year), after and before "
+             f"costs ({s['buy_cost_bps']:g} bp a buy, {s['sell_cost_bps']:g} bp a sell, minimum {s['min_cost']:g}); "
+             f"information ratio; max drawdown of the cumulative excess; one-sided turnover per rebalance; hit rate "
+             f"over holding periods; breakeven cost per side. Long-short: the top quantile group long, the bottom "
+             f"short, its own return (against cash). Signals at a close, trades at the next open.", "",
+             markdown_table(_portfolio_table(ev, order)), "",
+             "### Verdicts (paired tests on the test split)", ""]
+    for r in ev.comparisons.to_dict(orient="records"):
+        lines.append(f"- {r['model']} vs {r['other']}, {r['label']}: "
+                     f"**{comparison_text(r, percent=r['metric'] == 'topk_excess')}**.")
+    scores = ev.results["test"].forecast_scores
+    lines += ["", "### Forecasts in return units (pooled across symbols, so no price level dominates)", "",
+              markdown_table(_frame(scores, "model")), ""]
+    return lines
+
+
+__all__ = ["universe_bottom_line", "universe_section"]
