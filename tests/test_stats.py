@@ -247,3 +247,31 @@ def test_ic_tstats_panel_and_cross_section():
     assert abs(noise["ic_t"]) < 2.5
     flat = M.ic_tstats(np.zeros(500), real, symbols, times)  # persistence: no IC, no t
     assert np.isnan(flat["ic_t"]) and np.isnan(flat["rank_ic_t"]) and np.isnan(flat["xs_ic_t"])
+
+
+def test_block_bootstrap_mean_ci_by_hand():
+    # the same 4 values in blocks of 2: resampled means (s1 + s2) / 4 in {1.5, 2, 2.5, 2, 2.5, 3, 2.5, 3, 3.5}
+    d = np.array([1.0, 2.0, 3.0, 4.0])
+    ci = M.moving_block_mean_ci(d, block=2, n_boot=20000, level=0.95, seed=3)
+    assert ci.estimate == 2.5
+    assert (ci.low, ci.high) == (pytest.approx(1.5), pytest.approx(3.5))
+    half = M.moving_block_mean_ci(d, block=2, n_boot=20000, level=0.5, seed=3)
+    assert (half.low, half.high) == (pytest.approx(2.0), pytest.approx(3.0))
+    # on a longer series: the percentile interval of block-resampled means, drawn with the seeded generator
+    x = np.random.default_rng(5).normal(0, 1, 60)
+    ci = M.moving_block_mean_ci(x, block=4, n_boot=500, level=0.9, seed=7)
+    means = x[M.moving_block_indices(60, 4, 500, np.random.default_rng(7))].mean(axis=1)
+    assert (ci.low, ci.high) == tuple(np.quantile(means, [0.05, 0.95]))
+    assert ci.low < x.mean() < ci.high
+
+
+def test_minimum_detectable_difference_is_the_effect_in_units_of_the_difference():
+    rng = np.random.default_rng(0)
+    a, b = 2 + rng.normal(0, 0.3, 120), np.full(120, 2.0) + rng.normal(0, 0.1, 120)
+    mdd = M.minimum_detectable_difference(a - b, lag=3)
+    assert mdd == pytest.approx(M.minimum_detectable_effect(a, b, lag=3) * abs(b.mean()), rel=1e-12)
+    # by hand without the HLN correction: (z_0.975 + z_0.8) x the HAC standard error of the mean difference
+    se = math.sqrt(M.newey_west_variance(a - b, 3))
+    assert M.minimum_detectable_difference(a - b, lag=3, hln=False) == pytest.approx(
+        (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * se)
+    assert math.isnan(M.minimum_detectable_difference(np.array([1.0, 2.0])))

@@ -290,3 +290,34 @@ def test_promotion_on_the_validation_rank_ic(frame, parts, tmp_path, better):
     assert "validation RankIC" in promotion.reason and "never on test" in promotion.rule
     evidence = promotion.evidence["rank_ic"]
     assert evidence["n"] == ev.results["validation"].config["n_dates"]
+
+
+def test_a_rerun_writes_the_same_files(frame, parts, universe_run, tmp_path):
+    _, run_dir, _ = universe_run
+    models = {"base": Oracle(frame, noise=0.2, seed=1), "finetuned": Oracle(frame, noise=0.03)}
+    run_universe(parts, models, evaluation(), lookback=LOOKBACK, run_dir=tmp_path, progress=False, n_boot=200)
+    assert (tmp_path / "universe.json").read_bytes() == (run_dir / "universe.json").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "signals.parquet"),
+                                  pd.read_parquet(run_dir / "signals.parquet"))
+
+
+def test_universe_figures_show_each_compared_signal_and_nothing_without_a_cross_section(universe_run, tmp_path):
+    from matplotlib.figure import Figure
+
+    from kronos_kit.evaluate.universe_evaluation import UniverseEvaluation
+    from kronos_kit.plots import UNIVERSE_FIGURES, universe_figure
+
+    ev, _, _ = universe_run
+    for name, (_, file) in UNIVERSE_FIGURES.items():
+        fig = universe_figure(ev, name, tmp_path)
+        assert isinstance(fig, Figure) and (tmp_path / file).stat().st_size > 10_000
+        labels = {t.get_text().split(":")[0].split(" ")[0] for ax in fig.axes if ax.get_legend()
+                  for t in ax.get_legend().get_texts()}
+        expected = {"finetuned", "base"} if name == "ic_series" else {"finetuned", "base", "momentum", "reversal",
+                                                                      "placebo"}
+        assert expected <= labels, (name, labels)
+        assert all(ax.get_title() for ax in fig.axes)
+    assert universe_figure(UniverseEvaluation("no cross-section"), "cumulative", tmp_path / "none") is None
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match="unknown universe figure"):
+        universe_figure(ev, "sharpe", tmp_path)

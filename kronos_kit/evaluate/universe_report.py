@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from kronos_kit.evaluate.text import fmt, fmt_p, markdown_table
+from kronos_kit.evaluate.text import fmt_p, markdown_table
 from kronos_kit.evaluate.universe_verdicts import comparison_text
 
 if TYPE_CHECKING:
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 def _pct(x: float) -> str:
     return f"{x:+.1%}" if x is not None and np.isfinite(x) else "n/a"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if x is not None and np.isfinite(x) else "n/a"
 
 
 def _t(x: float) -> str:
@@ -49,6 +53,7 @@ def _row(comparisons: pd.DataFrame, model: str, other: str, metric: str) -> Mapp
 
 
 def _brief(row: Mapping[str, Any]) -> str:
+    """'better (p = 0.01)': the verdict of one comparison row in a few words."""
     return row["verdict"] if row["verdict"] == "not testable" else f"{row['verdict']} ({fmt_p(row['p_value'])})"
 
 
@@ -71,19 +76,20 @@ def universe_bottom_line(ev: UniverseEvaluation) -> str:
                  "chance allows.")
     book = (f"Its top-{s['topk']} dropout portfolio returns {_pct(ft_book['excess_return'])} a year over the "
             f"equal-weight universe after costs ({_pct(ft_book['excess_return_gross'])} before; information ratio "
-            f"{fmt(ft_book['information_ratio'])}; {_breakeven(ft_book['breakeven_bps'])}), the base model's "
+            f"{_ratio(ft_book['information_ratio'])}; {_breakeven(ft_book['breakeven_bps'])}), the base model's "
             f"{_pct(bs_book['excess_return'])}: "
             f"{comparison_text(_row(cmp, 'finetuned', 'base', 'topk_excess'), percent=True)}.")
     best = ev.best_naive
     naive, placebo = test.statistics[best], test.statistics["placebo"]
+
+    def versus(other: str) -> str:
+        return "; ".join(f"{model} {_brief(_row(cmp, model, other, 'rank_ic'))} on RankIC and "
+                         f"{_brief(_row(cmp, model, other, 'topk_excess'))} on the portfolio"
+                         for model in ("finetuned", "base"))
+
     others = (f"Against the best naive factor ({best}, chosen on validation; test RankIC {naive['rank_ic']:+.3f}, "
-              f"top-k {_pct(test.performance[best]['topk']['excess_return'])} a year) the finetuned model is "
-              f"{_brief(_row(cmp, 'finetuned', best, 'rank_ic'))} on RankIC and "
-              f"{_brief(_row(cmp, 'finetuned', best, 'topk_excess'))} on the portfolio, the base model "
-              f"{_brief(_row(cmp, 'base', best, 'rank_ic'))} and {_brief(_row(cmp, 'base', best, 'topk_excess'))}; "
-              f"against the placebo (RankIC {placebo['rank_ic']:+.3f}) the finetuned model is "
-              f"{_brief(_row(cmp, 'finetuned', 'placebo', 'rank_ic'))} and "
-              f"{_brief(_row(cmp, 'finetuned', 'placebo', 'topk_excess'))}.")
+              f"top-k {_pct(test.performance[best]['topk']['excess_return'])} a year): {versus(best)}. Against the "
+              f"placebo (test RankIC {placebo['rank_ic']:+.3f}): {versus('placebo')}.")
     return " ".join((head, book, others))
 
 
