@@ -28,6 +28,15 @@ from kronos_kit.plots.forecast import (
 )
 from kronos_kit.plots.reconstruction import plot_window_errors, plot_worst_windows
 from kronos_kit.plots.training import plot_loss_curves, plot_selection_curves, plot_training_curves
+from kronos_kit.plots.universe import (
+    UNIVERSE_FIGURES,
+    plot_cumulative_excess,
+    plot_ic_by_horizon,
+    plot_ic_series,
+    plot_quantile_returns,
+    plot_turnover,
+    universe_figure,
+)
 
 __all__ = [
     "KitFigure",
@@ -55,4 +64,11 @@ __all__ = [
     "plot_window_reconstruction",
     "plot_window_errors",
     "plot_worst_windows",
+    "UNIVERSE_FIGURES",
+    "plot_cumulative_excess",
+    "plot_ic_by_horizon",
+    "plot_ic_series",
+    "plot_quantile_returns",
+    "plot_turnover",
+    "universe_figure",
 ]
