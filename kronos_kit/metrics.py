@@ -524,6 +524,16 @@ def moving_block_indices(n: int, block: int, n_boot: int, rng: np.random.Generat
     return (starts[..., None] + np.arange(block)).reshape(n_boot, -1)[:, :n]
 
 
+def _block_resamples(n: int, block: int | None, n_boot: int, level: float, seed: int) -> tuple[np.ndarray, int]:
+    """Seeded moving-block resamples (n_boot, n) of n positions and the block (default round(n^(1/3)))."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n == 0:
+        raise ValueError("no values to resample")
+    block = max(1, int(round(n ** (1 / 3)))) if block is None else int(block)
+    return moving_block_indices(n, block, n_boot, np.random.default_rng(seed)), block
+
+
 @dataclass(frozen=True)
 class BootstrapCI:
     """Percentile confidence interval from :func:`moving_block_bootstrap_ci`."""
@@ -558,13 +568,7 @@ def moving_block_bootstrap_ci(
     b = _finite_series(loss_b, "loss_b")
     if a.shape != b.shape:
         raise ValueError(f"loss_a and loss_b must pair up origin by origin, got {a.shape} and {b.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n = len(a)
-    if n == 0:
-        raise ValueError("no origins to resample")
-    block = max(1, int(round(n ** (1 / 3)))) if block is None else int(block)
-    idx = moving_block_indices(n, block, n_boot, np.random.default_rng(seed))
+    idx, block = _block_resamples(len(a), block, n_boot, level, seed)
     with np.errstate(divide="ignore", invalid="ignore"):
         skills = 1.0 - a[idx].mean(axis=1) / b[idx].mean(axis=1)
     # a resample where b is perfect has skill -inf: no interpolation then, so a bound can be -inf, not NaN
@@ -583,13 +587,8 @@ def moving_block_mean_ci(
     ``n_boot`` resampled means (seeded, so reruns are identical). ``estimate`` is the mean of ``diff``.
     """
     d = _finite_series(diff, "diff")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n = len(d)
-    if n == 0:
-        raise ValueError("no values to resample")
-    block = max(1, int(round(n ** (1 / 3)))) if block is None else int(block)
-    means = d[moving_block_indices(n, block, n_boot, np.random.default_rng(seed))].mean(axis=1)
+    idx, block = _block_resamples(len(d), block, n_boot, level, seed)
+    means = d[idx].mean(axis=1)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return BootstrapCI(float(d.mean()), float(low), float(high), float(level), block, int(n_boot))
 

@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import DATA
 
@@ -81,6 +83,9 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     assert "## Forecast calibration" in report and "as sampled vs calibrated" in report
     promoted = json.loads((smoke_run / "promoted.json").read_text())
     assert promoted["split"] == "validation" and promoted["reason"] in report
+    # one series: no cross-section, so no universe files, section or figures
+    assert not (smoke_run / "universe.json").exists() and not (smoke_run / "signals.parquet").exists()
+    assert "## Universe" not in report and not list((smoke_run / "figures").glob("03_universe_*"))
     with pytest.raises(UsageError, match="--resume"):
         run(smoke_run)  # an existing run directory is never overwritten silently
 
@@ -171,3 +176,33 @@ def test_resume_continues_an_interrupted_training_stage(smoke_run, tmp_path, cap
     after = manifest_of(run_dir)
     assert after["checkpoints"] == manifest_of(smoke_run)["checkpoints"]  # as if never interrupted
     assert after["stages"]["02"]["started"] == manifest["stages"]["02"]["started"]
+
+
+def test_a_panel_passed_with_data_gets_the_universe_evaluation(tmp_path):
+    """`-p data=<panel>` with 6 symbols sharing dates: universe.json, signals.parquet, report.md's universe section
+    and notebook 03's universe figures inline, with the default config otherwise."""
+    rng = np.random.default_rng(0)
+    days = pd.bdate_range("2018-01-01", periods=420)
+    frames = []
+    for k in range(6):
+        close = 30 * np.exp(np.cumsum(rng.normal(0, 0.01, len(days))))
+        opens = np.r_[close[0], close[:-1]]
+        frames.append(pd.DataFrame({"symbol": f"P{k}", "timestamps": days, "open": opens,
+                                    "high": np.maximum(opens, close) * 1.01, "low": np.minimum(opens, close) * 0.99,
+                                    "close": close, "volume": 1e4}))
+    source = tmp_path / "panel.csv"
+    pd.concat(frames).to_csv(source, index=False)
+    params = {**SMOKE, "data": str(source), "data.lookback": 32, "evaluation.universe_sample_count": 2,
+              "evaluation.rebalance_stride": 3}
+    run_dir = tmp_path / "run"
+    assert run_pipeline(ROOT / "configs" / "default.yaml", run_dir=run_dir, params=params) == 0
+    universe = json.loads((run_dir / "universe.json").read_text())
+    assert universe["test"]["finetuned"]["n_dates"] >= 10 and "rank_ic" in universe["validation"]["finetuned"]
+    signals = pd.read_parquet(run_dir / "signals.parquet")
+    assert set(signals["split"]) == {"validation", "test"} and signals.index.names == ["datetime", "instrument"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Universe: does the model rank the names" in report and "Universe (6 symbols" in report
+    shown = "\n".join(png_cells(run_dir / "03_diagnostics.ipynb"))
+    for name in ("cumulative", "ic_by_horizon", "quantiles", "ic_series", "turnover"):
+        assert f'universe_figure(universe, "{name}"' in shown, f"{name} is not shown inline"
+        assert (run_dir / "figures" / f"03_universe_{name}.png").is_file()

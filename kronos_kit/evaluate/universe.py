@@ -64,10 +64,10 @@ class PanelGrid:
         shape = (len(dates), len(symbols))
         rows, position = np.full(shape, -1, dtype=np.int64), np.full(shape, -1, dtype=np.int64)
         open_, close = np.full(shape, np.nan), np.full(shape, np.nan)
-        starts = frame.groupby("symbol", sort=False).cumcount().to_numpy()
+        within = frame.groupby("symbol", sort=False).cumcount().to_numpy()  # position in its symbol's rows
         on = t >= 0  # context rows lie before the calendar
         rows[t[on], k[on]] = np.flatnonzero(on)
-        position[t[on], k[on]] = starts[on]
+        position[t[on], k[on]] = within[on]
         open_[t[on], k[on]] = frame["open"].to_numpy(np.float64)[on]
         close[t[on], k[on]] = frame["close"].to_numpy(np.float64)[on]
         return cls(dates, symbols, open_, close, rows, position, frame)
