@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from kronos_kit.evaluate.text import fmt_p, markdown_table
+from kronos_kit.evaluate.text import fmt, fmt_p, markdown_table
 from kronos_kit.evaluate.universe_verdicts import comparison_text
 
 if TYPE_CHECKING:
@@ -116,17 +116,26 @@ def _frame(rows: Mapping[str, Mapping[str, Any]], index: str = "signal") -> pd.D
     return table
 
 
-def _portfolio_table(ev: UniverseEvaluation, order: Mapping[str, str]) -> pd.DataFrame:
+def _portfolio_table(ev: UniverseEvaluation, order: Mapping[str, str], kind: str) -> pd.DataFrame:
+    """One row per signal: the ``kind`` book's annualized performance (percent where a share)."""
     perf = ev.analyses["test"].performance
     rows = {}
     for label, c in order.items():
-        k, ls = perf[c]["topk"], perf[c]["long_short"]
-        rows[label] = {"topk_excess_%": 100 * k["excess_return"], "gross_%": 100 * k["excess_return_gross"],
-                       "ir": k["information_ratio"], "max_dd_%": 100 * k["max_drawdown"],
-                       "turnover_%": 100 * k["turnover"], "hit_rate": k["hit_rate"],
-                       "breakeven_bp": k["breakeven_bps"], "long_short_%": 100 * ls["excess_return"],
-                       "ls_gross_%": 100 * ls["excess_return_gross"], "ls_ir": ls["information_ratio"],
-                       "ls_breakeven_bp": ls["breakeven_bps"]}
+        k = perf[c][kind]
+        rows[label] = {"return_%": 100 * k["annual_return"], "excess_%": 100 * k["excess_return"],
+                       "excess_gross_%": 100 * k["excess_return_gross"], "vol_%": 100 * k["volatility"],
+                       "ir": k["information_ratio"], "ir_gross": k["information_ratio_gross"],
+                       "max_dd_%": 100 * k["max_drawdown"], "turnover_%": 100 * k["turnover"],
+                       "hit_rate": k["hit_rate"], "breakeven_bp": k["breakeven_bps"]}
+    return _frame(rows)
+
+
+def _by_horizon(ev: UniverseEvaluation, order: Mapping[str, str], name: str) -> pd.DataFrame:
+    """``name`` (ic or rank_ic) of each signal at every horizon as 'value (t)'."""
+    rows = {}
+    for label, c in order.items():
+        by = ev.analyses["test"].statistics[c]["by_horizon"]
+        rows[label] = {f"h{i + 1}": f"{fmt(v)} ({fmt(t)})" for i, (v, t) in enumerate(zip(by[name], by[f"{name}_t"]))}
     return _frame(rows)
 
 
@@ -149,24 +158,25 @@ def universe_section(ev: UniverseEvaluation) -> list[str]:
              "returns run close to close. IC and RankIC are per date, then averaged; t is a Newey-West t of the "
              "mean (lag at least the dates whose horizons overlap).", "",
              f"### Signals at horizon {h}", "", markdown_table(_signal_table(ev, order)), "",
-             "### IC decay: RankIC by horizon", "",
-             markdown_table(_frame({label: {f"h{i + 1}": v for i, v in enumerate(test.statistics[c]["by_horizon"]
-                                                                                 ["rank_ic"])}
-                                    for label, c in order.items()})), "",
+             "### IC decay: RankIC (Newey-West t) by horizon", "", markdown_table(_by_horizon(ev, order, "rank_ic")),
+             "", "IC (Pearson) by horizon:", "", markdown_table(_by_horizon(ev, ev.entries(), "ic")), "",
              f"### Quantile returns at horizon {h} (mean forward return per date, bp; group 1 = lowest signal)", "",
              markdown_table(_frame({label: {**{f"q{i + 1}": 1e4 * v for i, v in
                                                enumerate(test.statistics[c]["quantile_returns"])},
                                             "spread": 1e4 * test.statistics[c]["spread"]}
                                     for label, c in order.items()})), "",
-             f"### Portfolios (annualized over {test.bars_per_year:g} bars a year)", "",
+             f"### Portfolios (annualized over {test.bars_per_year:g} bars a year; signals at a close, trades at "
+             "the next open)", "",
              f"Top-{s['topk']} dropout (n_drop {s['n_drop']}, minimum hold {s['hold_bars']} bars, long only, fully "
-             f"invested): excess return over the equal-weight universe (which returned "
-             f"{_pct(test.performance[order['finetuned']]['topk']['benchmark_return'])} a year), after and before "
+             f"invested): return after costs; excess return over the equal-weight universe (which returned "
+             f"{_pct(test.performance[order['finetuned']]['topk']['benchmark_return'])} a year) after and before "
              f"costs ({s['buy_cost_bps']:g} bp a buy, {s['sell_cost_bps']:g} bp a sell, minimum {s['min_cost']:g}); "
-             f"information ratio; max drawdown of the cumulative excess; one-sided turnover per rebalance; hit rate "
-             f"over holding periods; breakeven cost per side. Long-short: the top quantile group long, the bottom "
-             f"short, its own return (against cash). Signals at a close, trades at the next open.", "",
-             markdown_table(_portfolio_table(ev, order)), "",
+             "volatility; information ratio after and before costs; max drawdown of the summed excess; the share of "
+             "the book replaced per rebalance; hit rate over holding periods; breakeven cost per side.", "",
+             markdown_table(_portfolio_table(ev, order, "topk")), "",
+             "Long-short: the top quantile group long, the bottom short, equal weights, one unit of capital a side; "
+             "measured against cash, so its excess is its return.", "",
+             markdown_table(_portfolio_table(ev, order, "long_short")), "",
              "### Verdicts (paired tests on the test split)", ""]
     for r in ev.comparisons.to_dict(orient="records"):
         lines.append(f"- {r['model']} vs {r['other']}, {r['label']}: "
