@@ -321,3 +321,31 @@ def test_universe_figures_show_each_compared_signal_and_nothing_without_a_cross_
     assert not (tmp_path / "none").exists()
     with pytest.raises(ValueError, match="unknown universe figure"):
         universe_figure(ev, "sharpe", tmp_path)
+
+
+def test_evaluate_universe_samples_kronos_pairs_alike_and_applies_each_models_calibration(tmp_path):
+    """The notebook's call on the kit's embedded pair, given twice: the same seed gives both the same paths, and
+    only the finetuned one has a path calibration (a full shrink toward no change), which moves its scores but
+    not its signals."""
+    from kronos_kit.evaluate import evaluate_universe
+    from kronos_kit.model import Kronos, KronosTokenizer
+    from kronos_kit.runs import SamplingCalibration
+
+    small = panel(n_days=260)
+    small = small[small["symbol"].isin([f"S{k:02d}" for k in range(6)])].reset_index(drop=True)
+    parts = split(small, lookback=LOOKBACK, predict=3, ratios=(0.6, 0.2, 0.2))
+    pair = (Kronos.from_pretrained("embedded:base/predictor"),
+            KronosTokenizer.from_pretrained("embedded:base/tokenizer"))
+    shrink = {"path_calibration": {"method": "spread_center", "scale": 1.0, "power": 0.0, "center": 0.0}}
+    calibration = SamplingCalibration(temperature=1.0, top_p=0.9, model="finetuned", paths={"finetuned": shrink})
+    decision = ValidationDecision(None, Promotion(promoted="base", tokenizer="t", predictor="p"), calibration)
+    e = EvalConfig(pred_len=3, rebalance_stride=10, sample_count=2, topk=2, n_drop=1)
+    ev = evaluate_universe(parts, {"base": pair, "finetuned": pair}, e, lookback=LOOKBACK, decision=decision,
+                           progress=False, n_boot=50)
+    assert ev.exists and ev.settings["calibrated"] and ev.decision is decision
+    test = ev.results["test"]
+    assert test.config["path_calibration"] == {"finetuned": PathCalibration.from_dict(shrink["path_calibration"])
+                                               .describe()}
+    for kind in ("expected_return", "risk_adjusted", "prob_up"):
+        np.testing.assert_array_equal(test.signals[f"base_{kind}"], test.signals[f"finetuned_{kind}"])
+    assert test.forecast_scores["base"]["close_mae_bp"] != test.forecast_scores["finetuned"]["close_mae_bp"]

@@ -157,8 +157,7 @@ class UniverseEvaluation:
         out: dict[str, Any] = {"exists": self.exists, "reason": self.reason, "settings": self.settings,
                                "bottom_line": self.bottom_line, "best_naive": self.best_naive}
         for split, a in self.analyses.items():
-            signals = {name: {**a.statistics[name], **{f"{kind}": p for kind, p in a.performance[name].items()}}
-                       for name in a.statistics}
+            signals = {name: {**a.statistics[name], **a.performance[name]} for name in a.statistics}
             entries = {alias: signals[column] for alias, column in self.entries().items()}
             out[split] = {**entries, "signals": signals, "forecast_scores": self.results[split].forecast_scores,
                           "config": self.results[split].config}
