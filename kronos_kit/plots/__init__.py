@@ -27,6 +27,14 @@ from kronos_kit.plots.forecast import (
     plot_return_scatter,
 )
 from kronos_kit.plots.reconstruction import plot_window_errors, plot_worst_windows
+from kronos_kit.plots.sweep import (
+    SWEEP_FIGURES,
+    plot_sweep_history,
+    plot_sweep_importances,
+    plot_sweep_intermediate,
+    plot_sweep_parallel,
+    plot_sweep_slices,
+)
 from kronos_kit.plots.training import plot_loss_curves, plot_selection_curves, plot_training_curves
 
 __all__ = [
@@ -55,4 +63,10 @@ __all__ = [
     "plot_window_reconstruction",
     "plot_window_errors",
     "plot_worst_windows",
+    "SWEEP_FIGURES",
+    "plot_sweep_history",
+    "plot_sweep_importances",
+    "plot_sweep_intermediate",
+    "plot_sweep_parallel",
+    "plot_sweep_slices",
 ]
