@@ -39,8 +39,10 @@ STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4
 
 
 def _attempts(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials, without attempts that were interrupted and enqueued again (their retry stands for them)."""
-    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("interrupted")]
+    """Trials, without failed attempts that were enqueued again (the retry stands for them)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials} - {None}
+    return [t for t in trials if not (t.state == TrialState.FAIL and t.number in retried)]
 
 
 def leaderboard(study: optuna.Study, objective: Objective, params: list[str] | None = None) -> pd.DataFrame:

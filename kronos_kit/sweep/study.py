@@ -35,7 +35,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from kronos_kit.run_lock import RunLockedError, run_lock
+from kronos_kit.run_lock import RunLockedError, run_lock, waiting_run_lock
 from kronos_kit.sweep.space import SweepSettings
 
 __all__ = ["HEARTBEAT_SECONDS", "STUDY_FILE", "add_slots", "heartbeat", "make_sampler", "open_storage", "open_study",
@@ -117,24 +117,40 @@ def open_slot(study: optuna.Study) -> None:
                                         ROLE: "search"})
 
 
+@contextlib.contextmanager
+def _serialized(storage: optuna.storages.BaseStorage) -> Iterator[None]:
+    """Hold a lock beside an SQLite file while changing trial states. Optuna checks "still waiting?" and sets
+    "running" in one transaction, which a database server serializes (row locks) and the journal replays in
+    order, but SQLite does not lock rows: two processes may both read "waiting" and both take the trial
+    (tests/test_sweep_pieces.py caught it). Other storages need no lock."""
+    url = getattr(storage, "url", "")
+    if not url.startswith("sqlite:///") or url == "sqlite:///:memory:":
+        yield
+        return
+    with waiting_run_lock(Path(url.removeprefix("sqlite:///") + ".lock"), "changing sweep trial states", poll=0.05):
+        yield
+
+
 def take_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, settings: SweepSettings
                ) -> optuna.Trial | None:
     """Take a waiting trial (retries of killed trials first, then in number order) with one atomic state change,
     so no other process gets it; None when none is waiting."""
     study_id = storage.get_study_id_from_name(study.study_name)
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    for frozen in sorted(waiting, key=lambda t: ("retry_of" not in t.user_attrs, t.number)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if not storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                continue  # another worker took it first
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        study.sampler = make_sampler(settings, frozen.number)
-        trial = optuna.Trial(study, trial_id)
-        trial.set_user_attr("host", socket.gethostname())
-        return trial
-    return None
+    with _serialized(storage):
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        for frozen in sorted(waiting, key=lambda t: ("retry_of" not in t.user_attrs, t.number)):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    break
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker took it first
+        else:
+            return None
+    study.sampler = make_sampler(settings, frozen.number)
+    trial = optuna.Trial(study, trial_id)
+    trial.set_user_attr("host", socket.gethostname())
+    return trial
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -152,20 +168,20 @@ def recover_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -
     recovered = []
     study_id = storage.get_study_id_from_name(study.study_name)
     now = dt.datetime.now()
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if frozen.user_attrs.get("host") != socket.gethostname() or not _worker_gone(frozen, now):
-            continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+    with _serialized(storage):  # one process recovers a trial, and enqueues it once
+        for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.user_attrs.get("host") != socket.gethostname() or not _worker_gone(frozen, now):
                 continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another process recovered it, or it just finished
-        storage.set_trial_user_attr(trial_id, "interrupted", True)
-        requeue(study, frozen)
-        recovered.append(frozen.number)
-        logger.warning("sweep: trial %d was interrupted (its worker is gone); enqueued again, it continues in %s",
-                       frozen.number, frozen.user_attrs.get("run_dir"))
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+            try:
+                storage.set_trial_user_attr(trial_id, "interrupted", True)
+                storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # it just finished (the leaderboard goes by its state, not by this mark)
+            requeue(study, frozen)
+            recovered.append(frozen.number)
+            logger.warning("sweep: trial %d was interrupted (its worker is gone); enqueued again, it continues in "
+                           "%s", frozen.number, frozen.user_attrs.get("run_dir"))
     return recovered
 
 
