@@ -14,10 +14,16 @@ The sweep folder's layout is `folder.SweepDir`.
 
 from kronos_kit.sweep.folder import SweepDir
 from kronos_kit.sweep.objective import CLOSE_CRPS, RANK_IC, Objective, choose_objective, is_universe
-from kronos_kit.sweep.report import evaluate_on_test, finish_sweep, leaderboard, leaderboard_markdown
+from kronos_kit.sweep.report import (
+    evaluate_on_test,
+    finish_sweep,
+    leaderboard,
+    leaderboard_markdown,
+    read_leaderboard,
+)
 from kronos_kit.sweep.runner import load_sweep_study, run_sweep
 from kronos_kit.sweep.space import ParamSpec, SearchSpace, SweepSettings
 
 __all__ = ["CLOSE_CRPS", "RANK_IC", "Objective", "ParamSpec", "SearchSpace", "SweepDir", "SweepSettings",
            "choose_objective", "evaluate_on_test", "finish_sweep", "is_universe", "leaderboard",
-           "leaderboard_markdown", "load_sweep_study", "run_sweep"]
+           "leaderboard_markdown", "load_sweep_study", "read_leaderboard", "run_sweep"]

@@ -33,7 +33,8 @@ from kronos_kit.sweep.folder import SweepDir
 from kronos_kit.sweep.objective import Objective
 from kronos_kit.sweep.study import ROLE
 
-__all__ = ["evaluate_on_test", "finish_sweep", "leaderboard", "leaderboard_markdown", "write_sweep_report"]
+__all__ = ["evaluate_on_test", "finish_sweep", "leaderboard", "leaderboard_markdown", "read_leaderboard",
+           "write_sweep_report"]
 
 STATE_ORDER = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
 
@@ -236,6 +237,11 @@ def write_sweep_report(sweep: SweepDir, study: optuna.Study, objective: Objectiv
               "kronos_kit compare <trial> <trial>`, `python -m kronos_kit forecast --run <trial> ...`."]
     atomic_write_text(sweep.report, "\n".join(lines) + "\n")
     return sweep.report
+
+
+def read_leaderboard(sweep: SweepDir) -> pd.DataFrame:
+    """The leaderboard the sweep last wrote (leaderboard.csv), indexed by rank."""
+    return pd.read_csv(sweep.leaderboard_csv, index_col="rank")
 
 
 def finish_sweep(sweep: SweepDir, *, storage: str | None = None, progress: bool = True) -> Path:
