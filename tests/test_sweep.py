@@ -49,7 +49,7 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def write_space(tmp_path: Path, **sweep) -> Path:
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({**SPACE, "sweep": {**SPACE["sweep"], **sweep}}))
+    path.write_text(yaml.safe_dump({**SPACE, "sweep": {**SPACE["sweep"], **sweep}}, sort_keys=False))
     return path
 
 

@@ -29,7 +29,15 @@ import yaml
 
 from kronos_kit.config import KitConfig, apply_overrides, parse_overrides, project_root, resolve_path, resolve_paths
 from kronos_kit.data import load_data
-from kronos_kit.pipeline import UsageError, data_hash, run_name, run_provenance
+from kronos_kit.pipeline import (  # the pipeline's own checks of a call, reused
+    UsageError,
+    _check_origins,
+    _check_phases,
+    _usage,
+    data_hash,
+    run_name,
+    run_provenance,
+)
 from kronos_kit.runtime import check_device, set_threads, tqdm
 from kronos_kit.sweep.folder import SweepDir
 from kronos_kit.sweep.objective import OBJECTIVES, choose_objective
@@ -64,15 +72,6 @@ class _Plan:
     timeout: float | None
 
 
-def _usage(fn, what: str = "") -> Any:
-    try:
-        return fn()
-    except UsageError:
-        raise
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        raise UsageError(f"{what}{err}") from None
-
-
 def _new_definition(config: str | Path | None, space: str | Path | None, values: dict[str, Any]) -> dict[str, Any]:
     """Check a new sweep's config, space and data; the definition it will record."""
     if space is None:
@@ -88,8 +87,6 @@ def _new_definition(config: str | Path | None, space: str | Path | None, values:
     _usage(lambda: check_device(base.device), "device: ")
     bundle = _usage(lambda: load_data(base.with_overrides(run_dir=None, cache_dir=None)),
                     f"data.source {base.data.source!r}: ")
-    from kronos_kit.pipeline import _check_origins, _check_phases  # the pipeline's own up-front checks
-
     _check_origins(base, bundle)
     _check_phases(base, len(bundle.train))
     objective = _usage(lambda: choose_objective(searched.settings.objective, bundle.frame), "sweep.objective: ")
@@ -172,6 +169,9 @@ def _total_threads(sweep: SweepDir) -> int:
 def _open(plan: _Plan, workers: int) -> None:
     """Write the sweep folder and create (or load) the study with its slots; recover killed trials."""
     sweep, d = plan.sweep, plan.definition
+    if plan.mode != "new" and d["data"]["sha256"] != data_hash(d["data"]["source"]):
+        raise UsageError(f"--resume: the data {d['data']['source']} differs from the data the sweep started with "
+                         "(sha256): its trials would not be comparable. Restore the data, or start a new sweep")
     sweep.path.mkdir(parents=True, exist_ok=True)
     if plan.mode != "resume":
         base = KitConfig.from_dict(yaml.safe_load(d["config_yaml"]))
@@ -180,9 +180,6 @@ def _open(plan: _Plan, workers: int) -> None:
                                     or str(sweep.tokens.resolve())})
         sweep.config.write_text(f"# the base config of sweep {plan.name} (trial 0 runs it as it is)\n" + base.to_yaml())
         sweep.space_file.write_text(yaml.safe_dump(d["space"], sort_keys=False))
-    elif d["data"]["sha256"] != data_hash(d["data"]["source"]):
-        raise UsageError(f"--resume: the data {d['data']['source']} changed since the sweep started (sha256 differs): "
-                         "its trials would not be comparable. Restore the data, or start a new sweep")
     space = sweep.space()
     settings = dataclasses.replace(space.settings, trials=plan.trials or space.settings.trials)
     storage = open_storage(plan.url, heartbeat="://" in plan.url and plan.url != storage_url(sweep.path, None))

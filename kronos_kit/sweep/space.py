@@ -185,8 +185,9 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sweep": dataclasses.asdict(self.settings),
-                "space": {p.name: {k: v for k, v in dataclasses.asdict(p).items() if k != "name" and v not in
-                                   (None, False, {})} for p in self.params}}
+                "space": {p.name: {k: v for k, v in dataclasses.asdict(p).items()
+                                   if k != "name" and v is not None and v is not False and v != {}}
+                          for p in self.params}}
 
     def suggest(self, trial: Any, base: KitConfig) -> dict[str, Any]:
         """This trial's values of the active parameters (Optuna suggests them in file order)."""
