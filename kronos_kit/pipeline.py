@@ -136,8 +136,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def run_provenance() -> dict[str, Any]:
-    """What a manifest records about the code and the machine: package versions, git commit and dirty flag,
-    platform (the pipeline's runs and a sweep's trials alike)."""
+    """What a manifest records about the code and machine (versions, git commit + dirty flag, platform)."""
     return {"versions": _versions(), "git": _git_state(), "platform": platform.platform()}
 
 

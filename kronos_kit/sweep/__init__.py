@@ -12,7 +12,7 @@ Optuna's figures, and the best trial against trial 0 (the base config) on valida
 The sweep folder's layout is `folder.SweepDir`.
 """
 
-from kronos_kit.sweep.folder import SweepDir
+from kronos_kit.sweep.folder import SweepDir, load_sweep_study
 from kronos_kit.sweep.objective import CLOSE_CRPS, RANK_IC, Objective, choose_objective, is_universe
 from kronos_kit.sweep.report import (
     evaluate_on_test,
@@ -21,7 +21,7 @@ from kronos_kit.sweep.report import (
     leaderboard_markdown,
     read_leaderboard,
 )
-from kronos_kit.sweep.runner import load_sweep_study, run_sweep
+from kronos_kit.sweep.runner import run_sweep
 from kronos_kit.sweep.space import ParamSpec, SearchSpace, SweepSettings
 
 __all__ = ["CLOSE_CRPS", "RANK_IC", "Objective", "ParamSpec", "SearchSpace", "SweepDir", "SweepSettings",

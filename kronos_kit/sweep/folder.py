@@ -23,7 +23,7 @@ from kronos_kit.runs import load_json, save_json
 from kronos_kit.sweep.objective import OBJECTIVES, Objective
 from kronos_kit.sweep.space import SearchSpace
 
-__all__ = ["SWEEP_KIND", "SweepDir"]
+__all__ = ["SWEEP_KIND", "SweepDir", "load_sweep_study"]
 
 SWEEP_KIND = "kronos-kit sweep"  # sweep.json's marker: --resume only continues folders of ours
 
@@ -80,3 +80,11 @@ class SweepDir:
 
     def objective(self) -> Objective:
         return OBJECTIVES[self.definition()["objective"]]
+
+
+def load_sweep_study(sweep: SweepDir, storage: str | None = None) -> Any:
+    """The sweep's Optuna study, for reading (leaderboard, figures); `storage` overrides the recorded one."""
+    from kronos_kit.sweep.study import open_storage, open_study
+
+    d = sweep.definition()
+    return open_study(open_storage(storage or d["storage"]), d["study"], sweep.space().settings)

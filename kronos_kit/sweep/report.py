@@ -29,7 +29,7 @@ from kronos_kit.evaluate.walk_forward import ForecastFn, walk_forward
 from kronos_kit.plots import SWEEP_FIGURES, save_figure
 from kronos_kit.runs import atomic_write_text, run_choice
 from kronos_kit.runtime import resolve_device
-from kronos_kit.sweep.folder import SweepDir
+from kronos_kit.sweep.folder import SweepDir, load_sweep_study
 from kronos_kit.sweep.objective import Objective
 from kronos_kit.sweep.study import ROLE
 
@@ -246,8 +246,6 @@ def read_leaderboard(sweep: SweepDir) -> pd.DataFrame:
 
 def finish_sweep(sweep: SweepDir, *, storage: str | None = None, progress: bool = True) -> Path:
     """Leaderboard (CSV, Markdown), figures (PNG), the test evaluation when due, report.md."""
-    from kronos_kit.sweep.runner import load_sweep_study
-
     study = load_sweep_study(sweep, storage)
     objective = sweep.objective()
     table = leaderboard(study, objective, [p.name for p in sweep.space().params])

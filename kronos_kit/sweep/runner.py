@@ -39,7 +39,7 @@ from kronos_kit.pipeline import (  # the pipeline's own checks of a call, reused
     run_provenance,
 )
 from kronos_kit.runtime import check_device, set_threads, tqdm
-from kronos_kit.sweep.folder import SweepDir
+from kronos_kit.sweep.folder import SweepDir, load_sweep_study
 from kronos_kit.sweep.objective import OBJECTIVES, choose_objective
 from kronos_kit.sweep.space import SearchSpace
 from kronos_kit.sweep.study import (
@@ -53,7 +53,7 @@ from kronos_kit.sweep.study import (
 )
 from kronos_kit.sweep.trial import SweepContext, run_trial
 
-__all__ = ["DEFINITION_ATTR", "load_sweep_study", "run_sweep", "worker_loop"]
+__all__ = ["DEFINITION_ATTR", "run_sweep", "worker_loop"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +196,6 @@ def _open(plan: _Plan, workers: int) -> None:
     recovered = recover_orphans(study, storage)
     if recovered:
         print(f"[sweep] continuing interrupted trial(s) {recovered}", flush=True)
-
-
-def load_sweep_study(sweep: SweepDir, storage: str | None = None) -> optuna.Study:
-    """The sweep's study, for reading (leaderboard, figures)."""
-    d = sweep.definition()
-    settings = sweep.space().settings
-    return open_study(open_storage(storage or d["storage"]), d["study"], settings)
 
 
 def worker_loop(sweep_dir: str, url: str, threads: int, deadline: float | None) -> None:
