@@ -37,7 +37,8 @@ def main() -> None:
     set_threads(1)
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     base = KitConfig.from_file(ROOT / "configs" / "sweep-small.yaml").with_overrides(
-        {"cache_dir": str(work / "cache"), "tensorboard": False, "predictor.max_steps": args.steps})
+        {"cache_dir": str(work / "cache"), "tensorboard": False, "predictor.max_steps": args.steps,
+         "predictor.tokenizer_from": "embedded:base/tokenizer"})  # phase 2 on the base tokenizer (no phase 1)
     bundle = load_data(base)
     tokenizer = KronosTokenizer.from_pretrained(base.tokenizer.start_from)
     start = time.perf_counter()

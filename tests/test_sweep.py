@@ -149,3 +149,27 @@ def test_changing_the_test_split_changes_no_objective_and_not_the_best_trial(tmp
         values[name] = ([(t.number, t.state.name, t.value, t.params) for t in study.get_trials()],
                         study.best_trial.number)
     assert values["same"] == values["changed"]
+
+
+def test_notebook_04_shows_a_sweep_and_notebook_03_evaluates_a_trial(tiny_sweep, tmp_path):
+    """From notebooks/ as JupyterLab runs it: notebook 04 on the finished sweep shows the leaderboard, every figure
+    inline and the report; `pipeline --from 03` runs notebook 03 on a trial folder (its test evaluation)."""
+    import shutil
+
+    import papermill
+
+    from kronos_kit.pipeline import run_pipeline
+
+    out = tmp_path / "04.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks" / "04_sweep.ipynb"), str(out), cwd=str(ROOT / "notebooks"),
+                               parameters={"sweep_dir": str(tiny_sweep), "run_trials": False}, progress_bar=False,
+                               kernel_name="kronos-kit")
+    cells = [c for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code"]
+    images = [c for c in cells if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert len(images) == 5  # history, intermediate values, importances, slices, parallel coordinates
+    assert any("text/markdown" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
+    best = next(t for t in finished(tiny_sweep) if t.state.name == "COMPLETE")
+    trial = tmp_path / "trial"
+    shutil.copytree(best.user_attrs["run_dir"], trial)
+    assert run_pipeline(run_dir=trial, from_stage="03", progress=False) == 0
+    assert (trial / "report.md").is_file() and (trial / "metrics.json").is_file()

@@ -79,7 +79,9 @@ def plot_sweep_importances(study: Any) -> Figure:
 
     if _finished(study) < 2:
         return _note("parameter importances", "needs at least two finished trials")
-    return _adopt(lambda: plot_param_importances(study), "parameter importances")
+    fig = _adopt(lambda: plot_param_importances(study), "parameter importances")
+    fig.subplots_adjust(left=0.32)  # room for the dotted parameter names on the y axis
+    return fig
 
 
 def plot_sweep_slices(study: Any) -> Figure:
@@ -93,7 +95,10 @@ def plot_sweep_parallel(study: Any) -> Figure:
     """Every finished trial as a line through its parameter values to its objective."""
     from optuna.visualization.matplotlib import plot_parallel_coordinate
 
-    return _adopt(lambda: plot_parallel_coordinate(study), "parallel coordinates")
+    fig = _adopt(lambda: plot_parallel_coordinate(study), "parallel coordinates")
+    fig.set_size_inches(12, 6)  # one axis per parameter: the default width crowds their ticks
+    fig.subplots_adjust(bottom=0.22, right=0.88)
+    return fig
 
 
 # file name (under the sweep's figures/) -> figure function: report.md and notebook 04 show these

@@ -157,7 +157,8 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """Enqueue a failed (killed) trial again: same parameters, run folder and reported values; it continues."""
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={**{k: v for k, v in trial.user_attrs.items() if k != "locked"}, "retry_of": trial.number},
+        user_attrs={**{k: v for k, v in trial.user_attrs.items() if k != "locked"}, "retry_of": trial.number,
+                    "attempt": trial.user_attrs.get("attempt", 1) + 1},
         system_attrs=trial.system_attrs, intermediate_values=trial.intermediate_values))
 
 

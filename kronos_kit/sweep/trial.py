@@ -37,7 +37,7 @@ from kronos_kit.evaluate import decide_on_validation
 from kronos_kit.model import Kronos, KronosTokenizer
 from kronos_kit.pipeline import RUN_KIND, Manifest, run_provenance
 from kronos_kit.run_lock import run_lock
-from kronos_kit.runs import RunDir, atomic_write_text, load_json, run_choice, save_json
+from kronos_kit.runs import RunDir, atomic_write_text, run_choice, save_json
 from kronos_kit.runtime import resolve_device
 from kronos_kit.sweep.objective import Objective
 from kronos_kit.sweep.phase1 import attach_phase1, ensure_phase1
@@ -217,7 +217,7 @@ def _stage(manifest: Manifest, stage: str, status: str, **extra: Any) -> None:
 def _write_trial_file(ctx: SweepContext, trial: optuna.Trial, params: dict[str, Any], run_dir: Path,
                       record: dict[str, Any]) -> None:
     path = Path(run_dir) / TRIAL_FILE
-    attempts = (load_json(path).get("attempts", 0) if path.is_file() else 0) + 1
+    attempts = trial.user_attrs.get("attempt", 1)  # 1 + how often it was killed and enqueued again
     save_json(path, {"sweep": str(ctx.sweep_dir), "study": ctx.study_name, "trial": trial.number,
                      "retry_of": trial.user_attrs.get("retry_of"), "attempts": attempts,
                      "slot": trial.user_attrs.get(SLOT), "role": trial.user_attrs.get(ROLE), "params": params,
