@@ -63,6 +63,8 @@ def main() -> None:
         ratio = statistics.median(v / f for v, f in zip(values, fly))  # per interleaved repeat, then the median
         print(f"{name:<26} median {statistics.median(values):6.1f} s  ({', '.join(f'{v:.1f}' for v in values)})  "
               f"ratio to on the fly {ratio:.2f}")
+    with_tb = statistics.median(a / b for a, b in zip(seconds["token cache + tensorboard"], seconds["token cache"]))
+    print(f"tensorboard on / off (both with the token cache): median ratio {with_tb:.2f}")
 
 
 if __name__ == "__main__":
