@@ -5,6 +5,7 @@ on-disk token cache (identical to encoding on the fly), the engine's stop hook, 
 from __future__ import annotations
 
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -289,3 +290,27 @@ def test_a_resumed_phase_hides_the_interrupted_attempts_later_points(tmp_path):
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("predictor_train/loss")] == \
         [(0, 1.0), (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0)]
+
+
+# ------------------------------------------------------------------------------------ mistakes at the command line
+
+
+@pytest.mark.parametrize(("words", "match"), [
+    (["--sweep-dir", "{tmp}/s"], "--space: give the search space file"),
+    (["--space", "{tmp}/nothing.yaml", "--sweep-dir", "{tmp}/s"], "search space file .* not found"),
+    (["--space", "{space}", "--sweep-dir", "{tmp}/s", "-p", "predictor.lr=1e-3"], "predictor.lr = 0.001 is outside"),
+    (["--space", "{space}", "--sweep-dir", "{tmp}/s", "--workers", "0"], "--workers 0"),
+    (["--sweep-dir", "{tmp}", "--resume"], "is not a sweep folder"),
+    (["--space", "{space}", "--sweep-dir", "{tmp}/s", "--resume"], "leave out"),
+])
+def test_sweep_mistakes_are_an_error_line_with_exit_2_and_create_nothing(tmp_path, capsys, words, match):
+    from kronos_kit.__main__ import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text("space:\n  predictor.lr: {low: 1.0e-5, high: 2.0e-4, log: true}\n")
+    words = [w.format(tmp=tmp_path, space=path) for w in words]
+    data = ["-p", f"data={DATA / 'ashare_5min_sample.csv'}", "-p", "data.symbol=A"]
+    assert main(["sweep", *words, *(data if "--resume" not in words else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(match, err), err
+    assert not (tmp_path / "s").exists()
