@@ -226,6 +226,7 @@ def test_cached_tokens_equal_tokens_encoded_on_the_fly(tmp_path):
     assert len(list((tmp_path / "tokens").glob("tokens-*/meta.json"))) == 2
 
 
+@pytest.mark.slow
 def test_phase2_trains_the_same_weights_from_the_token_cache(tmp_path):
     from kronos_kit.model import Kronos, weights_hash
     from kronos_kit.train import train_predictor
