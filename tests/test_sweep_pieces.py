@@ -315,3 +315,20 @@ def test_sweep_mistakes_are_an_error_line_with_exit_2_and_create_nothing(tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(match, err), err
     assert not (tmp_path / "s").exists()
+
+
+def test_notebook_04_starts_with_a_parameters_cell_of_literals_each_documented():
+    import ast
+    import json
+
+    cells = [c for c in json.loads((ROOT / "notebooks" / "04_sweep.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code"]
+    assert "parameters" in cells[0]["metadata"].get("tags", [])
+    assignments = ast.parse("".join(cells[0]["source"])).body
+    names = [a.targets[0].id for a in assignments]
+    for a in assignments:
+        ast.literal_eval(a.value)  # literals only: papermill injects values, nothing is derived here
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("Notebook 04's parameters"):][:600]
+    assert all(f"`{name}`" in section for name in names), names
+    assert not any(c.get("outputs") or c.get("execution_count") for c in cells)
