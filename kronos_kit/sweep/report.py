@@ -166,6 +166,11 @@ def _test_section(sweep: SweepDir, study: optuna.Study, objective: Objective, pr
                 "continue with --resume."]
     if best is None or default is None:
         return ["No test evaluation: trial 0 (the base config) or every trial failed or was pruned."]
+    away = [t for t in (best, default) if not Path(t.user_attrs.get("run_dir", "")).is_dir()]
+    if away:
+        return [f"The test evaluation needs the run folders of trials {[t.number for t in away]}, which are on "
+                f"another machine ({', '.join(str(t.user_attrs.get('host')) for t in away)}): run "
+                "`python -m kronos_kit sweep --sweep-dir DIR --report` there."]
     d = sweep.definition()
     looks = d.get("test_evaluations", [])
     key = {"best": best.number, "default": default.number}
