@@ -12,7 +12,7 @@ KERNEL_NAME ?= kronos-kit
 CONFIG ?=  # empty: configs/default.yaml for a new run; a resumed run uses its own saved config
 PYTEST_ARGS ?=
 
-.PHONY: help setup pipeline base lab test test-fast lint format strip bench clean
+.PHONY: help setup pipeline sweep base lab test test-fast lint format strip bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ setup: $(PY)  ## create .venv with kronos-kit[dev] and register the Jupyter kern
 
 pipeline: $(PY)  ## run 01 -> 02 -> 03 into runs/ (ARGS="-p data=bars.csv", ARGS="--run-dir RUN --resume")
 	$(PY) -m kronos_kit pipeline $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+sweep: $(PY)  ## search the finetuning settings (ARGS="--space configs/sweeps/default.yaml --workers 2", "--sweep-dir DIR --resume")
+	$(PY) -m kronos_kit sweep $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 base: $(PY)  ## re-pretrain the embedded tiny base checkpoints on the S&P 500 sample
 	$(PY) -m kronos_kit pretrain --config configs/pretrain_base.yaml

@@ -86,6 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--device", default="cpu")
     fc.add_argument("--threads", type=int, help="torch CPU threads (default: $KRONOS_THREADS, else torch's)")
 
+    _add_sweep_parser(sub)
+
     cmp = sub.add_parser("compare", help="one table of several runs: config differences, gate, codebook, metrics")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--out", help="folder for comparison.md and comparison.csv (default: print only)")
@@ -99,6 +101,30 @@ def _build_parser() -> argparse.ArgumentParser:
     strip.add_argument("paths", nargs="+")
     strip.add_argument("--check", action="store_true", help="fail if any notebook has outputs")
     return parser
+
+
+def _add_sweep_parser(sub: Any) -> None:
+    sweep = sub.add_parser("sweep", help="search the finetuning settings on validation (Optuna); each trial is a run",
+                           epilog="examples:\n  python -m kronos_kit sweep --space configs/sweep.yaml --workers 2\n"
+                                  "  python -m kronos_kit sweep --sweep-dir sweeps/NAME --resume\n"
+                                  "  python -m kronos_kit sweep --space S.yaml --storage postgresql://host/db   "
+                                  "(machine 1)\n  python -m kronos_kit sweep --storage postgresql://host/db --study "
+                                  "NAME --sweep-dir sweeps/NAME --resume   (machine 2)",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--config", help="base config; trial 0 runs it as it is (default: configs/default.yaml)")
+    sweep.add_argument("--space", help="search space file (ranges, choices, conditions, sweep settings)")
+    sweep.add_argument("--sweep-dir", help="sweep folder (default: sweeps/<config>-<data>-<timestamp>)")
+    sweep.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="override of the base config for every trial, repeatable (as in pipeline -p)")
+    sweep.add_argument("--trials", type=int, help="trials to finish (overrides the space file's sweep.trials)")
+    sweep.add_argument("--timeout", type=float, help="seconds this call may start new trials for")
+    sweep.add_argument("--workers", type=int, default=1, help="worker processes on this machine (threads split)")
+    sweep.add_argument("--storage", help="Optuna storage: a database URL or a journal file (default: SQLite in the "
+                                         "sweep folder)")
+    sweep.add_argument("--study", help="study name (default: the sweep folder's name); to join one with --resume")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the --sweep-dir sweep (interrupted trials continue), or join a --storage study")
+    sweep.add_argument("--report", action="store_true", help="only rewrite the leaderboard, figures and report.md")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +275,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "forecast":
         return _forecast(args)
+    if args.command == "sweep":
+        from kronos_kit.sweep import SweepDir, finish_sweep, run_sweep
+
+        if args.report:
+            finish_sweep(SweepDir(args.sweep_dir or "."), storage=args.storage)
+            return 0
+        run_sweep(args.config, args.space, sweep_dir=args.sweep_dir, params=args.param, trials=args.trials,
+                  timeout=args.timeout, workers=args.workers, storage=args.storage, study_name=args.study,
+                  resume=args.resume)
+        return 0
     if args.command == "compare":
         from kronos_kit.compare import compare_runs, comparison_markdown, write_comparison
 
@@ -294,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as err:
         # bad values in a call (config fields, options); the pipeline's own checks raise UsageError above
-        if args.command in ("train", "forecast", "compare", "pretrain"):
+        if args.command in ("train", "forecast", "compare", "pretrain", "sweep"):
             print(f"error: {err}", file=sys.stderr)
             return USAGE_EXIT
         raise

@@ -210,6 +210,9 @@ class PredictorPhaseConfig(PhaseConfig):
     tokenizer_from: str | None = None  # None: this run's phase-1 tokenizer if trained, else tokenizer.start_from
     teacher_forcing: bool = False  # condition s2 on the true next s1 instead of a sampled one
     token_cache: bool = True  # encode each window once with the frozen tokenizer and reuse it
+    # folder of on-disk token caches (kronos_kit.token_cache): every window's tokens under the frozen tokenizer,
+    # encoded once and shared by every run pointing there (a sweep's trials); None: encode in this process only
+    token_cache_dir: str | None = None
     select_metric: str = "val_loss"  # picks `best` and decides early stopping: val_loss or val_crps (forecast skill)
     skill_origins: int = 32  # validation origins of the forecast-skill probe at each validation; 0 switches it off
     skill_paths: int = 8  # sample paths per origin of the probe
@@ -360,6 +363,7 @@ class KitConfig:
     name: str = "run"  # run name; the run directory is named after it
     threads: int | None = None  # torch CPU threads; None: $KRONOS_THREADS, else torch's default
     cache_dir: str | None = None  # memory-mapped data cache, one entry per data hash; None: <run_dir>/cache
+    tensorboard: bool = False  # also write the training and validation curves as TensorBoard scalars
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -550,8 +554,9 @@ def resolve_paths(cfg: KitConfig) -> KitConfig:
         path = resolve_path(value)
         if path.exists() and str(path.resolve()) != value:
             changes[key] = str(path.resolve())
-    if cfg.cache_dir and not Path(cfg.cache_dir).expanduser().is_absolute():  # created on first use
-        changes["cache_dir"] = str(resolve_path(cfg.cache_dir, new=True).resolve())
+    for key, folder in (("cache_dir", cfg.cache_dir), ("predictor.token_cache_dir", cfg.predictor.token_cache_dir)):
+        if folder and not Path(folder).expanduser().is_absolute():  # created on first use
+            changes[key] = str(resolve_path(folder, new=True).resolve())
     return cfg.with_overrides(changes) if changes else cfg
 
 

@@ -51,7 +51,8 @@ from kronos_kit.runtime import DistContext, inference, seed_everything, tqdm, un
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "NonFiniteError", "NonFiniteGradientError",
-    "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "OnStep", "Phase", "PhaseExistsError",
+    "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "OnStep", "OnValidate", "Phase",
+    "PhaseExistsError",
     "PhaseResult",
     "ResumeMismatchError", "StepOutput", "TrainState", "planned_steps", "restore_state", "run_phase",
     "save_checkpoint", "save_state", "setup_optimizer", "train_epoch", "validate", "validation_loader",
@@ -61,6 +62,9 @@ __all__ = [
 logger = logging.getLogger("kronos_kit.train")  # one logger for the engine and the phases
 
 OnStep = Callable[[int, dict[str, float]], None]
+# called after each validation with (step, metrics); a returned reason (e.g. "pruned") stops the phase like early
+# stopping does, and the phase's result and saved state record that reason
+OnValidate = Callable[[int, dict[str, float]], str | None]
 
 
 # phase config fields that may change between a run and its resume: they decide when to log,
@@ -212,6 +216,8 @@ class _Run:
     window_count: int = 0  # windows since the last log line (throughput)
     t0: float = 0.0
     saved_step: int | None = None  # step of the last `save_state` (for error messages)
+    on_validate: OnValidate | None = None
+    stop_request: str | None = None  # the reason `on_validate` gave to stop
 
     @property
     def best_dir(self) -> Path:
@@ -246,19 +252,26 @@ def run_phase(
     overwrite: bool = False,
     progress: bool = True,
     on_step: OnStep | None = None,
+    on_validate: OnValidate | None = None,
+    tensorboard: bool = False,
 ) -> PhaseResult:
     """Train `phase.model` per `cfg`; checkpoints, state and metrics go under `run_dir`.
 
     With `resume`, `restore_state` continues exactly from `state/<phase>.pt` (see there for what it
     checks); a finished phase returns its result unchanged. A phase `run_dir` already holds is
     retrained from step 0 only with `overwrite` (else `PhaseExistsError`). The run folder is locked
-    for the whole phase (`run_lock.run_lock`): a second writer is refused.
+    for the whole phase (`run_lock.run_lock`): a second writer is refused. `on_validate` may stop the phase
+    after a validation (a sweep prunes a trial so); `tensorboard` mirrors the log as TensorBoard scalars.
     """
-    run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision)
+    run = _plan(phase, cfg, RunDir(run_dir), seed=seed, device=device, precision=precision, tensorboard=tensorboard)
+    run.on_validate = on_validate
     if not resume and not overwrite:
         _refuse_existing(run)
-    with run_lock(run_dir, f"training the {phase.name}"):
-        return _run_locked(run, resume=resume, progress=progress, on_step=on_step)
+    try:
+        with run_lock(run_dir, f"training the {phase.name}"):
+            return _run_locked(run, resume=resume, progress=progress, on_step=on_step)
+    finally:
+        run.log.close()
 
 
 def _refuse_existing(run: _Run) -> None:
@@ -309,7 +322,7 @@ def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | No
             break
         run.state.epoch, run.state.batch_in_epoch = run.state.epoch + 1, 0
         if run.state.step % cfg.eval_every and validate(run):  # epoch end, unless just evaluated
-            stopped = "early_stopping"
+            stopped = run.stop_request or "early_stopping"
             break
         save_state(run)
     bar.close()
@@ -320,7 +333,8 @@ def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | No
     return run.result(stopped)
 
 
-def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torch.device, precision: str) -> _Run:
+def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torch.device, precision: str,
+          tensorboard: bool = False) -> _Run:
     """Check the sizes and work out batches and steps; nothing is trained or written yet."""
     ctx = DistContext.from_env(device)
     name = phase.name
@@ -335,7 +349,12 @@ def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torc
         raise ValueError(f"{name}: the validation split has no windows; enlarge data.val_ratio or the data")
     total_steps = planned_steps(cfg, len(phase.train_set))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda")
-    return _Run(phase, cfg, rd, seed, device, ctx, MetricsLog(rd.metrics_log, enabled=ctx.is_main),
+    mirror = None
+    if tensorboard and ctx.is_main:
+        from kronos_kit.tracking import TensorBoardLog
+
+        mirror = TensorBoardLog(rd.tensorboard)
+    return _Run(phase, cfg, rd, seed, device, ctx, MetricsLog(rd.metrics_log, enabled=ctx.is_main, mirror=mirror),
                 cfg.batch_size // ctx.world_size, total_steps, precision, autocast)
 
 
@@ -484,7 +503,7 @@ def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
         _log_step(run, out, grad_norm, on_step)
         if st.step % cfg.eval_every == 0 or st.step == run.total_steps:
             if validate(run):
-                return "early_stopping"
+                return run.stop_request or "early_stopping"
             save_state(run)
         if st.step >= run.total_steps:
             return _length_reason(run)
@@ -563,7 +582,8 @@ def write_reference(run: _Run) -> None:
 
 
 def validate(run: _Run) -> bool:
-    """Validate, log, keep `best`; True when early stopping says stop. A non-finite metric stops training.
+    """Validate, log, keep `best`; True when early stopping (or `on_validate`) says stop. A non-finite metric
+    stops training.
 
     Every validation window goes to exactly one rank (uneven shards; the evaluate functions reduce
     sums over ranks), so several processes score the same windows as one.
@@ -588,6 +608,10 @@ def validate(run: _Run) -> bool:
     record = {"phase": phase.name, "kind": "eval", "step": st.step, "epoch": st.epoch, **metrics, "best": improved}
     st.history.append(record)
     run.log.write(record)
+    if run.on_validate is not None:
+        run.stop_request = run.on_validate(st.step, metrics)
+        if run.stop_request:
+            return True
     return cfg.patience is not None and st.evals_since_best >= cfg.patience
 
 

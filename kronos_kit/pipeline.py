@@ -64,7 +64,7 @@ from kronos_kit.runtime import check_device
 from kronos_kit.train import planned_steps
 
 __all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "data_hash", "file_sha256",
-           "is_kit_run", "pipeline_summary", "pretrain_base", "run_name", "run_pipeline"]
+           "is_kit_run", "pipeline_summary", "pretrain_base", "run_name", "run_pipeline", "run_provenance"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,11 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def run_provenance() -> dict[str, Any]:
+    """What a manifest records about the code and machine (versions, git commit + dirty flag, platform)."""
+    return {"versions": _versions(), "git": _git_state(), "platform": platform.platform()}
 
 
 @dataclass

@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ try:
 except ImportError:  # Windows: no advisory locks, run folders are not locked
     fcntl = None
 
-__all__ = ["LOCK_ENV", "LOCK_FILE", "RunLockedError", "run_lock"]
+__all__ = ["LOCK_ENV", "LOCK_FILE", "RunLockedError", "run_lock", "waiting_run_lock"]
 
 LOCK_FILE = ".lock"  # the writer's advisory lock (flock) with its pid
 LOCK_ENV = "KRONOS_RUN_LOCK"  # the run folder this process's parent holds locked (papermill kernels inherit it)
@@ -89,3 +90,22 @@ def _lock_holder(fd: int) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def waiting_run_lock(run_dir: str | Path, what: str, *, poll: float = 1.0) -> Iterator[None]:
+    """`run_lock`, waiting while another live process holds it instead of refusing: for folders several
+    processes may each want to build once (a sweep's shared phase 1, a token cache), where the second
+    should wait for the first and then use what it built. Says once, at INFO, whom it waits for."""
+    told = False
+    with contextlib.ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(run_lock(run_dir, what))
+                break
+            except RunLockedError as err:
+                if not told:
+                    logger.info("waiting: %s", err)
+                    told = True
+                time.sleep(poll)
+        yield

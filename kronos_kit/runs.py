@@ -50,6 +50,7 @@ CALIBRATION_FILE = "calibration.json"  # sampling and the sample-path calibratio
 PROMOTION_FILE = "promoted.json"  # which tokenizer + predictor the run promotes, and why
 UNIVERSE_FILE = "universe.json"  # a panel's universe evaluation: per split and signal, IC, quantiles, portfolios
 SIGNALS_FILE = "signals.parquet"  # a panel's per-date signals, indexed by (datetime, instrument)
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files, one folder per phase (config `tensorboard`)
 CHECKPOINT_KINDS = ("best", "last")
 
 # the parts of the training state (`state/<phase>.pt`) besides the counters of `TrainState`
@@ -145,6 +146,7 @@ class RunDir:
     promoted = property(lambda self: self.path / PROMOTION_FILE)
     universe = property(lambda self: self.path / UNIVERSE_FILE)
     signals = property(lambda self: self.path / SIGNALS_FILE)
+    tensorboard = property(lambda self: self.path / TENSORBOARD_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,10 +395,13 @@ class MetricsLog:
 
     A phase run (`run`) begins with a fresh start and continues over resumes (`attempt` 1, 2, ...);
     `drop_after` removes what an interrupted attempt logged past the step a resume restarts from.
+    `mirror` (e.g. `tracking.TensorBoardLog`) gets every record too; `close` closes it.
     """
 
-    def __init__(self, path: str | Path, enabled: bool = True, *, run: str | None = None, attempt: int | None = None):
+    def __init__(self, path: str | Path, enabled: bool = True, *, run: str | None = None, attempt: int | None = None,
+                 mirror: Any = None):
         self.path, self.enabled, self.run, self.attempt = Path(path), enabled, run, attempt
+        self.mirror = mirror if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -405,6 +410,12 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps({**record, **tags}, default=float) + "\n")
+        if self.mirror is not None:
+            self.mirror.write(record)
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
 
     def drop_after(self, phase: str, step: int) -> None:
         """Remove this run's records of `phase` past `step` (a resume replays from `step`)."""

@@ -40,6 +40,7 @@ from torch import nn
 from kronos_kit.codebook import CodebookCounter
 from kronos_kit.config import KitConfig, PhaseConfig
 from kronos_kit.data import DataBundle, in_split_mask, load_data
+from kronos_kit.data.store import source_key
 from kronos_kit.engine import (
     HARMLESS_ON_RESUME,
     EpochSampler,
@@ -50,6 +51,7 @@ from kronos_kit.engine import (
     NonFiniteMetricError,
     NonFiniteWeightsError,
     OnStep,
+    OnValidate,
     Phase,
     PhaseExistsError,
     PhaseResult,
@@ -78,6 +80,7 @@ from kronos_kit.model import (
 )
 from kronos_kit.runs import run_choice
 from kronos_kit.runtime import DistContext, freeze, module_device, resolve_device, unwrap
+from kronos_kit.token_cache import TokenTable, open_token_tables
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
@@ -204,18 +207,23 @@ def evaluate_tokenizer(model: nn.Module, loader, ctx: DistContext) -> dict[str, 
 class FrozenTokens:
     """Tokens of windows from a frozen tokenizer (eval mode, no grad), optionally cached per window.
 
-    The cache key is the window's (symbol, start), so each window is encoded once across epochs.
+    The cache key is the window's (symbol, start), so each window is encoded once across epochs. A `table`
+    (`token_cache.TokenTable`: every window encoded once on disk, shared between runs) answers instead.
     """
 
-    def __init__(self, tokenizer: KronosTokenizer, *, cache: bool = True):
+    def __init__(self, tokenizer: KronosTokenizer, *, cache: bool = True, table: TokenTable | None = None):
         self.tokenizer = tokenizer
         freeze(tokenizer)
         self.cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self.table = table
         self.encode_seconds = 0.0
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch["x"]
+        if self.table is not None:
+            s1, s2 = self.table.lookup(batch["symbol"], batch["start"])
+            return s1.to(device), s2.to(device)
         if self.cache is None:
             return self._encode(x.to(device))
         keys = list(zip(batch["symbol"], [int(s) for s in batch["start"]]))
@@ -294,8 +302,10 @@ def _run_dir(cfg: KitConfig) -> Path:
 
 
 def train_tokenizer(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
-                    progress: bool = True, on_step: OnStep | None = None) -> PhaseResult:
-    """Phase 1: adapt the tokenizer to the configured data (`resume` / `overwrite`: see `engine.run_phase`)."""
+                    progress: bool = True, on_step: OnStep | None = None,
+                    on_validate: OnValidate | None = None) -> PhaseResult:
+    """Phase 1: adapt the tokenizer to the configured data (`resume`, `overwrite`, `on_validate`: see
+    `engine.run_phase`)."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
     data = data or load_data(cfg)
@@ -305,13 +315,16 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
     phase = Phase("tokenizer", tokenizer, strategy.wrap_step(tokenizer_step), evaluate_tokenizer, "val_recon_full",
                   data.train, data.val, inputs={"data": dataclasses.asdict(cfg.data)})
     return run_phase(phase, cfg.tokenizer, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                     resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
+                     resume=resume, overwrite=overwrite, progress=progress, on_step=on_step, on_validate=on_validate,
+                     tensorboard=cfg.tensorboard)
 
 
 def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
-                    progress: bool = True, on_step: OnStep | None = None) -> PhaseResult:
-    """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer (`resume` / `overwrite`: see
-    `engine.run_phase`)."""
+                    progress: bool = True, on_step: OnStep | None = None,
+                    on_validate: OnValidate | None = None) -> PhaseResult:
+    """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer (`resume`, `overwrite`,
+    `on_validate`: see `engine.run_phase`); with `predictor.token_cache_dir` the tokens come from the on-disk
+    token cache (`token_cache`), built there once."""
     run_dir = _run_dir(cfg)
     device = resolve_device(cfg.device)
     data = data or load_data(cfg)
@@ -321,8 +334,9 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
     frozen_hash = weights_hash(tokenizer)
     skill = _skill_probe(cfg, data)
     strategy = apply_strategy(predictor, cfg.predictor, phase="predictor", seed=cfg.seed)
-    train_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache)
-    val_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache)
+    tables = _token_tables(cfg, tokenizer, data, progress)
+    train_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache, table=tables.get("train"))
+    val_tokens = FrozenTokens(tokenizer, cache=cfg.predictor.token_cache, table=tables.get("val"))
 
     def check_frozen() -> None:
         if weights_hash(tokenizer) != frozen_hash:
@@ -337,10 +351,23 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
                   inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash},
                   reference=None if skill is None else _reference_skill(cfg, skill))
     result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                       resume=resume, overwrite=overwrite, progress=progress, on_step=on_step)
+                       resume=resume, overwrite=overwrite, progress=progress, on_step=on_step, on_validate=on_validate,
+                       tensorboard=cfg.tensorboard)
     check_frozen()
     logger.info("predictor: tokenizer weights unchanged (sha256 %s...)", frozen_hash[:12])
     return result
+
+
+def _token_tables(cfg: KitConfig, tokenizer: KronosTokenizer, data: DataBundle,
+                  progress: bool) -> dict[str, TokenTable]:
+    """The on-disk token tables of the training and validation windows ({} without `predictor.token_cache_dir`)."""
+    if not cfg.predictor.token_cache_dir:
+        return {}
+    d = cfg.data
+    data_key = data.cache.name if data.cache is not None else source_key(d.source, symbol=d.symbol, fill=d.fill,
+                                                                          columns=d.columns)
+    return open_token_tables(cfg.predictor.token_cache_dir, tokenizer, {"train": data.train, "val": data.val},
+                             data_key=data_key, cfg=cfg, progress=progress)
 
 
 def _skill_probe(cfg: KitConfig, data: DataBundle) -> ForecastSkill | None:

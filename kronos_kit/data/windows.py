@@ -4,6 +4,7 @@ normalised on the look-back only."""
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -428,6 +429,13 @@ class WindowDataset(Dataset):
 
     def __len__(self) -> int:
         return self.n_windows if self._order is None else len(self._order)
+
+    def every_window(self) -> WindowDataset:
+        """The same windows without the per-epoch sample of ``max_samples``: item i is window i, for all of them
+        (a token cache encodes each window once)."""
+        whole = copy.copy(self)
+        whole.max_samples, whole._order = None, None
+        return whole
 
     def _window_id(self, index: int) -> int:
         if not -len(self) <= index < len(self):

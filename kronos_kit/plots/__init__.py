@@ -27,6 +27,14 @@ from kronos_kit.plots.forecast import (
     plot_return_scatter,
 )
 from kronos_kit.plots.reconstruction import plot_window_errors, plot_worst_windows
+from kronos_kit.plots.sweep import (
+    SWEEP_FIGURES,
+    plot_sweep_history,
+    plot_sweep_importances,
+    plot_sweep_intermediate,
+    plot_sweep_parallel,
+    plot_sweep_slices,
+)
 from kronos_kit.plots.training import plot_loss_curves, plot_selection_curves, plot_training_curves
 from kronos_kit.plots.universe import (
     UNIVERSE_FIGURES,
@@ -71,4 +79,10 @@ __all__ = [
     "plot_quantile_returns",
     "plot_turnover",
     "universe_figure",
+    "SWEEP_FIGURES",
+    "plot_sweep_history",
+    "plot_sweep_importances",
+    "plot_sweep_intermediate",
+    "plot_sweep_parallel",
+    "plot_sweep_slices",
 ]
