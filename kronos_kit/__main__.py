@@ -269,7 +269,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(repr(result))
         return 0
     if args.command == "pretrain":
-        from kronos_kit.pipeline import pretrain_base
+        from kronos_kit.pretrain import pretrain_base
 
         pretrain_base(_config(args.config, args.overrides), args.out)
         return 0

@@ -17,7 +17,7 @@ continues from its saved state. `--from STAGE` reruns from a stage with the save
 may change later stages' fields only). Both refuse a folder that is not a kit run.
 Notebooks pass results to each other only through files in the run directory.
 
-Also here: `pretrain_base` (the command behind `make base`). The run directory's layout lives in
+The run directory's layout lives in
 `kronos_kit.runs`; notebook parameters and overrides go through `kronos_kit.config.apply_overrides`.
 """
 
@@ -31,7 +31,6 @@ import json
 import logging
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -64,7 +63,7 @@ from kronos_kit.runtime import check_device
 from kronos_kit.train import planned_steps
 
 __all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "data_hash", "file_sha256",
-           "is_kit_run", "pipeline_summary", "pretrain_base", "run_name", "run_pipeline", "run_provenance"]
+           "is_kit_run", "pipeline_summary", "run_name", "run_pipeline", "run_provenance"]
 
 logger = logging.getLogger(__name__)
 
@@ -664,39 +663,3 @@ def _stage_hash(stage: str, cfg: KitConfig, upstream: str, notebook: Path) -> st
         picked[key] = node
     text = json.dumps(picked, sort_keys=True, default=str) + upstream + file_sha256(notebook)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# the embedded base checkpoints
-
-
-def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
-    """Pretrain the shipped base tokenizer and predictor with the kit's own engine; record provenance."""
-    from kronos_kit.train import train_predictor, train_tokenizer
-
-    out = Path(out)
-    work = out.parent / f".{out.name}-run"
-    shutil.rmtree(work, ignore_errors=True)
-    cfg = cfg.with_overrides({"run_dir": str(work), "predictor.tokenizer_from": None})
-    data = load_data(cfg)
-    tok = train_tokenizer(cfg, data=data)
-    pred = train_predictor(cfg, data=data)
-    for name, result in (("tokenizer", tok), ("predictor", pred)):
-        shutil.rmtree(out / name, ignore_errors=True)
-        shutil.copytree(result.best_dir, out / name)
-    provenance = {
-        "what": "kronos-kit embedded base checkpoints, pretrained from scratch by the kit's own engine",
-        "command": "make base  (python -m kronos_kit pretrain --config configs/pretrain_base.yaml)",
-        "data": {"source": cfg.data.source, "sha256": data_hash(cfg.data.source),
-                 "note": "S&P 500 daily OHLCV 1999-2018 from the arch package"},
-        "seed": cfg.seed, "config": cfg.to_dict(),
-        "tokenizer": {"steps": tok.steps, "best_val_recon_full": tok.best_metric,
-                      "sha256": file_sha256(out / "tokenizer" / WEIGHTS_NAME)},
-        "predictor": {"steps": pred.steps, "best_val_loss": pred.best_metric,
-                      "sha256": file_sha256(out / "predictor" / WEIGHTS_NAME)},
-        "versions": _versions(), "git": _git_state(), "created": dt.datetime.now().isoformat(timespec="seconds"),
-    }
-    save_json(out / "PROVENANCE.json", provenance, default=str)
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("base checkpoints written to %s", out)
-    return out
