@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import pickle
@@ -27,8 +28,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kronos_kit.binding import check_bound, check_stage_complete, decision_source
+from kronos_kit.binding import check_bound, check_stage_complete, check_stages, decision_source
+from kronos_kit.binding import run_relative as relative_source  # noqa: F401 (a source inside the run, relative)
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, DataConfig, KitConfig
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -174,7 +178,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         try:
             write(tmp)
             _fsync(tmp)  # the data on disk before the rename makes it visible (power loss, not only kills)
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
             _raise_if_disk_full(err, path)
             raise
         os.replace(tmp, path)
@@ -189,8 +193,8 @@ class DiskFullError(OSError):
 
 
 def _raise_if_disk_full(err: BaseException, target: Path) -> None:
-    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), not as ENOSPC
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as a SafetensorError
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err)
     if not full:
         try:
             full = shutil.disk_usage(target.parent).free < (1 << 20)
@@ -284,7 +288,7 @@ def replace_dir(directory: str | Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         for written in [*tmp.rglob("*"), tmp]:
             _fsync(written)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
         _raise_if_disk_full(err, directory)
         raise
     if directory.exists():
@@ -393,12 +397,15 @@ class MetricsLog:
 
     def __init__(self, path: str | Path, enabled: bool = True, *, run: str | None = None, attempt: int | None = None):
         self.path, self.enabled, self.run, self.attempt = Path(path), enabled, run, attempt
+        self.mended = False  # whether a line an earlier writer left cut short was cut off the file
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         tags = {k: v for k, v in (("run", self.run), ("attempt", self.attempt)) if v is not None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.mended:  # else the first record would continue that line
+            self.mended = log_records(self.path, mend=True) is not None
         with self.path.open("a") as f:
             f.write(json.dumps({**record, **tags}, default=float) + "\n")
 
@@ -406,10 +413,33 @@ class MetricsLog:
         """Remove this run's records of `phase` past `step` (a resume replays from `step`)."""
         if not self.enabled or not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and not _superseded(json.loads(line), phase, self.run, step)]
-        if len(keep) < len([line for line in lines if line.strip()]):
-            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        records = log_records(self.path, mend=True)
+        keep = [r for r in records if not _superseded(r, phase, self.run, step)]
+        if len(keep) < len(records):
+            atomic_write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
+
+
+def log_records(path: Path, *, mend: bool = False) -> list[dict[str, Any]]:
+    """Every record of a JSON-lines log. A last line cut short (power loss, a full disk, a kill mid-write) is left
+    out with a warning, and with `mend` cut off the file; any other line that is not JSON is an error naming it."""
+    text = path.read_text() if path.is_file() else ""
+    *lines, tail = text.split("\n")
+    records = []
+    for number, line in enumerate([*lines, tail], 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as err:
+            if number <= len(lines):
+                raise ValueError(f"{path}: line {number} is not a JSON record ({err}); delete that line") from None
+            logger.warning("%s: its last line is cut short (%d characters: the process writing it stopped "
+                           "mid-line); left out", path, len(tail))
+            if mend:
+                os.truncate(path, len(text) - len(tail))
+            return records
+    if mend and tail.strip():  # complete, but its newline is missing
+        with path.open("a") as f:
+            f.write("\n")
+    return records
 
 
 def _superseded(record: dict[str, Any], phase: str, run: str | None, step: int) -> bool:
@@ -432,10 +462,7 @@ def current_records(records: list[dict[str, Any]], phase: str | None = None) -> 
 
 def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
     """The current records of `metrics.jsonl` (see `current_records`), optionally of one phase."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return current_records([json.loads(line) for line in path.read_text().splitlines() if line.strip()], phase)
+    return current_records(log_records(Path(path)), phase)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,17 +602,6 @@ class SamplingCalibration(DecisionFile):
         return table
 
 
-def relative_source(source: str | Path, run_dir: str | Path | None) -> str:
-    """A checkpoint folder inside the run directory as a path relative to it (the run folder can move)."""
-    path = Path(source)
-    if run_dir is None or not path.exists():
-        return str(source)  # a preset, an embedded name or a hub id stays as given
-    try:
-        return str(path.resolve().relative_to(Path(run_dir).resolve()))
-    except ValueError:
-        return str(source)
-
-
 @dataclasses.dataclass
 class RunChoice:
     """Which tokenizer, predictor and sampling a run uses (`run_choice`)."""
@@ -654,8 +670,9 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
 
 def _decided_sources(rd: RunDir, cfg: KitConfig, promotion: Promotion) -> tuple[str, str]:
     """The promoted pair, checked: stage 03 complete, sources inside the run or its configured base, and
-    the weights unchanged since the decision (`binding`); a `StaleDecisionError` otherwise."""
+    the weights and the stages' records unchanged since (`binding`); a `StaleDecisionError` / `StaleRunError`."""
     check_stage_complete(load_json(rd.manifest) if rd.manifest.is_file() else None, rd.promoted)
+    check_stages(rd.path, cfg, reader=rd.promoted.name, external=False)
     configured = {"tokenizer": (cfg.tokenizer.start_from, cfg.predictor.tokenizer_from),
                   "predictor": (cfg.predictor.start_from,)}
     resolved = {role: decision_source(getattr(promotion, role), rd.path, configured[role], role, rd.promoted)
