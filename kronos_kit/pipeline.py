@@ -257,9 +257,10 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
             frozen = {k: v for k, v in config_diff(cfg, ran, ignore=("run_dir", "threads")).items()
                       if any(k == f or k.startswith(f + ".") for f in _stage_fields(earlier))}
             if frozen:
+                keep = " ".join(f"-p {k}={json.dumps(old)}" for k, (old, _) in frozen.items())
                 raise UsageError(f"{flag} keeps the earlier stages' outputs, so their fields cannot change: "
-                                 f"{_describe_changes(frozen)} (config.yaml or -p). Use an earlier --from, or start "
-                                 "a new run")
+                                 f"{_describe_changes(frozen)} (config.yaml or -p). Pass what they ran with ({keep}), "
+                                 f"rerun from an earlier stage (--from {earlier[0]}), or start a new run")
         config_source = str(RunDir(run_dir).config)
         cfg = cfg.with_overrides(run_dir=str(run_dir.resolve()))  # the folder opened (moved or not) holds the cache
     cfg = resolve_paths(cfg)

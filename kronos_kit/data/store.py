@@ -7,8 +7,8 @@ feature, ``stamps.npy`` (the calendar features, uint8) and ``meta.json`` (symbol
 key, source, and each array's dtype, shape and CRC-32). The key hashes the source's bytes (every file
 `load_ohlcv` would read, by name and content: `source_sha256`), the loader options and the format, so a
 changed file gives a new key: its entry is built afresh and the stale one for the same source removed.
-An entry is used only when its meta.json names this key and source and every array has the dtype, shape
-and checksum recorded there; anything else (another dataset's entry copied or linked in, swapped or retyped
+An entry is used only when its meta.json names this key and every array has the dtype, shape and checksum
+recorded there; anything else (another dataset's entry copied or linked in, swapped or retyped
 arrays, a damaged file) is rebuilt with a warning. A cache folder that cannot be written (read-only, a full
 disk) leaves nothing behind and the data is loaded into memory, with a warning.
 
@@ -133,10 +133,10 @@ class MarketArrays:
         (folder / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: its presence marks a whole entry
 
     @classmethod
-    def open(cls, folder: Path, *, key: str, source: str) -> MarketArrays:
-        """Memory-map the cache entry of ``key`` and ``source`` (read-only); `CacheEntryError` naming what is
-        wrong when it is another source's, incomplete or damaged (`_check_meta`, `_check_array`)."""
-        meta = _check_meta(folder, key, source)
+    def open(cls, folder: Path, *, key: str) -> MarketArrays:
+        """Memory-map the cache entry of ``key`` (read-only); `CacheEntryError` naming what is wrong when it holds
+        other data, is incomplete or damaged (`_check_meta`, `_check_array`)."""
+        meta = _check_meta(folder, key)
         arrays = {}
         for name, expected in meta["arrays"].items():
             try:
@@ -167,8 +167,8 @@ def _crc32(values: np.ndarray) -> int:
     return crc
 
 
-def _check_meta(folder: Path, key: str, source: str) -> dict[str, object]:
-    """meta.json of an entry, checked: this format, key and source, every array described, a known zone."""
+def _check_meta(folder: Path, key: str) -> dict[str, object]:
+    """meta.json of an entry, checked: this format and key, every array described, a known zone."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError, UnicodeDecodeError) as err:
@@ -177,8 +177,8 @@ def _check_meta(folder: Path, key: str, source: str) -> dict[str, object]:
         raise CacheEntryError(f"meta.json holds a {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CacheEntryError(f"cache format {meta.get('format')!r}, expected {FORMAT}")
-    if meta.get("key") != key or meta.get("source") != source:
-        raise CacheEntryError(f"it was written for another source or options ({meta.get('source')!r})")
+    if meta.get("key") != key:  # the key hashes the bytes and options; the path may differ (a moved file)
+        raise CacheEntryError(f"it holds other data or options ({meta.get('source')!r}, key {meta.get('key')!r})")
     wanted = {"timestamps", "offsets", "stamps", *FEATURE_COLUMNS}
     arrays = meta.get("arrays")
     if not isinstance(arrays, dict) or set(arrays) != wanted or not all(isinstance(a, dict) for a in arrays.values()):
@@ -341,10 +341,10 @@ def cached_arrays(source: str, cache_dir: str | Path | None, *, symbol: str | No
         cache_dir.mkdir(parents=True, exist_ok=True)
         handle = (cache_dir / f"data-{key[:32]}.lock").open("a")
     except OSError as err:  # a read-only cache folder: an entry there is still good to read
-        arrays = _open_entry(entry, key, label, quiet=True)
+        arrays = _open_entry(entry, key, quiet=True)
         return arrays if arrays is not None else _unwritable(cache_dir, err, _build(load))
     with handle, _locked(handle):
-        arrays = _open_entry(entry, key, label)
+        arrays = _open_entry(entry, key)
         if arrays is not None:
             return arrays
         arrays = _build(load)
@@ -352,10 +352,10 @@ def cached_arrays(source: str, cache_dir: str | Path | None, *, symbol: str | No
             _write_entry(arrays, cache_dir, entry, key, label)
         except OSError as err:
             return _unwritable(cache_dir, err, arrays)
-    return MarketArrays.open(entry, key=key, source=label)
+    return MarketArrays.open(entry, key=key)
 
 
-def _open_entry(entry: Path, key: str, label: str, *, quiet: bool = False) -> MarketArrays | None:
+def _open_entry(entry: Path, key: str, *, quiet: bool = False) -> MarketArrays | None:
     """The entry's arrays (its notices warned again), or None when there is none or it cannot be used (a warning
     names why unless ``quiet``; a link, even to a good entry, is not used: an entry is a folder of its own)."""
     if not (entry.is_symlink() or (entry / "meta.json").is_file()):
@@ -363,7 +363,7 @@ def _open_entry(entry: Path, key: str, label: str, *, quiet: bool = False) -> Ma
     try:
         if entry.is_symlink():
             raise CacheEntryError(f"it is a link to {os.readlink(entry)}, not an entry of its own")
-        arrays = MarketArrays.open(entry, key=key, source=label)
+        arrays = MarketArrays.open(entry, key=key)
     except CacheEntryError as exc:
         if not quiet:
             warnings.warn(f"data cache {entry} is damaged or not this data's ({exc}); rebuilding it", RuntimeWarning,
