@@ -4,9 +4,10 @@ hash as ``.npy`` files and memory-mapped by every process that loads it (torchru
 A cache entry is a folder ``<cache_dir>/data-<key>/`` holding ``timestamps.npy`` (int64 ns),
 ``offsets.npy`` (symbol k's rows are ``offsets[k]:offsets[k + 1]``), one ``<column>.npy`` per
 feature, ``stamps.npy`` (the calendar features, uint8) and ``meta.json`` (symbols, zone, notices,
-key, source, and each array's dtype, shape and CRC-32). The key hashes the source's bytes (every file
-`load_ohlcv` would read, by name and content: `source_sha256`), the loader options and the format, so a
-changed file gives a new key: its entry is built afresh and the stale one for the same source removed.
+key, source, and each array's dtype, shape and a CRC-32 of up to 64 blocks spread through it). The key
+hashes the source's bytes (every file `load_ohlcv` would read, by name and content: `source_sha256`), the
+loader options and the format, so a changed file gives a new key: its entry is built afresh and the stale
+one for the same source removed.
 An entry is used only when its meta.json names this key and every array has the dtype, shape and checksum
 recorded there; anything else (another dataset's entry copied or linked in, swapped or retyped
 arrays, a damaged file) is rebuilt with a warning. A cache folder that cannot be written (read-only, a full
@@ -49,6 +50,7 @@ from .windows import RowBlocks, SplitRows
 FORMAT = 2  # bump when the layout or any derived array changes: old entries then miss and are rebuilt
 FEATURE_DTYPES = ("float64", "float32")  # what `_compact` keeps a feature as
 ARRAY_DTYPES = {"timestamps": "int64", "offsets": "int64", "stamps": "uint8"}
+CHECKED_BLOCKS, CHECKED_BLOCK = 64, 1 << 16  # what an entry's checksums cover (`_crc32`): 4 MiB of each array
 _STAMP_CHUNK = 1 << 21  # rows per calendar-feature pass (bounds the temporaries at market scale)
 
 
@@ -160,10 +162,16 @@ def _described(values: np.ndarray) -> dict[str, object]:
 
 
 def _crc32(values: np.ndarray) -> int:
-    """CRC-32 of an array's bytes, in chunks (a memory map is read once, never copied whole)."""
-    flat, crc, step = values.reshape(-1), 0, max(1, (1 << 24) // max(values.itemsize, 1))
-    for start in range(0, len(flat), step):
-        crc = zlib.crc32(np.ascontiguousarray(flat[start:start + step]).view(np.uint8), crc)
+    """CRC-32 of an array's bytes: all of them up to `CHECKED_BLOCKS` blocks of `CHECKED_BLOCK` bytes, else of
+    that many blocks spread evenly from the first byte to the last. Opening an entry stays a few page reads
+    (nothing else of a memory map is read until a window needs it), and an array swapped, rewritten or cut short
+    is caught; bytes changed between the blocks of a large array are not."""
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    if len(raw) <= CHECKED_BLOCKS * CHECKED_BLOCK:
+        return zlib.crc32(raw)
+    crc = 0
+    for start in np.linspace(0, len(raw) - CHECKED_BLOCK, CHECKED_BLOCKS).astype(np.int64):
+        crc = zlib.crc32(raw[start:start + CHECKED_BLOCK], crc)
     return crc
 
 
