@@ -51,6 +51,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="retrain a phase the run folder already holds from step 0 (replaces its best, last, state)")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokenizer.max_steps=20")
 
+    judge = sub.add_parser("gate", help="judge a run's adapted tokenizer against its base (what notebook 01 ends "
+                                        "with); exit 1 when the gate fails")
+    judge.add_argument("--config", help="YAML config (default: built-in defaults)")
+    judge.add_argument("--run-dir", help="run directory (overrides the config's run_dir)")
+    judge.add_argument("overrides", nargs="*", help="key=value config overrides")
+
     pipe = sub.add_parser("pipeline", help="run notebooks 01 -> 02 -> 03 with papermill into a run directory",
                           epilog=_parameters_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     pipe.add_argument("--config", help="YAML config of a new run (default: configs/default.yaml)")
@@ -287,6 +293,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = fn(cfg, resume=args.resume, overwrite=args.overwrite)
         print(repr(result))
         return 0
+    if args.command == "gate":
+        from kronos_kit.gate import gate_run
+
+        gate = gate_run(_config(args.config, args.overrides, run_dir=args.run_dir))
+        print(gate.report())
+        return 0 if gate.passed else 1
     if args.command == "pretrain":
         from kronos_kit.pipeline import pretrain_base
 
@@ -341,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as err:
         # bad values in a call (config fields, options); the pipeline's own checks raise UsageError above
-        if args.command in ("train", "forecast", "compare", "pretrain"):
+        if args.command in ("train", "gate", "forecast", "compare", "pretrain"):
             print(f"error: {err}", file=sys.stderr)
             return USAGE_EXIT
         raise

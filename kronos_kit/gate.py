@@ -44,9 +44,9 @@ from kronos_kit.codebook import CodebookStats
 from kronos_kit.config import GateConfig, KitConfig
 from kronos_kit.metrics import diebold_mariano, hac_lag
 from kronos_kit.reconstruction import ReconstructionReport
-from kronos_kit.runs import GATE, JsonFile, json_float, run_choice
+from kronos_kit.runs import GATE, JsonFile, RunDir, json_float, run_choice
 
-__all__ = ["CHECKS", "GateCheck", "GateResult", "TokenizerGateError", "gate_for_phase2", "gate_metrics",
+__all__ = ["CHECKS", "GateCheck", "GateResult", "TokenizerGateError", "gate_for_phase2", "gate_metrics", "gate_run",
            "paired_vs_base", "reconstruction_gate"]
 
 
@@ -326,8 +326,9 @@ def gate_for_phase2(run_dir: str | Path, cfg: KitConfig) -> GateResult | None:
     if cfg.gate.override:
         warnings.warn(f"phase 2 goes on because gate.override (ignore_gate) is set, although {unclear}", stacklevel=2)
         return gate
-    raise TokenizerGateError(f"phase 2 refused: {unclear} Judge it again with stage 01 (notebook 01, or python -m "
-                             f"kronos_kit pipeline --run-dir {run_dir} --from 01), or set ignore_gate=true "
+    raise TokenizerGateError(f"phase 2 refused: {unclear} Judge the tokenizer again (notebook 01; python -m kronos_kit "
+                             f"pipeline --run-dir {run_dir} --from 01; or for a run trained with the train command "
+                             f"python -m kronos_kit gate --config CONFIG --run-dir {run_dir}), or set ignore_gate=true "
                              "(gate.override) to train phase 2 anyway.")
 
 
@@ -349,3 +350,33 @@ def _gate_problem(gate: GateResult | None, source: str, run_dir: Path, config: G
     if changed:
         return f"{GATE} was judged with other thresholds than the run's config ({'; '.join(changed)})."
     return None if gate.passed else gate.summary()
+
+
+def gate_run(cfg: KitConfig, *, data: Any = None) -> GateResult:
+    """What notebook 01 ends with, in one call (`python -m kronos_kit gate`, for a run trained from the command
+    line): the run's adapted tokenizer (`runs.run_choice`) and its base (``tokenizer.start_from``) on the validation
+    windows, their reconstruction reports and codebook statistics, judged with the run's thresholds, bound to the
+    adapted weights and saved (`reconstruction_gate.json`, `codebook_before.json`, `codebook_after.json`) under
+    the run folder's lock. ``data``: the run's `DataBundle` when already loaded."""
+    from kronos_kit.codebook import codebook_stats
+    from kronos_kit.data import load_data
+    from kronos_kit.model import KronosTokenizer
+    from kronos_kit.reconstruction import reconstruction_report
+    from kronos_kit.run_lock import run_lock
+
+    if cfg.run_dir is None:
+        raise ValueError("run_dir is not set: the gate judges the tokenizer of a run folder")
+    rd = RunDir(cfg.run_dir)
+    with run_lock(rd.path, "judging the tokenizer"):
+        data = data or load_data(cfg)
+        source = run_choice(rd.path, cfg, model="finetuned").tokenizer_source
+        judged = {}
+        for name, tokenizer in (("base", cfg.tokenizer.start_from), ("adapted", source)):
+            model = KronosTokenizer.from_pretrained(tokenizer)
+            judged[name] = (reconstruction_report(model, data.val), codebook_stats(model, data.val))
+        judged["base"][1].save(rd.codebook_before)
+        judged["adapted"][1].save(rd.codebook_after)
+        gate = reconstruction_gate(*judged["adapted"], cfg.gate, base=judged["base"][0], base_stats=judged["base"][1],
+                                   tokenizer=source)
+        gate.save(rd.gate)
+    return gate

@@ -65,15 +65,13 @@ def recorded_run(tmp_path_factory) -> Path:
     run folder: take a copy with `copy_run` before changing anything."""
     import warnings
 
-    from kronos_kit.codebook import codebook_stats
     from kronos_kit.config import KitConfig
     from kronos_kit.data import load_data
     from kronos_kit.evaluate import decide_on_validation
-    from kronos_kit.gate import reconstruction_gate
+    from kronos_kit.gate import gate_run
     from kronos_kit.model import Kronos, KronosTokenizer
     from kronos_kit.pipeline import RUN_KIND, STAGES
-    from kronos_kit.reconstruction import reconstruction_report
-    from kronos_kit.runs import RunDir, run_choice, save_json
+    from kronos_kit.runs import RunDir, save_json
     from kronos_kit.stage_records import start_evaluation
     from kronos_kit.train import train_predictor, train_tokenizer
 
@@ -85,15 +83,8 @@ def recorded_run(tmp_path_factory) -> Path:
         warnings.simplefilter("ignore")
         bundle = load_data(cfg)
         train_tokenizer(cfg, data=bundle, progress=False)
-        tokenizers = {"base": KronosTokenizer.from_pretrained(cfg.tokenizer.start_from)}
-        adapted = run_choice(rd.path, cfg, model="finetuned").tokenizer_source
-        tokenizers["adapted"] = KronosTokenizer.from_pretrained(adapted)
-        reports = {k: (reconstruction_report(t, bundle.val), codebook_stats(t, bundle.val))
-                   for k, t in tokenizers.items()}
-        gate = reconstruction_gate(*reports["adapted"], cfg.gate, base=reports["base"][0],
-                                   base_stats=reports["base"][1], tokenizer=adapted)
+        gate = gate_run(cfg, data=bundle)
         assert gate.passed, gate.report()
-        gate.save(rd.gate)
         train_predictor(cfg, data=bundle, progress=False)
         sources = start_evaluation(cfg, bundle)
         models = {n: (Kronos.from_pretrained(s.predictor_source), KronosTokenizer.from_pretrained(s.tokenizer_source))
