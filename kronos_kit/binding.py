@@ -230,7 +230,7 @@ class StageRecord:
                 or not all(isinstance(d.get(k, {}), dict) for k in ("data", "config", *entries)) \
                 or not all(isinstance(e, dict) and "source" in e for k in entries for e in d.get(k, {}).values()):
             raise StaleRunError(f"{where} is not a stage record the kit wrote; "
-                                f"{_rerun(where.parent.parent, where.stem)}")
+                                f"to go on, {_rerun(where.parent.parent, where.stem)}")
         return cls(**d)
 
 
@@ -248,10 +248,11 @@ def read_stage_records(run_dir: str | Path) -> dict[str, StageRecord]:
         try:
             data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as err:
-            raise StaleRunError(f"{path} is not valid JSON ({err}); {_rerun(run_dir, stage)}") from None
+            raise StaleRunError(f"{path} is not valid JSON ({err}); to go on, {_rerun(run_dir, stage)}") from None
         record = StageRecord.from_dict(data, path)
         if record.stage != stage:
-            raise StaleRunError(f"{path} holds the record of stage {record.stage!r}; {_rerun(run_dir, stage)}")
+            raise StaleRunError(f"{path} holds the record of stage {record.stage!r}; to go on, "
+                                f"{_rerun(run_dir, stage)}")
         records[stage] = record
     return records
 
@@ -263,8 +264,9 @@ def recorded_config(run_dir: str | Path, stages: Iterable[str]) -> dict[str, Any
 
 
 def _rerun(run_dir: str | Path, stage: str) -> str:
-    return (f"to go on, rerun from stage {stage} with the new inputs (python -m kronos_kit pipeline --run-dir "
-            f"{run_dir} --from {stage}), put back what changed, or start a new run")
+    """How to go on from a stage whose record no longer matches (after "to go on, ")."""
+    return (f"rerun from stage {stage} with the new inputs (python -m kronos_kit pipeline --run-dir {run_dir} "
+            f"--from {stage}), put back what changed, or start a new run")
 
 
 def _short(sha: str | None) -> str:
@@ -316,4 +318,4 @@ def check_stages(run_dir: str | Path, cfg: KitConfig, *, reader: str, stages: It
         return
     lines = "".join(f"\n  - stage {s} ({STAGE_TITLES[s]}): {what}" for s, what in problems)
     raise StaleRunError(f"{reader}: {run_dir} no longer holds what its stages consumed:{lines}\n"
-                        f"{_rerun(run_dir, min(s for s, _ in problems)).capitalize()}.")
+                        f"To go on, {_rerun(run_dir, min(s for s, _ in problems))}.")
