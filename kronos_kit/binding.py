@@ -274,13 +274,16 @@ def _short(sha: str | None) -> str:
 
 
 def stage_problems(run_dir: str | Path, cfg: KitConfig, *, stages: Iterable[str] = tuple(STAGE_CONFIG),
-                   data_sha256: str | None = None, external: bool = True) -> list[tuple[str, str]]:
+                   data_sha256: str | None = None, external: bool = True,
+                   files: Iterable[str] | None = None) -> list[tuple[str, str]]:
     """(stage, what changed) for every way the run differs now from what the records of `stages` say those
     stages consumed and wrote: a config field (`cfg`, the run's config.yaml or what a call passes), the data
     (`data_sha256`, the bytes a loader reads now; without it the records must agree with each other), a
-    checkpoint or file they read or wrote. `external`: also sources outside the run (a base checkpoint)."""
+    checkpoint or file they read or wrote (of the stages in `files` only, default all: a stage about to run
+    again rewrites them). `external`: also sources outside the run (a base checkpoint)."""
     records = read_stage_records(run_dir)
     chosen = [s for s in STAGE_CONFIG if s in set(stages) and s in records]
+    files = set(chosen if files is None else files)
     now = record_config(cfg, max(STAGE_CONFIG))
     problems = []
     for stage in chosen:
@@ -292,7 +295,7 @@ def stage_problems(run_dir: str | Path, cfg: KitConfig, *, stages: Iterable[str]
         if data_sha256 is not None and then is not None and data_sha256 != then:
             problems.append((stage, f"it read the data ({record.data.get('source')}) with {_short(then)}, which "
                                     f"has {_short(data_sha256)} now: the data changed since"))
-        for verb, entries in (("read", record.inputs), ("wrote", record.outputs)):
+        for verb, entries in (("read", record.inputs), ("wrote", record.outputs)) if stage in files else ():
             for entry in entries.values():
                 source, then = str(entry["source"]), entry.get("sha256")
                 inside = not Path(source).is_absolute() and not source.startswith(EMBEDDED_PREFIX)
@@ -310,10 +313,10 @@ def stage_problems(run_dir: str | Path, cfg: KitConfig, *, stages: Iterable[str]
 
 
 def check_stages(run_dir: str | Path, cfg: KitConfig, *, reader: str, stages: Iterable[str] = tuple(STAGE_CONFIG),
-                 data_sha256: str | None = None, external: bool = True) -> None:
+                 data_sha256: str | None = None, external: bool = True, files: Iterable[str] | None = None) -> None:
     """Refuse (`StaleRunError`) a run whose stages consumed other inputs than it holds now (`stage_problems`):
     the message names `reader`, every change, and how to go on."""
-    problems = stage_problems(run_dir, cfg, stages=stages, data_sha256=data_sha256, external=external)
+    problems = stage_problems(run_dir, cfg, stages=stages, data_sha256=data_sha256, external=external, files=files)
     if not problems:
         return
     lines = "".join(f"\n  - stage {s} ({STAGE_TITLES[s]}): {what}" for s, what in problems)

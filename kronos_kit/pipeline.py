@@ -182,8 +182,8 @@ class _Plan:
     run_dir: Path | None  # None: a new folder named by `run_name` under <project>/runs
     mode: str  # "new", "resume" or "from"
     from_stage: str | None
-    train_windows: int = 0  # set by _check_inputs, as the data's sha256
-    data_sha256: str | None = None
+    train_windows: int = 0  # set by _check_inputs once the data is loaded
+    data_sha256: str | None = None  # the data's bytes (`data.store.source_sha256`), set with it
 
 
 def _usage(fn: Callable[[], Any], what: str = "") -> Any:
@@ -286,11 +286,14 @@ def _check_consumed(plan: _Plan) -> None:
     from kronos_kit.gate import TokenizerGateError, gate_for_phase2
 
     names = list(STAGES)
-    flag = "--resume" if plan.mode == "resume" else f"--from {plan.from_stage}"
-    earlier = names if plan.mode == "resume" else names[:names.index(plan.from_stage)]
-    _usage(lambda: check_stages(plan.run_dir, plan.cfg, reader=flag, stages=earlier, data_sha256=plan.data_sha256))
     done = {s for s, r in Manifest.load_or_new(plan.run_dir).data.get("stages", {}).items()
             if r.get("status") == "completed"}
+    flag = "--resume" if plan.mode == "resume" else f"--from {plan.from_stage}"
+    earlier = names if plan.mode == "resume" else names[:names.index(plan.from_stage)]
+    # a resumed stage rewrites its files (and so may the ones after it): their data and config must still match
+    kept = names[:next((i for i, s in enumerate(names) if s not in done), len(names))]
+    _usage(lambda: check_stages(plan.run_dir, plan.cfg, reader=flag, stages=earlier, data_sha256=plan.data_sha256,
+                                files=kept if plan.mode == "resume" else None))
     phase2_next = plan.from_stage == "02" or (plan.mode == "resume" and "01" in done and "02" not in done)
     if phase2_next and plan.cfg.predictor.enabled:
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import logging
 import math
 import os
 import pickle
@@ -31,8 +30,7 @@ import torch
 from kronos_kit.binding import check_bound, check_stage_complete, check_stages, decision_source
 from kronos_kit.binding import run_relative as relative_source  # noqa: F401 (a source inside the run, relative)
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, DataConfig, KitConfig
-
-logger = logging.getLogger(__name__)
+from kronos_kit.jsonl import log_records
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -404,8 +402,9 @@ class MetricsLog:
             return
         tags = {k: v for k, v in (("run", self.run), ("attempt", self.attempt)) if v is not None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.mended:  # else the first record would continue that line
-            self.mended = log_records(self.path, mend=True) is not None
+        if not self.mended:  # a line an earlier writer left cut short must not swallow this record
+            log_records(self.path, mend=True)
+            self.mended = True
         with self.path.open("a") as f:
             f.write(json.dumps({**record, **tags}, default=float) + "\n")
 
@@ -417,29 +416,6 @@ class MetricsLog:
         keep = [r for r in records if not _superseded(r, phase, self.run, step)]
         if len(keep) < len(records):
             atomic_write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
-
-
-def log_records(path: Path, *, mend: bool = False) -> list[dict[str, Any]]:
-    """Every record of a JSON-lines log. A last line cut short (power loss, a full disk, a kill mid-write) is left
-    out with a warning, and with `mend` cut off the file; any other line that is not JSON is an error naming it."""
-    text = path.read_text() if path.is_file() else ""
-    *lines, tail = text.split("\n")
-    records = []
-    for number, line in enumerate([*lines, tail], 1):
-        try:
-            records += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError as err:
-            if number <= len(lines):
-                raise ValueError(f"{path}: line {number} is not a JSON record ({err}); delete that line") from None
-            logger.warning("%s: its last line is cut short (%d characters: the process writing it stopped "
-                           "mid-line); left out", path, len(tail))
-            if mend:
-                os.truncate(path, len(text) - len(tail))
-            return records
-    if mend and tail.strip():  # complete, but its newline is missing
-        with path.open("a") as f:
-            f.write("\n")
-    return records
 
 
 def _superseded(record: dict[str, Any], phase: str, run: str | None, step: int) -> bool:

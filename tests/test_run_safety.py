@@ -598,7 +598,7 @@ def test_a_torn_last_line_of_the_metrics_log_is_cut_off_with_a_notice(tmp_path, 
     with RunDir(tmp_path).metrics_log.open("a") as f:
         f.write('{"phase": "tokenizer", "kind": "tra')
     assert len(runs.read_metrics(RunDir(tmp_path).metrics_log)) > 0  # readers leave it out too
-    with caplog.at_level(logging.WARNING, logger="kronos_kit.runs"):
+    with caplog.at_level(logging.WARNING, logger="kronos_kit.jsonl"):
         result = train_tokenizer(cfg, data=data, progress=False, resume=True)
     assert result.steps == 4 and "last line is cut short" in caplog.text
     lines = RunDir(tmp_path).metrics_log.read_text().splitlines()
