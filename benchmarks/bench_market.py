@@ -249,7 +249,7 @@ def step_train(args) -> dict:
     tok, pred = shapes[args.shape]
     cfg = bench_config(args.data, args.work, f"train-{args.shape}", **{
         "tokenizer.start_from": tok, "predictor.start_from": pred, "tokenizer.max_steps": args.steps,
-        "predictor.max_steps": args.steps})
+        "predictor.max_steps": args.steps, "gate.override": True})  # throughput only: phase 2 without a gate
     bundle = load_data(cfg)
     out = {"shape": args.shape, "batch": 32, "steps": args.steps}
     for phase, run in (("phase1", train.train_tokenizer), ("phase2", train.train_predictor)):

@@ -53,6 +53,7 @@ def _config(data: Path, run_dir: Path, tokenizer: str, predictor: str, *, precis
         "precision": precision, "seed": 0, "data": {"source": str(data), "lookback": 90, "predict": 10},
         "tokenizer": {"start_from": tokenizer, **phase},
         "predictor": {"start_from": predictor, "skill_origins": 0, "select_metric": "val_loss", **phase},
+        "gate": {"override": True},  # step times only: phase 2 without notebook 01's gate
     })
 
 
@@ -136,7 +137,8 @@ def torchrun_smoke(data: Path, work: Path, tokenizer: str, predictor: str, devic
                  f"device={device.type}", f"precision={'bf16' if device.type == 'cuda' else 'fp32'}",
                  f"tokenizer.start_from={tokenizer}", f"predictor.start_from={predictor}",
                  "tokenizer.max_steps=2", "predictor.max_steps=2", "tokenizer.batch_size=8", "predictor.batch_size=8",
-                 "tokenizer.max_val_batches=1", "predictor.max_val_batches=1", "predictor.skill_origins=0"]
+                 "tokenizer.max_val_batches=1", "predictor.max_val_batches=1", "predictor.skill_origins=0",
+                 "gate.override=true"]  # a smoke of the training stages: phase 2 without notebook 01's gate
     t0 = time.perf_counter()
     steps = [[*torchrun, str(HERE), "_process_group"]]
     steps += [[*torchrun, "-m", "kronos_kit", "train", phase, "--run-dir", str(run_dir), *overrides]

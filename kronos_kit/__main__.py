@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="retrain a phase the run folder already holds from step 0 (replaces its best, last, state)")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. tokenizer.max_steps=20")
+
+    judge = sub.add_parser("gate", help="judge a run's adapted tokenizer against its base (what notebook 01 ends "
+                                        "with); exit 1 when the gate fails")
+    judge.add_argument("--config", help="YAML config (default: built-in defaults)")
+    judge.add_argument("--run-dir", help="run directory (overrides the config's run_dir)")
+    judge.add_argument("overrides", nargs="*", help="key=value config overrides")
 
     pipe = sub.add_parser("pipeline", help="run notebooks 01 -> 02 -> 03 with papermill into a run directory",
                           epilog=_parameters_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +142,7 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
     """What `forecast --run` uses from a run (`runs.run_choice`): the promoted pair, calibrated sampling and
     path calibration when the run has decided them, else its own `best` checkpoints (the base ones for a phase
     it skipped) and its configured sampling. Reads plain JSON and YAML only."""
+    from kronos_kit.binding import check_stages
     from kronos_kit.config import KitConfig
     from kronos_kit.runs import RunDir, run_choice
 
@@ -143,6 +151,8 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"--run {rd.path}: no config.yaml there; give the folder of a pipeline run")
     cfg = KitConfig.from_file(rd.config)
     decided = rd.promoted.is_file()
+    if not decided:  # the promoted pair's reader checks every stage itself
+        check_stages(rd.path, cfg, reader="forecast --run", stages=("01", "02"), external=False)
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
     return {"max_context": choice.max_context, "top_k": choice.top_k, "lookback": choice.lookback,
             "tokenizer": choice.tokenizer_source,
@@ -229,6 +239,7 @@ def _forecast(args: argparse.Namespace) -> int:
     why_history = "--max-context" if args.max_context is not None else "the run's data.lookback" if args.run \
         else "the default"
     predictor = KronosPredictor(model, tokenizer, device=str(device), max_context=max(history, chosen["max_context"]))
+    _check_forecast_size(args, model, predictor.max_context, history)
     calibration = None if args.uncalibrated else PathCalibration.from_dict(chosen.get("path_calibration", {}),
                                                                             where="--run calibration.json")
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples, lookback=history,
@@ -240,11 +251,51 @@ def _forecast(args: argparse.Namespace) -> int:
     n_symbols = table["symbol"].nunique()
     print(f"wrote {len(table)} rows ({n_symbols} symbol(s) x {args.horizon} steps) to {out}\n"
           f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
-          f"history: the last {history} bars of each symbol ({why_history})\n"
+          f"history: {_history_used(frame, history, why_history)}\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
           f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}\n"
           f"path calibration: {(calibration or PathCalibration()).describe()}")
     return 0
+
+
+def _history_used(frame: Any, history: int, why: str) -> str:
+    """What history the forecast used: the last `history` bars of each symbol, or all of a shorter one's."""
+    bars = frame.groupby("symbol", sort=True).size()
+    short = bars[bars < history]
+    text = f"the last {history} bars of each symbol ({why})"
+    if short.empty:
+        return text
+    listing = ", ".join(f"{name} {n}" for name, n in short.head(5).items()) + (", ..." if len(short) > 5 else "")
+    return (f"{text}; {len(short)} symbol(s) have fewer and are forecast from all the bars they have, less "
+            f"history than asked ({listing})")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory this machine can still give: Linux's MemAvailable (free plus reclaimable caches), else the
+    free pages; None where the OS does not say."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_forecast_size(args: argparse.Namespace, model: Any, max_context: int, history: int) -> None:
+    """Refuse before generating a forecast this machine cannot hold: each symbol's sample paths are generated in
+    one batch, each with its key/value cache, its tokens and its decoded bars."""
+    available = _available_memory()
+    context = min(history + args.horizon, max_context)
+    per_path = (4 * context * model.d_model * (2 * model.n_layers + 8) + 4 * 4 * model.s1_vocab_size
+                + 16 * (history + args.horizon) + 6 * 12 * args.horizon)
+    need = per_path * args.samples
+    if available is not None and need > available:
+        raise ValueError(f"--samples {args.samples} with --horizon {args.horizon}: each symbol's paths are generated "
+                         f"together and need about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+                         "this machine has free; lower --samples (32 to 1000 is usual) or --horizon")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +319,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = fn(cfg, resume=args.resume, overwrite=args.overwrite)
         print(repr(result))
         return 0
+    if args.command == "gate":
+        from kronos_kit.gate import gate_run
+
+        gate = gate_run(_config(args.config, args.overrides, run_dir=args.run_dir))
+        print(gate.report())
+        return 0 if gate.passed else 1
     if args.command == "pretrain":
         from kronos_kit.pretrain import pretrain_base
 
@@ -313,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("papermill").setLevel(logging.WARNING)  # the pipeline prints its own stage lines
+    from kronos_kit.binding import StaleRunError
     from kronos_kit.data.schema import DataError
+    from kronos_kit.gate import TokenizerGateError
     from kronos_kit.pipeline import UsageError
     from kronos_kit.run_lock import RunLockedError
     from kronos_kit.runs import DiskFullError
@@ -322,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (UsageError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            RunLockedError) as err:
+            RunLockedError, StaleRunError, TokenizerGateError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_EXIT
     except (NonFiniteError, DiskFullError) as err:  # the run failed; what it saved before is finite and kept
@@ -330,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as err:
         # bad values in a call (config fields, options); the pipeline's own checks raise UsageError above
-        if args.command in ("train", "forecast", "compare", "pretrain", "sweep"):
+        if args.command in ("train", "gate", "forecast", "compare", "pretrain", "sweep"):
             print(f"error: {err}", file=sys.stderr)
             return USAGE_EXIT
         raise

@@ -16,7 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from kronos_kit.config import flatten, read_yaml
+from kronos_kit.binding import check_stages
+from kronos_kit.config import KitConfig, flatten, read_yaml
+from kronos_kit.gate import GateResult
 from kronos_kit.runs import Promotion, RunDir, load_json
 
 __all__ = ["COMPARED_METRICS", "compare_runs", "comparison_markdown", "write_comparison"]
@@ -41,13 +43,18 @@ def _read(path: Path, pick: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _config(rd: RunDir) -> dict[str, Any]:
+    """The run's config.yaml, flat; refused when it no longer says what the run's stages ran with
+    (`binding.check_stages`): the table would show settings its numbers did not come from."""
     if not rd.config.is_file():
         raise FileNotFoundError(f"{rd.path}: no config.yaml; give the folder of a pipeline run (runs/<name>)")
-    return flatten(read_yaml(rd.config))
+    values = read_yaml(rd.config)
+    check_stages(rd.path, KitConfig.from_dict(values, source=str(rd.config)), reader="compare", external=False)
+    return flatten(values)
 
 
 def _gate(gate: dict[str, Any]) -> dict[str, Any]:
-    row = {"gate": "passed" if gate["passed"] else "FAILED", "gate full_mse": gate["metrics"].get("full_mse")}
+    passed = GateResult.from_dict(gate).passed  # decided from its numbers, never from a stored "passed"
+    row = {"gate": "passed" if passed else "FAILED", "gate full_mse": gate["metrics"].get("full_mse")}
     for metric in ("full_mse_vs_base", "close_error_to_move"):  # absent in gate files of older runs
         if gate["metrics"].get(metric) is not None:
             row[f"gate {metric}"] = gate["metrics"][metric]

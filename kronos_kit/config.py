@@ -79,6 +79,12 @@ RATIO_SPLITS = ("calendar", "symbol")
 UNIVERSE_SIGNALS = ("expected_return", "risk_adjusted", "prob_up")
 # what promotion decides on, on the validation split: close CRPS per series, or the universe signal's RankIC
 PROMOTION_METRICS = ("close_crps", "rank_ic")
+# phase config fields that may change between a run and its resume (or after the phase ran): they decide when
+# to log, validate or stop, never what the weights become or what a validation metric means
+HARMLESS_ON_RESUME = ("enabled", "log_every", "eval_every", "patience", "nonfinite_grad", "resume_changed")
+# data.short: what a symbol too short for one window of a split means; "auto": left out of that split (with a notice)
+# in a panel (late listings, early delistings), an error for one series
+SHORT_SYMBOLS = ("auto", "error", "drop")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
@@ -103,8 +109,11 @@ class DataConfig:
     max_samples_per_epoch: int | None = None  # cap on windows per epoch (large data)
     fill: str | None = None  # None: NaN is an error; "ffill": forward-fill within a symbol
     columns: dict[str, str] | None = None  # {source column: canonical name}, e.g. {Date: timestamps}
+    short: str = "auto"  # a symbol too short for a window of a split: "drop" it there, "error"; "auto": drop in a panel
 
     def __post_init__(self) -> None:
+        if self.short not in SHORT_SYMBOLS:
+            raise ValueError(f"data.short must be one of {list(SHORT_SYMBOLS)}, got {self.short!r}")
         if self.lookback < 2 or self.predict < 1:
             raise ValueError(f"data.lookback must be >= 2 and data.predict >= 1; got {self.lookback}, {self.predict}")
         if not (0 < self.train_ratio < 1 and 0 < self.val_ratio < 1 and self.train_ratio + self.val_ratio < 1):

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kronos_kit import runs
-from kronos_kit.config import PhaseConfig
+from kronos_kit.config import HARMLESS_ON_RESUME, PhaseConfig
 from kronos_kit.data import take
 from kronos_kit.model import (
     save_merged,
@@ -54,7 +54,7 @@ __all__ = [
     "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "OnStep", "OnValidate", "Phase",
     "PhaseExistsError",
     "PhaseResult",
-    "ResumeMismatchError", "StepOutput", "TrainState", "planned_steps", "restore_state", "run_phase",
+    "ResumeMismatchError", "StepOutput", "TrainState", "check_batch", "planned_steps", "restore_state", "run_phase",
     "save_checkpoint", "save_state", "setup_optimizer", "train_epoch", "validate", "validation_loader",
     "write_reference",
 ]
@@ -67,9 +67,6 @@ OnStep = Callable[[int, dict[str, float]], None]
 OnValidate = Callable[[int, dict[str, float]], str | None]
 
 
-# phase config fields that may change between a run and its resume: they decide when to log,
-# validate or stop, never what the weights become or what a validation metric means
-HARMLESS_ON_RESUME = ("enabled", "log_every", "eval_every", "patience", "nonfinite_grad", "resume_changed")
 # phase config fields that decide which parameters train (and so which optimizer moment belongs to which
 # weight, saved by position): never changed on resume, not even with resume_changed
 STRUCTURAL_ON_RESUME = ("strategy", "trainable", "lora_rank", "lora_targets")
@@ -171,6 +168,7 @@ class Phase:
     train_set: Dataset
     val_set: Dataset
     before_save: Callable[[], None] = lambda: None  # hook run before each checkpoint (checks)
+    on_start: Callable[[], None] = lambda: None  # rank 0, once resume or start passed its checks (the stage record)
     inputs: dict[str, Any] = field(default_factory=dict)  # what else fixes the result (data config...); resume checks
     reference: Callable[[], dict[str, Any]] | None = None  # more about the starting model for its `reference` record
 
@@ -299,6 +297,8 @@ def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | No
     if not resumed:
         run.state.run_id = uuid.uuid4().hex[:12]  # os entropy: the seeded RNGs stay untouched
     run.log.run, run.log.attempt = run.state.run_id, run.state.attempt
+    if run.ctx.is_main:
+        phase.on_start()
     if not resumed:  # the starting model's validation, once per run (a resume keeps it): the base level
         write_reference(run)
     if resumed:
@@ -340,11 +340,7 @@ def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torc
     name = phase.name
     if ctx.world_size > 1 and cfg.batch_size % ctx.world_size:
         raise ValueError(f"{name}.batch_size={cfg.batch_size} must divide by the {ctx.world_size} ranks")
-    per_step = cfg.batch_size * cfg.grad_accum_steps
-    if len(phase.train_set) < per_step:
-        raise ValueError(f"{name}: {len(phase.train_set)} training windows per epoch cannot fill one optimizer step "
-                         f"of {name}.batch_size={cfg.batch_size} x {name}.grad_accum_steps={cfg.grad_accum_steps} = "
-                         f"{per_step} windows; lower batch_size or grad_accum_steps, or bring more data")
+    check_batch(name, cfg, len(phase.train_set))
     if len(phase.val_set) == 0:
         raise ValueError(f"{name}: the validation split has no windows; enlarge data.val_ratio or the data")
     total_steps = planned_steps(cfg, len(phase.train_set))
@@ -356,6 +352,15 @@ def _plan(phase: Phase, cfg: PhaseConfig, rd: RunDir, *, seed: int, device: torc
         mirror = TensorBoardLog(rd.tensorboard)
     return _Run(phase, cfg, rd, seed, device, ctx, MetricsLog(rd.metrics_log, enabled=ctx.is_main, mirror=mirror),
                 cfg.batch_size // ctx.world_size, total_steps, precision, autocast)
+
+
+def check_batch(name: str, cfg: PhaseConfig, train_windows: int) -> None:
+    """Refuse (ValueError) a phase whose `train_windows` training windows per epoch cannot fill one optimizer step."""
+    per_step = cfg.batch_size * cfg.grad_accum_steps
+    if train_windows < per_step:
+        raise ValueError(f"{name}: {train_windows} training windows per epoch cannot fill one optimizer step of "
+                         f"{name}.batch_size={cfg.batch_size} x {name}.grad_accum_steps={cfg.grad_accum_steps} = "
+                         f"{per_step} windows; lower batch_size or grad_accum_steps, or bring more data")
 
 
 def planned_steps(cfg: PhaseConfig, train_windows: int) -> int:

@@ -477,6 +477,9 @@ def future_timestamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence, horiz
         raise ValueError("future_timestamps: timestamps must be strictly increasing; sort them and drop duplicates")
     step = pd.Timedelta(int(modal_step(nanoseconds(ts), np.array([0]))[0]), unit="ns")
     last = ts[-1]
+    if (pd.Timestamp.max - last.tz_localize(None)) / step < horizon * 7 / 5:  # business days: 7/5 calendar days each
+        raise ValueError(f"horizon {horizon}: {horizon} bars of {step} after {last} would run past "
+                         f"{pd.Timestamp.max:%Y-%m-%d}, the last time a timestamp holds; forecast fewer bars")
     if step == pd.Timedelta(days=1) and (ts.day_of_week < 5).all():
         return pd.DatetimeIndex([last + pd.offsets.BDay(k) for k in range(1, horizon + 1)])
     return pd.DatetimeIndex([last + step * k for k in range(1, horizon + 1)])

@@ -21,6 +21,11 @@ windows when its report is given:
 Every check is recorded with its value, threshold and the base tokenizer's value
 (`reconstruction_gate.json` in a run); a failed gate names the failed checks and says in one line
 what to try. ``gate.override`` (notebook parameter ``ignore_gate``) continues anyway.
+
+A gate is bound to the tokenizer it judged (``tokenizer``: its source and the sha256 of its weights), and
+reading one decides pass / fail again from its numbers (a stored ``"passed"`` is never believed).
+:func:`gate_for_phase2` is phase 2's requirement: the run's own adapted tokenizer needs a gate, the gate must
+have judged the weights phase 2 loads, with the run's thresholds, and passed (else ``gate.override``).
 """
 
 from __future__ import annotations
@@ -29,18 +34,20 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from kronos_kit.binding import bind, run_relative, weights_sha256
 from kronos_kit.codebook import CodebookStats
-from kronos_kit.config import GateConfig
+from kronos_kit.config import GateConfig, KitConfig
 from kronos_kit.metrics import diebold_mariano, hac_lag
 from kronos_kit.reconstruction import ReconstructionReport
-from kronos_kit.runs import JsonFile, json_float
+from kronos_kit.runs import GATE, JsonFile, RunDir, json_float, run_choice
 
-__all__ = ["CHECKS", "GateCheck", "GateResult", "TokenizerGateError", "gate_metrics", "paired_vs_base",
-           "reconstruction_gate"]
+__all__ = ["CHECKS", "GateCheck", "GateResult", "TokenizerGateError", "gate_for_phase2", "gate_metrics", "gate_run",
+           "paired_vs_base", "reconstruction_gate"]
 
 
 class GateCheck(NamedTuple):
@@ -90,6 +97,7 @@ class GateResult(JsonFile):
     failed: list[str] | None = None  # None (files from before): decided again from value and threshold
     paired: dict[str, Any] | None = None
     advice: str = ""
+    tokenizer: dict[str, Any] | None = None  # the tokenizer judged: {"source", "sha256"} (`binding.bind`)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -110,12 +118,23 @@ class GateResult(JsonFile):
             "paired": self.paired,
             "reasons": list(self.reasons),
             "advice": self.advice,
+            "tokenizer": self.tokenizer,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> GateResult:
-        return cls(bool(d["passed"]), dict(d["metrics"]), dict(d["thresholds"]), list(d.get("reasons", [])),
-                   dict(d.get("base") or {}), d.get("failed"), d.get("paired"), str(d.get("advice", "")))
+        """The gate as saved, decided again from its numbers and thresholds: a stored ``passed`` is never
+        believed; a stored failure of a check whose value was not finite (saved as null) stands."""
+        metrics, base, paired = dict(d["metrics"]), dict(d.get("base") or {}), d.get("paired")
+        limits = dict(d["thresholds"])
+        level = float(paired["level"]) if isinstance(paired, Mapping) and "level" in paired else \
+            GateConfig.base_test_level
+        reasons, failed, advice = _decide(metrics, base, paired, limits, level)
+        stood = [m for m in d.get("failed") or [] if m not in failed and metrics.get(m) is None]
+        reasons += [f"{m} was not finite" for m in stood]
+        tokenizer = d.get("tokenizer")
+        return cls(not failed and not stood, metrics, limits, reasons, base, failed + stood, paired, advice,
+                   dict(tokenizer) if isinstance(tokenizer, Mapping) else None)
 
     def _active(self) -> list[tuple[str, str, float]]:
         """(threshold name, metric, limit) of every check that ran: a limit and a value."""
@@ -223,6 +242,7 @@ def reconstruction_gate(
     *,
     base: ReconstructionReport | None = None,
     base_stats: CodebookStats | None = None,
+    tokenizer: str | None = None,
     **thresholds: float | None,
 ) -> GateResult:
     """Decide whether the adapted tokenizer (``report``, ``stats``) is fit for phase 2.
@@ -231,7 +251,9 @@ def reconstruction_gate(
     named like its fields override single ones (None disables a check). With ``base`` (the base
     tokenizer's report on the same windows) the gate compares against it and records the base's value
     of every metric; ``base_stats`` adds the base's codebook numbers. Without ``stats`` the codebook
-    checks are skipped (their metrics are None). Defaults and why: see `GateConfig` and the README.
+    checks are skipped (their metrics are None). ``tokenizer`` (the adapted tokenizer's source) binds the gate to
+    the weights it judged: phase 2 refuses a gate for other weights (`gate_for_phase2`). Defaults and why: see
+    `GateConfig` and the README.
     """
     cfg = config or GateConfig()
     unknown = set(thresholds) - {f.name for f in fields(GateConfig)}
@@ -248,13 +270,26 @@ def reconstruction_gate(
         tolerance = (limits["max_full_mse_vs_base"] or 1.0) - 1.0
         paired = paired_vs_base(report, base, tolerance=tolerance, level=level)
         metrics["full_mse_vs_base"], base_metrics["full_mse_vs_base"] = paired["ratio"], 1.0
+    reasons, failed, advice = _decide(metrics, base_metrics, paired, limits, level)
+    return GateResult(passed=not failed, metrics=metrics, thresholds=limits, reasons=reasons, base=base_metrics,
+                      failed=failed, paired=paired, advice=advice,
+                      tokenizer=None if tokenizer is None else bind({"tokenizer": str(tokenizer)})["tokenizer"])
+
+
+def _decide(metrics: Mapping[str, float | None], base_metrics: Mapping[str, float | None],
+            paired: Mapping[str, Any] | None, limits: Mapping[str, float | None],
+            level: float) -> tuple[list[str], list[str], str]:
+    """(reasons, failed metrics, advice) of the checks: every check with a limit and a value. The paired test's
+    significance is decided again from its p-value and ``level``."""
     reasons, failed, advice = [], [], []
     for check in CHECKS:
-        value, limit, upper = metrics.get(check.metric), limits[check.threshold], check.threshold.startswith("max_")
+        value, limit, upper = metrics.get(check.metric), limits.get(check.threshold), check.threshold.startswith("max_")
         if limit is None or value is None:
             continue
         if check.metric == "full_mse_vs_base":
-            bad = not math.isfinite(value) or (value > limit and paired["significant"])
+            p_value = float((paired or {}).get("p_value", float("nan")) or float("nan"))
+            significant = math.isfinite(p_value) and p_value < level
+            bad = not math.isfinite(value) or (value > limit and significant)
         else:
             bad = not _within(value, limit, upper)
         if not bad:
@@ -270,5 +305,78 @@ def reconstruction_gate(
             was = f"; the base tokenizer has {base_metrics[check.metric]:.4g}" if base_metrics.get(
                 check.metric) is not None and check.metric != "full_mse_vs_base" else ""
             reasons.append(f"{check.metric} ({check.label}) {value:.4g} is {side} the {bound} {limit:.4g}{extra}{was}")
-    return GateResult(passed=not failed, metrics=metrics, thresholds=limits, reasons=reasons, base=base_metrics,
-                      failed=failed, paired=paired, advice="; or ".join(dict.fromkeys(advice)))
+    return reasons, failed, "; or ".join(dict.fromkeys(advice))
+
+
+def gate_for_phase2(run_dir: str | Path, cfg: KitConfig) -> GateResult | None:
+    """The reconstruction gate that lets phase 2 start on the tokenizer it loads (`runs.run_choice`, finetuned).
+
+    The run's own adapted tokenizer needs a gate (`reconstruction_gate.json`; another tokenizer, e.g. the base
+    with phase 1 off, only when the run holds one), and that gate must have judged these weights, with the run's
+    thresholds (``cfg.gate``), and passed, decided again from its numbers. Otherwise `TokenizerGateError`, or
+    with ``gate.override`` (``ignore_gate``) a warning. None when no gate is needed and the run has none.
+    """
+    run_dir = Path(run_dir)
+    source = run_choice(run_dir, cfg, model="finetuned").tokenizer_source
+    gate = GateResult.load(run_dir / GATE) if (run_dir / GATE).is_file() else None
+    problem = _gate_problem(gate, source, run_dir, cfg.gate)
+    if problem is None:
+        return gate
+    unclear = f"the reconstruction gate did not clear the tokenizer {run_relative(source, run_dir)}: {problem}"
+    if cfg.gate.override:
+        warnings.warn(f"phase 2 goes on because gate.override (ignore_gate) is set, although {unclear}", stacklevel=2)
+        return gate
+    raise TokenizerGateError(f"phase 2 refused: {unclear} Judge the tokenizer again (notebook 01; python -m kronos_kit "
+                             f"pipeline --run-dir {run_dir} --from 01; or for a run trained with the train command "
+                             f"python -m kronos_kit gate --config CONFIG --run-dir {run_dir}), or set ignore_gate=true "
+                             "(gate.override) to train phase 2 anyway.")
+
+
+def _gate_problem(gate: GateResult | None, source: str, run_dir: Path, config: GateConfig) -> str | None:
+    """Why ``gate`` does not let phase 2 start on ``source`` (None: it does)."""
+    if gate is None:
+        own = run_relative(source, run_dir) != source  # the run's own tokenizer/best (phase 1 trained it)
+        return f"no reconstruction gate judged it ({GATE} is missing)." if own else None
+    if gate.tokenizer is None:
+        return f"{GATE} does not name the tokenizer it judged (written before gates were bound to their weights)."
+    judged, now = gate.tokenizer.get("sha256"), weights_sha256(source)
+    if judged != now or (judged is None and gate.tokenizer.get("source") != source):
+        return (f"{GATE} judged {gate.tokenizer.get('source')} with weights sha256 {str(judged)[:12]}..., but the "
+                f"tokenizer has sha256 {str(now)[:12]}... now (retrained or replaced after the gate).")
+    limits = {**{c.threshold: gate.thresholds.get(c.threshold) for c in CHECKS},
+              **({"base_test_level": gate.paired.get("level")} if gate.paired else {})}
+    changed = [f"gate.{k} {v!r} in the gate, {getattr(config, k)!r} in the config" for k, v in limits.items()
+               if v != getattr(config, k)]
+    if changed:
+        return f"{GATE} was judged with other thresholds than the run's config ({'; '.join(changed)})."
+    return None if gate.passed else gate.summary()
+
+
+def gate_run(cfg: KitConfig, *, data: Any = None) -> GateResult:
+    """What notebook 01 ends with, in one call (`python -m kronos_kit gate`, for a run trained from the command
+    line): the run's adapted tokenizer (`runs.run_choice`) and its base (``tokenizer.start_from``) on the validation
+    windows, their reconstruction reports and codebook statistics, judged with the run's thresholds, bound to the
+    adapted weights and saved (`reconstruction_gate.json`, `codebook_before.json`, `codebook_after.json`) under
+    the run folder's lock. ``data``: the run's `DataBundle` when already loaded."""
+    from kronos_kit.codebook import codebook_stats
+    from kronos_kit.data import load_data
+    from kronos_kit.model import KronosTokenizer
+    from kronos_kit.reconstruction import reconstruction_report
+    from kronos_kit.run_lock import run_lock
+
+    if cfg.run_dir is None:
+        raise ValueError("run_dir is not set: the gate judges the tokenizer of a run folder")
+    rd = RunDir(cfg.run_dir)
+    with run_lock(rd.path, "judging the tokenizer"):
+        data = data or load_data(cfg)
+        source = run_choice(rd.path, cfg, model="finetuned").tokenizer_source
+        judged = {}
+        for name, tokenizer in (("base", cfg.tokenizer.start_from), ("adapted", source)):
+            model = KronosTokenizer.from_pretrained(tokenizer)
+            judged[name] = (reconstruction_report(model, data.val), codebook_stats(model, data.val))
+        judged["base"][1].save(rd.codebook_before)
+        judged["adapted"][1].save(rd.codebook_after)
+        gate = reconstruction_gate(*judged["adapted"], cfg.gate, base=judged["base"][0], base_stats=judged["base"][1],
+                                   tokenizer=source)
+        gate.save(rd.gate)
+    return gate

@@ -23,7 +23,7 @@ The run directory's layout lives in
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
@@ -41,10 +41,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kronos_kit.binding import file_sha256
+from kronos_kit.binding import STAGE_CONFIG, check_stages, file_sha256, recorded_config
 from kronos_kit.config import (
     NOTEBOOK_PARAMETERS,
-    GateConfig,
     KitConfig,
     apply_overrides,
     config_diff,
@@ -60,9 +59,9 @@ from kronos_kit.model.checkpoint import WEIGHTS_NAME
 from kronos_kit.run_lock import RunLockedError, run_lock
 from kronos_kit.runs import Promotion, RunDir, atomic_write_text, load_json, save_json
 from kronos_kit.runtime import check_device
-from kronos_kit.train import planned_steps
+from kronos_kit.train import check_phases, planned_steps
 
-__all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "data_hash", "file_sha256",
+__all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "file_sha256",
            "is_kit_run", "pipeline_summary", "run_name", "run_pipeline", "run_provenance"]
 
 logger = logging.getLogger(__name__)
@@ -79,34 +78,11 @@ KERNEL_NAME = "kronos-kit"
 # the kernel process's own log (a TCP-transport warning at start, a KeyboardInterrupt note at shutdown) is
 # noise in the terminal; what fails inside a notebook reaches the pipeline as a cell error instead
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
-# the config a stage's outputs depend on; its input hash also covers the previous stage's outputs
-STAGE_CONFIG = {
-    "01": ("seed", "device", "precision", "data", "tokenizer",  # the gate's thresholds: all of gate but override
-           *(f"gate.{f.name}" for f in dataclasses.fields(GateConfig) if f.name != "override")),
-    "02": ("predictor", "gate.override"),
-    "03": ("evaluation",),
-}
 PACKAGES = ["kronos-kit", "torch", "numpy", "pandas", "matplotlib", "papermill", "safetensors", "arch"]
 
 
 # ---------------------------------------------------------------------------------------------
 # hashes and provenance
-
-
-def data_hash(source: str) -> str:
-    """Hash of the input data: file bytes (every file of a folder), or the sample's canonical frame."""
-    if source.startswith("sample:"):
-        from kronos_kit.data import load_sample
-
-        frame = load_sample(source.removeprefix("sample:"))
-        return hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()
-    path = Path(source)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(file_sha256(f).encode())
-    return h.hexdigest()
 
 
 def checkpoint_hashes(run_dir: Path) -> dict[str, str]:
@@ -210,7 +186,8 @@ class _Plan:
     run_dir: Path | None  # None: a new folder named by `run_name` under <project>/runs
     mode: str  # "new", "resume" or "from"
     from_stage: str | None
-    train_windows: int
+    train_windows: int = 0  # set by _check_inputs once the data is loaded
+    data_sha256: str | None = None  # the data's bytes (`data.store.source_sha256`), set with it
 
 
 def _usage(fn: Callable[[], Any], what: str = "") -> Any:
@@ -278,52 +255,56 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
             raise UsageError(f"--resume continues {run_dir} as it was configured, but -p changes it: "
                              f"{_describe_changes(changes)}. Drop those -p, rerun later stages with changes by "
                              "--from STAGE, or start a new run")
-        if mode == "from":
-            earlier = _stage_fields(list(STAGES)[:list(STAGES).index(from_stage)])
-            frozen = {k: v for k, v in changes.items() if any(k == f or k.startswith(f + ".") for f in earlier)}
+        if mode == "from":  # the earlier stages' fields as they ran (their records), not as config.yaml says now
+            earlier = list(STAGES)[:list(STAGES).index(from_stage)]
+            ran = _usage(lambda: saved.with_overrides(recorded_config(run_dir, earlier)), f"{flag}: ")
+            frozen = {k: v for k, v in config_diff(cfg, ran, ignore=("run_dir", "threads")).items()
+                      if any(k == f or k.startswith(f + ".") for f in _stage_fields(earlier))}
             if frozen:
+                keep = " ".join(f"-p {k}={json.dumps(old)}" for k, (old, _) in frozen.items())
                 raise UsageError(f"{flag} keeps the earlier stages' outputs, so their fields cannot change: "
-                                 f"{_describe_changes(frozen)}. Use an earlier --from, or start a new run")
+                                 f"{_describe_changes(frozen)} (config.yaml or -p). Pass what they ran with ({keep}), "
+                                 f"rerun from an earlier stage (--from {earlier[0]}), or start a new run")
         config_source = str(RunDir(run_dir).config)
+        cfg = cfg.with_overrides(run_dir=str(run_dir.resolve()))  # the folder opened (moved or not) holds the cache
     cfg = resolve_paths(cfg)
     _usage(lambda: check_device(cfg.device), "device: ")
-    bundle = _usage(lambda: load_data(cfg), f"data.source {cfg.data.source!r}: ")
-    _check_origins(cfg, bundle)
-    _usage(lambda: check_promote_on(bundle.splits, cfg.evaluation, lookback=cfg.data.lookback))  # before training
-    _check_phases(cfg, len(bundle.train))
-    return _Plan(cfg, values, config_source, run_dir, mode, from_stage, len(bundle.train))
+    return _Plan(cfg, values, config_source, run_dir, mode, from_stage)
 
 
-def _check_phases(cfg: KitConfig, train_windows: int) -> None:
-    """Refuse up front what training would refuse later: a batch the data cannot fill, groups `freeze` lacks."""
-    from kronos_kit.model import Kronos, KronosTokenizer
-
-    for name, model_class in (("tokenizer", KronosTokenizer), ("predictor", Kronos)):
-        phase = getattr(cfg, name)
-        if not phase.enabled:
-            continue
-        per_step = phase.batch_size * phase.grad_accum_steps
-        if train_windows < per_step:
-            raise UsageError(f"{name}: {train_windows} training windows per epoch cannot fill one optimizer step of "
-                             f"{name}.batch_size={phase.batch_size} x {name}.grad_accum_steps="
-                             f"{phase.grad_accum_steps} = {per_step} windows; lower batch_size or grad_accum_steps, "
-                             "or bring more data")
-        if phase.strategy in ("freeze", "lora"):
-            _check_strategy(name, model_class, phase)
+def _check_inputs(plan: _Plan) -> None:
+    """What needs the data: origins, batches, strategies (`_check_origins`, `train.check_phases`) and, for --resume /
+    --from, what the earlier stages consumed (`_check_consumed`); sets `plan.train_windows`. Loading the data
+    writes its cache: the caller holds the run folder's lock when the folder exists."""
+    bundle = _usage(lambda: load_data(plan.cfg), f"data.source {plan.cfg.data.source!r}: ")
+    _check_origins(plan.cfg, bundle)
+    _usage(lambda: check_promote_on(bundle.splits, plan.cfg.evaluation, lookback=plan.cfg.data.lookback))
+    _usage(lambda: check_phases(plan.cfg, len(bundle.train)))
+    plan.train_windows, plan.data_sha256 = len(bundle.train), bundle.source_sha256
+    if plan.mode != "new":
+        _check_consumed(plan)
 
 
-def _check_strategy(name: str, model_class: type, phase: Any) -> None:
-    """Group names and layer widths are the model's: load the start checkpoint and set the strategy up on it."""
-    import torch
+def _check_consumed(plan: _Plan) -> None:
+    """--resume / --from go on from stages that ran: their records must match the data, config and checkpoints
+    the run holds now (`binding.check_stages`), and a phase 2 about to run needs its gate (`gate_for_phase2`)."""
+    from kronos_kit.gate import TokenizerGateError, gate_for_phase2
 
-    from kronos_kit.model import apply_lora, set_trainable
-
-    model = _usage(lambda: model_class.from_pretrained(phase.start_from), f"{name}.start_from: ")
-    if phase.strategy == "freeze":
-        _usage(lambda: set_trainable(model, phase.trainable_groups), f"{name}.trainable: ")
-    else:
-        _usage(lambda: apply_lora(model, rank=phase.lora_rank, alpha=phase.lora_alpha, dropout=phase.lora_dropout,
-                                  targets=phase.lora_targets, generator=torch.Generator()), f"{name}.lora_rank: ")
+    names = list(STAGES)
+    done = {s for s, r in Manifest.load_or_new(plan.run_dir).data.get("stages", {}).items()
+            if r.get("status") == "completed"}
+    flag = "--resume" if plan.mode == "resume" else f"--from {plan.from_stage}"
+    earlier = names if plan.mode == "resume" else names[:names.index(plan.from_stage)]
+    # a resumed stage rewrites its files (and so may the ones after it): their data and config must still match
+    kept = names[:next((i for i, s in enumerate(names) if s not in done), len(names))]
+    _usage(lambda: check_stages(plan.run_dir, plan.cfg, reader=flag, stages=earlier, data_sha256=plan.data_sha256,
+                                files=kept if plan.mode == "resume" else None))
+    phase2_next = plan.from_stage == "02" or (plan.mode == "resume" and "01" in done and "02" not in done)
+    if phase2_next and plan.cfg.predictor.enabled:
+        try:
+            gate_for_phase2(plan.run_dir, plan.cfg)
+        except TokenizerGateError as err:
+            raise UsageError(f"{flag}: {err}") from None
 
 
 def _check_origins(cfg: KitConfig, bundle: Any) -> None:
@@ -515,10 +496,14 @@ def run_pipeline(
     """
     values = _usage(lambda: parse_overrides(params)) if isinstance(params, list) else dict(params or {})
     plan = _plan(config, run_dir, values, resume=resume, from_stage=from_stage, overwrite=overwrite)
-    folder = _run_folder(plan)
+    what = f"pipeline ({plan.mode})"
+    existing = plan.run_dir is not None and is_kit_run(plan.run_dir)  # locked before its data is read or cached
     try:
-        with run_lock(folder, f"pipeline ({plan.mode})"):
-            return _run_stages(plan, values, folder, notebooks, progress)
+        with run_lock(plan.run_dir, what) if existing else contextlib.nullcontext():
+            _check_inputs(plan)
+            folder = _run_folder(plan)
+            with run_lock(folder, what):
+                return _run_stages(plan, values, folder, notebooks, progress)
     except RunLockedError as err:
         raise UsageError(str(err)) from None
 
@@ -570,7 +555,7 @@ def _open_run(plan: _Plan, values: dict[str, Any], run_dir: Path) -> tuple[Path,
     manifest.data.update({
         "kind": RUN_KIND, "config": cfg.to_dict(), "seed": cfg.seed,
         "versions": _versions(), "git": _git_state(), "platform": platform.platform(),
-        "data": {"source": cfg.data.source, "sha256": data_hash(cfg.data.source)},
+        "data": {"source": cfg.data.source, "sha256": plan.data_sha256},
     })
     manifest.data.setdefault("invocations", []).append(
         {"mode": plan.mode, "from": plan.from_stage, "parameters": values, "started": dt.datetime.now()})

@@ -14,8 +14,9 @@ from pathlib import Path
 from kronos_kit.binding import file_sha256
 from kronos_kit.config import KitConfig
 from kronos_kit.data import load_data
+from kronos_kit.data.store import source_sha256
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
-from kronos_kit.pipeline import _git_state, _versions, data_hash
+from kronos_kit.pipeline import _git_state, _versions
 from kronos_kit.runs import save_json
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
     out = Path(out)
     work = out.parent / f".{out.name}-run"
     shutil.rmtree(work, ignore_errors=True)
-    cfg = cfg.with_overrides({"run_dir": str(work), "predictor.tokenizer_from": None})
+    # phase 2 starts on the freshly pretrained tokenizer: there is no base to gate it against
+    cfg = cfg.with_overrides({"run_dir": str(work), "predictor.tokenizer_from": None, "gate.override": True})
     data = load_data(cfg)
     tok = train_tokenizer(cfg, data=data)
     pred = train_predictor(cfg, data=data)
@@ -40,7 +42,7 @@ def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
     provenance = {
         "what": "kronos-kit embedded base checkpoints, pretrained from scratch by the kit's own engine",
         "command": "make base  (python -m kronos_kit pretrain --config configs/pretrain_base.yaml)",
-        "data": {"source": cfg.data.source, "sha256": data_hash(cfg.data.source),
+        "data": {"source": cfg.data.source, "sha256": source_sha256(cfg.data.source),
                  "note": "S&P 500 daily OHLCV 1999-2018 from the arch package"},
         "seed": cfg.seed, "config": cfg.to_dict(),
         "tokenizer": {"steps": tok.steps, "best_val_recon_full": tok.best_metric,

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from kronos_kit.data.batches import in_split_mask, loop_batches, unpack_batch
-from kronos_kit.data.schema import FEATURE_COLUMNS, NORM_EPS, PRICE_COLUMNS, denormalize
+from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS, denormalize, norm_scale
 from kronos_kit.runs import JsonFile, json_float
 from kronos_kit.runtime import inference
 
@@ -207,7 +207,7 @@ def _window_sums(x: torch.Tensor, recon: torch.Tensor, scale: torch.Tensor | Non
     err = (recon.float() - x.float()).to(dtype) * keep[..., None].to(dtype)
     sums = [err.pow(2).sum(1), err.abs().sum(1)]
     if scale is not None:
-        # de-normalized error: denormalize(recon) - denormalize(x) = err * scale, scale = std + NORM_EPS
+        # de-normalized error: denormalize(recon) - denormalize(x) = err * scale, scale = norm_scale(mean, std)
         perr = err * scale.to(dtype)[:, None, :]
         sums += [perr.pow(2).sum(1), perr.abs().sum(1)]
     else:
@@ -389,7 +389,7 @@ def reconstruction_report(
             keep = in_split_mask(batch, x)
             # index, not .reconstructions: any tokenizer with the reference return ((z_pre, z), bsq, quantized, idx)
             recon = dict(zip(DECODERS, tokenizer(x)[0]))
-            scale = (std.to(dev, torch.float32) + NORM_EPS) if std is not None else None
+            scale = norm_scale(mean.to(dev, torch.float32), std.to(dev, torch.float32)) if std is not None else None
             n = keep.sum(1).cpu().numpy()
             acc.n_windows += len(x)
             _track_windows(acc, batch, symbols, len(x))

@@ -27,8 +27,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from kronos_kit.binding import check_bound, check_stage_complete, decision_source
+from kronos_kit.binding import check_bound, check_stage_complete, check_stages, decision_source
+from kronos_kit.binding import run_relative as relative_source  # noqa: F401 (a source inside the run, relative)
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, DataConfig, KitConfig
+from kronos_kit.jsonl import log_records
 
 # ---------------------------------------------------------------------------------------------
 # layout
@@ -180,7 +182,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         try:
             write(tmp)
             _fsync(tmp)  # the data on disk before the rename makes it visible (power loss, not only kills)
-        except (OSError, RuntimeError) as err:
+        except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
             _raise_if_disk_full(err, path)
             raise
         os.replace(tmp, path)
@@ -195,8 +197,8 @@ class DiskFullError(OSError):
 
 
 def _raise_if_disk_full(err: BaseException, target: Path) -> None:
-    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), not as ENOSPC
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as a SafetensorError
+    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err)
     if not full:
         try:
             full = shutil.disk_usage(target.parent).free < (1 << 20)
@@ -290,7 +292,7 @@ def replace_dir(directory: str | Path, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         for written in [*tmp.rglob("*"), tmp]:
             _fsync(written)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
         _raise_if_disk_full(err, directory)
         raise
     if directory.exists():
@@ -402,12 +404,16 @@ class MetricsLog:
                  mirror: Any = None):
         self.path, self.enabled, self.run, self.attempt = Path(path), enabled, run, attempt
         self.mirror = mirror if enabled else None
+        self.mended = False  # whether a line an earlier writer left cut short was cut off the file
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         tags = {k: v for k, v in (("run", self.run), ("attempt", self.attempt)) if v is not None}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.mended:  # a line an earlier writer left cut short must not swallow this record
+            log_records(self.path, mend=True)
+            self.mended = True
         with self.path.open("a") as f:
             f.write(json.dumps({**record, **tags}, default=float) + "\n")
         if self.mirror is not None:
@@ -421,10 +427,10 @@ class MetricsLog:
         """Remove this run's records of `phase` past `step` (a resume replays from `step`)."""
         if not self.enabled or not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines()
-        keep = [line for line in lines if line.strip() and not _superseded(json.loads(line), phase, self.run, step)]
-        if len(keep) < len([line for line in lines if line.strip()]):
-            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        records = log_records(self.path, mend=True)
+        keep = [r for r in records if not _superseded(r, phase, self.run, step)]
+        if len(keep) < len(records):
+            atomic_write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in keep))
 
 
 def _superseded(record: dict[str, Any], phase: str, run: str | None, step: int) -> bool:
@@ -447,10 +453,7 @@ def current_records(records: list[dict[str, Any]], phase: str | None = None) -> 
 
 def read_metrics(path: str | Path, phase: str | None = None) -> list[dict[str, Any]]:
     """The current records of `metrics.jsonl` (see `current_records`), optionally of one phase."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return current_records([json.loads(line) for line in path.read_text().splitlines() if line.strip()], phase)
+    return current_records(log_records(Path(path)), phase)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,17 +593,6 @@ class SamplingCalibration(DecisionFile):
         return table
 
 
-def relative_source(source: str | Path, run_dir: str | Path | None) -> str:
-    """A checkpoint folder inside the run directory as a path relative to it (the run folder can move)."""
-    path = Path(source)
-    if run_dir is None or not path.exists():
-        return str(source)  # a preset, an embedded name or a hub id stays as given
-    try:
-        return str(path.resolve().relative_to(Path(run_dir).resolve()))
-    except ValueError:
-        return str(source)
-
-
 @dataclasses.dataclass
 class RunChoice:
     """Which tokenizer, predictor and sampling a run uses (`run_choice`)."""
@@ -669,8 +661,9 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
 
 def _decided_sources(rd: RunDir, cfg: KitConfig, promotion: Promotion) -> tuple[str, str]:
     """The promoted pair, checked: stage 03 complete, sources inside the run or its configured base, and
-    the weights unchanged since the decision (`binding`); a `StaleDecisionError` otherwise."""
+    the weights and the stages' records unchanged since (`binding`); a `StaleDecisionError` / `StaleRunError`."""
     check_stage_complete(load_json(rd.manifest) if rd.manifest.is_file() else None, rd.promoted)
+    check_stages(rd.path, cfg, reader=rd.promoted.name, external=False)
     configured = {"tokenizer": (cfg.tokenizer.start_from, cfg.predictor.tokenizer_from),
                   "predictor": (cfg.predictor.start_from,)}
     resolved = {role: decision_source(getattr(promotion, role), rd.path, configured[role], role, rd.promoted)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kronos_kit.binding import StageRecord, check_stages, run_relative
 from kronos_kit.codebook import CodebookCounter
 from kronos_kit.config import KitConfig, PhaseConfig
 from kronos_kit.data import DataBundle, in_split_mask, load_data
@@ -58,6 +59,7 @@ from kronos_kit.engine import (
     ResumeMismatchError,
     StepOutput,
     TrainState,
+    check_batch,
     planned_steps,
     restore_state,
     run_phase,
@@ -69,6 +71,7 @@ from kronos_kit.engine import (
     validation_loader,
 )
 from kronos_kit.forecast import ForecastSkill
+from kronos_kit.gate import gate_for_phase2
 from kronos_kit.model import (
     L2SP,
     Kronos,
@@ -78,17 +81,19 @@ from kronos_kit.model import (
     set_trainable,
     weights_hash,
 )
-from kronos_kit.runs import run_choice
+from kronos_kit.run_lock import run_lock
+from kronos_kit.runs import RunDir, run_choice
 from kronos_kit.runtime import DistContext, freeze, module_device, resolve_device, unwrap
+from kronos_kit.stage_records import record_stage_finish, record_stage_start
 from kronos_kit.token_cache import TokenTable, open_token_tables
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "FrozenTokens", "NonFiniteError",
     "NonFiniteGradientError", "NonFiniteLossError", "NonFiniteMetricError", "NonFiniteWeightsError", "Phase",
     "PhaseExistsError", "PhaseResult", "ResumeMismatchError", "StepOutput", "Strategy", "TrainState", "apply_strategy",
-    "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "planned_steps", "restore_state",
-    "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2", "tokenizer_step",
-    "train_epoch", "train_predictor", "train_tokenizer", "validate", "validation_loader",
+    "check_phases", "evaluate_tokenizer", "make_predictor_evaluate", "make_predictor_step", "planned_steps",
+    "restore_state", "run_phase", "save_checkpoint", "save_state", "setup_optimizer", "tokenizer_source_for_phase2",
+    "tokenizer_step", "train_epoch", "train_predictor", "train_tokenizer", "validate", "validation_loader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,6 +294,32 @@ def make_predictor_evaluate(
 # entry points
 
 
+def check_phases(cfg: KitConfig, train_windows: int) -> None:
+    """Refuse (ValueError naming the field) before a run what training would refuse later: a batch the training
+    windows cannot fill (`engine.check_batch`), `freeze` groups or a LoRA rank the start checkpoint does not have."""
+    for name, model_class in (("tokenizer", KronosTokenizer), ("predictor", Kronos)):
+        phase = getattr(cfg, name)
+        if phase.enabled:
+            check_batch(name, phase, train_windows)
+            if phase.strategy in ("freeze", "lora"):
+                _check_strategy(name, model_class, phase)
+
+
+def _check_strategy(name: str, model_class: type, phase: PhaseConfig) -> None:
+    """Group names and layer widths are the model's: load the start checkpoint and set the strategy up on it."""
+    field = "start_from"
+    try:
+        model = model_class.from_pretrained(phase.start_from)
+        field = "trainable" if phase.strategy == "freeze" else "lora_rank"
+        if phase.strategy == "freeze":
+            set_trainable(model, phase.trainable_groups)
+        else:
+            apply_lora(model, rank=phase.lora_rank, alpha=phase.lora_alpha, dropout=phase.lora_dropout,
+                       targets=phase.lora_targets, generator=torch.Generator())
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{name}.{field}: {err}") from None
+
+
 def tokenizer_source_for_phase2(cfg: KitConfig, run_dir: Path) -> str:
     """The tokenizer phase 2 uses (`runs.run_choice(..., model="finetuned")`): explicit, else this run's
     phase-1 best, else the base tokenizer."""
@@ -305,18 +336,21 @@ def train_tokenizer(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
                     progress: bool = True, on_step: OnStep | None = None,
                     on_validate: OnValidate | None = None) -> PhaseResult:
     """Phase 1: adapt the tokenizer to the configured data (`resume`, `overwrite`, `on_validate`: see
-    `engine.run_phase`)."""
+    `engine.run_phase`).
+
+    The run folder is locked before anything is read or written (a refused second writer changes nothing), and
+    the stage records what it trained on and wrote (`stages/01.json`, `binding.StageRecord`)."""
     run_dir = _run_dir(cfg)
-    device = resolve_device(cfg.device)
-    data = data or load_data(cfg)
-    tokenizer = KronosTokenizer.from_pretrained(cfg.tokenizer.start_from, seed=cfg.seed)
-    tokenizer.quantizer.entropy_mode = cfg.tokenizer.entropy_mode
-    strategy = apply_strategy(tokenizer, cfg.tokenizer, phase="tokenizer", seed=cfg.seed)
-    phase = Phase("tokenizer", tokenizer, strategy.wrap_step(tokenizer_step), evaluate_tokenizer, "val_recon_full",
-                  data.train, data.val, inputs={"data": dataclasses.asdict(cfg.data)})
-    return run_phase(phase, cfg.tokenizer, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                     resume=resume, overwrite=overwrite, progress=progress, on_step=on_step, on_validate=on_validate,
-                     tensorboard=cfg.tensorboard)
+    with run_lock(run_dir, "training the tokenizer"):
+        data = data or load_data(cfg)
+        tokenizer = KronosTokenizer.from_pretrained(cfg.tokenizer.start_from, seed=cfg.seed)
+        tokenizer.quantizer.entropy_mode = cfg.tokenizer.entropy_mode
+        strategy = apply_strategy(tokenizer, cfg.tokenizer, phase="tokenizer", seed=cfg.seed)
+        phase = Phase("tokenizer", tokenizer, strategy.wrap_step(tokenizer_step), evaluate_tokenizer,
+                      "val_recon_full", data.train, data.val, inputs=_data_inputs(cfg, data))
+        return _run_recorded(phase, cfg, data, {"tokenizer.start_from": cfg.tokenizer.start_from}, stage="01",
+                             by="train_tokenizer", resume=resume, overwrite=overwrite, progress=progress,
+                             on_step=on_step, on_validate=on_validate)
 
 
 def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = False, data: DataBundle | None = None,
@@ -324,13 +358,42 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
                     on_validate: OnValidate | None = None) -> PhaseResult:
     """Phase 2: finetune the predictor on tokens of the frozen phase-1 tokenizer (`resume`, `overwrite`,
     `on_validate`: see `engine.run_phase`); with `predictor.token_cache_dir` the tokens come from the on-disk
-    token cache (`token_cache`), built there once."""
+    token cache (`token_cache`), built there once.
+
+    Under the run folder's lock, before anything is trained: the run's own phase-1 tokenizer must be what stage
+    01 wrote, from this data and config (`binding.check_stages`), and the gate must let it through
+    (`gate.gate_for_phase2`); the stage records what it trained on and wrote (`stages/02.json`)."""
     run_dir = _run_dir(cfg)
-    device = resolve_device(cfg.device)
-    data = data or load_data(cfg)
-    tokenizer = KronosTokenizer.from_pretrained(tokenizer_source_for_phase2(cfg, run_dir), device=device)
-    predictor = Kronos.from_pretrained(cfg.predictor.start_from, seed=cfg.seed)
-    check_pair(tokenizer, predictor)
+    with run_lock(run_dir, "training the predictor"):
+        device = resolve_device(cfg.device)
+        data = data or load_data(cfg)
+        source = tokenizer_source_for_phase2(cfg, run_dir)
+        if run_relative(source, run_dir) != source:  # this run's phase-1 tokenizer
+            check_stages(run_dir, cfg, reader="phase 2", stages=("01",), data_sha256=data.source_sha256,
+                         external=False)
+        gate_for_phase2(run_dir, cfg)
+        tokenizer = KronosTokenizer.from_pretrained(source, device=device)
+        predictor = Kronos.from_pretrained(cfg.predictor.start_from, seed=cfg.seed)
+        check_pair(tokenizer, predictor)
+        phase = _predictor_phase(cfg, data, tokenizer, predictor, progress=progress)
+        gate = RunDir(run_dir).gate
+        inputs = {"tokenizer": source, "predictor.start_from": cfg.predictor.start_from,
+                  "gate": str(gate) if gate.is_file() else None}
+        result = _run_recorded(phase, cfg, data, inputs, stage="02", by="train_predictor", resume=resume,
+                               overwrite=overwrite, progress=progress, on_step=on_step, on_validate=on_validate)
+    phase.before_save()
+    logger.info("predictor: tokenizer weights unchanged (sha256 %s...)", phase.inputs["tokenizer_sha256"][:12])
+    return result
+
+
+def _data_inputs(cfg: KitConfig, data: DataBundle) -> dict[str, Any]:
+    """What fixes a phase's result besides its own config (resume checks it): the data config and bytes."""
+    return {"data": {**dataclasses.asdict(cfg.data), "sha256": data.source_sha256}}
+
+
+def _predictor_phase(cfg: KitConfig, data: DataBundle, tokenizer: KronosTokenizer, predictor: Kronos, *,
+                     progress: bool = True) -> Phase:
+    """Phase 2's `Phase`: its strategy, the frozen tokenizer's tokens, the skill probe, the frozen-weights check."""
     frozen_hash = weights_hash(tokenizer)
     skill = _skill_probe(cfg, data)
     strategy = apply_strategy(predictor, cfg.predictor, phase="predictor", seed=cfg.seed)
@@ -346,15 +409,25 @@ def train_predictor(cfg: KitConfig, *, resume: bool = False, overwrite: bool = F
             )
 
     step = strategy.wrap_step(make_predictor_step(train_tokens, teacher_forcing=cfg.predictor.teacher_forcing))
-    phase = Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens, skill), cfg.predictor.select_metric,
-                  data.train, data.val, before_save=check_frozen,
-                  inputs={"data": dataclasses.asdict(cfg.data), "tokenizer_sha256": frozen_hash},
-                  reference=None if skill is None else _reference_skill(cfg, skill))
-    result = run_phase(phase, cfg.predictor, run_dir=run_dir, seed=cfg.seed, device=device, precision=cfg.precision,
-                       resume=resume, overwrite=overwrite, progress=progress, on_step=on_step, on_validate=on_validate,
-                       tensorboard=cfg.tensorboard)
-    check_frozen()
-    logger.info("predictor: tokenizer weights unchanged (sha256 %s...)", frozen_hash[:12])
+    return Phase("predictor", predictor, step, make_predictor_evaluate(val_tokens, skill), cfg.predictor.select_metric,
+                 data.train, data.val, before_save=check_frozen,
+                 inputs={**_data_inputs(cfg, data), "tokenizer_sha256": frozen_hash},
+                 reference=None if skill is None else _reference_skill(cfg, skill))
+
+
+def _run_recorded(phase: Phase, cfg: KitConfig, data: DataBundle, inputs: dict[str, str | None], *, stage: str,
+                  by: str, **run: Any) -> PhaseResult:
+    """`run_phase`, with the stage's record: its inputs once the phase passed its checks (rank 0), its outputs
+    (the `best` and `last` checkpoints) when it ends."""
+    run_dir = _run_dir(cfg)
+    started: list[StageRecord] = []
+    phase.on_start = lambda: started.append(record_stage_start(run_dir, stage, cfg, data_sha256=data.source_sha256,
+                                                               inputs=inputs, by=by))
+    result = run_phase(phase, getattr(cfg, phase.name), run_dir=run_dir, seed=cfg.seed,
+                       device=resolve_device(cfg.device), precision=cfg.precision, tensorboard=cfg.tensorboard, **run)
+    if started:
+        record_stage_finish(run_dir, started[0], {f"{phase.name}/{kind}": str(getattr(result, f"{kind}_dir"))
+                                                  for kind in ("best", "last")})
     return result
 
 

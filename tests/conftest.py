@@ -47,6 +47,74 @@ def tiny_run(tmp_path) -> Path:
     return rd.path
 
 
+RECORDED = {  # a run small enough to build in seconds with the library calls the notebooks make
+    "name": "recorded", "device": "cpu", "data.symbol": "A", "data.lookback": 30, "data.predict": 5, "data.stride": 2,
+    "tokenizer.start_from": "embedded:base/tokenizer", "tokenizer.batch_size": 16, "tokenizer.max_steps": 2,
+    "tokenizer.eval_every": 2, "tokenizer.max_val_batches": 2, "predictor.start_from": "embedded:base/predictor",
+    "predictor.batch_size": 16, "predictor.max_steps": 2, "predictor.eval_every": 2, "predictor.max_val_batches": 2,
+    "predictor.skill_origins": 2, "predictor.skill_paths": 2, "evaluation.pred_len": 4, "evaluation.sample_count": 4,
+    "evaluation.max_origins": 5, "evaluation.val_origins": 12, "evaluation.calibration_methods": ["none", "spread"],
+}
+
+
+@pytest.fixture(scope="session")
+def recorded_run(tmp_path_factory) -> Path:
+    """A small finished run as the pipeline leaves it, made by the library calls its notebooks make: phase 1, the
+    gate bound to its tokenizer, phase 2, notebook 03's start and decisions, so every stage wrote its record
+    (`stages/`); config.yaml and a manifest with every stage completed. Its data, `bars.csv`, lies beside the
+    run folder: take a copy with `copy_run` before changing anything."""
+    import warnings
+
+    from kronos_kit.config import KitConfig
+    from kronos_kit.data import load_data
+    from kronos_kit.evaluate import decide_on_validation
+    from kronos_kit.gate import gate_run
+    from kronos_kit.model import Kronos, KronosTokenizer
+    from kronos_kit.pipeline import RUN_KIND, STAGES
+    from kronos_kit.runs import RunDir, save_json
+    from kronos_kit.stage_records import start_evaluation
+    from kronos_kit.train import train_predictor, train_tokenizer
+
+    root = tmp_path_factory.mktemp("recorded")
+    (root / "bars.csv").write_bytes((DATA / "ashare_5min_sample.csv").read_bytes())
+    rd = RunDir(root / "run")
+    cfg = KitConfig().with_overrides({**RECORDED, "run_dir": str(rd.path), "data.source": str(root / "bars.csv")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bundle = load_data(cfg)
+        train_tokenizer(cfg, data=bundle, progress=False)
+        gate = gate_run(cfg, data=bundle)
+        assert gate.passed, gate.report()
+        train_predictor(cfg, data=bundle, progress=False)
+        sources = start_evaluation(cfg, bundle)
+        models = {n: (Kronos.from_pretrained(s.predictor_source), KronosTokenizer.from_pretrained(s.tokenizer_source))
+                  for n, s in sources.items()}
+        decide_on_validation(bundle.splits, models, cfg.evaluation, lookback=cfg.data.lookback, run_dir=rd.path,
+                             finetuned_sources=(sources["finetuned"].tokenizer_source,
+                                                sources["finetuned"].predictor_source),
+                             base_sources=(sources["base"].tokenizer_source, sources["base"].predictor_source))
+    rd.config.write_text(cfg.to_yaml())
+    save_json(rd.manifest, {"kind": RUN_KIND, "stages": {s: {"status": "completed"} for s in STAGES},
+                            "config": cfg.to_dict()})
+    return rd.path
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of `recorded_run` (and of its data, `dest/bars.csv`) at `dest/run`, its config.yaml pointing there."""
+    import shutil
+
+    from kronos_kit.config import KitConfig
+    from kronos_kit.runs import RunDir
+
+    shutil.copytree(run, dest / "run", symlinks=True)
+    shutil.copy(run.parent / "bars.csv", dest / "bars.csv")
+    rd = RunDir(dest / "run")
+    cfg = KitConfig.from_file(rd.config).with_overrides({"run_dir": str(rd.path),
+                                                         "data.source": str(dest / "bars.csv")})
+    rd.config.write_text(cfg.to_yaml())
+    return rd.path
+
+
 def _untracked_files(root: Path) -> set[str] | None:
     """Files git neither tracks nor ignores under ``root`` (None outside a git checkout)."""
     import subprocess

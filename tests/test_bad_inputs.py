@@ -435,3 +435,156 @@ def test_forecast_refuses_stale_or_escaping_decisions(case, tmp_path, tiny_run, 
     err = _expect_error(capsys, args)
     assert "promoted.json" in err or "calibration.json" in err
     assert not (tmp_path / "out.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a run whose stages consumed other inputs than it holds now (issue 28, items 1-3): every reader refuses it
+
+
+def _data_file(run: Path) -> Path:
+    return Path(KitConfig.from_file(RunDir(run).config).data.source)
+
+
+def _edit_data(run: Path) -> None:
+    """One volume corrected in the run's data file, as an edit of the CSV after the stages ran."""
+    lines = _data_file(run).read_text().splitlines()
+    cells = lines[7].split(",")
+    cells[5] = str(float(cells[5]) + 1)
+    _data_file(run).write_text("\n".join([*lines[:7], ",".join(cells), *lines[8:]]) + "\n")
+
+
+def _edit_config(run: Path, **changes) -> None:
+    """config.yaml changed by hand (sed) after the stages ran."""
+    rd = RunDir(run)
+    rd.config.write_text(KitConfig.from_file(rd.config).with_overrides(changes).to_yaml())
+
+
+def _edit_gate(run: Path, change) -> None:
+    gate = json.loads(RunDir(run).gate.read_text())
+    change(gate)
+    save_json(RunDir(run).gate, gate)
+
+
+def _replace_tokenizer(run: Path) -> None:
+    """Other weights in tokenizer/best (copied in by hand, or trained outside the run's stage 01)."""
+    import torch
+
+    from kronos_kit.model import KronosTokenizer
+
+    model = KronosTokenizer.from_pretrained(RunDir(run).checkpoint("tokenizer"))
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    shutil.rmtree(RunDir(run).checkpoint("tokenizer"))
+    model.save_pretrained(RunDir(run).checkpoint("tokenizer"))
+
+
+def _retrain_tokenizer(run: Path) -> None:
+    """`train tokenizer --overwrite tokenizer.lr=0.5` into the finished run (stage 01's own code, other settings)."""
+    rd = RunDir(run)
+    assert main(["train", "tokenizer", "--config", str(rd.config), "--run-dir", str(run), "--overwrite",
+                 "tokenizer.lr=0.5"]) == 0
+
+
+def _pipeline(*words: str):
+    return lambda run, out: ["pipeline", "--run-dir", str(run), *words]
+
+
+def _forecast(run: Path, out: Path) -> list[str]:
+    return ["forecast", "--run", str(run), "--data", CSV, "--symbol", "A", "--horizon", "2", "--samples", "2",
+            "--out", str(out)]
+
+
+def _train_predictor(run: Path, out: Path) -> list[str]:
+    return ["train", "predictor", "--config", str(RunDir(run).config), "--run-dir", str(run), "--overwrite"]
+
+
+STALE_CASES = {  # (what was done to the finished run, the call that reads it, what the error names)
+    "data edited, --from 02": (_edit_data, _pipeline("--from", "02"), "the data changed since"),
+    "data edited, --from 03": (_edit_data, _pipeline("--from", "03"), "the data changed since"),
+    "data edited, --resume": (_edit_data, _pipeline("--resume"), "the data changed since"),
+    "data edited, train predictor": (_edit_data, _train_predictor, "the data changed since"),
+    "lookback edited in config.yaml, --from 03": (lambda r: _edit_config(r, **{"data.lookback": 20}),
+                                                  _pipeline("--from", "03"), "data.lookback"),
+    "lookback edited in config.yaml, --resume": (lambda r: _edit_config(r, **{"data.lookback": 20}),
+                                                 _pipeline("--resume"), "data.lookback = 30"),
+    "lookback edited in config.yaml, forecast --run": (lambda r: _edit_config(r, **{"data.lookback": 20}),
+                                                       _forecast, "data.lookback = 30"),
+    "lookback edited in config.yaml, compare": (lambda r: _edit_config(r, **{"data.lookback": 20}),
+                                                lambda run, out: ["compare", str(run)], "data.lookback = 30"),
+    "tokenizer retrained with another lr, --from 02": (_retrain_tokenizer, _pipeline("--from", "02"),
+                                                       "tokenizer.lr"),
+    "tokenizer/best replaced, --from 02": (_replace_tokenizer, _pipeline("--from", "02"), "tokenizer/best"),
+    "tokenizer/best replaced, forecast --run": (_replace_tokenizer, _forecast, "tokenizer/best"),
+    "gate says passed, its numbers fail, --from 02": (
+        lambda r: _edit_gate(r, lambda g: g["metrics"].update(full_mse=0.9)), _pipeline("--from", "02"),
+        "full_mse (full-decoder normalized MSE) 0.9 is above the maximum 0.2"),
+    "gate thresholds loosened in the file, --from 02": (
+        lambda r: _edit_gate(r, lambda g: g["thresholds"].update(max_full_mse=1e9)), _pipeline("--from", "02"),
+        "other thresholds"),
+    "gate of other weights, --from 02": (
+        lambda r: _edit_gate(r, lambda g: g["tokenizer"].update(sha256="0" * 64)), _pipeline("--from", "02"),
+        "judged"),
+    "gate from before the binding, --from 02": (lambda r: _edit_gate(r, lambda g: g.pop("tokenizer")),
+                                                _pipeline("--from", "02"), "does not name the tokenizer"),
+    "gate deleted, --from 02": (lambda r: RunDir(r).gate.unlink(), _pipeline("--from", "02"),
+                                "no reconstruction gate judged it"),
+    "gate deleted, train predictor": (lambda r: RunDir(r).gate.unlink(), _train_predictor,
+                                      "no reconstruction gate judged it"),
+    "stage record not JSON, forecast --run": (lambda r: (r / "stages" / "01.json").write_text("{"), _forecast,
+                                              "01.json is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(STALE_CASES))
+def test_a_run_whose_stages_consumed_other_inputs_is_refused(case, recorded_run, tmp_path, capsys):
+    from conftest import copy_run
+
+    run = copy_run(recorded_run, tmp_path)
+    change, call, named = STALE_CASES[case]
+    change(run)
+    before = {p: p.read_bytes() for p in (RunDir(run).manifest, RunDir(run).config, *(run / "stages").iterdir())}
+    err = _expect_error(capsys, call(run, tmp_path / "out.csv"))
+    assert named in err, err
+    assert "--from 01" in err or "ignore_gate" in err or "stage 01" in err or "--from 02" in err, err
+    assert {p: p.read_bytes() for p in before} == before  # nothing the run holds was rewritten
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_the_values_the_stages_ran_with_are_accepted_again(recorded_run, tmp_path):
+    """config.yaml edited after the stages ran: --from 03 takes the value they ran with (-p), not the edit."""
+    from conftest import copy_run
+
+    from kronos_kit.pipeline import UsageError, _check_inputs, _plan
+
+    run = copy_run(recorded_run, tmp_path)
+    plan = _plan(None, run, {}, resume=False, from_stage="02", overwrite=False)
+    _check_inputs(plan)  # an untouched run: every check passes
+    _edit_config(run, **{"data.lookback": 20})
+    with pytest.raises(UsageError, match="data.lookback: saved 30, given 20"):
+        _plan(None, run, {}, resume=False, from_stage="03", overwrite=False)
+    plan = _plan(None, run, {"data.lookback": 30}, resume=False, from_stage="03", overwrite=False)
+    _check_inputs(plan)
+    assert plan.cfg.data.lookback == 30
+
+
+def test_a_resume_on_edited_data_is_refused_by_the_training_phase(tmp_path, capsys):
+    """Killed in phase 1, the data edited, then --resume: the saved step would go on on other data."""
+    from kronos_kit.config import apply_overrides, parse_overrides
+    from kronos_kit.train import train_tokenizer
+
+    run, data = tmp_path / "run", tmp_path / "bars.csv"
+    data.write_bytes(Path(CSV).read_bytes())
+    words = [*SMALL, f"data.source={data}", f"run_dir={run}", "device=cpu"]
+
+    def killed(step, parts):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(apply_overrides(KitConfig(), parse_overrides(words)), progress=False, on_step=killed)
+    state = RunDir(run).state("tokenizer").read_bytes()
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([*lines[:-1], lines[-1].rsplit(",", 1)[0] + ",1"]) + "\n")  # one amount edited
+    err = _expect_error(capsys, ["train", "tokenizer", "--resume", *words])
+    assert "data.sha256" in err and "would not continue the same run" in err
+    assert RunDir(run).state("tokenizer").read_bytes() == state

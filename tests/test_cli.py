@@ -329,9 +329,10 @@ def test_compare_runs_table_and_command(tmp_path, tiny_run, capsys):
     shutil.copytree(tiny_run, other)
     cfg = KitConfig.from_file(RunDir(other).config).with_overrides({"seed": 3, "predictor.lr": 1e-5})
     RunDir(other).config.write_text(cfg.to_yaml())
-    for path, crps, passed in ((tiny_run, 0.5, True), (other, 0.4, False)):
+    for path, crps, limit in ((tiny_run, 0.5, 0.2), (other, 0.4, 0.05)):  # the gate is decided by its numbers
         rd = RunDir(path)
-        save_json(rd.gate, {"passed": passed, "metrics": {"full_mse": 0.1}, "thresholds": {}, "reasons": []})
+        save_json(rd.gate, {"passed": True, "metrics": {"full_mse": 0.1}, "thresholds": {"max_full_mse": limit},
+                            "reasons": []})
         save_json(rd.codebook_after, {"s1": {"usage": 0.6}, "s2": {"usage": 0.3}})
         save_json(rd.metrics_json, {"bottom_line": f"CRPS {crps}", "table": {
             "finetuned": {"close_crps": crps, "close_mae": 1.0}, "base": {"close_crps": 0.45}}})

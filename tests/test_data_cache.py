@@ -196,7 +196,7 @@ def test_cache_location_follows_the_config(tmp_path):
     assert in_memory.cache is None and not isinstance(in_memory.arrays.timestamps, np.memmap)
     assert np.array_equal(in_memory.train.window_array(), elsewhere.train.window_array())
     meta = json.loads((elsewhere.cache / "meta.json").read_text())
-    assert meta["rows"] == len(elsewhere.frame) and meta["dtypes"]["volume"] == "float32"
+    assert meta["rows"] == len(elsewhere.frame) and meta["arrays"]["volume"]["dtype"] == "float32"
 
 
 def test_the_default_sample_goes_through_the_cache(tmp_path):
@@ -217,7 +217,7 @@ def test_a_process_waits_for_the_one_building_the_entry(tmp_path):
     key = source_key(str(source), symbol=None, fill=None, columns=None)
     got: list = []
     waiting = threading.Thread(target=lambda: got.append(cached_arrays(str(source), cache)))
-    with _locked(cache / f"data-{key[:32]}.lock"):  # as if another rank were building it
+    with (cache / f"data-{key[:32]}.lock").open("a") as handle, _locked(handle):  # as another rank building it
         waiting.start()
         time.sleep(3)
         assert waiting.is_alive() and not entries(cache)  # it waits instead of building its own copy

@@ -14,6 +14,7 @@ from conftest import DATA
 from test_codebook import StandInTokenizer, loader, make_windows, stats_of
 from torch import nn
 
+from kronos_kit.binding import file_sha256
 from kronos_kit.codebook import codebook_stats
 from kronos_kit.config import GateConfig, KitConfig
 from kronos_kit.data import load_data
@@ -338,9 +339,11 @@ def test_both_phases_log_the_start_checkpoint_at_step_zero(tmp_path, ashare):
     cfg = cfg.with_overrides({"run_dir": str(tmp_path), "tokenizer.max_steps": 2, "tokenizer.eval_every": 2,
                               "tokenizer.batch_size": 16, "tokenizer.max_val_batches": 2, "predictor.max_steps": 2,
                               "predictor.eval_every": 2, "predictor.batch_size": 16, "predictor.max_val_batches": 2,
-                              "predictor.skill_origins": 2, "predictor.skill_paths": 2})
+                              "predictor.skill_origins": 2, "predictor.skill_paths": 2,
+                              "gate.override": True})  # no gate here: phase 2 on the ungated tokenizer, warned
     train_tokenizer(cfg, data=data, progress=False)
-    train_predictor(cfg, data=data, progress=False)
+    with pytest.warns(UserWarning, match="no reconstruction gate judged it"):
+        train_predictor(cfg, data=data, progress=False)
     for phase, keys in (("tokenizer", ("val_recon_full", "val_loss", "s1_usage")),
                         ("predictor", ("val_loss", "val_ce_s1", "val_crps"))):
         records = read_metrics(tmp_path / "metrics.jsonl", phase)
@@ -393,3 +396,31 @@ def test_above_the_tolerance_by_chance_is_not_a_failure():
     gate = reconstruction_gate(noisy, HEALTHY, base=base)
     assert gate.metrics["full_mse_vs_base"] > 1.05 and not gate.paired["significant"]
     assert gate.passed and "full_mse_vs_base" not in gate.failed
+
+
+def test_the_gate_command_lets_phase_2_start_on_a_run_trained_from_the_command_line(tmp_path, capsys):
+    """`train tokenizer`, then `train predictor` is refused (no gate judged the tokenizer); `gate` judges it as
+    notebook 01 does, and `train predictor` goes on. A tokenizer retrained after the gate is refused again."""
+    from conftest import DATA
+
+    from kronos_kit.__main__ import main
+
+    words = ["--run-dir", str(tmp_path), f"data.source={DATA / 'ashare_5min_sample.csv'}", "data.symbol=A",
+             "data.lookback=30", "data.predict=5", "tokenizer.start_from=embedded:base/tokenizer",
+             "predictor.start_from=embedded:base/predictor", "tokenizer.max_steps=2", "predictor.max_steps=2",
+             "tokenizer.batch_size=16", "predictor.batch_size=16", "tokenizer.max_val_batches=2",
+             "predictor.max_val_batches=2", "predictor.skill_origins=0"]
+    assert main(["train", "tokenizer", *words]) == 0
+    assert main(["train", "predictor", *words]) == 2
+    assert "no reconstruction gate judged it" in capsys.readouterr().err
+    assert main(["gate", *words]) == 0
+    assert "Tokenizer gate passed." in capsys.readouterr().out
+    gate = json.loads((tmp_path / "reconstruction_gate.json").read_text())
+    assert gate["tokenizer"]["sha256"] == file_sha256(tmp_path / "tokenizer" / "best" / "model.safetensors")
+    assert (tmp_path / "codebook_before.json").is_file() and (tmp_path / "codebook_after.json").is_file()
+    assert main(["train", "predictor", *words]) == 0
+    assert main(["train", "tokenizer", *words, "--overwrite", "tokenizer.lr=1e-3"]) == 0
+    assert main(["train", "predictor", *words, "--overwrite"]) == 2  # phase 1 ran with another lr than this config
+    assert "it ran with tokenizer.lr = 0.001, the config says 0.0002 now" in capsys.readouterr().err
+    assert main(["train", "predictor", *words, "--overwrite", "tokenizer.lr=1e-3"]) == 2  # the gate judged others
+    assert "reconstruction_gate.json judged" in capsys.readouterr().err

@@ -42,7 +42,8 @@ sys.exit(main(sys.argv[1:]))
 
 def overrides(start: dict[str, str]) -> list[str]:
     values = {"device": "cpu", "data.source": str(DATA / "ashare_5min_sample.csv"), "data.symbol": "A",
-              "data.lookback": 30, "data.predict": 5, "data.stride": 2}
+              "data.lookback": 30, "data.predict": 5, "data.stride": 2,
+              "gate.override": True}  # the engine under kills: phase 2 without notebook 01's gate
     for phase, _ in PHASES:
         values |= {f"{phase}.start_from": start[phase], f"{phase}.batch_size": 16, f"{phase}.max_steps": 10,
                    f"{phase}.eval_every": 2, f"{phase}.log_every": 1, f"{phase}.max_val_batches": 2}

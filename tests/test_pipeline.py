@@ -127,17 +127,26 @@ def test_notebooks_run_from_the_notebooks_folder_with_figures_inline(smoke_run, 
 
 def test_failing_stage_stops_and_from_completes_it(smoke_run, tmp_path, capsys):
     run_dir = copy_run(smoke_run, tmp_path)
-    gate = json.loads((run_dir / "reconstruction_gate.json").read_text())
-    save_json(run_dir / "reconstruction_gate.json", {**gate, "passed": False, "reasons": ["made to fail"]})
     started_01 = manifest_of(run_dir)["stages"]["01"]["started"]
+    tokenizer_config = run_dir / "tokenizer" / "best" / "config.json"
+    kept = tokenizer_config.read_text()
+    tokenizer_config.write_text("{")  # what notebook 02 loads first fails inside it
 
-    assert run_pipeline(run_dir=run_dir, from_stage="02") == 1  # notebook 02 refuses a failed gate
+    assert run_pipeline(run_dir=run_dir, from_stage="02") == 1
     manifest = manifest_of(run_dir)
     assert manifest["stages"]["02"]["status"] == "failed"
     executed = json.loads((run_dir / "02_predictor_finetune.ipynb").read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert errors and "Gate" in errors[0]["ename"]
+    assert errors and "config.json" in errors[0]["evalue"]
     assert "stage 02 FAILED in code cell" in capsys.readouterr().err
+    tokenizer_config.write_text(kept)
+
+    # a gate that fails by its numbers ("passed": true is not believed) refuses --from 02 before anything runs
+    gate = json.loads((run_dir / "reconstruction_gate.json").read_text())
+    save_json(run_dir / "reconstruction_gate.json", {**gate, "metrics": {**gate["metrics"], "full_mse": 0.9}})
+    with pytest.raises(UsageError, match="full_mse .* is above the maximum 0.2"):
+        run_pipeline(run_dir=run_dir, from_stage="02")
+    assert manifest_of(run_dir) == manifest
 
     assert run_pipeline(run_dir=run_dir, from_stage="02", params={"ignore_gate": True}) == 0
     manifest = manifest_of(run_dir)

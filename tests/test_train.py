@@ -43,7 +43,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = smoke_config(run_dir)
+    cfg = smoke_config(run_dir, **{"gate.override": True})  # the engine's test: phase 2 without notebook 01's gate
     tok = train_tokenizer(cfg, data=data, progress=False)
     return run_dir, cfg, tok, train_predictor(cfg, data=data, progress=False)
 
@@ -184,7 +184,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, data, m
 def test_torchrun_two_processes_match_single_process(tmp_path):
     overrides = [f"{k}={v}" for k, v in {**SMOKE, "tokenizer.max_steps": 6, "tokenizer.eval_every": 3,
                                          "predictor.max_steps": 6, "predictor.eval_every": 3,
-                                         "predictor.teacher_forcing": True, "device": "cpu"}.items()]
+                                         "predictor.teacher_forcing": True, "device": "cpu",
+                                         "gate.override": True}.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(run_dir, nproc):

@@ -10,8 +10,8 @@ This package owns
 * chronological per-symbol splits (`split`, in ``windows``) whose val/test parts carry look-back
   context only, and training windows (`WindowDataset`) z-scored on the look-back bars alone, so
   the future never leaks into the normalisation;
-* the normalisation, its inverse and the amount fill (`normalize`, `denormalize`, `fill_amount`,
-  in ``schema``), the one home of the column order and `NORM_EPS`;
+* the normalisation, its inverse and the amount fill (`normalize`, `denormalize`, `norm_scale`,
+  `fill_amount`, in ``schema``), the one home of the column order and `NORM_EPS`;
 * one copy of the data per machine (`cached_arrays` -> `MarketArrays`, in ``store``): the validated
   arrays written once per data hash as ``.npy`` files and memory-mapped by every rank and notebook;
 * the configured data in one object (`load_data` -> `DataBundle`, in ``bundle``), read through that
@@ -42,6 +42,7 @@ from .schema import (
     DataNotice,
     denormalize,
     fill_amount,
+    norm_scale,
     normalize,
     time_features,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "load_ohlcv",
     "load_sample",
     "loop_batches",
+    "norm_scale",
     "normalize",
     "origin_inputs",
     "split",

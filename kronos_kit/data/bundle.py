@@ -51,6 +51,11 @@ class DataBundle:
     test: WindowDataset
     cache: Path | None = field(default=None)  # the cache entry the arrays map, None in memory
 
+    @property
+    def source_sha256(self) -> str | None:
+        """sha256 of the source's bytes (`store.source_sha256`): what a run's stage records it read."""
+        return self.arrays.source_sha256
+
     @cached_property
     def frame(self) -> pd.DataFrame:
         """The canonical long frame, as `load_ohlcv` returns it (built on first use)."""
@@ -86,10 +91,10 @@ def load_data(cfg: KitConfig) -> DataBundle:
     else:
         how = {"ratios": (d.train_ratio, d.val_ratio, 1 - d.train_ratio - d.val_ratio), "ratio_split": d.ratio_split}
     # in a panel cut on common dates a symbol listed late (or delisted early) may have no window in a split:
-    # it is left out of that split with a notice; one series too short for a split stays an error
-    short = "drop" if len(arrays.names) > 1 else "error"
+    # data.short "auto" leaves it out of that split with a notice; one series too short for a split stays an error
+    short = d.short if d.short != "auto" else "drop" if len(arrays.names) > 1 else "error"
     parts = split_rows(arrays.offsets[:-1], arrays.offsets[1:], arrays.names, arrays.timestamps, arrays.tz,
-                       lookback=d.lookback, predict=d.predict, notices=arrays.notices, short=short, **how)
+                       lookback=d.lookback, predict=d.predict, short=short, notices=arrays.notices, **how)
     train = WindowDataset(arrays.blocks(parts["train"]), lookback=d.lookback, predict=d.predict, clip=d.clip,
                           stride=d.stride, max_samples=d.max_samples_per_epoch, seed=cfg.seed)
     val = WindowDataset(arrays.blocks(parts["val"]), lookback=d.lookback, predict=d.predict, clip=d.clip)

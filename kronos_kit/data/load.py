@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES  # pandas' default missing-value markers of read_csv
 
 from .schema import FEATURE_COLUMNS, PRICE_COLUMNS, SHOW, DataError, fill_amount, nanoseconds, notify
 
@@ -145,12 +146,9 @@ def _read(path: Path, columns: Mapping[str, str] | None) -> tuple[pd.DataFrame, 
         if _file_kind(path) == "parquet":
             raw = pd.read_parquet(path)
             return raw, np.arange(1, len(raw) + 1), False
-        # symbols stay text: A-share codes such as 000001 must not become the number 1
         header = pd.read_csv(path, nrows=0).columns
-        text = {c: "str" for c in header
-                if _ALIAS_OF.get(_norm_name(c)) == "symbol" or (columns or {}).get(c) == "symbol"}
         # keep blank lines as empty rows so row numbers stay CSV line numbers, then drop them
-        raw = pd.read_csv(path, skip_blank_lines=False, dtype=text or None)
+        raw = pd.read_csv(path, skip_blank_lines=False, **_symbols_as_text(header, columns))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path.name}: could not be read ({exc}). Expect one header line and "
                         "comma-separated values (CSV) or a Parquet file.") from None
@@ -159,6 +157,16 @@ def _read(path: Path, columns: Mapping[str, str] | None) -> tuple[pd.DataFrame, 
     if blank.any():
         raw, rows = raw.loc[~blank], rows[~blank]
     return raw, rows, True
+
+
+def _symbols_as_text(header: pd.Index, columns: Mapping[str, str] | None) -> dict[str, object]:
+    """`read_csv` options that keep symbol columns as written: A-share codes such as 000001 must not become the
+    number 1, nor the ticker NA (or NULL, None, NaN) a missing value; only an empty cell is missing there."""
+    text = [c for c in header if _ALIAS_OF.get(_norm_name(c)) == "symbol" or (columns or {}).get(c) == "symbol"]
+    if not text:
+        return {}
+    missing = {c: [""] if c in text else sorted(STR_NA_VALUES) for c in header}
+    return {"dtype": dict.fromkeys(text, "str"), "keep_default_na": False, "na_values": missing}
 
 
 def _resolve_columns(raw: pd.DataFrame, label: str, columns: Mapping[str, str] | None) -> dict[str, object]:
@@ -205,7 +213,7 @@ def _parse_timestamps(values: pd.Series, origin: _Origin, label: str) -> pd.Seri
         raise _rows_error(origin, missing, column="timestamps", problem="is empty",
                           fix="Remove those rows or fill in their times.")
     if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
-        return values.dt.as_unit("ns")
+        return _times_in_range(values, origin, values.dt.tz_localize(None) if values.dt.tz else values)
     if pd.api.types.is_float_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype):
         raise DataError(f"{label}: column 'timestamps' holds numbers, not times. {fix_parse}")
     text = values.astype(str) if pd.api.types.is_integer_dtype(values.dtype) else values  # 20240618
@@ -234,13 +242,19 @@ def _parse_timestamps(values: pd.Series, origin: _Origin, label: str) -> pd.Seri
         raise _rows_error(origin, bad, column="timestamps", problem="cannot be parsed as a time",
                           detail=lambda pos: [repr(str(raw[p])) for p in pos], fix=fix_parse)
     naive = parsed.dt.tz_localize(None) if isinstance(parsed.dtype, pd.DatetimeTZDtype) else parsed
+    return _times_in_range(parsed, origin, naive, raw=values)
+
+
+def _times_in_range(times: pd.Series, origin: _Origin, naive: pd.Series, raw: pd.Series | None = None) -> pd.Series:
+    """``times`` in nanoseconds; rows outside what nanoseconds hold (a Parquet or DataFrame time in 2300) are an
+    error naming them."""
     outside = ((naive < pd.Timestamp.min) | (naive > pd.Timestamp.max)).to_numpy()
     if outside.any():  # nanosecond times span 1677-09-21 .. 2262-04-11
-        raw = values.to_numpy()
+        shown = (times if raw is None else raw).to_numpy()
         raise _rows_error(origin, outside, column="timestamps", problem="lies outside 1677-09-22 .. 2262-04-11",
-                          detail=lambda pos: [repr(str(raw[p])) for p in pos],
+                          detail=lambda pos: [repr(str(shown[p])) for p in pos],
                           fix="Times are stored in nanoseconds, which cannot go further; fix or drop those rows.")
-    return parsed.dt.as_unit("ns")
+    return times.dt.as_unit("ns")
 
 
 def _parse_numbers(values: pd.Series, origin: _Origin, column: str) -> np.ndarray:

@@ -16,7 +16,8 @@ from kronos_kit.model.predictor import TIME_FEATURE_COLUMNS  # the predictor's s
 COLUMNS = ("symbol", "timestamps", "open", "high", "low", "close", "volume", "amount")
 PRICE_COLUMNS = ("open", "high", "low", "close")
 FEATURE_COLUMNS = (*PRICE_COLUMNS, "volume", "amount")  # the order of the model's 6 inputs
-NORM_EPS = 1e-5  # the reference's std guard in `normalize` / `denormalize`
+NORM_EPS = 1e-5  # the reference's std guard in `normalize` / `denormalize`, for series at levels of 1 and above
+NORM_EPS_FLOOR = 1e-30  # the guard's level for an all-zero series (volume 0), whose z-score is 0 anyway
 CONTEXT_COLUMN = "is_context"  # set by `split`: True for look-back rows borrowed from the previous split
 SHOW = 5  # offending rows quoted in an error message
 
@@ -38,17 +39,26 @@ def notify(notices: list[str], message: str) -> None:
     warnings.warn(message, DataNotice, stacklevel=level)
 
 
+def norm_scale(mean, std):
+    """The divisor of `normalize`: ``std + NORM_EPS * min(1, |mean|)``. The guard keeps a flat series finite;
+    at levels of 1 and above it is the reference's constant 1e-5, below it shrinks with the level, so a series
+    quoted around 1e-5 (a low-priced token, a BTC-quoted pair) keeps its own spread instead of being swamped by
+    it (and a price scaled by any factor normalizes the same). NumPy (keeps the dtype) or torch."""
+    level = abs(mean).clip(NORM_EPS_FLOOR, 1.0)
+    return std + NORM_EPS * level
+
+
 def normalize(x, mean, std, clip: float):
-    """z-score with the reference's guard, clipped to +-clip: ``clip((x - mean) / (std + NORM_EPS))``.
+    """z-score with a scale-relative guard (`norm_scale`), clipped to +-clip: ``clip((x - mean) / scale)``.
 
     Works on NumPy arrays (keeping their dtype); `mean`/`std` broadcast against `x`.
     """
-    return np.clip((x - mean) / (std + NORM_EPS), -clip, clip)
+    return np.clip((x - mean) / norm_scale(mean, std), -clip, clip)
 
 
 def denormalize(x, mean, std):
-    """The inverse of `normalize` (before clipping): ``x * (std + NORM_EPS) + mean``; NumPy or torch."""
-    return x * (std + NORM_EPS) + mean
+    """The inverse of `normalize` (before clipping): ``x * norm_scale(mean, std) + mean``; NumPy or torch."""
+    return x * norm_scale(mean, std) + mean
 
 
 def fill_amount(volume, open_, high, low, close):

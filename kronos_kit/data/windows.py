@@ -189,7 +189,8 @@ def split_rows(
             if short == "error":
                 raise DataError(f"split '{name}': {len(short_ones)} symbol(s) too short for one window: "
                                 f"{listing}; {_need(lookback, predict)}. Lower lookback/predict, change the "
-                                "split, or pass short='drop' to leave such symbols out of this split.")
+                                "split, or leave such symbols out of this split: data.short: drop in a config "
+                                "(-p data.short=drop), short='drop' when calling split.")
             notify(part_notices, f"split '{name}': left out {len(short_ones)} symbol(s) too short for one "
                                  f"window: {listing}.")
         parts[name] = SplitRows(name, context_from, first, last, counts > 0, part_notices)

@@ -29,12 +29,11 @@ import yaml
 
 from kronos_kit.config import KitConfig, apply_overrides, parse_overrides, project_root, resolve_path, resolve_paths
 from kronos_kit.data import load_data
+from kronos_kit.data.store import source_sha256
 from kronos_kit.pipeline import (  # the pipeline's own checks of a call, reused
     UsageError,
     _check_origins,
-    _check_phases,
     _usage,
-    data_hash,
     run_name,
     run_provenance,
 )
@@ -52,6 +51,7 @@ from kronos_kit.sweep.study import (
     take_trial,
 )
 from kronos_kit.sweep.trial import SweepContext, run_trial
+from kronos_kit.train import check_phases
 
 __all__ = ["DEFINITION_ATTR", "run_sweep", "worker_loop"]
 
@@ -88,12 +88,12 @@ def _new_definition(config: str | Path | None, space: str | Path | None, values:
     bundle = _usage(lambda: load_data(base.with_overrides(run_dir=None, cache_dir=None)),
                     f"data.source {base.data.source!r}: ")
     _check_origins(base, bundle)
-    _check_phases(base, len(bundle.train))
+    _usage(lambda: check_phases(base, len(bundle.train)))
     objective = _usage(lambda: choose_objective(searched.settings.objective, bundle.frame), "sweep.objective: ")
     return {"config_file": str(config_path), "space_file": str(space_path), "parameters": values,
             "config_yaml": base.to_yaml(), "space": searched.to_dict(), "objective": objective.name,
             "direction": objective.direction, "data": {"source": base.data.source,
-                                                         "sha256": data_hash(base.data.source)},
+                                                         "sha256": source_sha256(base.data.source)},
             "created": dt.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -169,7 +169,7 @@ def _total_threads(sweep: SweepDir) -> int:
 def _open(plan: _Plan, workers: int) -> None:
     """Write the sweep folder and create (or load) the study with its slots; recover killed trials."""
     sweep, d = plan.sweep, plan.definition
-    if plan.mode != "new" and d["data"]["sha256"] != data_hash(d["data"]["source"]):
+    if plan.mode != "new" and d["data"]["sha256"] != source_sha256(d["data"]["source"]):
         raise UsageError(f"--resume: the data {d['data']['source']} differs from the data the sweep started with "
                          "(sha256): its trials would not be comparable. Restore the data, or start a new sweep")
     sweep.path.mkdir(parents=True, exist_ok=True)
