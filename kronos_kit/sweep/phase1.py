@@ -116,7 +116,8 @@ def _build(cfg: KitConfig, bundle: DataBundle, folder: Path, key: str) -> Phase1
     stats_after = codebook_stats(adapted, bundle.val, progress=False)
     stats_after.save(rd.codebook_after)
     recon_after = reconstruction_report(adapted, bundle.val, progress=False)
-    gate = reconstruction_gate(recon_after, stats_after, cfg.gate, base=recon_before, base_stats=stats_before)
+    gate = reconstruction_gate(recon_after, stats_after, cfg.gate, base=recon_before, base_stats=stats_before,
+                               tokenizer=source)  # bound to the weights it judged: phase 2 of each trial checks that
     gate.save(rd.gate)
     unit = Phase1Unit(folder, key, source, weights_sha256(source), gate.passed, gate.summary(),
                       round(time.perf_counter() - start, 1))
