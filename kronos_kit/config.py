@@ -72,6 +72,8 @@ MAX_LORA_RANK = 1024
 MIN_DECISION_ORIGINS = 10
 # how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
 PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
+# the naive forecasts with a distribution (kronos_kit.naive): baselines of the evaluation, members of the ensemble
+NAIVE_PROBABILISTIC = ("drift", "random_walk", "garch_rw", "bootstrap")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:

@@ -24,15 +24,7 @@ from kronos_kit.calibration import PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
-from kronos_kit.evaluate.baselines import (
-    BASELINES,
-    bootstrap_paths,
-    drift_paths,
-    fit_garch,
-    garch_paths,
-    persistence_paths,
-    random_walk_paths,
-)
+from kronos_kit.evaluate.baselines import BASELINES, fit_garch, naive_paths
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.metrics import CLOSE
 from kronos_kit.runtime import tqdm
@@ -158,25 +150,17 @@ def _forecast_baselines(result: EvaluationResult, baselines: Sequence[str], *, p
     history = result.history
     rng = np.random.default_rng(seed)
     fits = None
-    for name in baselines:
+    for name in sorted(baselines, key=BASELINES.index):  # one draw order, whatever the order asked for
         t0 = time.perf_counter()
         if name in ("garch", "garch_rw") and fits is None:
             fits = [fit_garch(history[i, :, CLOSE]) for i in tqdm(range(len(history)), desc="GARCH(1,1)",
                                                                    disable=not progress)]
             reasons = Counter(f.fallback for f in fits if f.fallback is not None)
             result.garch_fallbacks = {"total": sum(reasons.values()), **dict(reasons)}
-        if name == "persistence":
-            result.samples[name] = persistence_paths(history, pred_len)
-        elif name == "drift":
-            result.samples[name] = drift_paths(history, pred_len, sample_count, rng)
-        elif name == "random_walk":
-            result.samples[name] = random_walk_paths(history, pred_len, sample_count, rng)
-        elif name == "bootstrap":
-            result.samples[name] = bootstrap_paths(history, pred_len, sample_count, rng)
-        elif name == "garch_rw":
-            result.samples[name] = garch_paths(fits, history, pred_len, sample_count, rng)
-        else:
+        if name == "garch":
             result.vol_pred[name] = np.array([f.variance_forecast(pred_len).sum() for f in fits])
+        else:  # the same draws as kronos_kit.naive.naive_paths over every name at once
+            result.samples[name] = naive_paths((name,), history, pred_len, sample_count, rng, fits=fits)[name]
         result.timings[f"baseline:{name}"] = time.perf_counter() - t0
 
 
