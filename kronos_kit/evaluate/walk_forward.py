@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit import metrics as M
-from kronos_kit.calibration import PathCalibration
+from kronos_kit.calibration import Handover, PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
@@ -206,7 +206,9 @@ def evaluate_models(
     ``temperature`` and ``top_p`` (so it cannot be combined with an explicit ``temperature`` or ``top_p``),
     and each model it holds a path calibration for has its sample paths calibrated after sampling
     (:meth:`EvaluationResult.calibrate`; the paths as sampled stay in ``result.uncalibrated``). The
-    sampling settings are recorded in ``result.config["sampling"]``.
+    sampling settings are recorded in ``result.config["sampling"]``. When ``calibration`` holds a handed-over
+    forecast for one of ``models`` (its promoted model), the result gets it as the entry ``handed_over``
+    (:meth:`EvaluationResult.hand_over`; its naive members are evaluated as baselines if not asked for).
     """
     if calibration is not None and (temperature is not None or top_p is not None):
         raise ValueError("pass either calibration (its temperature / top_p) or temperature / top_p, not both")
@@ -221,6 +223,10 @@ def evaluate_models(
     predictors = as_predictors(models, device=device, max_context=s["max_context"])
     fns: dict[str, ForecastFn] = {name: p.as_forecast_fn(temperature, s["top_k"], top_p, seed)
                                   for name, p in predictors.items()}
+    handover = None
+    if calibration is not None and calibration.model in fns and calibration.handover_choice():
+        handover = Handover.from_dict(calibration.handover_choice(), where="calibration.json")
+        baselines = (*baselines, *(m for m in handover.ensemble.naive_members if m not in baselines))
     result = walk_forward(frame, fns, lookback=lookback, pred_len=s["pred_len"], stride=s["stride"],
                           sample_count=s["sample_count"], max_origins=s["max_origins"], baselines=baselines,
                           seed=0 if seed is None else seed, progress=progress, batch_size=batch_size, point=point,
@@ -228,6 +234,8 @@ def evaluate_models(
     if calibration is not None:  # each model's path calibration fitted on validation, applied to its paths
         result.calibrate({name: PathCalibration.from_dict(calibration.path_calibration(name), where="calibration.json")
                           for name in fns if name in calibration.paths})
+    if handover is not None:
+        result.hand_over(handover, calibration.model)
     result.config["sampling"] = {"temperature": temperature, "top_k": s["top_k"], "top_p": top_p, "seed": seed,
                                  "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},
