@@ -182,18 +182,19 @@ FRAME = _regime_frame()
 SWITCH = FRAME["timestamps"].iloc[600]  # where the model stops knowing anything
 
 
-def oracle_until_switch(histories, hist_stamps, future_stamps, pred_len, sample_count):
-    """A forecaster that sees the realized closes before SWITCH (tight paths around them: the validation split)
-    and knows nothing after it (a spread off by a random factor of up to 30 either way: the test split)."""
-    rng = np.random.default_rng(len(histories))
+def informed_until_switch(histories, hist_stamps, future_stamps, pred_len, sample_count):
+    """A forecaster that sees the realized moves before SWITCH, up to noise, with a spread off by up to 3x (the
+    validation split: worth most of the weight, not all) and knows nothing after it (a spread off by up to 30x
+    either way: the test split)."""
+    rng = np.random.default_rng(len(histories) + pd.Timestamp(future_stamps[0].iloc[0]).value % 1000)
     hist = np.stack([h.to_numpy(np.float64) for h in histories])
     close = FRAME.set_index("timestamps")["close"]
     steps = np.empty((len(histories), sample_count, pred_len))
     for i, (h, future) in enumerate(zip(histories, future_stamps)):
         if pd.Timestamp(future.iloc[-1]) < SWITCH:
-            target = np.log(close.loc[pd.DatetimeIndex(future)].to_numpy() / h["close"].iloc[-1])
-            steps[i] = np.diff(np.concatenate([[0.0], target]))[None] + 0.001 * rng.standard_normal((sample_count,
-                                                                                                      pred_len))
+            moves = np.diff(np.log(np.r_[h["close"].iloc[-1], close.loc[pd.DatetimeIndex(future)].to_numpy()]))
+            steps[i] = (moves + 0.007 * rng.standard_normal(pred_len))[None] + 0.01 * 3.0 ** rng.uniform(-1, 1) \
+                * rng.standard_normal((sample_count, pred_len))
         else:  # no spread calibration can fix a spread whose error differs from origin to origin
             steps[i] = 0.01 * 30.0 ** rng.uniform(-1, 1) * rng.standard_normal((sample_count, pred_len))
     return close_path_bars(steps, hist)
@@ -204,11 +205,13 @@ def test_the_handover_is_fitted_on_validation_and_the_test_evaluation_applies_it
     test = test.assign(is_context=np.arange(len(test)) < 60)
     e = EvalConfig(stride=1, pred_len=5, sample_count=32, max_origins=80, val_origins=80)
     kwargs = dict(lookback=60, pred_len=5, stride=1, sample_count=32, max_origins=80, seed=0, progress=False)
-    models = {"base": oracle_until_switch, "finetuned": oracle_until_switch}
+    models = {"base": informed_until_switch, "finetuned": informed_until_switch}
     on_val = walk_forward(val, models, baselines=(), **kwargs)
     cal = calibrate_forecasts(on_val, val, dict.fromkeys(models), e, lookback=60, promoted="finetuned")
     handover = Handover.from_dict(cal.handover_choice())
-    assert handover.ensemble.model_weight >= 0.8  # on validation the model knows the future
+    assert [c["method"] for c in cal.handover["candidates"]] == [
+        "model", "linear_pool", "quantile_average", "garch_rw alone", "bootstrap alone", "random_walk alone"]
+    assert handover.ensemble.method != "model" and 0.6 <= handover.ensemble.model_weight < 1  # a real mixture
     # what a fit on the test split would say: the model is useless there (so this test can tell the two apart)
     on_test = walk_forward(test, models, **kwargs)
     leaked = fit_handover(on_test.samples["finetuned"], {m: on_test.samples[m] for m in e.ensemble_members},
@@ -229,8 +232,8 @@ def test_the_handover_is_fitted_on_validation_and_the_test_evaluation_applies_it
 
 def test_naive_members_at_forecast_time_are_drawn_as_the_walk_forward_draws_them():
     frame = _regime_frame(1).iloc[:200]
-    result = walk_forward(frame, {"m": oracle_until_switch}, lookback=60, pred_len=4, stride=7, sample_count=8, seed=3,
-                          progress=False)
+    result = walk_forward(frame, {"m": informed_until_switch}, lookback=60, pred_len=4, stride=7, sample_count=8,
+                          seed=3, progress=False)
     drawn = naive_paths(NAIVE_PATHS, result.history, 4, 8, np.random.default_rng(3))
     for name in NAIVE_PATHS:
         np.testing.assert_array_equal(drawn[name], result.samples[name])

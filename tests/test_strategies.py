@@ -316,6 +316,7 @@ def _check_path_calibration(tmp_path, data, models, evaluation, cal, rf):
                                  finetuned_sources=("tiny", tmp_path / "predictor" / "best"),
                                  base_sources=("tiny", "tiny"))
     assert again.calibration.paths == cal.paths and again.promotion.promoted == cal.model
+    assert again.calibration.handover == cal.handover  # the handed-over forecast too: fitted on validation only
 
 
 def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, data):

@@ -425,7 +425,7 @@ def test_promotion_needs_evidence_not_a_lower_point_estimate():
     ev = promo.evidence["metric"]
     assert ev["model_mean"] < ev["other_mean"] and ev["p_one_sided"] > 0.05  # lower, but no evidence
     assert promo.promoted == "base" and "not significantly" in promo.reason
-    assert f"one-sided DM p = {ev['p_one_sided']:.2f}" in promo.reason and "detect differences of" in promo.reason
+    assert f"one-sided DM p = {ev['p_one_sided']:.2f}" in promo.reason and "minimum detectable effect" in promo.reason
     assert decide_promotion(res, promotion_level=1.0, **SOURCES).promoted == "finetuned"
     clear = decide_promotion(validation_result(good(frame), base, frame), **SOURCES)
     assert clear.promoted == "finetuned" and clear.evidence["metric"]["p_one_sided"] < 0.05

@@ -92,8 +92,11 @@ class Ensemble:
         return [m for m, w in zip(self.members[1:], self.weights[1:]) if w > 0]
 
     def describe(self, model: str = "the model") -> str:
-        if self.method == MODEL:
+        positive = [m for m, w in zip(self.members, self.weights) if w > 0]
+        if self.method == MODEL or positive == [MODEL]:
             return f"{model} alone (no ensemble)"
+        if len(positive) == 1:
+            return f"{positive[0]} alone ({model} has weight 0)"
         parts = ", ".join(f"{w:.0%} {model if m == MODEL else m}" for m, w in zip(self.members, self.weights) if w > 0)
         return f"{self.method.replace('_', ' ')}: {parts}"
 
@@ -259,7 +262,7 @@ def fit_quantile_average(members: CloseMembers, origins: np.ndarray, last_close:
 
 
 def quantile_average_scores(members: CloseMembers, weights: np.ndarray, last_close: np.ndarray,
-                            origins: np.ndarray, chunk: int = 32) -> np.ndarray:
+                            origins: np.ndarray) -> np.ndarray:
     """Mean fair close CRPS over ``origins`` (P,) of the quantile average for each weight row (P, M).
 
     The combination averages log-return quantiles, so its closes are ``c0 exp(sum_k w_k r_k(i))``, sorted;
@@ -271,6 +274,7 @@ def quantile_average_scores(members: CloseMembers, weights: np.ndarray, last_clo
     s = members.paths
     rank_weights = 2.0 * np.arange(1, s + 1) - s - 1
     out = np.empty(len(weights))
+    chunk = max(1, 4_000_000 // logs[0].size)  # weight rows per pass: about 32 MB per array, whatever the origins
     for i in range(0, len(weights), chunk):
         q = c0[None] * np.exp(np.einsum("pk,knsh->pnsh", weights[i:i + chunk], logs))  # sorted along s
         term1 = np.abs(q - y[None, :, None, :]).mean(axis=2)

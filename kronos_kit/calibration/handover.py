@@ -11,8 +11,9 @@ What a run hands over (``forecast --run``, ``load_run_forecaster``, the explorer
 :func:`fit_handover` fits steps 2 and 3 on VALIDATION origins only, by the same two-fold blocked
 cross-validation as the path calibration, and cross-fitted: in each fold the model's path calibration,
 the ensemble weights and the tail factors are all fitted on one half of the origins and scored on the
-other, so a held-out number never saw its origins. The combination with the lowest held-out mean fair
-close CRPS wins (exact ties: the model alone, then the linear pool); the tails are kept when they bring the
+other, so a held-out number never saw its origins. The candidate with the lowest held-out mean fair close
+CRPS wins: the model alone, each combination offered, each naive member alone (exact ties in that order);
+the tails are kept when they bring the
 held-out coverage of the 80% and 95% intervals closer to nominal without raising the held-out fair CRPS by
 more than :data:`TAIL_CRPS_TOLERANCE`. The winners are refit on every validation origin. Plain JSON in
 ``calibration.json`` (``handover``), bound to the weights like the rest of that file.
@@ -192,11 +193,15 @@ def fit_handover(
         return _too_few(n, paths)
     data = _Folds(model_samples, members if methods else {}, y, c0, path_fit)
     candidates, held = [], {}
-    for method in [m for m in COMBINATIONS if m == MODEL or m in methods]:
-        fold_ensembles = [fit_ensemble(method, data.stats[i], data.split(i)[0], c0, data.names) for i in (0, 1)]
+    for method in _candidates(methods, data.names):
+        if method in COMBINATIONS:  # fitted per fold, then on every origin
+            fold_ensembles = [fit_ensemble(method, data.stats[i], data.split(i)[0], c0, data.names) for i in (0, 1)]
+            full = fit_ensemble(method, data.stats["all"], np.arange(n), c0, data.names)
+        else:  # a naive member alone: nothing to fit
+            full = Ensemble("linear_pool", data.names, [float(m == method.removesuffix(ALONE)) for m in data.names])
+            fold_ensembles = [full, full]
         combined = [data.combine(fold_ensembles[i], i, data.split(i)[1]) for i in (0, 1)]
         scores = _held_out_scores(np.concatenate([c[..., CLOSE] for c in combined]), y[data.held_out])
-        full = fit_ensemble(method, data.stats["all"], np.arange(n), c0, data.names)
         candidates.append({"method": method, "weights": dict(zip(full.members, full.weights)), **scores,
                            "describe": full.describe()})
         held[method] = (full, fold_ensembles, combined)
@@ -212,6 +217,17 @@ def fit_handover(
     after = {k: after[k] for k in member_scores[MODEL]}
     return HandoverFit(handover, candidates, member_scores, tail_evidence, member_scores[MODEL], after, n,
                        _rule(n, [c["method"] for c in candidates], handover, tail_evidence))
+
+
+ALONE = " alone"  # a candidate "<naive member> alone": weight 1 on it
+
+
+def _candidates(methods: tuple[str, ...] | list[str], names: list[str]) -> list[str]:
+    """What the held-out CRPS chooses among, in tie order: the model alone, the fitted combinations offered, each
+    naive member alone (weight 1 on the model and weight 1 on a naive forecast are candidates in their own right,
+    so the choice is never worse held out than either)."""
+    fitted = [m for m in COMBINATIONS if m == MODEL or m in methods]
+    return fitted + ([f"{m}{ALONE}" for m in names[1:]] if methods else [])
 
 
 def _fit_tails(data: _Folds, ensemble: Ensemble, fold_ensembles: list[Ensemble],
@@ -240,7 +256,7 @@ def _fit_tails(data: _Folds, ensemble: Ensemble, fold_ensembles: list[Ensemble],
 
 
 def _rule(n: int, names: list[str], handover: Handover, tails: Mapping[str, Any]) -> str:
-    return (f"Handed over: {handover.describe()}. The combination has the lowest mean fair close CRPS on held-out "
+    return (f"Handed over: {handover.describe()}. It has the lowest mean fair close CRPS on held-out "
             f"validation origins among {names} (two-fold blocked cross-validation over {n} origins, cross-fitted: in "
             "each fold the model's path calibration, the weights and the tails are fitted on one half and scored on "
             "the other; exact ties go to the model alone); weights refit on every validation origin. "

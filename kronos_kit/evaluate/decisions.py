@@ -161,7 +161,7 @@ def decide_promotion(
     change = f"{abs(main['change_pct']):.1f}% {'lower' if main['change_pct'] < 0 else 'higher'}"
     strength = f"one-sided DM {fmt_p(p_one)}, {'below' if shown else 'not below'} the level {promotion_level:g}"
     numbers = (f"validation {label} {fmt(main['model_mean'])} vs {fmt(main['other_mean'])} ({change}, {strength}, "
-               f"{n_origins} origins; these origins detect differences of {fmt_pct(main['mde'])} or more)")
+               f"{n_origins} origins, minimum detectable effect {fmt_pct(main['mde'])})")
     if promote:
         reason = f"Promoted {finetuned}: its {numbers} is lower than {base}'s, and close MAE is not worse."
     elif lower and not enough:
