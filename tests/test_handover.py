@@ -297,3 +297,26 @@ def test_the_handover_line_says_whether_the_model_adds_anything():
     assert "garch_rw is better: its close CRPS is 6.0% lower" in text
     zero = {**record, "ensemble": {"members": ["model", "garch_rw"], "weights": [0.0, 1.0]}}
     assert "validation gave it weight 0" in handover_line(_rows("better", -3.0, 0.01), zero)
+
+
+def test_plot_handover_shows_the_weights_and_the_coverage_before_and_after():
+    from matplotlib.figure import Figure
+
+    from kronos_kit.plots import plot_handover
+
+    frame = _regime_frame(2).iloc[:260]
+    result = walk_forward(frame, {"finetuned": informed_until_switch}, lookback=60, pred_len=4, stride=3,
+                          sample_count=8, seed=0, progress=False)
+    handover = Handover(Ensemble("linear_pool", NAMES, [0.25, 0.75, 0.0, 0.0]))
+    result.hand_over(handover, "finetuned")
+    fit = {"handover": handover.to_dict(), "before": {"coverage_50": 0.4, "coverage_80": 0.7, "coverage_95": 0.85},
+           "after": {"coverage_50": 0.5, "coverage_80": 0.8, "coverage_95": 0.95}}
+    fig = plot_handover(fit, result)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    weights, coverage = fig.axes
+    assert sorted(round(p.get_width(), 6) for p in weights.patches) == [0.0, 0.0, 0.25, 0.75]
+    assert [t.get_text() for t in weights.get_yticklabels()][-1] == "model (finetuned)"
+    labels = [t.get_text() for t in coverage.get_legend().get_texts()]
+    assert labels == ["model alone (validation, held out)", "handed over (validation, held out)",
+                      "finetuned (test)", "handed over (test)"]
+    assert [round(p.get_height(), 6) for p in coverage.patches[3:6]] == [0.5, 0.8, 0.95]  # the validation "after"

@@ -32,8 +32,10 @@ def plot_handover(fit: Mapping[str, Any], result: EvaluationResult | None = None
     fig = new_figure((11, 4))
     ax_w, ax_c = fig.subplots(1, 2, width_ratios=(1, 1.6))
     ensemble = fit.get("handover", {}).get("ensemble", {"members": ["model"], "weights": [1.0]})
-    names, weights = ensemble["members"], ensemble["weights"]
-    colors = ["tab:blue" if n == "model" else "tab:gray" for n in names]
+    weights = ensemble["weights"]
+    model = result.config["handed_over"]["model"] if result is not None and "handed_over" in result.config else None
+    names = [f"model ({model})" if n == "model" and model else n for n in ensemble["members"]]
+    colors = ["tab:blue" if n.startswith("model") else "tab:gray" for n in names]
     ax_w.barh(names[::-1], weights[::-1], color=colors[::-1])
     for y, w in enumerate(weights[::-1]):
         ax_w.text(min(w + 0.02, 0.9), y, f"{w:.0%}", va="center")
