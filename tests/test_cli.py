@@ -313,7 +313,7 @@ def test_forecast_run_hands_over_the_ensemble_and_model_only_leaves_it_out(tmp_p
     args = ("--run", str(tiny_run), "--data", CSV, "--quantiles", "0.1,0.9")
     handed, out = forecast(tmp_path, capsys, *args)
     alone, out_alone = forecast(tmp_path, capsys, *args, "--model-only")
-    assert "handed over: garch_rw alone (base has weight 0); tails: none (fitted on validation" in out
+    assert "handed over: garch_rw alone: base has weight 0; tails: none (fitted on validation" in out
     assert "handed over: the model alone (--model-only)" in out_alone
     # the naive member comes from the series' own last 90 bars (the run's lookback) and the seed: the run folder
     # alone reproduces the forecast

@@ -296,7 +296,9 @@ def test_the_handover_line_says_whether_the_model_adds_anything():
     text = handover_line(_rows("worse", 6.0, 0.001), record)
     assert "garch_rw is better: its close CRPS is 6.0% lower" in text
     zero = {**record, "ensemble": {"members": ["model", "garch_rw"], "weights": [0.0, 1.0]}}
-    assert "validation gave it weight 0" in handover_line(_rows("better", -3.0, 0.01), zero)
+    text = handover_line(_rows("better", -3.0, 0.01), zero)
+    assert "validation gave it weight 0" in text and "100% naive (100% garch_rw)" in text
+    assert "3.0% lower than garch_rw's, the best naive forecast on test (significantly, DM p = 0.01" in text
 
 
 def test_plot_handover_shows_the_weights_and_the_coverage_before_and_after():

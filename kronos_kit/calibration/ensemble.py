@@ -96,7 +96,7 @@ class Ensemble:
         if self.method == MODEL or positive == [MODEL]:
             return f"{model} alone (no ensemble)"
         if len(positive) == 1:
-            return f"{positive[0]} alone ({model} has weight 0)"
+            return f"{positive[0]} alone: {model} has weight 0"
         parts = ", ".join(f"{w:.0%} {model if m == MODEL else m}" for m, w in zip(self.members, self.weights) if w > 0)
         return f"{self.method.replace('_', ' ')}: {parts}"
 

@@ -58,10 +58,12 @@ def handover_line(comparisons: pd.DataFrame, handed_over: dict, coverage: dict[s
     r = rows.loc[rows["other_mean"].idxmin()]
     best, size = r["other"], f"{abs(r['change_pct']):.1f}%"
     numbers = f"DM {fmt_p(r['p_value'])}{_power(r)}"
+    sure = {"better": "significantly", "worse": "significantly", "not testable": "not testable"}.get(
+        r["verdict"], "not significant")
     if share == 0:
         text = (f"{what}: the model adds nothing: validation gave it weight 0, so the forecast handed over is 100% "
                 f"naive ({naive}); on test its close CRPS is {size} {'lower' if r['change_pct'] < 0 else 'higher'} "
-                f"than {best}'s ({numbers}).")
+                f"than {best}'s, the best naive forecast on test ({sure}, {numbers}).")
     elif r["verdict"] == "better":
         text = (f"{what}: the model adds {size} over {best}, the best naive forecast on test (close CRPS {size} lower, "
                 f"significantly, {numbers}); the model's weight is {share:.0%}.")
@@ -71,9 +73,8 @@ def handover_line(comparisons: pd.DataFrame, handed_over: dict, coverage: dict[s
     else:
         lower = "lower" if r["change_pct"] < 0 else "higher"
         parts = f"{1 - share:.0%} naive ({naive}), {share:.0%} {model}" if naive else f"100% {model}"
-        sure = "not testable" if r["verdict"] == "not testable" else f"not significant, {numbers}"
         text = (f"{what}: the model adds nothing detectable over {best}, the best naive forecast on test (close CRPS "
-                f"{size} {lower}, {sure}); the forecast handed over is {parts}.")
+                f"{size} {lower}, {sure}, {numbers}); the forecast handed over is {parts}.")
     if coverage:
         text += (f" Its 80% / 95% intervals cover {coverage.get('coverage_80', float('nan')):.2f} / "
                  f"{coverage.get('coverage_95', float('nan')):.2f} of the realized closes.")
