@@ -462,8 +462,8 @@ CALIBRATION_VALUE_CASES = {
                                                "weights": [0.9, 0.9]}), "weights"),
     "ensemble member unknown": (_handover({"method": "linear_pool", "members": ["model", "oracle"],
                                            "weights": [0.5, 0.5]}), "members"),
-    "tail factor 1e300": (_handover(tails={"upper_tail": 1e300}), "upper_tail"),
-    "tail factor 0": (_handover(tails={"lower_body": 0}), "lower_body"),
+    "tail factor 1e300": (_handover(tails={"tail": 1e300}), "'tail'"),
+    "tail factor 0": (_handover(tails={"body": 0}), "'body'"),
     "handover without its fit": ({"handover": {"ensemble": {"method": "linear_pool"}}}, "'handover'"),
 }
 

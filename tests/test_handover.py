@@ -139,7 +139,7 @@ def test_student_t_tails_reach_95_coverage_on_fresh_draws():
     path_fit = fit_path_calibration(paths, y, c0)
     fit = fit_handover(paths, {}, y, c0, path_fit=path_fit, methods=(), tails=True)
     assert fit.handover.ensemble.method == "model" and fit.tails["kept"]
-    assert fit.handover.tails.upper_tail > 1.3 and fit.handover.tails.lower_tail > 1.3  # fat tails stretched
+    assert fit.handover.tails.tail > 1.3  # fat tails: what lies beyond the 80% ends is stretched
     c2, y2, fresh = _tails_world(5, 2000)
     body = apply_path_calibration(fresh, c2, path_fit.calibration)
     handed = fit.handover.apply(body, c2, {})
@@ -154,11 +154,12 @@ def test_student_t_tails_reach_95_coverage_on_fresh_draws():
 
 def test_tails_keep_candles_and_the_median_and_one_is_the_identity():
     c0, y, paths = _tails_world(6, 40)
-    out = apply_tails(paths, c0, TailCalibration(lower_body=0.8, upper_body=1.25, lower_tail=3.0, upper_tail=0.6))
-    assert _valid_candles(out)
-    np.testing.assert_array_equal(out[..., 4:], paths[..., 4:])
-    # the pivot is the median: with the same body factor on both sides it stays where it was
-    same = apply_tails(paths, c0, TailCalibration(lower_body=1.25, upper_body=1.25, lower_tail=3.0, upper_tail=0.6))
+    for tails in (TailCalibration(body=0.8, tail=3.0), TailCalibration(body=1.25, tail=0.6)):
+        out = apply_tails(paths, c0, tails)
+        assert _valid_candles(out) and not np.allclose(out[..., 3], paths[..., 3])
+        np.testing.assert_array_equal(out[..., 4:], paths[..., 4:])
+    # the pivot is the median: it stays where it was (in log-returns; S is even, so it is the mid of two paths)
+    same = apply_tails(paths, c0, TailCalibration(body=1.25, tail=3.0))
     log_median = lambda x: np.median(np.log(x[..., 3] / c0[:, None, None]), axis=1)  # noqa: E731
     np.testing.assert_allclose(log_median(same), log_median(paths), atol=1e-12)
     np.testing.assert_array_equal(apply_tails(paths, c0, TailCalibration()), paths)
@@ -252,7 +253,7 @@ def test_naive_members_at_forecast_time_are_drawn_as_the_walk_forward_draws_them
 
 def test_handover_json_round_trip_and_bad_values_name_the_field():
     handover = Handover(Ensemble("quantile_average", NAMES, [0.4, 0.3, 0.2, 0.1]),
-                        TailCalibration(1.05, 0.95, 2.0, 1.5))
+                        TailCalibration(1.05, 2.0))
     assert Handover.from_dict(json.loads(json.dumps(handover.to_dict()))) == handover
     assert Handover.from_dict({}) == Handover()
     bad = {
@@ -265,8 +266,8 @@ def test_handover_json_round_trip_and_bad_values_name_the_field():
         "member unknown": ({"ensemble": {"method": "linear_pool", "members": ["model", "oracle"],
                                          "weights": [0.5, 0.5]}}, "members"),
         "method unknown": ({"ensemble": {"method": "stacking"}}, "method"),
-        "tail 1e300": ({"tails": {"upper_tail": 1e300}}, "upper_tail"),
-        "body 0": ({"tails": {"lower_body": 0.0}}, "lower_body"),
+        "tail 1e300": ({"tails": {"tail": 1e300}}, "'tail'"),
+        "body 0": ({"tails": {"body": 0.0}}, "'body'"),
         "field unknown": ({"tails": {"k": 2}}, "unknown tail field"),
     }
     for case, (data, words) in bad.items():

@@ -246,7 +246,7 @@ def test_the_run_forecaster_hands_over_its_ensemble(tmp_path, data):
     from kronos_kit.calibration import Handover
 
     fit = {"ensemble": {"method": "quantile_average", "members": ["model", "bootstrap"], "weights": [0.25, 0.75]},
-           "tails": {"upper_tail": 2.0}}
+           "tails": {"tail": 2.0}}
     write_run(tmp_path, "finetuned", {"temperature": 1.0, "top_p": 0.9, "model": "finetuned",
                                       "handover": {"handover": fit}})
     rf = load_run_forecaster(tmp_path)
