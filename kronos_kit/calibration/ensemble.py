@@ -42,7 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from kronos_kit.calibration.paths import PRICE_CHANNELS, price_log_returns, with_price_log_returns
+from kronos_kit.calibration.paths import (
+    PRICE_CHANNELS,
+    from_plain,
+    plain_fields,
+    price_log_returns,
+    with_price_log_returns,
+)
 from kronos_kit.config import ENSEMBLE_METHODS, NAIVE_PROBABILISTIC
 from kronos_kit.metrics import CLOSE
 
@@ -105,15 +111,7 @@ class Ensemble:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "calibration") -> Ensemble:
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: the ensemble must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"method", "members", "weights"}
-        if unknown:
-            raise ValueError(f"{where}: unknown ensemble field(s) {sorted(unknown)}; expected method, members, weights")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}; rerun the validation step to rewrite it") from None
+        return from_plain(cls, plain_fields(data, cls, where=where, what="ensemble"), where=where)
 
     def combine(self, model_paths: np.ndarray, members: Mapping[str, np.ndarray], last_close: np.ndarray, *,
                 where: str = "ensemble") -> np.ndarray:

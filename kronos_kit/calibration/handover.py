@@ -35,7 +35,13 @@ from kronos_kit.calibration.ensemble import (
     Ensemble,
     fit_ensemble,
 )
-from kronos_kit.calibration.paths import PathCalibrationFit, apply_path_calibration, blocked_folds, check_prices
+from kronos_kit.calibration.paths import (
+    PathCalibrationFit,
+    apply_path_calibration,
+    blocked_folds,
+    check_prices,
+    plain_fields,
+)
 from kronos_kit.calibration.tails import NO_TAILS, TailCalibration, apply_tails, coverage_error, fit_tails
 from kronos_kit.config import ENSEMBLE_METHODS, MIN_DECISION_ORIGINS
 from kronos_kit.metrics import CLOSE, INTERVALS, fair_crps, interval_coverage
@@ -65,13 +71,9 @@ class Handover:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "calibration") -> Handover:
         """Build from plain JSON (``{}``: the model alone); every field is checked, errors name ``where``."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: 'handover' must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"ensemble", "tails"}
-        if unknown:
-            raise ValueError(f"{where}: unknown handover field(s) {sorted(unknown)}; expected ensemble, tails")
-        return cls(Ensemble.from_dict(data.get("ensemble", NO_ENSEMBLE.to_dict()), where=f"{where} handover.ensemble"),
-                   TailCalibration.from_dict(data.get("tails", {}), where=f"{where} handover.tails"))
+        fields = plain_fields(data, cls, where=where, what="handover")
+        ensemble = Ensemble.from_dict(fields.get("ensemble", NO_ENSEMBLE.to_dict()), where=f"{where} handover.ensemble")
+        return cls(ensemble, TailCalibration.from_dict(fields.get("tails", {}), where=f"{where} handover.tails"))
 
     def apply(self, model_paths: np.ndarray, last_close: np.ndarray, members: Mapping[str, np.ndarray], *,
               where: str = "handed-over forecast") -> np.ndarray:

@@ -32,6 +32,7 @@ intervals short of nominal by construction. The report's CRPS stays the plain on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -110,19 +111,31 @@ class PathCalibration:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "calibration") -> PathCalibration:
         """Build from plain JSON; unknown or mistyped fields are errors naming ``where``."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: the path calibration must be a JSON object, got {type(data).__name__}")
-        known = {"method", "scale", "power", "center", "conformal"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown path-calibration field(s) {sorted(unknown)}; expected {sorted(known)}")
+        fields = plain_fields(data, cls, where=where, what="path-calibration")
         for name in ("scale", "power", "center"):
-            if name in data and (not isinstance(data[name], (int, float)) or isinstance(data[name], bool)):
-                raise ValueError(f"{where}: path-calibration field {name!r} must be a number, got {data[name]!r}")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}; rerun the validation step to rewrite it") from exc
+            if name in fields and (not isinstance(fields[name], (int, float)) or isinstance(fields[name], bool)):
+                raise ValueError(f"{where}: path-calibration field {name!r} must be a number, got {fields[name]!r}")
+        return from_plain(cls, fields, where=where)
+
+
+def plain_fields(data: Any, cls: type, *, where: str, what: str) -> dict[str, Any]:
+    """``data`` as a dict, once it is a JSON object holding only fields of the dataclass ``cls`` (errors name
+    ``where`` and the ``what``); the one reader behind every calibration object's ``from_dict``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: the {what} must be a JSON object, got {type(data).__name__}")
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {what} field(s) {sorted(unknown)}; expected {known}")
+    return dict(data)
+
+
+def from_plain(cls: type, fields: Mapping[str, Any], *, where: str) -> Any:
+    """``cls(**fields)``, its refusal (a value no fit produces) named after ``where``."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}; rerun the validation step to rewrite it") from None
 
 
 def in_grid_range(value: Any, grid: np.ndarray | tuple[float, ...]) -> bool:
@@ -437,4 +450,4 @@ def fit_path_calibration(
 
 __all__ = ["CONFORMAL_LEVELS", "IDENTITY", "METHODS", "PRICE_CHANNELS", "PathCalibration", "PathCalibrationFit",
            "apply_path_calibration", "blocked_folds", "check_prices", "conformal_quantile", "fit_path_calibration",
-           "in_grid_range", "price_log_returns", "with_price_log_returns"]
+           "from_plain", "in_grid_range", "plain_fields", "price_log_returns", "with_price_log_returns"]

@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 from kronos_kit.calibration.paths import (
+    from_plain,
     in_grid_range,
+    plain_fields,
     price_log_returns,
     with_price_log_returns,
 )
@@ -76,15 +78,7 @@ class TailCalibration:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "calibration") -> TailCalibration:
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: the tail calibration must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"body", "tail"}
-        if unknown:
-            raise ValueError(f"{where}: unknown tail field(s) {sorted(unknown)}; expected body, tail")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}; rerun the validation step to rewrite it") from None
+        return from_plain(cls, plain_fields(data, cls, where=where, what="tail"), where=where)
 
 
 NO_TAILS = TailCalibration()
