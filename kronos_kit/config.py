@@ -72,9 +72,8 @@ MAX_LORA_RANK = 1024
 MIN_DECISION_ORIGINS = 10
 # how sample paths may be calibrated after sampling (kronos_kit.calibration), simplest first
 PATH_CALIBRATION_METHODS = ("none", "spread", "spread_center", "conformal")
-# the naive forecasts with a distribution (kronos_kit.naive): baselines of the evaluation, members of the ensemble
+# naive forecasts with a distribution (kronos_kit.naive) and how the handed-over forecast may combine them with a model
 NAIVE_PROBABILISTIC = ("drift", "random_walk", "garch_rw", "bootstrap")
-# how the handed-over forecast may combine the model's paths with naive ones (kronos_kit.calibration.ensemble)
 ENSEMBLE_METHODS = ("linear_pool", "quantile_average")
 
 
@@ -259,14 +258,11 @@ class EvalConfig:
     calibration_temperatures: list[float] = field(default_factory=lambda: [DEFAULT_TEMPERATURE])
     calibration_top_ps: list[float] = field(default_factory=lambda: [DEFAULT_TOP_P])
     val_origins: int | None = 200  # origin cap on validation for promotion and calibration (None: every origin)
-    # the handed-over forecast (kronos_kit.calibration.handover), fitted on validation after the path calibration:
-    # ensembles of the model with naive forecasts to choose from ([]: the model alone), their naive members,
-    # and a separate factor for the outer quantiles (tails) so the 80% / 95% intervals hold
+    # what is handed over (kronos_kit.calibration.handover): ensembles with naive members ([]: the model alone), tail
+    # factors; promotion needs a one-sided DM test at promotion_level (1: a lower validation CRPS suffices)
     ensemble_methods: list[str] = field(default_factory=lambda: list(ENSEMBLE_METHODS))
     ensemble_members: list[str] = field(default_factory=lambda: ["garch_rw", "bootstrap", "random_walk"])
     tails: bool = True
-    # promote the finetuned pair only when a one-sided Diebold-Mariano test finds its validation close CRPS lower
-    # than the base's at this level (1.0: a lower mean suffices, the rule before this field)
     promotion_level: float = 0.05
 
     def __post_init__(self) -> None:
@@ -296,23 +292,17 @@ class EvalConfig:
         if isinstance(methods, str) or not methods or set(methods) - set(PATH_CALIBRATION_METHODS):
             raise ValueError(f"evaluation.calibration_methods must be a non-empty list drawn from "
                              f"{list(PATH_CALIBRATION_METHODS)} (['none'] switches path calibration off): {methods!r}")
-        self._check_handover()
-
-    def _check_handover(self) -> None:
-        methods, members = self.ensemble_methods, self.ensemble_members
-        if isinstance(methods, (str, dict)) or not isinstance(methods, list) or set(methods) - set(ENSEMBLE_METHODS):
-            raise ValueError(f"evaluation.ensemble_methods must be a list drawn from {list(ENSEMBLE_METHODS)} "
-                             f"([] hands over the model alone), got {methods!r}")
-        if (isinstance(members, (str, dict)) or not isinstance(members, list) or not members
-                or set(members) - set(NAIVE_PROBABILISTIC) or len(set(members)) != len(members)):
-            raise ValueError(f"evaluation.ensemble_members must be a non-empty list of distinct names drawn from "
-                             f"{list(NAIVE_PROBABILISTIC)}, got {members!r}")
+        for name, allowed, empty in (("ensemble_methods", ENSEMBLE_METHODS, "[]: the model alone"),
+                                     ("ensemble_members", NAIVE_PROBABILISTIC, "at least one")):
+            value = getattr(self, name)
+            if not isinstance(value, list) or set(value) - set(allowed) or len(set(value)) < len(value) or \
+                    not value and name == "ensemble_members":
+                raise ValueError(f"evaluation.{name} must be a list of distinct names from {list(allowed)} ({empty}), "
+                                 f"got {value!r}")
         if not isinstance(self.tails, bool):
             raise ValueError(f"evaluation.tails must be true or false, got {self.tails!r}")
-        level = self.promotion_level
-        if not (_is_number(level) and 0 < level <= 1):
-            raise ValueError(f"evaluation.promotion_level must be in (0, 1] (e.g. 0.05; 1 promotes on a lower mean "
-                             f"alone), got {level!r}")
+        if not (_is_number(self.promotion_level) and 0 < self.promotion_level <= 1):
+            raise ValueError(f"evaluation.promotion_level must be in (0, 1], got {self.promotion_level!r}")
 
 
 def _is_number(value: Any) -> bool:
