@@ -23,12 +23,23 @@ promoted model's test coverage 50/80/95, test close CRPS vs base, vs the best na
 baseline (lowest test CRPS among drift, random_walk, garch_rw, bootstrap) with the DM verdict and
 the minimum detectable effect, and close MAE vs persistence.
 
+Option `handover` (issue 26) runs what notebook 03 hands over instead: the kit's own
+`evaluate.calibrate_forecasts` on the validation paths (path calibration, then the ensemble with the naive
+members and the tails, cross-fitted), applied to the one test walk-forward (`EvaluationResult.calibrate`,
+`.hand_over`). Its table (`handover_summary`) has per dataset the calibrated model alone, the best naive
+forecast on test and the handed-over forecast: close CRPS, MAE, coverage 80 / 95, the weights, the held-out
+validation coverage before / after, and the paired test of the handed-over forecast against the best naive.
+
 Datasets: `nasdaq` (the default run's daily data), `ashare5m` (the 5-minute A-share sample),
 `synthetic1h` (bench_strategies.py's seeded hourly GARCH set, 4 symbols), `daily2000` (one seeded
-daily series of 2,000 bars with GARCH(1,1) Student-t returns: ~200 test bars, data no model saw).
+daily series of 2,000 bars with GARCH(1,1) Student-t returns: ~200 test bars, data no model saw),
+`us15` (the 15-stock US daily panel in ../shared/data, pooled over the symbols as the walk-forward does;
+`US15_ORIGINS` origins per split, i.e. 80 dates x 15 symbols) and `sp500` (the S&P 500 sample the kit's
+base model was pretrained on: real, but not unseen by the base).
 
     .venv/bin/python benchmarks/bench_calibration.py [--quick] [--seeds 0 1] [--jobs 2] [--threads 1]
-        [--datasets nasdaq ...] [--out PATH] [--set KEY=VALUE ...]
+        [--datasets nasdaq ...] [--out PATH] [--set KEY=VALUE ...] [--options none handover ...]
+        [--checkpoints OUT_work/runs] [--reuse]
     .venv/bin/python benchmarks/bench_calibration.py --summarize OUT_work/rows
 """
 
@@ -49,8 +60,9 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = ("nasdaq", "ashare5m", "synthetic1h", "daily2000")
-OPTIONS = ("none", "temp/top-p", "spread", "spread+center", "conformal", "chosen")
+DATASETS = ("nasdaq", "ashare5m", "synthetic1h", "daily2000", "us15", "sp500")
+OPTIONS = ("none", "temp/top-p", "spread", "spread+center", "conformal", "chosen", "handover")
+US15_ORIGINS = 1200  # us15: origins per split, 80 dates x 15 symbols (max_origins keeps whole cross-sections)
 PATH_METHOD = {"spread": ("spread",), "spread+center": ("spread_center",), "conformal": ("conformal",),
                "chosen": None}  # None: every method, chosen by validation CV (the kit's default)
 NAIVE = ("drift", "random_walk", "garch_rw", "bootstrap")
@@ -60,6 +72,9 @@ DATA_SETTINGS = {
     "ashare5m": {"data.source": str(ROOT / "tests" / "data" / "ashare_5min_sample.csv"), "data.symbol": "ASHARE"},
     "synthetic1h": {},  # the generated CSVs
     "daily2000": {"data.symbol": "DAILY"},
+    "us15": {"data.source": str(ROOT.parent / "shared" / "data" / "us_stocks_daily_15.csv"),
+             "evaluation.max_origins": US15_ORIGINS, "evaluation.val_origins": US15_ORIGINS},
+    "sp500": {"data.source": "sample:sp500"},
 }
 QUICK = {
     "data.lookback": 40, "predictor.max_steps": 4, "predictor.eval_every": 2, "predictor.batch_size": 16,
@@ -144,9 +159,36 @@ def _row(result, promoted: str, option: str, val_gain: float, describe: str) -> 
     }
 
 
+def _save_result(result, path: Path, **extra) -> None:
+    """The arrays of a walk-forward (no pickle), so `--reuse` refits calibrations without sampling again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"kinds": result.kinds, "config": result.config, **extra}
+    np.savez(path, symbols=result.symbols.astype(str), origin_time=result.origin_time, origin_pos=result.origin_pos,
+             history=result.history, realized=result.realized, meta=np.array(json.dumps(meta, default=str)),
+             **{f"samples__{k}": v for k, v in result.samples.items()},
+             **{f"vol__{k}": v for k, v in result.vol_pred.items()})
+
+
+def _load_result(path: Path):
+    from kronos_kit.evaluate import EvaluationResult
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        samples = {k.removeprefix("samples__"): z[k] for k in z.files if k.startswith("samples__")}
+        vol = {k.removeprefix("vol__"): z[k] for k in z.files if k.startswith("vol__")}  # GARCH has only this
+        result = EvaluationResult(symbols=z["symbols"].astype(object), origin_time=z["origin_time"],
+                                  origin_pos=z["origin_pos"], history=z["history"], realized=z["realized"],
+                                  samples=samples, vol_pred=vol, kinds=meta["kinds"], config=meta["config"])
+    result.rescore()
+    return result, meta
+
+
 def run_one(dataset: str, seed: int, out_dir: str, quick: bool, threads: int, overrides: dict,
-            checkpoints: str | None = None, options: tuple[str, ...] = OPTIONS) -> list[dict]:
-    """Phase 2, validation, one test walk-forward, then every calibration option: rows of the table."""
+            checkpoints: str | None = None, options: tuple[str, ...] = OPTIONS, reuse: bool = False) -> list[dict]:
+    """Phase 2, validation, one test walk-forward, then every calibration option: rows of the table.
+
+    The two walk-forwards are kept under ``<out>_work/results``; with ``reuse`` they are read back instead
+    of training and sampling again (the calibration options are refit on them)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -167,27 +209,43 @@ def run_one(dataset: str, seed: int, out_dir: str, quick: bool, threads: int, ov
         **settings, **(QUICK if quick else {}), **overrides, "seed": seed, "run_dir": str(run_dir),
         "tokenizer.enabled": False})
     bundle = load_data(cfg)
-    reused = Path(checkpoints) / run_dir.name / "predictor" / "best" if checkpoints else None
-    if reused is not None and reused.is_dir():  # phase 2 of an earlier run of this script: sample again only
-        best_dir, steps = reused, "reused"
-    else:
-        phase2 = train_predictor(cfg, data=bundle, progress=False)
-        best_dir, steps = phase2.best_dir, phase2.steps
-    tok = cfg.tokenizer.start_from
-    models = {name: (Kronos.from_pretrained(src), KronosTokenizer.from_pretrained(tok))
-              for name, src in (("base", cfg.predictor.start_from), ("finetuned", best_dir))}
     e, lookback = cfg.evaluation, cfg.data.lookback
-    t0 = time.perf_counter()
-    val = evaluate_models(bundle.splits.val, models, lookback=lookback, pred_len=e.pred_len, stride=e.stride,
-                          sample_count=e.sample_count, max_origins=e.val_origins, baselines=(), seed=seed,
-                          progress=False)
-    promoted = decide_promotion(val, finetuned_sources=(tok, str(best_dir)),
-                                base_sources=(tok, cfg.predictor.start_from), seed=seed).promoted
-    t_val = time.perf_counter() - t0
-    test = evaluate_models(bundle.splits.test, models, e, lookback=lookback, seed=seed, progress=False)
-    t_test = time.perf_counter() - t0 - t_val
-    rows = [_row(test, promoted, "none", 0.0, "as sampled")]
+    cache = Path(out_dir) / "results" / f"{dataset}-seed{seed}"
+    if reuse and (cache / "test.npz").is_file():
+        (val, meta), (test, _) = _load_result(cache / "val.npz"), _load_result(cache / "test.npz")
+        promoted, steps, t_val, t_test = meta["promoted"], meta["steps"], meta["val_s"], meta["test_s"]
+    else:
+        reused = Path(checkpoints) / run_dir.name / "predictor" / "best" if checkpoints else None
+        if reused is not None and reused.is_dir():  # phase 2 of an earlier run of this script: sample again only
+            best_dir, steps = reused, "reused"
+        else:
+            phase2 = train_predictor(cfg, data=bundle, progress=False)
+            best_dir, steps = phase2.best_dir, phase2.steps
+        tok = cfg.tokenizer.start_from
+        models = {name: (Kronos.from_pretrained(src), KronosTokenizer.from_pretrained(tok))
+                  for name, src in (("base", cfg.predictor.start_from), ("finetuned", best_dir))}
+        t0 = time.perf_counter()
+        val = evaluate_models(bundle.splits.val, models, lookback=lookback, pred_len=e.pred_len, stride=e.stride,
+                              sample_count=e.sample_count, max_origins=e.val_origins, baselines=(), seed=seed,
+                              progress=False)
+        promoted = decide_promotion(val, finetuned_sources=(tok, str(best_dir)),
+                                    base_sources=(tok, cfg.predictor.start_from), seed=seed).promoted
+        t_val = time.perf_counter() - t0
+        test = evaluate_models(bundle.splits.test, models, e, lookback=lookback, seed=seed, progress=False)
+        t_test = time.perf_counter() - t0 - t_val
+        times = {"promoted": promoted, "steps": steps, "val_s": t_val, "test_s": t_test}
+        _save_result(val, cache / "val.npz", **times)
+        _save_result(test, cache / "test.npz", **times)
+    rows = [_row(test, promoted, "none", 0.0, "as sampled")] if "none" in options else []
+    if "handover" in options:
+        rows_dir = Path(out_dir) / "rows"
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        row = {"dataset": dataset, "seed": seed, "steps": steps, "val_s": t_val, "test_s": t_test,
+               **_handover_row(val, test, promoted, e, lookback, bundle, seed)}
+        (rows_dir / f"{dataset}-seed{seed}-handover.json").write_text(json.dumps(row, indent=1))
     if "temp/top-p" in options:
+        if reuse:
+            raise ValueError("--reuse has no models to sample the temperature grid with; leave out temp/top-p")
         rows.append(_temperature_row(bundle, models, e, lookback, seed, promoted, test))
     for option in [o for o in options if o in PATH_METHOD]:
         paths, fits = _option_paths(option, val, test, ("base", "finetuned"))
@@ -221,6 +279,73 @@ def _temperature_row(bundle, models, e, lookback: int, seed: int, promoted: str,
                 grid.after["close_crps"] / grid.before["close_crps"] - 1, f"T {chosen[0]:g}, top-p {chosen[1]:g}")
 
 
+def _handover_row(val, test, promoted: str, e, lookback: int, bundle, seed: int) -> dict:
+    """What notebook 03 hands over, fitted on validation (the kit's calibrate_forecasts), scored on the test once."""
+    from kronos_kit.calibration import Handover, PathCalibration
+    from kronos_kit.evaluate import HANDED_OVER, calibrate_forecasts, paired_comparisons
+
+    t0 = time.perf_counter()
+    cal = calibrate_forecasts(val, bundle.splits.val, dict.fromkeys(("base", "finetuned")), e, lookback=lookback,
+                              promoted=promoted, seed=seed)
+    fit_s = time.perf_counter() - t0
+    handed = _with_paths(test, {})
+    handed.uncalibrated = {}
+    handed.calibrate({promoted: PathCalibration.from_dict(cal.path_calibration(promoted))})
+    handover = Handover.from_dict(cal.handover_choice())
+    handed.hand_over(handover, promoted)
+    table = handed.table
+    naive = min(NAIVE, key=lambda n: table.at[n, "close_crps"])
+    cmp = paired_comparisons(handed, HANDED_OVER, (naive,), seed=0).set_index("metric")
+    alone = paired_comparisons(handed, promoted, (naive,), seed=0).set_index("metric")
+    entries = {"model": promoted, "naive": naive, "handed": HANDED_OVER}
+    scores = {f"{k}_{c}": float(table.at[name, c]) for k, name in entries.items()
+              for c in ("close_crps", "close_mae", "coverage_50", "coverage_80", "coverage_95")}
+    fit = cal.handover
+    return {"promoted": promoted, "best_naive": naive, "val_origins": val.n_origins, "test_origins": test.n_origins,
+            "symbols": int(len(set(test.symbols))), "fit_s": fit_s, **scores,
+            "weights": dict(zip(handover.ensemble.members, handover.ensemble.weights)),
+            "method": handover.ensemble.method, "tails": handover.tails.to_dict(), "tails_kept": fit["tails"]["kept"],
+            "describe": handover.describe(promoted),
+            "val_before": {k: fit["before"][k] for k in ("cv_crps", "coverage_50", "coverage_80", "coverage_95")},
+            "val_after": {k: fit["after"][k] for k in ("cv_crps", "coverage_50", "coverage_80", "coverage_95")},
+            "dm_handed": {k: _plain(cmp.at["close_crps", k]) for k in ("change_pct", "p_value", "mde", "verdict")},
+            "dm_model": {k: _plain(alone.at["close_crps", k]) for k in ("change_pct", "p_value", "mde", "verdict")}}
+
+
+def _coverages(entry: dict, key: str = "") -> str:
+    prefix = f"{key}_" if key else ""
+    return " / ".join(f"{entry.get(f'{prefix}coverage_{lvl}', float('nan')):.2f}" for lvl in (50, 80, 95))
+
+
+def _plain(value):
+    return value if isinstance(value, str) else float(value)
+
+
+HANDOVER_HEADER = ["dataset", "forecast", "close CRPS", "vs best naive", "DM vs best naive (p, MDE)", "close MAE",
+                   "cov 50 / 80 / 95", "weights (validation)", "validation, held out: cov 50 / 80 / 95"]
+
+
+def handover_summary(rows: list[dict]) -> str:
+    """Per dataset and seed: the calibrated model alone, the best naive forecast on test, the handed-over one."""
+    lines = ["| " + " | ".join(HANDOVER_HEADER) + " |", "|" + "---|" * len(HANDOVER_HEADER)]
+    for r in sorted(rows, key=lambda r: (DATASETS.index(r["dataset"]), r["seed"])):
+        name = f"{r['dataset']} (seed {r['seed']})" if len({x["seed"] for x in rows}) > 1 else r["dataset"]
+        naive = r["naive_close_crps"]
+        weights = ", ".join(f"{m} {w:.2f}" for m, w in r["weights"].items() if w > 0) + \
+            f" ({r['method'].replace('_', ' ')}{', tails' if r['tails_kept'] else ''})"
+        for label, key, dm, val in (
+                (f"model alone ({r['promoted']}, calibrated)", "model", r["dm_model"], r["val_before"]),
+                (f"best naive ({r['best_naive']})", "naive", None, None),
+                ("handed over", "handed", r["dm_handed"], r["val_after"])):
+            test = (f"{dm['change_pct']:+.1f}% {dm['verdict']} (p {dm['p_value']:.2g}, MDE {dm['mde']:.1%})"
+                    if dm else "")
+            lines.append("| " + " | ".join([
+                name, label, f"{r[f'{key}_close_crps']:.4g}", f"{r[f'{key}_close_crps'] / naive - 1:+.1%}", test,
+                f"{r[f'{key}_close_mae']:.4g}", _coverages(r, key), weights if key == "handed" else "",
+                _coverages(val) if val else ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 HEADER = ["dataset", "calibration", "seeds", "val CRPS gain (held-out)", "test cov 50", "test cov 80", "test cov 95",
           "test CRPS vs base", "test CRPS vs best naive", "best naive", "DM vs naive (better/none/worse)",
           "MDE vs naive", "test MAE vs persistence", "test origins", "promoted", "fitted (seed 0)"]
@@ -249,6 +374,13 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _summaries(files: list[Path]) -> str:
+    """The option table from the rows files, the handover table from the handover files (whichever exist)."""
+    handover = [json.loads(f.read_text()) for f in files if f.stem.endswith("-handover")]
+    options = [r for f in files if not f.stem.endswith("-handover") for r in json.loads(f.read_text())]
+    return "\n".join(([summary(options)] if options else []) + ([handover_summary(handover)] if handover else []))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the whole path")
@@ -261,10 +393,11 @@ def main() -> None:
     parser.add_argument("--summarize", nargs="+", metavar="ROWS_DIR", help="print the table of finished rows/")
     parser.add_argument("--checkpoints", help="an earlier run's <out>_work/runs folder: reuse its phase-2 checkpoints")
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS, help="calibration rows")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read back the walk-forwards an earlier run of this --out saved: refit, do not sample")
     args = parser.parse_args()
     if args.summarize:
-        print(summary([r for d in args.summarize for f in sorted(Path(d).glob("*.json"))
-                       for r in json.loads(f.read_text())]))
+        print(_summaries([f for d in args.summarize for f in sorted(Path(d).glob("*.json"))]))
         return
     from kronos_kit.config import parse_overrides
 
@@ -281,15 +414,16 @@ def main() -> None:
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, d, s, str(out_dir), args.quick, args.threads, overrides, args.checkpoints,
-                               tuple(args.options)) for d, s in tasks]
-        rows = [r for f in futures for r in f.result()]
+                               tuple(args.options), args.reuse) for d, s in tasks]
+        for f in futures:
+            f.result()
     import torch
 
     text = "\n".join([
         f"Command: `python benchmarks/bench_calibration.py {' '.join(sys.argv[1:])}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s) per job, {args.jobs} "
         f"job(s) in parallel; torch {torch.__version__}. Total wall time {time.perf_counter() - start:.0f} s.", "",
-        summary(rows)])
+        _summaries(sorted((out_dir / "rows").glob("*.json")))])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -88,6 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--top-p", type=float, help="nucleus sampling (default: the run's calibrated one)")
     fc.add_argument("--uncalibrated", action="store_true",
                     help="skip the run's path calibration (calibration.json) and write the paths as sampled")
+    fc.add_argument("--model-only", action="store_true",
+                    help="write the run's calibrated model alone, not its handed-over forecast (ensemble + tails)")
     fc.add_argument("--max-context", type=int,
                     help="bars of history per symbol (default: the run's data.lookback, else 512)")
     fc.add_argument("--device", default="cpu")
@@ -155,9 +157,11 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
         check_stages(rd.path, cfg, reader="forecast --run", stages=("01", "02"), external=False)
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
     return {"max_context": choice.max_context, "top_k": choice.top_k, "lookback": choice.lookback,
+            "promoted": choice.promoted,
             "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
             "path_calibration": choice.path_calibration,  # plain JSON, read by calibration.PathCalibration
+            "handover": choice.handover,  # plain JSON, read by calibration.Handover
             "chosen": f"promoted ({rd.promoted.name})" if decided else "the run's best checkpoints"}
 
 
@@ -193,7 +197,7 @@ def _check_forecast_args(args: argparse.Namespace) -> None:
 
 
 def _forecast(args: argparse.Namespace) -> int:
-    from kronos_kit.calibration import PathCalibration
+    from kronos_kit.calibration import Handover, PathCalibration
     from kronos_kit.config import (
         DEFAULT_MAX_CONTEXT,
         DEFAULT_TOP_K,
@@ -215,6 +219,8 @@ def _forecast(args: argparse.Namespace) -> int:
         raise ValueError("give either --run RUN_DIR, or --tokenizer and --predictor")
     if args.run is None and (args.tokenizer is None or args.predictor is None):
         raise ValueError("--tokenizer and --predictor go together (a predictor needs the tokenizer it was trained on)")
+    if args.model_only and args.run is None:
+        raise ValueError("--model-only goes with --run: only a run has a handed-over forecast to leave out")
     _check_forecast_args(args)
     set_threads(args.threads if args.threads is not None else thread_count())
     if args.run is not None:
@@ -242,9 +248,11 @@ def _forecast(args: argparse.Namespace) -> int:
     _check_forecast_size(args, model, predictor.max_context, history)
     calibration = None if args.uncalibrated else PathCalibration.from_dict(chosen.get("path_calibration", {}),
                                                                             where="--run calibration.json")
+    handover = None if args.uncalibrated or args.model_only else Handover.from_dict(chosen.get("handover", {}),
+                                                                                   where="--run calibration.json")
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples, lookback=history,
                            quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"],
-                           calibration=calibration, **sampling)
+                           calibration=calibration, handover=handover, **sampling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
@@ -254,7 +262,8 @@ def _forecast(args: argparse.Namespace) -> int:
           f"history: {_history_used(frame, history, why_history)}\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
           f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}\n"
-          f"path calibration: {(calibration or PathCalibration()).describe()}")
+          f"path calibration: {(calibration or PathCalibration()).describe()}\n"
+          f"handed over: {_handed_over_line(args, chosen, handover)}")
     return 0
 
 
@@ -296,6 +305,15 @@ def _check_forecast_size(args: argparse.Namespace, model: Any, max_context: int,
         raise ValueError(f"--samples {args.samples} with --horizon {args.horizon}: each symbol's paths are generated "
                          f"together and need about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
                          "this machine has free; lower --samples (32 to 1000 is usual) or --horizon")
+
+
+def _handed_over_line(args: argparse.Namespace, chosen: dict[str, Any], handover: Any) -> str:
+    """What the CSV holds beyond the model's own paths, in words (the ensemble's weights, the tails)."""
+    if handover is not None and chosen.get("handover"):
+        return f"{handover.describe(chosen.get('promoted', 'the model'))} (fitted on validation, calibration.json)"
+    why = "--uncalibrated" if args.uncalibrated else "--model-only" if args.model_only else \
+        "the run has no handed-over forecast" if args.run else "explicit checkpoints"
+    return f"the model alone ({why})"
 
 
 # ---------------------------------------------------------------------------------------------

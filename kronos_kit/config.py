@@ -85,6 +85,9 @@ HARMLESS_ON_RESUME = ("enabled", "log_every", "eval_every", "patience", "nonfini
 # data.short: what a symbol too short for one window of a split means; "auto": left out of that split (with a notice)
 # in a panel (late listings, early delistings), an error for one series
 SHORT_SYMBOLS = ("auto", "error", "drop")
+# naive forecasts with a distribution (kronos_kit.naive) and how the handed-over forecast may combine them with a model
+NAIVE_PROBABILISTIC = ("drift", "random_walk", "garch_rw", "bootstrap")
+ENSEMBLE_METHODS = ("linear_pool", "quantile_average")
 
 
 def check_lora_targets(targets: Any, what: str = "LoRA targets") -> None:
@@ -293,6 +296,12 @@ class EvalConfig:
     sell_cost_bps: float = 15.0  # cost of a sell (the reference: close_cost 0.15%)
     min_cost: float = 0.0  # least cost of one trade, in the account's currency (the reference: 5)
     account: float = 1e8  # starting capital, in the currency of min_cost (the reference: 1e8)
+    # what is handed over (kronos_kit.calibration.handover): ensembles with naive members ([]: the model alone), tail
+    # factors; promotion needs a one-sided DM test at promotion_level (1: a lower validation CRPS suffices)
+    ensemble_methods: list[str] = field(default_factory=lambda: list(ENSEMBLE_METHODS))
+    ensemble_members: list[str] = field(default_factory=lambda: ["garch_rw", "bootstrap", "random_walk"])
+    tails: bool = True
+    promotion_level: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("stride", "pred_len", "sample_count"):
@@ -322,6 +331,17 @@ class EvalConfig:
         if isinstance(methods, str) or not methods or set(methods) - set(PATH_CALIBRATION_METHODS):
             raise ValueError(f"evaluation.calibration_methods must be a non-empty list drawn from "
                              f"{list(PATH_CALIBRATION_METHODS)} (['none'] switches path calibration off): {methods!r}")
+        for name, allowed, empty in (("ensemble_methods", ENSEMBLE_METHODS, "[]: the model alone"),
+                                     ("ensemble_members", NAIVE_PROBABILISTIC, "at least one")):
+            value = getattr(self, name)
+            if not isinstance(value, list) or set(value) - set(allowed) or len(set(value)) < len(value) or \
+                    not value and name == "ensemble_members":
+                raise ValueError(f"evaluation.{name} must be a list of distinct names from {list(allowed)} ({empty}), "
+                                 f"got {value!r}")
+        if not isinstance(self.tails, bool):
+            raise ValueError(f"evaluation.tails must be true or false, got {self.tails!r}")
+        if not (_is_number(self.promotion_level) and 0 < self.promotion_level <= 1):
+            raise ValueError(f"evaluation.promotion_level must be in (0, 1], got {self.promotion_level!r}")
 
     def _check_universe(self) -> None:
         if self.promote_on not in PROMOTION_METRICS:

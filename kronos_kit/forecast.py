@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from kronos_kit import metrics
-from kronos_kit.calibration import PathCalibration, apply_path_calibration
+from kronos_kit.calibration import IDENTITY_HANDOVER, Handover, PathCalibration, apply_path_calibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import (
@@ -301,6 +301,12 @@ class Forecast:
         paths = apply_path_calibration(self.paths, np.asarray(last_close, dtype=np.float64), calibration)
         return Forecast(paths, self.timestamps, self.columns, self.quantile_levels)
 
+    def handed_over(self, handover: Handover, history: pd.DataFrame, *, seed: int | None) -> Forecast:
+        """A copy of a one-series forecast as a run hands it over (naive members drawn from `history`, seeded)."""
+        bars = _lowercase_features(history, "history").reindex(columns=list(FEATURE_COLUMNS), fill_value=0.0)
+        paths = handover.forecast(self.paths, bars.to_numpy(np.float64)[None], seed=seed)
+        return Forecast(paths, self.timestamps, self.columns, self.quantile_levels)
+
 
 class KronosPredictor:
     """Forecast OHLCV bars with a Kronos predictor and its (frozen) tokenizer.
@@ -509,6 +515,7 @@ def forecast_frame(
     lookback: int | None = None,
     progress: bool = False,
     calibration: PathCalibration | None = None,
+    handover: Handover | None = None,
 ) -> pd.DataFrame:
     """Forecast the `horizon` bars after the end of each symbol's data, as one tidy frame.
 
@@ -518,7 +525,8 @@ def forecast_frame(
     forecast on its own with the same `seed` (common random numbers, as the evaluation does), so
     its forecast does not depend on the other symbols in the frame, and a rerun is identical.
     `calibration` (a run's path calibration, fitted on validation) is applied to every symbol's paths
-    before they are summarized.
+    before they are summarized, then `handover` (a run's handed-over forecast: the ensemble with naive
+    forecasts drawn from the symbol's own history with `seed`, and the tails).
 
     Returns one row per symbol and step, sorted by symbol then step: `symbol`, `timestamp`, `step`
     (1..horizon), then per channel (open, high, low, close, volume, amount) `<channel>_mean`,
@@ -545,13 +553,16 @@ def forecast_frame(
         )
         if calibration is not None:
             fc = fc.calibrated(calibration, [float(history["close"].iloc[-1])])
+        if handover is not None:
+            fc = fc.handed_over(handover, history[list(FEATURE_COLUMNS)], seed=seed)
         parts.append(fc.summary(quantiles=levels).assign(symbol=name))
     out = pd.concat(parts, ignore_index=True)
     out = out[["symbol", *out.columns[:-1]]]
     out.attrs["forecast"] = {"horizon": horizon, "sample_count": sample_count, "quantiles": list(levels),
                              "seed": seed, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                              "lookback": lookback, "max_context": predictor.max_context,
-                             "path_calibration": (calibration or PathCalibration()).describe()}
+                             "path_calibration": (calibration or PathCalibration()).describe(),
+                             "handover": (handover or IDENTITY_HANDOVER).describe()}
     return out
 
 
@@ -631,21 +642,23 @@ class RunForecaster:
     calibrated: bool = False  # True when `sampling` and `path_calibration` come from calibration.json
     path_calibration: PathCalibration = field(default_factory=PathCalibration)  # applied to every sampled path
     lookback: int | None = None  # bars of history per forecast: the run's data.lookback (None: max_context)
+    handover: Handover = field(default_factory=lambda: IDENTITY_HANDOVER)  # then ensemble + tails (calibration.json)
 
     def forecast_frame(self, frame: pd.DataFrame, *, horizon: int, **kwargs: Any) -> pd.DataFrame:
-        """`forecast_frame` with this run's predictor, sampling, path calibration and history length (the run's
-        data.lookback, recorded in the table's attrs["forecast"]["lookback"]); keywords override them."""
+        """`forecast_frame` with this run's predictor, sampling, path calibration, handover and history length (the
+        run's data.lookback); keywords override them (`handover=None`: the calibrated model alone)."""
         return forecast_frame(self.predictor, frame, horizon=horizon,
                               **{**self.sampling, "calibration": self.path_calibration, "lookback": self.lookback,
-                                 **kwargs})
+                                 "handover": self.handover, **kwargs})
 
     def predict_paths(self, df: pd.DataFrame, x_timestamp, y_timestamp, pred_len: int, sample_count: int = 32,
-                      **kwargs: Any) -> Forecast:
-        """`KronosPredictor.predict_paths` at this run's sampling, then its path calibration."""
+                      *, model_only: bool = False, **kwargs: Any) -> Forecast:
+        """`KronosPredictor.predict_paths` at the run's sampling, path calibration, then (not `model_only`) handover."""
         sampling = {"T": self.sampling["temperature"], "top_p": self.sampling["top_p"], "verbose": False, **kwargs}
         fc = self.predictor.predict_paths(df, x_timestamp, y_timestamp, pred_len, sample_count=sample_count,
                                           **sampling)
-        return fc.calibrated(self.path_calibration, [float(_lowercase_features(df, "history")["close"].iloc[-1])])
+        fc = fc.calibrated(self.path_calibration, [float(_lowercase_features(df, "history")["close"].iloc[-1])])
+        return fc if model_only else fc.handed_over(self.handover, df, seed=kwargs.get("seed"))
 
 
 def read_run_choice(run_dir: str | os.PathLike, *, calibrated: bool = True) -> RunChoice:
@@ -671,10 +684,10 @@ def load_run_forecaster(
     predictor = KronosPredictor(Kronos.from_pretrained(choice.predictor_source, device=device),
                                 KronosTokenizer.from_pretrained(choice.tokenizer_source, device=device),
                                 device=device, max_context=max(max_context, choice.lookback))
-    return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source,
-                         choice.sampling, choice.calibrated,
-                         PathCalibration.from_dict(choice.path_calibration, where=f"{run_dir}/calibration.json"),
-                         lookback=choice.lookback)
+    where = f"{run_dir}/calibration.json"
+    return RunForecaster(predictor, choice.promoted, choice.tokenizer_source, choice.predictor_source, choice.sampling,
+                         choice.calibrated, PathCalibration.from_dict(choice.path_calibration, where=where),
+                         lookback=choice.lookback, handover=Handover.from_dict(choice.handover, where=where))
 
 
 __all__ = ["DEFAULT_SAMPLING", "GREEDY_TEMPERATURE", "Forecast", "ForecastSkill", "KronosPredictor", "RunChoice",

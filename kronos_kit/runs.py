@@ -546,7 +546,8 @@ class SamplingCalibration(DecisionFile):
     then its path calibration); ``grid`` holds the temperature / top-p grid when one was searched. ``paths``
     maps each model name to its path calibration fitted on the validation paths
     (:meth:`kronos_kit.calibration.PathCalibrationFit.to_dict`: the transform, every candidate's held-out
-    CRPS and coverage, the rule); :meth:`path_calibration` reads one back.
+    CRPS and coverage, the rule); :meth:`path_calibration` reads one back. ``handover``: the handed-over forecast
+    of ``model`` (:meth:`kronos_kit.calibration.HandoverFit.to_dict`), read back by :meth:`handover_choice`.
     """
 
     FILE: ClassVar[str] = CALIBRATION_FILE
@@ -563,10 +564,20 @@ class SamplingCalibration(DecisionFile):
     split: str = "validation"
     checkpoints: dict[str, Any] = dataclasses.field(default_factory=dict)  # binding.bind: the weights it is for
     paths: dict[str, Any] = dataclasses.field(default_factory=dict)
+    handover: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.paths:
             self.path_calibration(name)  # a malformed entry fails at load, naming it
+        self.handover_choice()
+
+    def handover_choice(self, model: str | None = None) -> dict[str, Any]:
+        """The plain JSON of the handed-over forecast of ``model`` (``{}``: none; `calibration.Handover.from_dict`)."""
+        fit = self.handover.get("handover", None if self.handover else {})
+        if not isinstance(fit, dict) or fit and model not in (None, self.model):
+            raise ValueError(f"{CALIBRATION_FILE}: 'handover' must hold a 'handover' object fitted for the promoted "
+                             f"{model or self.model!r} (it names {self.model!r}); rerun notebook 03's validation step")
+        return dict(fit)
 
     def path_calibration(self, model: str | None = None) -> dict[str, Any]:
         """The plain-JSON path calibration fitted for ``model`` (default: the promoted ``model``), ``{}`` (the
@@ -607,6 +618,8 @@ class RunChoice:
     lookback: int = DataConfig.lookback  # bars of history the run's models were trained and evaluated with
     # applied to the sample paths after sampling (calibration.json's fit for this model; identity otherwise)
     path_calibration: dict[str, Any] = dataclasses.field(default_factory=dict)  # plain JSON; {}: identity
+    # then the handed-over forecast: ensemble with naive forecasts and tails (calibration.json; {}: none)
+    handover: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 RUN_MODELS = ("promoted", "finetuned", "base")
@@ -638,6 +651,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
     e = cfg.evaluation
     sampling, is_calibrated = {"temperature": e.temperature, "top_p": e.top_p}, False
     path_calibration: dict[str, Any] = {}
+    handover: dict[str, Any] = {}
     if model == "promoted":
         promotion = Promotion.load(rd.path)
         name = promotion.promoted
@@ -647,6 +661,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
             check_bound(calibration.checkpoints, {"tokenizer": tokenizer, "predictor": predictor}, rd.calibration)
             sampling, is_calibrated = calibration.sampling(), True
             path_calibration = calibration.path_calibration(name)
+            handover = calibration.handover_choice(name)
     elif model == "finetuned":
         name = model
         tokenizer = cfg.predictor.tokenizer_from or _trained(rd, "tokenizer", cfg.tokenizer.enabled,
@@ -656,7 +671,7 @@ def run_choice(run_dir: str | Path, cfg: KitConfig | None = None, *, model: str 
         name, tokenizer, predictor = model, cfg.tokenizer.start_from, cfg.predictor.start_from
     return RunChoice(name, tokenizer, predictor, {k: float(v) for k, v in sampling.items()}, is_calibrated,
                      top_k=e.top_k, max_context=e.max_context, lookback=cfg.data.lookback,
-                     path_calibration=path_calibration)
+                     path_calibration=path_calibration, handover=handover)
 
 
 def _decided_sources(rd: RunDir, cfg: KitConfig, promotion: Promotion) -> tuple[str, str]:

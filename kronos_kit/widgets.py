@@ -20,7 +20,7 @@ import pandas as pd
 from IPython.display import Image
 from matplotlib.figure import Figure
 
-from kronos_kit.calibration import PathCalibration
+from kronos_kit.calibration import Handover, PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.schema import FEATURE_COLUMNS, PRICE_COLUMNS
 from kronos_kit.plots.figure import figure_png, new_figure
@@ -298,6 +298,7 @@ def code_inspector(
 # ------------------------------------------------------------------------------------ forecasts
 
 _ALL_MODELS = "all (side by side)"
+HANDED_OVER = "handed over"  # the run's handed-over forecast: the promoted model's, with its ensemble and tails
 
 
 def _symbol_frames(frame: pd.DataFrame, lookback: int) -> dict[str, pd.DataFrame]:
@@ -351,6 +352,10 @@ class _ForecastExplorer:
         self.models, self.names, self.bars = models, list(models), bars
         self.lookback, self.pred_len, self.history_bars, self.seed = lookback, pred_len, history_bars, seed
         self.calibration = calibration
+        fit = calibration.handover_choice() if calibration is not None and calibration.model in models else {}
+        self.handover = Handover.from_dict(fit, where="calibration") if fit else None
+        if self.handover is not None:  # offered beside the models, described next to the button
+            self.names.append(HANDED_OVER)
         self._build_controls(sample_count, max_sample_count)
         self.button.on_click(self._on_click)
         self.symbol.observe(self._on_symbol, names="value")
@@ -431,12 +436,16 @@ class _ForecastExplorer:
         feats = [c for c in FEATURE_COLUMNS if c in history.columns]
         out = {}
         for name in chosen:
-            fc = self.models[name].predict_paths(
+            model = self.calibration.model if name == HANDED_OVER else name
+            fc = self.models[model].predict_paths(
                 history[feats], history["timestamps"], future, self.pred_len, T=float(self.temperature.value),
                 top_p=float(self.top_p.value), sample_count=int(self.samples.value), verbose=False, seed=self.seed)
-            if self.calibrated.value and self.calibration is not None:  # each model's own fit on validation
-                fit = PathCalibration.from_dict(self.calibration.path_calibration(name), where="calibration")
+            # each model's own fit on validation; the handed-over forecast always starts from the calibrated paths
+            if (self.calibrated.value or name == HANDED_OVER) and self.calibration is not None:
+                fit = PathCalibration.from_dict(self.calibration.path_calibration(model), where="calibration")
                 fc = fc.calibrated(fit, [float(history["close"].iloc[-1])])
+            if name == HANDED_OVER:  # the naive members drawn from this history with the explorer's seed
+                fc = fc.handed_over(self.handover, history[feats], seed=self.seed)
             out[name] = fc
         return out
 
@@ -470,8 +479,10 @@ class _ForecastExplorer:
         elapsed = time.perf_counter() - t0
         scores = self._draw(history, realized, forecasts)
         over = f" over {len(realized)} realized bars: " + "; ".join(scores) if scores else " (no realized bars)"
+        handed = (f"<br>{HANDED_OVER}: {html.escape(self.handover.describe(self.calibration.model))}"
+                  if HANDED_OVER in chosen else "")
         self.status.value = (f"{len(chosen)} model(s) x {int(self.samples.value)} paths x {self.pred_len} steps in "
-                             f"{elapsed:.2f} s{over}")
+                             f"{elapsed:.2f} s{over}{handed}")
         return forecasts
 
     def _on_click(self, _: Any) -> None:
@@ -527,7 +538,9 @@ def forecast_explorer(
     fan chart: last ``history_bars`` candles, median, 50% and 90% bands and the realized close.
     ``calibration`` (the run's calibration.json, e.g. ``decision.calibration``) starts the sliders at
     its temperature / top-p and ticks "calibrated paths": each model's path calibration fitted on
-    validation is applied to its paths (untick it to see them as sampled).
+    validation is applied to its paths (untick it to see them as sampled). When it holds a handed-over
+    forecast for one of the models, the model menu offers "handed over" too: that model's calibrated paths
+    in the ensemble with naive forecasts drawn from the history, then the tails, described with its weights.
     """
     if lookback < 2 or pred_len < 1:
         raise ValueError(f"need lookback >= 2 and pred_len >= 1, got lookback={lookback}, pred_len={pred_len}")

@@ -264,6 +264,13 @@ EVALUATION_CASES = {
     "calibration grid true": "evaluation.calibration_temperatures=[true]",
     "calibration grid empty": "evaluation.calibration_top_ps=[]",
     "calibration top_p 0": "evaluation.calibration_top_ps=[0]",
+    "ensemble method typo": "evaluation.ensemble_methods=[stacking]",
+    "ensemble members empty": "evaluation.ensemble_members=[]",
+    "ensemble member persistence": "evaluation.ensemble_members=[persistence]",
+    "ensemble member twice": "evaluation.ensemble_members=[garch_rw,garch_rw]",
+    "tails not true or false": "evaluation.tails=maybe",
+    "promotion_level 0": "evaluation.promotion_level=0",
+    "promotion_level above 1": "evaluation.promotion_level=1.5",
     "pred_len above the validation split": "evaluation.pred_len=5000",
     "skill horizon above the validation split": "predictor.skill_horizon=5000",
     "promote_on unknown": "evaluation.promote_on=sharpe",
@@ -588,3 +595,55 @@ def test_a_resume_on_edited_data_is_refused_by_the_training_phase(tmp_path, caps
     err = _expect_error(capsys, ["train", "tokenizer", "--resume", *words])
     assert "data.sha256" in err and "would not continue the same run" in err
     assert RunDir(run).state("tokenizer").read_bytes() == state
+
+
+# calibration.json values outside any fit (issue 28, item 4; issue 26's ensemble and tail fields)
+
+
+LEVELS = [0.025, 0.1, 0.5, 0.9, 0.975]
+KNOTS = [-2.0, -1.0, 0.0, 1.0, 2.0]
+
+
+def _conformal(target=KNOTS, floor=0.01, model=KNOTS) -> dict:
+    return {"method": "conformal", "conformal": {"levels": LEVELS, "model": [list(model)], "target": [list(target)],
+                                                 "floor": [floor]}}
+
+
+def _handover(ensemble=None, tails=None) -> dict:
+    """calibration.json's "handover" as the validation step writes it: the fit under "handover", evidence beside."""
+    fit = {"ensemble": ensemble or {"method": "model", "members": ["model"], "weights": [1.0]}, "tails": tails or {}}
+    return {"handover": {"handover": fit, "candidates": [], "rule": "r"}}
+
+
+CALIBRATION_VALUE_CASES = {
+    "scale 1e300": ({"paths": {"finetuned": {"path_calibration": {"method": "spread", "scale": 1e300}}}}, "scale"),
+    "power 1000": ({"paths": {"finetuned": {"path_calibration": {"method": "spread", "power": 1000}}}}, "power"),
+    "conformal floor 1e300": ({"paths": {"finetuned": {"path_calibration": _conformal(floor=1e300)}}}, "floor"),
+    "conformal knots not increasing": ({"paths": {"finetuned": {"path_calibration": _conformal(
+        target=[-2.0, 1.0, 0.0, 1.0, 2.0])}}}, "must not decrease"),
+    "inside the bounds, inf prices": ({"paths": {"finetuned": {"path_calibration": _conformal(
+        target=[-1000.0, -500.0, 0.0, 500.0, 1000.0], floor=1.0, model=[-2e-3, -1e-3, 0.0, 1e-3, 2e-3])}}},
+        "not finite and > 0"),
+    "ensemble weights sum to 1.8": (_handover({"method": "linear_pool", "members": ["model", "garch_rw"],
+                                               "weights": [0.9, 0.9]}), "weights"),
+    "ensemble member unknown": (_handover({"method": "linear_pool", "members": ["model", "oracle"],
+                                           "weights": [0.5, 0.5]}), "members"),
+    "tail factor 1e300": (_handover(tails={"tail": 1e300}), "'tail'"),
+    "tail factor 0": (_handover(tails={"body": 0}), "'body'"),
+    "handover without its fit": ({"handover": {"ensemble": {"method": "linear_pool"}}}, "'handover'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_VALUE_CASES))
+def test_forecast_refuses_calibration_values_outside_any_fit(case, tmp_path, tiny_run, capsys):
+    rd = RunDir(tiny_run)
+    _decide(rd, "tokenizer/best", "predictor/best")
+    entry, words = CALIBRATION_VALUE_CASES[case]
+    bound = json.loads(rd.calibration.read_text())["checkpoints"]
+    save_json(rd.calibration, {"temperature": 1.0, "top_p": 1.0, "model": "finetuned", "checkpoints": bound,
+                               **entry})
+    out = tmp_path / "out.csv"
+    err = _expect_error(capsys, ["forecast", "--run", str(tiny_run), "--data", CSV, "--symbol", "A", "--horizon",
+                                 "3", "--samples", "4", "--out", str(out)])
+    assert "calibration" in err and words in err, err
+    assert not out.exists()

@@ -296,6 +296,37 @@ def test_forecast_run_applies_the_runs_path_calibration(tmp_path, tiny_run, caps
     np.testing.assert_allclose(calibrated["volume_median"], raw["volume_median"])  # volume as sampled
 
 
+def test_forecast_run_hands_over_the_ensemble_and_model_only_leaves_it_out(tmp_path, tiny_run, capsys):
+    from kronos_kit.data import load_ohlcv
+    from kronos_kit.data.schema import FEATURE_COLUMNS
+    from kronos_kit.naive import naive_paths
+
+    rd = RunDir(tiny_run)
+    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
+    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
+                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    fit = {"ensemble": {"method": "linear_pool", "members": ["model", "garch_rw", "bootstrap"],
+                        "weights": [0.0, 1.0, 0.0]}, "tails": {}}
+    save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base", "handover": {"handover": fit},
+                               "checkpoints": bound})
+    stage_03_completed(rd)
+    args = ("--run", str(tiny_run), "--data", CSV, "--quantiles", "0.1,0.9")
+    handed, out = forecast(tmp_path, capsys, *args)
+    alone, out_alone = forecast(tmp_path, capsys, *args, "--model-only")
+    assert "handed over: garch_rw alone: base has weight 0; tails: none (fitted on validation" in out
+    assert "handed over: the model alone (--model-only)" in out_alone
+    # the naive member comes from the series' own last 90 bars (the run's lookback) and the seed: the run folder
+    # alone reproduces the forecast
+    history = load_ohlcv(CSV).tail(90)[list(FEATURE_COLUMNS)].to_numpy(np.float64)[None]
+    garch = naive_paths(("garch_rw",), history, 4, 6, np.random.default_rng(0))["garch_rw"][0, ..., 3]  # (S, H)
+    np.testing.assert_allclose(handed["close_q0.9"], np.quantile(garch, 0.9, axis=0), rtol=1e-9)
+    assert not np.allclose(handed["close_q0.9"], alone["close_q0.9"])
+    np.testing.assert_allclose(handed["volume_median"], alone["volume_median"])  # volume: the model's paths
+    err_args = ["forecast", "--tokenizer", "embedded:base/tokenizer", "--predictor", "embedded:base/predictor",
+                "--data", CSV, "--horizon", "2", "--out", str(tmp_path / "x.csv"), "--model-only"]
+    assert main(err_args) == 2 and "--model-only goes with --run" in capsys.readouterr().err
+
+
 def test_forecast_resolves_promoted_sources_inside_the_run(tmp_path, tiny_run, capsys, monkeypatch):
     """The validation step writes sources relative to the run (`predictor/best`): they load from the run
     folder wherever the command runs, never as hub ids."""

@@ -717,6 +717,19 @@ def test_forecast_explorer_builds_and_forecasts_without_kernel(fixture_predictor
     assert spread[0] == pytest.approx(3 * spread[1], rel=1e-3)  # paths come in float32
     np.testing.assert_allclose(done["tuned"].paths, raw["tuned"].paths)  # no fit for "tuned": as sampled
 
+    # a run that hands over an ensemble of "base": offered as "handed over", described with its weights
+    cal.handover = {"handover": {"ensemble": {"method": "linear_pool", "members": ["model", "garch_rw"],
+                                              "weights": [0.5, 0.5]}, "tails": {}}}
+    handed_box = forecast_explorer(models, frame, lookback=32, pred_len=8, max_context=20, sample_count=6,
+                                   calibration=cal)
+    menu = handed_box.children[0].children[1]
+    assert "handed over" in menu.options
+    menu.value = "handed over"
+    handed = handed_box.run()["handed over"].paths
+    np.testing.assert_allclose(handed[0, :3, :, :4], done["base"].paths[0, :3, :, :4])  # half the model's paths
+    assert not np.allclose(handed[0, 3:, :, 3], done["base"].paths[0, 3:, :, 3])  # half GARCH paths
+    assert "handed over: linear pool: 50% base, 50% garch_rw" in handed_box.children[3].children[1].value
+
     controls["Dropdown:model"].value = "base"
     origin.value = origin.max  # past the end of the data: no realized path, still forecasts
     assert "settings changed" in status.value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -239,6 +240,27 @@ def test_load_run_forecaster_uses_promotion_and_calibration(tmp_path, data, prom
     assert not load_run_forecaster(tmp_path, calibrated=False).calibrated
 
 
+def test_the_run_forecaster_hands_over_its_ensemble(tmp_path, data):
+    import numpy as np
+
+    from kronos_kit.calibration import Handover
+
+    fit = {"ensemble": {"method": "quantile_average", "members": ["model", "bootstrap"], "weights": [0.25, 0.75]},
+           "tails": {"tail": 2.0}}
+    write_run(tmp_path, "finetuned", {"temperature": 1.0, "top_p": 0.9, "model": "finetuned",
+                                      "handover": {"handover": fit}})
+    rf = load_run_forecaster(tmp_path)
+    assert rf.handover == Handover.from_dict(fit) and "75% bootstrap" in rf.handover.describe()
+    history = data.splits.val.iloc[:40].drop(columns="is_context")
+    args = (history, history["timestamps"], pd.Series(pd.date_range("2030-01-01", periods=3, freq="D")), 3)
+    alone = rf.predict_paths(*args, sample_count=8, seed=4, model_only=True)
+    handed = rf.predict_paths(*args, sample_count=8, seed=4)
+    values = history[["open", "high", "low", "close", "volume", "amount"]].to_numpy(np.float64)[None]
+    np.testing.assert_array_equal(handed.paths, rf.handover.forecast(alone.paths, values, seed=4))
+    assert not np.allclose(handed.paths[..., 3], alone.paths[..., 3])
+    assert load_run_forecaster(tmp_path, calibrated=False).handover.identity
+
+
 def test_load_run_forecaster_moves_with_the_run_and_names_bad_files(tmp_path):
     write_run(tmp_path / "run", "finetuned", None)
     (tmp_path / "run").rename(tmp_path / "moved")
@@ -276,6 +298,15 @@ def _check_path_calibration(tmp_path, data, models, evaluation, cal, rf):
         np.testing.assert_allclose(done, expected)  # skipped calibration or another model's fit: red
         np.testing.assert_array_equal(done[..., 4:], raw[..., 4:])  # volume / amount as sampled
         assert not np.allclose(done[..., 3], raw[..., 3])  # the close did move
+    # the handed-over forecast: the promoted model's calibrated paths with the naive members of this walk-forward
+    from kronos_kit.calibration import Handover
+    from kronos_kit.evaluate import HANDED_OVER
+
+    handover = Handover.from_dict(cal.handover_choice())
+    assert rf.handover == handover and cal.handover["n_origins"] == 12 and cal.handover["candidates"]
+    members = {m: result.samples[m] for m in handover.ensemble.naive_members}  # drawn although baselines=()
+    np.testing.assert_array_equal(result.samples[HANDED_OVER],
+                                  handover.apply(result.samples[cal.model], result.last_close, members))
     # an absurd test split (prices x 1000, volumes negative) leaves every decision unchanged
     absurd = data.splits.test.copy()
     absurd[["open", "high", "low", "close"]] *= 1000.0
@@ -285,6 +316,7 @@ def _check_path_calibration(tmp_path, data, models, evaluation, cal, rf):
                                  finetuned_sources=("tiny", tmp_path / "predictor" / "best"),
                                  base_sources=("tiny", "tiny"))
     assert again.calibration.paths == cal.paths and again.promotion.promoted == cal.model
+    assert again.calibration.handover == cal.handover  # the handed-over forecast too: fitted on validation only
 
 
 def test_decide_on_validation_writes_what_the_run_forecaster_loads(tmp_path, data):

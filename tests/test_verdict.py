@@ -412,3 +412,46 @@ def test_calibration_on_too_few_origins_keeps_the_configured_sampling(caplog):
     assert cal.n_origins < 10
     assert cal.sampling() == {"temperature": 1.0, "top_p": 0.9} and cal.after == cal.before
     assert cal.rule.startswith("not calibrated:") and "kept the configured sampling" in caplog.text
+
+
+def test_promotion_needs_evidence_not_a_lower_point_estimate():
+    """Issue 26, item 4: a finetuned model whose validation CRPS is a little lower by chance is not promoted; the
+    one-sided test at evaluation.promotion_level decides, and promotion_level 1 restores the point-estimate rule."""
+    frame = market(("X",), n=300, seed=3)
+    base = around_truth(frame, lambda h, s: np.array([size(h)]))
+    noisy = around_truth(frame, lambda h, s: np.array([size(h) * (0.9 + 0.6 * np.sin(h["close"].iloc[-1] * 7e3))]))
+    res = validation_result(noisy, base, frame)
+    promo = decide_promotion(res, **SOURCES)
+    ev = promo.evidence["metric"]
+    assert ev["model_mean"] < ev["other_mean"] and ev["p_one_sided"] > 0.05  # lower, but no evidence
+    assert promo.promoted == "base" and "not significantly" in promo.reason
+    assert f"one-sided DM p = {ev['p_one_sided']:.2f}" in promo.reason and "minimum detectable effect" in promo.reason
+    assert decide_promotion(res, promotion_level=1.0, **SOURCES).promoted == "finetuned"
+    clear = decide_promotion(validation_result(good(frame), base, frame), **SOURCES)
+    assert clear.promoted == "finetuned" and clear.evidence["metric"]["p_one_sided"] < 0.05
+    assert "one-sided DM p < 0.001, below the level 0.05" in clear.reason
+
+
+def test_the_report_says_what_is_handed_over_and_whether_the_model_adds_anything(tmp_path):
+    """Issue 26, item 5: the bottom line states the model's weight and tests the handed-over forecast against the
+    best naive forecast on test; report.md has the section, metrics.json the rows, forecasts.parquet the paths."""
+    from kronos_kit.calibration import Ensemble, Handover
+
+    frame = market(("X",), n=500, seed=2)
+    res = walk_forward(frame, {"base": bad(frame), "finetuned": good(frame)}, lookback=40, pred_len=6, stride=6,
+                       sample_count=4, seed=0, progress=False)
+    handover = Handover(Ensemble("linear_pool", ["model", "garch_rw"], [0.75, 0.25]))
+    res.hand_over(handover, "finetuned")
+    paths = write_report(res, tmp_path, n_boot=200)
+    payload = json.loads(paths["json"].read_text())
+    line = payload["handover_line"]
+    assert payload["bottom_line"].endswith(line)  # the bottom line ends with it
+    assert line.startswith("What is handed over (linear pool: 75% finetuned, 25% garch_rw; tails: none): the model "
+                           "adds ") and "the model's weight is 75%" in line and "lower, significantly, DM p" in line
+    rows = {(r["other"], r["metric"]) for r in payload["handover_comparisons"]}
+    assert {("garch_rw", "close_crps"), ("bootstrap", "close_crps"), ("finetuned", "close_crps")} <= rows
+    report = paths["report"].read_text()
+    assert "## What is handed over (ensemble and tails fitted on the validation split)" in report
+    assert "- handed_over vs garch_rw, close CRPS: **better** at 5%." in report
+    forecasts = pd.read_parquet(paths["forecasts"])
+    assert "handed_over" in set(forecasts["model"])

@@ -10,6 +10,9 @@ data? One module per seam, every public name re-exported here:
 - :mod:`.tokens`: next-token accuracy and perplexity;
 - :mod:`.verdicts`: paired Diebold-Mariano verdicts, the bottom line, IC significance;
 - :mod:`.report`: metrics.json, metrics_table.csv, report.md, forecasts.parquet;
+- :mod:`.decisions`: sampling calibration, promotion and the handed-over forecast, decided on validation (the
+  files' schema is :mod:`kronos_kit.runs`');
+- :mod:`.handover`: the handed-over forecast judged on test (does the model add anything to naive forecasts?).
 - :mod:`.decisions`: sampling calibration and promotion, decided on validation (the files' schema is
   :mod:`kronos_kit.runs`');
 - the universe layer of a panel: :mod:`.universe` (the walk-forward at every rebalance date), :mod:`.signals`
@@ -49,8 +52,9 @@ from kronos_kit.evaluate.decisions import (
     decide_on_validation,
     decide_promotion,
 )
+from kronos_kit.evaluate.handover import handover_comparisons, handover_line, handover_section, handover_summary
 from kronos_kit.evaluate.report import FORECAST_QUANTILES, compare, forecast_table, report_comparisons, write_report
-from kronos_kit.evaluate.scores import EvaluationResult, score_entry, summary_table
+from kronos_kit.evaluate.scores import HANDED_OVER, EvaluationResult, score_entry, summary_table
 from kronos_kit.evaluate.table import HEADLINE, METRICS, ORIGIN_LOSSES, TABLE_COLUMNS, Metric
 from kronos_kit.evaluate.tokens import TOKEN_HEADLINE, save_token_metrics, token_metrics
 from kronos_kit.evaluate.universe import PanelGrid, UniverseResult, universe_walk_forward
@@ -70,7 +74,8 @@ from kronos_kit.evaluate.walk_forward import ForecastFn, evaluate_models, walk_f
 from kronos_kit.runs import CALIBRATION_FILE, PROMOTION_FILE, Promotion, SamplingCalibration
 
 __all__ = [
-    "BASELINES", "CALIBRATION_FILE", "FORECAST_QUANTILES", "HEADLINE", "METRICS", "ORIGIN_LOSSES", "PROMOTION_FILE",
+    "BASELINES", "CALIBRATION_FILE", "HANDED_OVER", "handover_comparisons", "handover_line", "handover_section",
+    "handover_summary", "FORECAST_QUANTILES", "HEADLINE", "METRICS", "ORIGIN_LOSSES", "PROMOTION_FILE",
     "TABLE_COLUMNS", "TEMPERATURE_GRID", "TOKEN_HEADLINE", "TOP_P_GRID", "VERDICTS", "EvaluationResult", "ForecastFn",
     "Metric", "PanelGrid", "Promotion", "SamplingCalibration", "UniverseEvaluation", "UniverseResult",
     "ValidationDecision", "bottom_line", "calibrate_forecasts",

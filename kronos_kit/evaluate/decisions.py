@@ -16,14 +16,15 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit.binding import bind
-from kronos_kit.calibration import fit_path_calibration
+from kronos_kit.calibration import fit_handover, fit_path_calibration
 from kronos_kit.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, MIN_DECISION_ORIGINS, EvalConfig
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
-from kronos_kit.evaluate.text import fmt, fmt_p
+from kronos_kit.evaluate.text import fmt, fmt_p, fmt_pct
 from kronos_kit.evaluate.verdicts import paired_comparisons
 from kronos_kit.evaluate.walk_forward import ForecastFn, as_predictors, evaluate_models, walk_forward
 from kronos_kit.metrics import INTERVALS
+from kronos_kit.naive import naive_paths
 from kronos_kit.runs import Promotion, RunDir, SamplingCalibration, jsonable, relative_source
 
 if TYPE_CHECKING:
@@ -124,17 +125,20 @@ def decide_promotion(
     base: str = "base",
     metric: str = "close_crps",
     level: float = 0.05,
+    promotion_level: float = 0.05,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> Promotion:
-    """Promote the finetuned pair only when it beats the base on the validation split; else keep the base.
+    """Promote the finetuned pair only when the validation split shows it beats the base; else keep the base.
 
     Rule: promote ``finetuned`` when (1) its mean validation ``metric`` (``close_crps`` or ``close_ae``,
-    per-origin means as in :meth:`EvaluationResult.origin_loss`) is lower than ``base``'s and (2) the
-    paired Diebold-Mariano test does not find it worse on close MAE at ``level`` (a probabilistic gain
-    bought with a significantly worse point forecast does harm). Otherwise ``base`` is promoted. The
-    ``*_sources`` are (tokenizer, predictor) locations written as given. ``validation_result`` must come
-    from the validation split: the test split only reports.
+    per-origin means as in :meth:`EvaluationResult.origin_loss`) is lower than ``base``'s and a one-sided
+    paired Diebold-Mariano test (H1: lower) rejects at ``promotion_level`` (a point estimate 0.8% lower at
+    p 0.62 is no evidence; ``promotion_level=1`` promotes on a lower mean alone), and (2) the paired test does
+    not find it worse on close MAE at ``level`` (a probabilistic gain bought with a significantly worse point
+    forecast does harm). Otherwise ``base`` is promoted. The ``*_sources`` are (tokenizer, predictor)
+    locations written as given. ``validation_result`` must come from the validation split: the test split
+    only reports.
     """
     if metric not in ("close_crps", "close_ae"):
         raise ValueError(f"metric must be 'close_crps' or 'close_ae', got {metric!r}")
@@ -146,21 +150,27 @@ def decide_promotion(
     mae = rows[rows["metric"] == "close_ae"].iloc[0]
     lower = bool(np.isfinite(main["model_mean"]) and np.isfinite(main["other_mean"])
                  and main["model_mean"] < main["other_mean"])
+    p_one = one_sided_p(main["dm_stat"], main["p_value"])
+    shown = bool(np.isfinite(p_one) and p_one < promotion_level)
     n_origins = int(main["n_origins"])
     # "not testable" is no evidence that the close MAE is not worse: only a test that ran can clear it
     mae_cleared = mae["verdict"] in ("better", "no detectable difference")
     enough = n_origins >= MIN_DECISION_ORIGINS
-    promote = lower and mae_cleared and enough
+    promote = lower and shown and mae_cleared and enough
     label = ORIGIN_LOSSES[metric]
     change = f"{abs(main['change_pct']):.1f}% {'lower' if main['change_pct'] < 0 else 'higher'}"
-    numbers = (f"validation {label} {fmt(main['model_mean'])} vs {fmt(main['other_mean'])} ({change}, "
-               f"DM {fmt_p(main['p_value'])}, {int(main['n_origins'])} origins)")
+    strength = f"one-sided DM {fmt_p(p_one)}, {'below' if shown else 'not below'} the level {promotion_level:g}"
+    numbers = (f"validation {label} {fmt(main['model_mean'])} vs {fmt(main['other_mean'])} ({change}, {strength}, "
+               f"{n_origins} origins, minimum detectable effect {fmt_pct(main['mde'])})")
     if promote:
         reason = f"Promoted {finetuned}: its {numbers} is lower than {base}'s, and close MAE is not worse."
     elif lower and not enough:
         reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but {n_origins} validation origins are fewer "
                   f"than the {MIN_DECISION_ORIGINS} a promotion needs; raise evaluation.val_origins or the "
                   "validation split to decide.")
+    elif lower and not shown:
+        reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but not significantly (promotion needs "
+                  f"one-sided p < evaluation.promotion_level {promotion_level:g}): no evidence finetuning helped.")
     elif lower and not mae_cleared and mae["verdict"] != "worse":
         reason = (f"Promoted {base}: {finetuned}'s {numbers} is lower, but its close MAE could not be tested "
                   f"({mae['verdict']}), so it is not shown to be no worse.")
@@ -170,18 +180,26 @@ def decide_promotion(
     else:
         reason = f"Promoted {base}: {finetuned} did not beat it on the {numbers}."
     rule = (f"Promote the finetuned tokenizer + predictor only when its mean validation {label} is lower than "
-            f"the base model's and the paired Diebold-Mariano test (Newey-West variance) ran on at least "
-            f"{MIN_DECISION_ORIGINS} origins and does not find its close MAE worse at {level:.0%}; otherwise keep "
-            "the base pair. Decided on validation only, never on test.")
+            f"the base model's, significantly (one-sided paired Diebold-Mariano test, Newey-West variance, at "
+            f"evaluation.promotion_level {promotion_level:g}), on at least {MIN_DECISION_ORIGINS} origins, and the "
+            f"two-sided test does not find its close MAE worse at {level:.0%}; otherwise keep the base pair. "
+            "Decided on validation only, never on test.")
     if not promote and (not enough or not mae_cleared):
         logger.warning("promotion: %s", reason)
     keys = ("model_mean", "other_mean", "change_pct", "relative_skill", "ci_low", "ci_high", "dm_stat", "p_value",
-            "verdict", "test", "n_origins")
-    evidence = {"metric": {k: main[k] for k in keys}, "close_mae": {k: mae[k] for k in keys},
-                "finetuned": finetuned, "base": base}
+            "verdict", "test", "n_origins", "mde")
+    evidence = {"metric": {**{k: main[k] for k in keys}, "p_one_sided": p_one, "promotion_level": promotion_level},
+                "close_mae": {k: mae[k] for k in keys}, "finetuned": finetuned, "base": base}
     tokenizer, predictor = finetuned_sources if promote else base_sources
     return Promotion(promoted=finetuned if promote else base, tokenizer=str(tokenizer), predictor=str(predictor),
                      metric=metric, evidence=jsonable(evidence), rule=rule, reason=reason)
+
+
+def one_sided_p(statistic: float, p_two_sided: float) -> float:
+    """One-sided p-value of H1 "the model's loss is lower" from a two-sided DM test (statistic < 0: lower)."""
+    if not (np.isfinite(p_two_sided) and not np.isnan(statistic)):
+        return float("nan")
+    return float(p_two_sided / 2 if statistic < 0 else 1 - p_two_sided / 2)
 
 
 @dataclass
@@ -233,7 +251,7 @@ def decide_on_validation(
     result = evaluate_models(frame, pairs, lookback=lookback, **_validation_settings(e), baselines=(), seed=seed,
                              device=device, progress=progress)
     root = Path(run_dir) if run_dir is not None else None
-    promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed,
+    promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed, promotion_level=e.promotion_level,
                                  finetuned_sources=tuple(relative_source(s, root) for s in finetuned_sources),
                                  base_sources=tuple(relative_source(s, root) for s in base_sources))
     calibration = None
@@ -290,9 +308,13 @@ def calibrate_forecasts(
        model samples alike on test). Otherwise the configured sampling stays and nothing is resampled.
     2. Paths: for every model, :func:`~kronos_kit.calibration.fit_path_calibration` chooses among
        ``evaluation.calibration_methods`` by held-out validation CRPS and fits the winner.
+    3. What is handed over: for the promoted model, :func:`~kronos_kit.calibration.fit_handover` chooses among
+       the model alone and ``evaluation.ensemble_methods`` with the naive ``evaluation.ensemble_members`` (taken
+       from ``validation_result`` when it has them, else drawn from its histories with ``seed``) and fits the
+       tails when ``evaluation.tails``, by cross-fitted held-out validation scores.
 
-    ``before`` is the promoted model as sampled at the configured setting, ``after`` after both steps
-    (in-sample on these origins); the per-model fits land in ``paths``.
+    ``before`` is the promoted model as sampled at the configured setting, ``after`` after steps 1 and 2
+    (in-sample on these origins); the per-model fits land in ``paths``, step 3 in ``handover``.
     """
     e = evaluation
     current = (float(e.temperature), float(e.top_p))
@@ -313,6 +335,11 @@ def calibrate_forecasts(
     fits = {name: fit_path_calibration(sampled.samples[name], sampled.realized, sampled.last_close,
                                        methods=tuple(e.calibration_methods), order=sampled.origin_time)
             for name in models}
+    handover = None
+    if e.ensemble_methods or e.tails:
+        members = _naive_members(validation_result, e, seed) if e.ensemble_methods else {}
+        handover = fit_handover(sampled.samples[promoted], members, sampled.realized, sampled.last_close,
+                                path_fit=fits[promoted], methods=tuple(e.ensemble_methods), tails=e.tails)
     row = validation_result.table.loc[promoted]
     keep = ("close_crps", "coverage_50", "coverage_80", "coverage_95")
     before = {"temperature": current[0], "top_p": current[1], **{k: float(row[k]) for k in keep}}
@@ -321,9 +348,21 @@ def calibrate_forecasts(
     rule = (f"Sampling: {sampling_rule} (temperature {sampling[0]:g}, top-p {sampling[1]:g}). Paths, for each model "
             f"on its own validation paths: {fits[promoted].rule} Chosen for {promoted}: "
             f"{fits[promoted].calibration.describe()}.")
+    if handover is not None:
+        rule += f" {handover.rule}"
     return SamplingCalibration(temperature=sampling[0], top_p=sampling[1], model=promoted, before=before, after=after,
                                grid=grid, n_origins=sampled.n_origins, rule=rule,
-                               paths={name: jsonable(fit.to_dict()) for name, fit in fits.items()})
+                               paths={name: jsonable(fit.to_dict()) for name, fit in fits.items()},
+                               handover=jsonable(handover.to_dict()) if handover is not None else {})
+
+
+def _naive_members(result: EvaluationResult, e: EvalConfig, seed: int) -> dict[str, np.ndarray]:
+    """The ensemble's naive members on the validation origins: the walk-forward's paths when it drew them,
+    else drawn from the same histories (seeded) as the walk-forward and a forecast draw them."""
+    missing = [m for m in e.ensemble_members if m not in result.samples]
+    horizon, paths = result.realized.shape[1], next(iter(result.samples.values())).shape[1]
+    drawn = naive_paths(missing, result.history, horizon, paths, np.random.default_rng(seed)) if missing else {}
+    return {m: result.samples[m] if m in result.samples else drawn[m] for m in e.ensemble_members}
 
 
 __all__ = ["MIN_DECISION_ORIGINS", "TEMPERATURE_GRID", "TOP_P_GRID", "ValidationDecision", "calibrate_forecasts",

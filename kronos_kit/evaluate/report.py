@@ -16,6 +16,7 @@ import pandas as pd
 from kronos_kit.calibration import PathCalibration
 from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.baselines import BASELINES
+from kronos_kit.evaluate.handover import handover_comparisons, handover_section, handover_summary
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.evaluate.text import fmt
 from kronos_kit.evaluate.text import markdown_table as _markdown_table
@@ -167,10 +168,12 @@ def write_report(
     """
     rd = RunDir(run_dir)
     comparisons = report_comparisons(result, finetuned=finetuned, base=base, tokens=tokens)
+    handover_rows = handover_comparisons(result, level, n_boot=n_boot, seed=int(result.config.get("seed", 0)))
+    handover_text = handover_summary(result, handover_rows)  # what is handed over, and does the model add anything
     if finetuned in result.samples:
         paired = paired_comparisons(result, finetuned, (base, *BASELINES), level, n_boot=n_boot,
                                     seed=int(result.config.get("seed", 0)))
-        headline = bottom_line(paired, model=finetuned, base=base,
+        headline = bottom_line(paired, model=finetuned, base=base, handover=handover_text,
                                coverage_80=float(result.table.at[finetuned, "coverage_80"]))
     else:
         paired = pd.DataFrame(columns=COMPARISON_COLUMNS)
@@ -196,6 +199,8 @@ def write_report(
         "promotion": promotion.to_dict() if promotion is not None else None,
         "calibration": calibration.to_dict() if calibration is not None else None,
         "test_as_sampled_vs_calibrated": result.uncalibrated_scores().to_dict(orient="index"),
+        "handover_line": handover_text,
+        "handover_comparisons": handover_rows.to_dict(orient="records"),
     }
     paths = {"json": rd.metrics_json, "table": rd.metrics_table, "report": rd.report, "forecasts": rd.forecasts}
     save_json(paths["json"], jsonable(payload), newline=False, allow_nan=False)
@@ -204,6 +209,7 @@ def write_report(
 
     lines = phase_sections(rd.path)  # phase 1 and phase 2, from the run's files, before the forecast evaluation
     lines += _report_head(result, headline, paired, level, promotion, calibration, payload)
+    lines += handover_section(result, handover_rows, handover_text, calibration)
     lines += universe_section(universe) if universe is not None else []
     lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
     atomic_write_text(paths["report"], "\n".join(lines))

@@ -10,11 +10,14 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit import metrics as M
-from kronos_kit.calibration import PathCalibration, apply_path_calibration
+from kronos_kit.calibration import Handover, PathCalibration, apply_path_calibration
 from kronos_kit.data.schema import FEATURE_COLUMNS
 from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.table import ORIGIN_LOSSES
 from kronos_kit.metrics import CLOSE, INTERVALS
+
+HANDED_OVER = "handed_over"
+"""The entry of the handed-over forecast (the promoted model, its ensemble with naive forecasts, the tails)."""
 
 
 @dataclass
@@ -73,6 +76,26 @@ class EvaluationResult:
             self.vol_pred[name] = M.predicted_vol(self.samples[name], self.last_close)
         self.config["path_calibration"] = {**self.config.get("path_calibration", {}),
                                            **{n: c.describe() for n, c in calibrations.items()}}
+        self.rescore()
+
+    def hand_over(self, handover: Handover, model: str) -> None:
+        """Add the handed-over forecast as the entry ``handed_over`` (kind "handed_over", after the models):
+        ``model``'s paths (as calibrated) combined with this walk-forward's naive paths by ``handover`` (fitted
+        on validation), then its tail map. ``config["handed_over"]`` records it in words."""
+        if self.kinds.get(model) != "model":
+            raise ValueError(f"cannot hand over {model!r}: not a model of this result ({self.names})")
+        missing = [m for m in handover.ensemble.naive_members if m not in self.samples]
+        if missing:
+            raise ValueError(f"the handed-over forecast needs the naive forecasts {missing} on these origins; "
+                             "evaluate them as baselines too")
+        members = {m: self.samples[m] for m in handover.ensemble.naive_members}
+        self.samples[HANDED_OVER] = handover.apply(self.samples[model], self.last_close, members)
+        self.vol_pred[HANDED_OVER] = M.predicted_vol(self.samples[HANDED_OVER], self.last_close)
+        kinds = [(n, k) for n, k in self.kinds.items() if n != HANDED_OVER]
+        at = max(i for i, (_, k) in enumerate(kinds) if k == "model") + 1
+        self.kinds = dict(kinds[:at] + [(HANDED_OVER, "handed_over")] + kinds[at:])
+        self.config["handed_over"] = {"model": model, "describe": handover.describe(model),
+                                      **handover.to_dict()}
         self.rescore()
 
     def uncalibrated_scores(self) -> pd.DataFrame:
@@ -202,4 +225,4 @@ def _by_channel(values: np.ndarray) -> dict[str, Any]:
     return {f: values[k] for k, f in enumerate(FEATURE_COLUMNS)}
 
 
-__all__ = ["EvaluationResult", "score_entry", "summary_table"]
+__all__ = ["HANDED_OVER", "EvaluationResult", "score_entry", "summary_table"]

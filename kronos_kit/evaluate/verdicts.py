@@ -166,7 +166,7 @@ def _power(r: pd.Series) -> str:
 
 def bottom_line(
     comparisons: pd.DataFrame, *, model: str = "finetuned", base: str = "base", split: str = "test",
-    coverage_80: float | None = None,
+    coverage_80: float | None = None, handover: str | None = None,
 ) -> str:
     """Two sentences a user needs, built from :func:`paired_comparisons` rows (and the 80% coverage).
 
@@ -175,7 +175,8 @@ def bottom_line(
     best naive probabilistic baseline (lowest mean close CRPS among
     :data:`~kronos_kit.evaluate.baselines.PROBABILISTIC_BASELINES`) on close CRPS, persistence on close
     MAE, and whether ``coverage_80`` (the model's 80% interval coverage) is within
-    :data:`COVERAGE_TOLERANCE` of nominal.
+    :data:`COVERAGE_TOLERANCE` of nominal. ``handover`` (:func:`~kronos_kit.evaluate.handover.handover_line`) is
+    appended: what the run hands over and whether the model adds anything to the naive forecasts.
     """
     if comparisons.empty:
         return f"No comparison was possible: {model!r} has nothing to be compared against."
@@ -202,9 +203,10 @@ def bottom_line(
         state = ("calibrated" if abs(coverage_80 - 0.8) <= COVERAGE_TOLERANCE else
                  "too narrow: the model is overconfident" if coverage_80 < 0.8 else "too wide")
         parts.append(f"its 80% interval covers {coverage_80:.2f} of the realized closes ({state})")
+    tail = f" {handover}" if handover else ""
     if not parts:
-        return head + "; no baseline was evaluated."
-    return f"{head}. Against naive forecasts, " + "; ".join(parts) + "."
+        return head + "; no baseline was evaluated." + tail
+    return f"{head}. Against naive forecasts, " + "; ".join(parts) + "." + tail
 
 
 def verdict_lines(comparisons: pd.DataFrame) -> list[str]:

@@ -20,19 +20,11 @@ import numpy as np
 import pandas as pd
 
 from kronos_kit import metrics as M
-from kronos_kit.calibration import PathCalibration
+from kronos_kit.calibration import Handover, PathCalibration
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P, EvalConfig
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import FEATURE_COLUMNS
-from kronos_kit.evaluate.baselines import (
-    BASELINES,
-    bootstrap_paths,
-    drift_paths,
-    fit_garch,
-    garch_paths,
-    persistence_paths,
-    random_walk_paths,
-)
+from kronos_kit.evaluate.baselines import BASELINES, fit_garch, naive_paths
 from kronos_kit.evaluate.scores import EvaluationResult
 from kronos_kit.metrics import CLOSE
 from kronos_kit.runtime import tqdm
@@ -158,25 +150,17 @@ def _forecast_baselines(result: EvaluationResult, baselines: Sequence[str], *, p
     history = result.history
     rng = np.random.default_rng(seed)
     fits = None
-    for name in baselines:
+    for name in sorted(baselines, key=BASELINES.index):  # one draw order, whatever the order asked for
         t0 = time.perf_counter()
         if name in ("garch", "garch_rw") and fits is None:
             fits = [fit_garch(history[i, :, CLOSE]) for i in tqdm(range(len(history)), desc="GARCH(1,1)",
                                                                    disable=not progress)]
             reasons = Counter(f.fallback for f in fits if f.fallback is not None)
             result.garch_fallbacks = {"total": sum(reasons.values()), **dict(reasons)}
-        if name == "persistence":
-            result.samples[name] = persistence_paths(history, pred_len)
-        elif name == "drift":
-            result.samples[name] = drift_paths(history, pred_len, sample_count, rng)
-        elif name == "random_walk":
-            result.samples[name] = random_walk_paths(history, pred_len, sample_count, rng)
-        elif name == "bootstrap":
-            result.samples[name] = bootstrap_paths(history, pred_len, sample_count, rng)
-        elif name == "garch_rw":
-            result.samples[name] = garch_paths(fits, history, pred_len, sample_count, rng)
-        else:
+        if name == "garch":
             result.vol_pred[name] = np.array([f.variance_forecast(pred_len).sum() for f in fits])
+        else:  # the same draws as kronos_kit.naive.naive_paths over every name at once
+            result.samples[name] = naive_paths((name,), history, pred_len, sample_count, rng, fits=fits)[name]
         result.timings[f"baseline:{name}"] = time.perf_counter() - t0
 
 
@@ -222,7 +206,9 @@ def evaluate_models(
     ``temperature`` and ``top_p`` (so it cannot be combined with an explicit ``temperature`` or ``top_p``),
     and each model it holds a path calibration for has its sample paths calibrated after sampling
     (:meth:`EvaluationResult.calibrate`; the paths as sampled stay in ``result.uncalibrated``). The
-    sampling settings are recorded in ``result.config["sampling"]``.
+    sampling settings are recorded in ``result.config["sampling"]``. When ``calibration`` holds a handed-over
+    forecast for one of ``models`` (its promoted model), the result gets it as the entry ``handed_over``
+    (:meth:`EvaluationResult.hand_over`; its naive members are evaluated as baselines if not asked for).
     """
     if calibration is not None and (temperature is not None or top_p is not None):
         raise ValueError("pass either calibration (its temperature / top_p) or temperature / top_p, not both")
@@ -237,6 +223,10 @@ def evaluate_models(
     predictors = as_predictors(models, device=device, max_context=s["max_context"])
     fns: dict[str, ForecastFn] = {name: p.as_forecast_fn(temperature, s["top_k"], top_p, seed)
                                   for name, p in predictors.items()}
+    handover = None
+    if calibration is not None and calibration.model in fns and calibration.handover_choice():
+        handover = Handover.from_dict(calibration.handover_choice(), where="calibration.json")
+        baselines = (*baselines, *(m for m in handover.ensemble.naive_members if m not in baselines))
     result = walk_forward(frame, fns, lookback=lookback, pred_len=s["pred_len"], stride=s["stride"],
                           sample_count=s["sample_count"], max_origins=s["max_origins"], baselines=baselines,
                           seed=0 if seed is None else seed, progress=progress, batch_size=batch_size, point=point,
@@ -244,6 +234,8 @@ def evaluate_models(
     if calibration is not None:  # each model's path calibration fitted on validation, applied to its paths
         result.calibrate({name: PathCalibration.from_dict(calibration.path_calibration(name), where="calibration.json")
                           for name in fns if name in calibration.paths})
+    if handover is not None:
+        result.hand_over(handover, calibration.model)
     result.config["sampling"] = {"temperature": temperature, "top_k": s["top_k"], "top_p": top_p, "seed": seed,
                                  "calibrated": calibration is not None,
                                  "max_context": {n: p.max_context for n, p in predictors.items()},

@@ -26,6 +26,7 @@ from kronos_kit.plots.forecast import (
     plot_pit_histogram,
     plot_return_scatter,
 )
+from kronos_kit.plots.handover import plot_handover
 from kronos_kit.plots.reconstruction import plot_window_errors, plot_worst_windows
 from kronos_kit.plots.sweep import (
     SWEEP_FIGURES,
@@ -65,6 +66,7 @@ __all__ = [
     "plot_fan_chart",
     "plot_fan_comparison",
     "plot_forecast",
+    "plot_handover",
     "plot_pit_histogram",
     "plot_rank_frequency",
     "plot_reconstruction",

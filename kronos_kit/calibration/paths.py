@@ -1,4 +1,4 @@
-"""Forecast calibration on the sample paths: spread, center and split-conformal, fitted on validation only.
+"""Path calibration of one model's sample paths: spread, center and split-conformal, fitted on validation only.
 
 Sampled Kronos distributions are typically too narrow (the 80% interval covering about half of the
 realized closes), and temperature / top-p barely move them. This layer acts after sampling, on the
@@ -32,6 +32,7 @@ intervals short of nominal by construction. The report's CRPS stays the plain on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,10 @@ CENTER_GRID: np.ndarray = np.round(np.linspace(0.0, 1.0, 11), 10)  # w candidate
 CONFORMAL_LEVELS: tuple[float, ...] = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.975)
 CONFORMAL_FLOOR = 0.1  # conformal: path spreads below this share of the step's median validation spread are raised
 _MIN_SPREAD = 1e-12  # floor of a path set's log-return std (a degenerate set of identical paths)
+# what a file may hold, beyond which no fit goes: a standardized conformal knot (a fit's are within a few dozen)
+# and the conformal spread floor (a log-return std; 1 is a 100% move per step)
+MAX_KNOT = 1e3
+MAX_FLOOR = 1.0
 
 
 @dataclass
@@ -73,21 +78,14 @@ class PathCalibration:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"calibration method must be one of {list(METHODS)}, got {self.method!r}")
-        if not (math.isfinite(self.scale) and self.scale > 0 and math.isfinite(self.power)):
-            raise ValueError(f"calibration scale must be > 0 and power finite, got {self.scale!r}, {self.power!r}")
-        if not 0.0 <= self.center <= 1.0:
-            raise ValueError(f"calibration center weight must be in [0, 1], got {self.center!r}")
+        # a value outside every grid a fit searches is no fit: refuse it before it turns prices into inf or 0
+        for name, grid in (("scale", SCALE_GRID), ("power", POWER_GRID), ("center", CENTER_GRID)):
+            value = getattr(self, name)
+            if not in_grid_range(value, grid):
+                raise ValueError(f"calibration {name} must be within the fitted grid {grid[0]:.4g} .. {grid[-1]:.4g}, "
+                                 f"got {value!r}")
         if self.method == "conformal":
-            levels = np.asarray(self.conformal.get("levels", []), dtype=np.float64)
-            model = np.asarray(self.conformal.get("model", []), dtype=np.float64)
-            target = np.asarray(self.conformal.get("target", []), dtype=np.float64)
-            floor = np.asarray(self.conformal.get("floor", []), dtype=np.float64)
-            if levels.ndim != 1 or len(levels) < 2 or model.ndim != 2 or model.shape != target.shape \
-                    or model.shape[1] != len(levels) or not (np.isfinite(model).all() and np.isfinite(target).all()) \
-                    or floor.shape != (len(model),) or not (floor > 0).all():
-                raise ValueError("conformal calibration needs 'levels' (L,), finite 'model' / 'target' quantile "
-                                 f"tables of shape (steps, L) and a positive 'floor' per step; got {levels.shape}, "
-                                 f"{model.shape}, {target.shape}, {floor.shape}")
+            _check_conformal(self.conformal)
 
     def step_scales(self, horizon: int) -> np.ndarray:
         """k_h for steps 1..horizon (all 1 unless the method scales the spread)."""
@@ -113,19 +111,66 @@ class PathCalibration:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "calibration") -> PathCalibration:
         """Build from plain JSON; unknown or mistyped fields are errors naming ``where``."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: the path calibration must be a JSON object, got {type(data).__name__}")
-        known = {"method", "scale", "power", "center", "conformal"}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown path-calibration field(s) {sorted(unknown)}; expected {sorted(known)}")
+        fields = plain_fields(data, cls, where=where, what="path-calibration")
         for name in ("scale", "power", "center"):
-            if name in data and (not isinstance(data[name], (int, float)) or isinstance(data[name], bool)):
-                raise ValueError(f"{where}: path-calibration field {name!r} must be a number, got {data[name]!r}")
-        try:
-            return cls(**dict(data))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}; rerun the validation step to rewrite it") from exc
+            if name in fields and (not isinstance(fields[name], (int, float)) or isinstance(fields[name], bool)):
+                raise ValueError(f"{where}: path-calibration field {name!r} must be a number, got {fields[name]!r}")
+        return from_plain(cls, fields, where=where)
+
+
+def plain_fields(data: Any, cls: type, *, where: str, what: str) -> dict[str, Any]:
+    """``data`` as a dict, once it is a JSON object holding only fields of the dataclass ``cls`` (errors name
+    ``where`` and the ``what``); the one reader behind every calibration object's ``from_dict``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: the {what} must be a JSON object, got {type(data).__name__}")
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {what} field(s) {sorted(unknown)}; expected {known}")
+    return dict(data)
+
+
+def from_plain(cls: type, fields: Mapping[str, Any], *, where: str) -> Any:
+    """``cls(**fields)``, its refusal (a value no fit produces) named after ``where``."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}; rerun the validation step to rewrite it") from None
+
+
+def in_grid_range(value: Any, grid: np.ndarray | tuple[float, ...]) -> bool:
+    """Is ``value`` a finite number within [min(grid), max(grid)] (a float rounding off)?"""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    lo, hi = float(np.min(grid)), float(np.max(grid))
+    slack = 1e-9 * max(1.0, abs(lo), abs(hi))
+    return lo - slack <= value <= hi + slack
+
+
+def _check_conformal(table: Mapping[str, Any]) -> None:
+    """A conformal map as a fit writes it: increasing levels in (0, 1), (steps, levels) knot tables that never
+    decrease along the levels and stay within +-MAX_KNOT, a spread floor per step in (0, MAX_FLOOR]."""
+    try:
+        levels, model, target, floor = (np.asarray(table.get(k, []), dtype=np.float64)
+                                        for k in ("levels", "model", "target", "floor"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"conformal calibration tables must hold numbers only ({exc})") from None
+    if levels.ndim != 1 or len(levels) < 2 or model.ndim != 2 or model.shape != target.shape \
+            or model.shape[1] != len(levels) or floor.shape != (len(model),):
+        raise ValueError("conformal calibration needs 'levels' (L,), 'model' / 'target' quantile tables of shape "
+                         f"(steps, L) and a 'floor' per step; got {levels.shape}, {model.shape}, {target.shape}, "
+                         f"{floor.shape}")
+    if not (np.isfinite(levels).all() and (np.diff(levels) > 0).all() and levels[0] > 0 and levels[-1] < 1):
+        raise ValueError(f"conformal levels must increase strictly within (0, 1), got {levels.tolist()}")
+    for name, knots in (("model", model), ("target", target)):
+        if not (np.isfinite(knots).all() and (np.abs(knots) <= MAX_KNOT).all()):
+            raise ValueError(f"conformal {name!r} knots must be finite and within +-{MAX_KNOT:g}")
+        if (np.diff(knots, axis=1) < 0).any():
+            step = int(np.nonzero((np.diff(knots, axis=1) < 0).any(axis=1))[0][0]) + 1
+            raise ValueError(f"conformal {name!r} knots must not decrease along the levels (step {step} does)")
+    if not (np.isfinite(floor).all() and (floor > 0).all() and (floor <= MAX_FLOOR).all()):
+        raise ValueError(f"conformal 'floor' must be a log-return spread in (0, {MAX_FLOOR:g}] per step, got "
+                         f"{floor.tolist()[:5]}")
 
 
 IDENTITY = PathCalibration()
@@ -134,13 +179,37 @@ IDENTITY = PathCalibration()
 # ----------------------------------------------------------------------------------- applying
 
 
-def _log_returns(paths: np.ndarray, last_close: np.ndarray) -> np.ndarray:
+def price_log_returns(paths: np.ndarray, last_close: np.ndarray) -> np.ndarray:
     """(N, S, H, 4) log of open/high/low/close relative to each origin's last close."""
     prices = np.asarray(paths, dtype=np.float64)[..., :PRICE_CHANNELS]
     c0 = np.asarray(last_close, dtype=np.float64)[:, None, None, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.log(np.maximum(prices, 1e-300) / c0)
     return out
+
+
+def with_price_log_returns(paths: np.ndarray, last_close: np.ndarray, log_returns: np.ndarray, *,
+                           where: str = "calibration") -> np.ndarray:
+    """A copy of ``paths`` whose open/high/low/close are ``last_close * exp(log_returns)`` (volume, amount kept).
+
+    Refuses (ValueError naming ``where``) a result with a price that is not finite and > 0: a forecast is
+    never handed over with inf, 0 or NaN prices.
+    """
+    out = np.array(paths, dtype=np.float64, copy=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out[..., :PRICE_CHANNELS] = np.asarray(last_close, dtype=np.float64)[:, None, None, None] * np.exp(log_returns)
+    check_prices(out, where)
+    return out
+
+
+def check_prices(paths: np.ndarray, where: str) -> None:
+    """Raise ValueError unless every open/high/low/close of ``paths`` (..., C>=4) is finite and > 0."""
+    prices = np.asarray(paths)[..., :PRICE_CHANNELS]
+    bad = ~(np.isfinite(prices) & (prices > 0))
+    if bad.any():
+        raise ValueError(f"{where} gave {int(bad.sum())} price(s) that are not finite and > 0 (e.g. "
+                         f"{prices[bad].flat[0]!r}); the calibration is outside anything a fit produces: rerun the "
+                         "validation step (pipeline --from 03) or forecast with --uncalibrated")
 
 
 def _pivot_and_spread(r_close: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +247,7 @@ def apply_path_calibration(paths: np.ndarray, last_close: np.ndarray, calibratio
     if paths.ndim != 4 or paths.shape[-1] < PRICE_CHANNELS or len(last_close) != len(paths):
         raise ValueError(f"paths must be (N, S, H, C>=4) with one last close per origin; got {paths.shape} and "
                          f"{np.shape(last_close)}")
-    r = _log_returns(paths, last_close)
+    r = price_log_returns(paths, last_close)
     m, s = _pivot_and_spread(r[..., CLOSE])
     m4, s4 = m[:, None, :, None], s[:, None, :, None]
     if calibration.method == "conformal":
@@ -194,9 +263,7 @@ def apply_path_calibration(paths: np.ndarray, last_close: np.ndarray, calibratio
     else:
         k = calibration.step_scales(paths.shape[2])[None, None, :, None]
         r_new = calibration.center * m4 + k * (r - m4)
-    out = paths.copy()
-    out[..., :PRICE_CHANNELS] = np.asarray(last_close, dtype=np.float64)[:, None, None, None] * np.exp(r_new)
-    return out
+    return with_price_log_returns(paths, last_close, r_new, where=f"path calibration ({calibration.method})")
 
 
 # ------------------------------------------------------------------------------------ fitting
@@ -212,6 +279,10 @@ class PathCalibrationFit:
     after: dict[str, float]  # the same after the chosen calibration (in-sample: fitted on these origins)
     n_origins: int
     rule: str
+    # the two blocked folds of the origins and the chosen method fitted on each (not saved): the handed-over
+    # forecast's cross-validation reuses them so its held-out origins never saw the model's calibration either
+    folds: tuple[np.ndarray, np.ndarray] = (np.array([], dtype=int), np.array([], dtype=int))
+    fold_fits: tuple[PathCalibration, PathCalibration] = (IDENTITY, IDENTITY)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path_calibration": self.calibration.to_dict(), "candidates": self.candidates,
@@ -254,6 +325,12 @@ def _fit_spread(table: np.ndarray, centers: np.ndarray, origins: np.ndarray, met
     w_i, k_i, b_i = np.unravel_index(int(np.argmin(scores)), scores.shape)
     return PathCalibration(method=method, scale=float(SCALE_GRID[k_i]), power=float(POWER_GRID[b_i]),
                            center=float(centers[w_i]))
+
+
+def blocked_folds(n: int, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The two blocked folds of ``n`` origins: the earlier and the later half by ``order`` (default: as given)."""
+    ranked = np.arange(n) if order is None else np.argsort(np.asarray(order), kind="stable")
+    return ranked[: n // 2], ranked[n // 2:]
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
@@ -334,29 +411,29 @@ def fit_path_calibration(
     y = y[..., CLOSE] if y.ndim == 3 else y
     c0 = np.asarray(last_close, dtype=np.float64)
     n = len(close)
+    folds = blocked_folds(n, order)
     if n < MIN_DECISION_ORIGINS or close.shape[1] < 2:  # too little to fit on: paths stay as sampled, rule says why
         before = _scores(close, y) if close.shape[1] > 1 else {}
         rule = (f"no path calibration: it needs >= {MIN_DECISION_ORIGINS} validation origins and >= 2 paths, "
                 f"got {n} and {close.shape[1]}; the paths stay as sampled.")
         return PathCalibrationFit(calibration=IDENTITY, candidates=[], before=before, after=dict(before), n_origins=n,
-                                  rule=rule)
+                                  rule=rule, folds=folds)
     r_close = np.log(np.maximum(close, 1e-300) / c0[:, None, None])
     y_r = np.log(np.maximum(y, 1e-300) / c0[:, None])
     tables = {"spread": _spread_table(r_close, y, c0, np.array([1.0]))} if "spread" in methods else {}
     if "spread_center" in methods:
         tables["spread_center"] = _spread_table(r_close, y, c0, CENTER_GRID)
-    ranked = np.arange(n) if order is None else np.argsort(np.asarray(order), kind="stable")
-    folds = (ranked[: n // 2], ranked[n // 2:])
     candidates = []
     for method in [m for m in METHODS if m in methods]:
-        held_out = []
+        held_out, fold_fits = [], []
         for fit_on, score_on in (folds, folds[::-1]):
-            cal = _fit_method(method, fit_on, r_close, y_r, tables)
-            held_out.append(fair_crps(_calibrated_close(cal, close[score_on], c0[score_on]), y[score_on], axis=1))
+            fold_fits.append(_fit_method(method, fit_on, r_close, y_r, tables))
+            held_out.append(fair_crps(_calibrated_close(fold_fits[-1], close[score_on], c0[score_on]), y[score_on],
+                                      axis=1))
         full = _fit_method(method, np.arange(n), r_close, y_r, tables)
         candidates.append({"method": method, "cv_crps": float(np.concatenate(held_out).mean()),
                            **_scores(_calibrated_close(full, close, c0), y), "describe": full.describe(),
-                           "calibration": full})
+                           "calibration": full, "fold_fits": tuple(fold_fits)})
     best = min(candidates, key=lambda c: c["cv_crps"])
     chosen = next(c for c in candidates if np.isclose(c["cv_crps"], best["cv_crps"], rtol=1e-9, atol=0))
     before = _scores(close, y)
@@ -366,10 +443,11 @@ def fit_path_calibration(
             f"origins: fit on the earlier half, score on the later, and back) among {names}; "
             "exact ties go to the simpler method; the winner is refit on every validation origin. The test split is "
             "never read.")
-    table = [{k: v for k, v in c.items() if k != "calibration"} for c in candidates]
+    table = [{k: v for k, v in c.items() if k not in ("calibration", "fold_fits")} for c in candidates]
     return PathCalibrationFit(calibration=chosen["calibration"], candidates=table, before=before, after=after,
-                              n_origins=n, rule=rule)
+                              n_origins=n, rule=rule, folds=folds, fold_fits=chosen["fold_fits"])
 
 
-__all__ = ["CONFORMAL_LEVELS", "IDENTITY", "METHODS", "PathCalibration", "PathCalibrationFit",
-           "apply_path_calibration", "conformal_quantile", "fit_path_calibration"]
+__all__ = ["CONFORMAL_LEVELS", "IDENTITY", "METHODS", "PRICE_CHANNELS", "PathCalibration", "PathCalibrationFit",
+           "apply_path_calibration", "blocked_folds", "check_prices", "conformal_quantile", "fit_path_calibration",
+           "from_plain", "in_grid_range", "plain_fields", "price_log_returns", "with_price_log_returns"]
