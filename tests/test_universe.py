@@ -292,6 +292,23 @@ def test_promotion_on_the_validation_rank_ic(frame, parts, tmp_path, better):
     assert evidence["n"] == ev.results["validation"].config["n_dates"]
 
 
+def test_rank_ic_promotion_needs_evidence_not_a_higher_mean():
+    """A finetuned RankIC higher by a hair (p far from 5%) keeps the base pair, as the CRPS promotion does; the same
+    series with promotion_level 1 (a higher mean suffices) promotes it."""
+    from kronos_kit.evaluate.universe_verdicts import rank_ic_promotion
+
+    rng = np.random.default_rng(0)
+    base, noise = rng.normal(0.02, 0.1, 120), rng.normal(0, 0.1, 120)
+    stats = {"finetuned": {"series": {"rank_ic": base + 0.002 + noise - noise.mean()}},
+             "base": {"series": {"rank_ic": base}}}
+    kw = dict(finetuned_sources=("t", "p"), base_sources=BASE_SOURCES, stride=5, horizon=10, signal="expected_return")
+    assert stats["finetuned"]["series"]["rank_ic"].mean() > base.mean()
+    strict = rank_ic_promotion(stats, **kw)
+    assert strict.promoted == "base" and "not with evidence" in strict.reason
+    assert strict.evidence["rank_ic"]["p_one_sided"] > 0.05
+    assert rank_ic_promotion(stats, **kw, promotion_level=1.0).promoted == "finetuned"
+
+
 def test_a_rerun_writes_the_same_files(frame, parts, universe_run, tmp_path):
     _, run_dir, _ = universe_run
     models = {"base": Oracle(frame, noise=0.2, seed=1), "finetuned": Oracle(frame, noise=0.03)}

@@ -311,7 +311,7 @@ def _promote_on_rank_ic(decision: ValidationDecision | None, validation: SplitAn
                                   finetuned_sources=tuple(relative_source(s, root) for s in finetuned_sources),
                                   base_sources=tuple(relative_source(s, root) for s in base_sources),
                                   stride=e.rebalance_stride, horizon=e.pred_len, signal=e.signal, level=level,
-                                  seed=seed)
+                                  promotion_level=e.promotion_level, seed=seed)
     return record_decision(ValidationDecision(decision.result, promotion, decision.calibration),
                            finetuned_sources=finetuned_sources, base_sources=base_sources, run_dir=run_dir)
 

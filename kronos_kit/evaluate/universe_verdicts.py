@@ -19,6 +19,7 @@ import pandas as pd
 from kronos_kit import metrics as M
 from kronos_kit.config import MIN_DECISION_ORIGINS
 from kronos_kit.evaluate.cross_section import overlap_floor
+from kronos_kit.evaluate.decisions import one_sided_p
 from kronos_kit.evaluate.text import fmt_p
 from kronos_kit.evaluate.verdicts import verdict
 from kronos_kit.runs import Promotion, jsonable
@@ -99,31 +100,40 @@ def comparison_text(row: Mapping[str, Any], percent: bool) -> str:
 
 def rank_ic_promotion(validation_stats: Mapping[str, Mapping[str, Any]], *, finetuned_sources: tuple[str, str],
                       base_sources: tuple[str, str], stride: int, horizon: int, signal: str,
-                      finetuned: str = "finetuned", base: str = "base", level: float = 0.05, seed: int = 0
-                      ) -> Promotion:
+                      finetuned: str = "finetuned", base: str = "base", level: float = 0.05,
+                      promotion_level: float = 0.05, seed: int = 0) -> Promotion:
     """Promote the finetuned pair when its validation RankIC (the decision signal at the decision horizon) is higher
-    than the base's, on at least :data:`~kronos_kit.config.MIN_DECISION_ORIGINS` dates; else keep the base pair.
-    The paired test is recorded as evidence. Decided on validation only, never on test."""
+    than the base's with evidence (the paired test's one-sided p below ``promotion_level``, as the CRPS promotion
+    asks; 1: a higher mean suffices), on at least :data:`~kronos_kit.config.MIN_DECISION_ORIGINS` dates; else keep
+    the base pair. The paired test is recorded as evidence. Decided on validation only, never on test."""
     test = paired_difference(validation_stats[finetuned]["series"]["rank_ic"],
                              validation_stats[base]["series"]["rank_ic"], floor=overlap_floor(horizon, stride),
                              level=level, seed=seed)
     ft, bs = test["model_mean"], test["other_mean"]
+    # the test's statistic is positive when the finetuned RankIC is higher: H1 "higher" is the lower-loss side
+    test["p_one_sided"] = one_sided_p(-test["statistic"], test["p_value"])
+    test["promotion_level"] = promotion_level
     higher = bool(np.isfinite(ft) and np.isfinite(bs) and ft > bs)
+    shown = bool(np.isfinite(test["p_one_sided"]) and test["p_one_sided"] < promotion_level) or promotion_level >= 1
     enough = test["n"] >= MIN_DECISION_ORIGINS
-    promote = higher and enough
+    promote = higher and shown and enough
     numbers = (f"validation RankIC of the {signal} signal at horizon {horizon}: {ft:+.4f} vs {bs:+.4f} "
-               f"(paired {fmt_p(test['p_value'])}, {test['n']} dates)")
+               f"(one-sided {fmt_p(test['p_one_sided'])}, {test['n']} dates)")
     if promote:
         reason = f"Promoted {finetuned}: its {numbers} is higher than {base}'s."
-    elif higher:
+    elif higher and not enough:
         reason = (f"Promoted {base}: {finetuned}'s {numbers} is higher, but {test['n']} dates are fewer than the "
                   f"{MIN_DECISION_ORIGINS} a promotion needs.")
+    elif higher:
+        reason = (f"Promoted {base}: {finetuned}'s {numbers} is higher, but not with evidence (one-sided p not below "
+                  f"evaluation.promotion_level {promotion_level:g}).")
     else:
         reason = f"Promoted {base}: {finetuned} did not beat it on the {numbers}."
     rule = (f"evaluation.promote_on: rank_ic. Promote the finetuned tokenizer + predictor only when the mean per-date "
             f"RankIC of its {signal} signal at horizon {horizon} on the validation split's rebalance dates is higher "
-            f"than the base model's, on at least {MIN_DECISION_ORIGINS} dates; otherwise keep the base pair. Decided "
-            "on validation only, never on test.")
+            f"than the base model's (paired test, one-sided p < evaluation.promotion_level {promotion_level:g}), on "
+            f"at least {MIN_DECISION_ORIGINS} dates; otherwise keep the base pair. Decided on validation only, never "
+            "on test.")
     tokenizer, predictor = finetuned_sources if promote else base_sources
     return Promotion(promoted=finetuned if promote else base, tokenizer=str(tokenizer), predictor=str(predictor),
                      metric="rank_ic", evidence=jsonable({"rank_ic": test, "finetuned": finetuned, "base": base}),
