@@ -15,9 +15,11 @@ import torch
 from conftest import DATA
 
 import kronos_kit.forecast as forecast
+import kronos_kit.generation as generation
 from kronos_kit.data import FEATURE_COLUMNS
 from kronos_kit.data.schema import normalize
-from kronos_kit.forecast import KronosPredictor, Sampler, decode_forecast, generate_tokens
+from kronos_kit.forecast import KronosPredictor
+from kronos_kit.generation import Sampler, decode_forecast, generate_tokens
 from kronos_kit.model import Kronos, KronosTokenizer
 from kronos_kit.model.layers import CrossAttention, KVCache, SelfAttention
 
@@ -166,7 +168,7 @@ def test_decoding_a_few_series_at_a_time_changes_nothing(base, bars, monkeypatch
     inputs = _windows(bars, 5, 20, 8)
     opts = {"sample_count": 3, "verbose": False, "seed": 2}
     whole = predictor.predict_paths_batch(*inputs, 8, **opts).paths
-    monkeypatch.setattr(forecast, "DECODE_CHUNK_TOKENS", 20)  # 20 // (3 paths x 8 bars) -> one series per call
+    monkeypatch.setattr(generation, "DECODE_CHUNK_TOKENS", 20)  # 20 // (3 paths x 8 bars) -> one series per call
     np.testing.assert_allclose(predictor.predict_paths_batch(*inputs, 8, **opts).paths, whole, rtol=1e-6, atol=1e-6)
 
 
@@ -211,7 +213,7 @@ def test_the_history_is_kept_once_per_series_not_per_path(base):
     model, _ = base
     s1, s2, stamps = _tokens(0, 2, 12, 3)
     tokens1, tokens2 = (torch.cat([x.repeat_interleave(4, 0), x.new_zeros(8, 3)], 1) for x in (s1, s2))
-    step = forecast._CachedStepper(model, tokens1, tokens2, stamps, stamps.repeat_interleave(4, 0), 2, 4, 16, "exact")
+    step = generation._CachedStepper(model, tokens1, tokens2, stamps, stamps.repeat_interleave(4, 0), 2, 4, 16, "exact")
     with torch.no_grad():
         step.advance(12)
         for cache in [*step.cache.blocks, step.cache.dep]:

@@ -202,8 +202,10 @@ def shared_prefix_attention(q: torch.Tensor, cache: KVCache, causal: bool) -> to
     own = 0 if own_k is None else own_k.shape[-2]
     q = q * d**-0.5  # scaling the few queries rather than the many scores: exact when d is a power of 4
     grouped_q = q.reshape(groups, n, heads, t, d).transpose(1, 2).reshape(groups * heads, n * t, d)
-    scores = torch.bmm(grouped_q, cache.shared_k.reshape(groups * heads, p, d).transpose(1, 2))
-    scores = scores.view(groups, heads, n, t, p)
+    keys = cache.shared_k.reshape(groups * heads, p, d)
+    if own:  # zero keys stand in for each row's own ones, so the product lays out the whole score table
+        keys = torch.cat([keys, keys.new_zeros(groups * heads, own, d)], 1)
+    scores = torch.bmm(grouped_q, keys.transpose(1, 2)).view(groups, heads, n, t, p + own)
     if own:
         if t == 1:
             own_scores = (q * own_k).sum(-1)[:, :, None]  # (rows, H, 1, own)
@@ -211,8 +213,7 @@ def shared_prefix_attention(q: torch.Tensor, cache: KVCache, causal: bool) -> to
             own_scores = q @ own_k.transpose(-2, -1)
             if causal:
                 own_scores = own_scores.masked_fill(~_causal_mask(t, own, q.device), float("-inf"))
-        own_scores = own_scores.view(groups, n, heads, t, own).transpose(1, 2)
-        scores = torch.cat([scores, own_scores], dim=-1)  # (G, H, n, t, P + own)
+        scores[..., p:] = own_scores.view(groups, n, heads, t, own).transpose(1, 2)
     weights = torch.softmax(scores, dim=-1)
     out = torch.bmm(weights.view(groups * heads, n * t, p + own)[..., :p], cache.shared_v.reshape(groups * heads, p, d))
     out = out.view(groups, heads, n, t, d).permute(0, 2, 3, 1, 4).reshape(rows, t, heads * d)
