@@ -193,8 +193,7 @@ def shared_prefix_attention(q: torch.Tensor, cache: KVCache, causal: bool) -> to
     The queries are each row's last t own positions (`causal`: each sees its own positions up to
     itself) or, when the row has no own positions yet, queries from outside (the s2 layer's). Every
     row sees its group's shared prefix in full: those scores are one (n * t) x P product per group and
-    head. A row's few own positions are products of its own (one query: elementwise, which beats
-    thousands of 1-row matrix products).
+    head; a row's few own positions are products of its own.
     """
     rows, heads, t, d = q.shape
     groups, n, p = cache.shared_k.shape[0], cache.group, cache.shared_length
@@ -207,19 +206,16 @@ def shared_prefix_attention(q: torch.Tensor, cache: KVCache, causal: bool) -> to
         keys = torch.cat([keys, keys.new_zeros(groups * heads, own, d)], 1)
     scores = torch.bmm(grouped_q, keys.transpose(1, 2)).view(groups, heads, n, t, p + own)
     if own:
-        if t == 1:
-            own_scores = (q * own_k).sum(-1)[:, :, None]  # (rows, H, 1, own)
-        else:
-            own_scores = q @ own_k.transpose(-2, -1)
-            if causal:
-                own_scores = own_scores.masked_fill(~_causal_mask(t, own, q.device), float("-inf"))
+        own_scores = q @ own_k.transpose(-2, -1)  # (rows, H, t, own)
+        if causal and t > 1:
+            own_scores = own_scores.masked_fill(~_causal_mask(t, own, q.device), float("-inf"))
         scores[..., p:] = own_scores.view(groups, n, heads, t, own).transpose(1, 2)
     weights = torch.softmax(scores, dim=-1)
     out = torch.bmm(weights.view(groups * heads, n * t, p + own)[..., :p], cache.shared_v.reshape(groups * heads, p, d))
     out = out.view(groups, heads, n, t, d).permute(0, 2, 3, 1, 4).reshape(rows, t, heads * d)
     if own:
         own_weights = weights[..., p:].transpose(1, 2).reshape(rows, heads, t, own)
-        if t == 1:
+        if t == 1:  # elementwise: ~2x faster than thousands of 1-row matrix products
             own_out = (own_weights[:, :, 0, :, None] * own_v).sum(-2)[:, None]  # (rows, 1, H, d)
         else:
             own_out = (own_weights @ own_v).transpose(1, 2)  # (rows, t, H, d)
