@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pinned_forecast  # benchmarks/ is the script's folder, so on its path
 import torch
-from bench_market import BARS_PER_DAY, generate, memory_mib  # benchmarks/ is the script's folder, on its path
-from pinned_forecast import old_predict_paths_batch
+from bench_market import BARS_PER_DAY, generate, memory_mib
 
 import kronos_kit.forecast as forecast
 import kronos_kit.generation as generation
@@ -112,9 +112,20 @@ STAGES = (  # (owner, attribute, stage): the library's steps of one predict_path
     (forecast, "decode_forecast", "tokenizer decode"),
 )
 
+STAGES_BEFORE = (  # the same steps of the pinned code before
+    (pinned_forecast, "old_predict_paths_batch", "other"),
+    (pinned_forecast, "_old_prepare", "inputs"),
+    (forecast.KronosTokenizer, "encode", "encode"),
+    (pinned_forecast.OldStepper, "_rebuild", "predictor prefill"),
+    (generation._CachedStepper, "advance", "decode steps"),
+    (forecast.Kronos, "decode_s2_step", "decode steps"),
+    (forecast.Sampler, "__call__", "sampling"),
+    (pinned_forecast, "old_decode_forecast", "tokenizer decode"),
+)
+
 
 @contextmanager
-def stage_timer():
+def stage_timer(stages=STAGES):
     """Exclusive CPU seconds per stage while the block runs (a stage's time excludes the stages it calls); CPU
     time, as wall time on a shared machine counts the other jobs too."""
     spent: dict[str, float] = defaultdict(float)
@@ -133,8 +144,8 @@ def stage_timer():
                     stack[-1][1] += elapsed
         return timed
 
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in STAGES]
-    for (owner, name, stage), (_, _, fn) in zip(STAGES, saved):
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in stages]
+    for (owner, name, stage), (_, _, fn) in zip(stages, saved):
         setattr(owner, name, wrap(fn, stage))
     try:
         yield spent
@@ -170,7 +181,7 @@ def compare(predictor: KronosPredictor, batch: list[tuple], paths: int, repeats:
     sampler, seed = Sampler(), 0
 
     def old():
-        return old_predict_paths_batch(predictor, histories, x_ts, y_ts, HORIZON, sampler=sampler,
+        return pinned_forecast.old_predict_paths_batch(predictor, histories, x_ts, y_ts, HORIZON, sampler=sampler,
                                        sample_count=paths, seed=seed)
 
     def new():
@@ -187,7 +198,13 @@ def compare(predictor: KronosPredictor, batch: list[tuple], paths: int, repeats:
             fn()
             times[name].append(time.process_time() - start)
     old_s, new_s = statistics.median(times["old"]), statistics.median(times["new"])
+    stages = {}
+    for name, fn, table in (("old", old, STAGES_BEFORE), ("new", new, STAGES)):
+        with stage_timer(table) as spent:
+            fn()
+        stages[name] = dict(spent)
     return {"series": len(batch), "paths": paths, "old_s": old_s, "new_s": new_s, "ratio": old_s / new_s,
+            "stages_s": stages,
             "old_series_paths_per_s": len(batch) * paths / old_s, "new_series_paths_per_s": len(batch) * paths / new_s,
             "tokens_identical": bool(torch.equal(old1, new1) and torch.equal(old2, new2)),
             "max_abs_diff_decoded": float((new_decoded - old_decoded).abs().max()),
@@ -198,9 +215,7 @@ def compare(predictor: KronosPredictor, batch: list[tuple], paths: int, repeats:
 def _generated_now(predictor, batch, paths, sampler, seed):
     """Today's `generate_tokens` and `decode_forecast` on the inputs as the pinned code prepares them
     (bit-identical to today's, a test checks it): tokens and decoded bars to compare with the pinned code's."""
-    from pinned_forecast import _old_prepare
-
-    prepared = [_old_prepare(predictor, *args) for args in batch]
+    prepared = [pinned_forecast._old_prepare(predictor, *args) for args in batch]
     x = torch.from_numpy(np.stack([p[0] for p in prepared]))
     stamps = torch.from_numpy(np.stack([p[1] for p in prepared]))
     with torch.no_grad():
@@ -229,7 +244,8 @@ def memory_probe(impl: str, series: int, paths: int, data: Path) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # the kernel's peak (VmHWM) restarts from here
     before = memory_mib()["rss"]
     if impl == "old":
-        old_predict_paths_batch(predictor, *zip(*batch), HORIZON, sampler=Sampler(), sample_count=paths, seed=0)
+        pinned_forecast.old_predict_paths_batch(predictor, *zip(*batch), HORIZON, sampler=Sampler(),
+                                                sample_count=paths, seed=0)
     else:
         predictor.predict_paths_batch(*zip(*batch), HORIZON, sample_count=paths, verbose=False, seed=0)
     peak = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
@@ -305,6 +321,12 @@ def table(f: dict) -> str:
                      f"{c['new_series_paths_per_s']:,.0f} | "
                      f"{'yes' if c['tokens_identical'] else 'NO'} | {c['max_abs_diff_decoded']:.1e} / "
                      f"{c['max_rel_diff_prices']:.1e} |")
+    lines += ["", "**Where one call's CPU time goes, before / now** (milliseconds, one call each):", "",
+              "| series x paths | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+    for c in [*f["compare"], f["compare_call"]]:
+        before, now = c["stages_s"]["old"], c["stages_s"]["new"]
+        lines.append(f"| {c['series']} x {c['paths']} | " + " | ".join(
+            f"{1e3 * before.get(s, 0):,.0f} / {1e3 * now.get(s, 0):,.0f}" for s in order) + " |")
     for m in f.get("memory", []):
         lines.append(f"\npeak RSS above the loaded models, {m['series']} x {m['paths']}, {m['impl']}: "
                      f"{m['peak_above_mib']:,.0f} MiB")
@@ -324,8 +346,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a market folder from bench_market's generate (default: new)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", type=Path, help="print the tables of a --json file again")
     parser.add_argument("--probe", choices=("old", "new"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     if args.probe:
         print(json.dumps(memory_probe(args.probe, 128, 32, args.data)))
         return
