@@ -206,7 +206,8 @@ def _decode_paths(tokenizer: KronosTokenizer, tokens1: torch.Tensor, tokens2: to
 
 
 class _CachedStepper:
-    """Keeps a predictor cache in step with the token buffers during generation."""
+    """Keeps a predictor cache in step with the token buffers during generation. A window's history part
+    runs once per series, its keys and values kept once and shared by the series' paths (`KVCache.share`)."""
 
     def __init__(self, model, tokens1, tokens2, stamps, stamps_rows, n_series, samples, max_context, sliding):
         self.model, self.tokens1, self.tokens2 = model, tokens1, tokens2
