@@ -126,6 +126,11 @@ def forecast_rates(tokenizer_shape: str, predictor_shape: str, data: Path, devic
         out[f"{name}_series_paths_per_s"] = p["series"] * p["paths"] / seconds
     out["speedup"] = out["reference_s"] / out["cached_s"]
     out["paths_max_abs_diff"] = float(np.max(np.abs(paths["cached"] - paths["reference"])))
+    # float rounding moves prices by ~1e-7 of themselves (the cached path decodes a series' history once, the
+    # reference per path); a token sampled differently moves them by far more
+    prices = slice(0, 4)  # open, high, low, close: never near zero, unlike volume and amount
+    out["paths_max_rel_diff_prices"] = float(np.max(np.abs(paths["cached"] - paths["reference"])[..., prices]
+                                                    / np.abs(paths["reference"][..., prices])))
     return out
 
 

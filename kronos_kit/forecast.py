@@ -1,25 +1,11 @@
-"""Forecasting with Kronos: KV-cached generation that keeps every sample path.
+"""Forecasting with Kronos: every sample path of a batch of series, and the forecasts a run hands on.
 
 `KronosPredictor` keeps the reference's public API (`predict`, `predict_batch`: per-series z-score
 of the history, clip, tokenize with the frozen tokenizer, generate s1 then s2 per step, decode the
 last `max_context` tokens, de-normalize, return the mean path) and adds `predict_paths*`, which
-return every path with mean, median and quantiles.
-
-Generation is incremental: each new bar runs one position through the transformer against a
-key/value cache, and the s2 layer reuses cached key/value projections of the context. Once
-history plus generated bars exceed `max_context`, the reference drops the oldest bar and
-recomputes the window from position 0. `sliding="exact"` (default) does the same, so results
-equal the reference; it shares the history part of each window across sample paths, so many paths
-cost little more than one. `sliding="approx"` (opt-in) instead drops the oldest cached position
-and keeps going: much faster for long forecasts, but the remaining positions' hidden states still
-reflect the dropped bars, so it no longer equals the reference.
-
-Arguments are checked before any model runs. A temperature at or below `GREEDY_TEMPERATURE` (1e-5)
-samples greedily (argmax): dividing logits by a smaller one overflows float32, and the distribution
-is a point mass anyway. `top_k` keeps exactly k tokens (ties go to the lower token id). A horizon
-longer than `max_context` is generated with the sliding window above and decoded in windows of
-`max_context` tokens counted back from the last bar (the reference decodes only the last window,
-which covers any horizon up to `max_context`, so results there are unchanged).
+return every path with mean, median and quantiles. The generation itself (sampling, the KV cache
+whose history part the sample paths share, sliding windows, decoding) is `kronos_kit.generation`.
+Arguments are checked before any model runs.
 
 `forecast_frame` forecasts the bars after the end of each symbol of a canonical long frame and
 returns a tidy table (symbol, timestamp, step, and per channel mean, median and quantiles), the
@@ -34,8 +20,6 @@ forecaster a run directory promotes (`promoted.json`) with the sampling fitted o
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,16 +45,18 @@ from kronos_kit.data.schema import (
     symbol_bounds,
     time_features,
 )
-from kronos_kit.model import Kronos, KronosTokenizer, PredictorCache, check_pair
+from kronos_kit.generation import (
+    GREEDY_TEMPERATURE,
+    Sampler,
+    _check_sliding,
+    _is_int,
+    decode_forecast,
+    filter_logits,
+    generate_tokens,
+)
+from kronos_kit.model import Kronos, KronosTokenizer, check_pair
 from kronos_kit.runs import RunChoice, run_choice
 from kronos_kit.runtime import inference, tqdm
-
-GREEDY_TEMPERATURE = 1e-5  # temperatures <= this take the argmax instead of sampling
-SLIDING_MODES = ("exact", "approx")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_count(name: str, value: object, minimum: int = 1) -> int:
@@ -79,186 +65,23 @@ def _check_count(name: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_sliding(sliding: object) -> None:
-    if sliding not in SLIDING_MODES:
-        raise ValueError(f"sliding must be 'exact' or 'approx', got {sliding!r}")
-
-
 def time_stamps(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> np.ndarray:
     """(T, 5) float32 calendar features (minute, hour, weekday, day, month), as the model takes them."""
-    return time_features(pd.to_datetime(pd.Series(timestamps).to_numpy())).to_numpy(np.float32)
+    return time_features(_datetime_index(timestamps)).to_numpy(np.float32, copy=True)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, *, reference: bool = False):
-    """Mask logits outside the top-k and/or the top-p nucleus (at least one token always kept).
-
-    Top-k keeps exactly k tokens; ties with the k-th largest logit go to the lower token ids.
-
-    By default both filters apply when both are set. `reference=True` reproduces the reference,
-    which applies only top-k when `top_k > 0` and ignores `top_p` then.
-    """
-    logits = logits.clone()
-    if top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        above, tie = logits > kth, logits == kth
-        # exactly k: of the tokens tied with the k-th largest, keep the lowest ids that fill k
-        keep = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-        logits[~keep] = float("-inf")
-        if reference:
-            return logits
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cumulative > top_p
-        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
-        remove[..., 0] = False
-        logits[remove.scatter(-1, order, remove)] = float("-inf")
-    return logits
+def _datetime_index(timestamps: pd.Series | pd.DatetimeIndex | Sequence) -> pd.DatetimeIndex:
+    """Times as a DatetimeIndex; a Series or Index of times is taken as it is (parsing costs ~0.5 ms a call)."""
+    if isinstance(timestamps, pd.Series | pd.Index) and pd.api.types.is_datetime64_any_dtype(timestamps.dtype):
+        return pd.DatetimeIndex(timestamps)
+    return pd.DatetimeIndex(pd.to_datetime(pd.Series(timestamps).to_numpy()))
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """Temperature, top-k and top-p sampling of the next token; greedy (argmax) when
-    `temperature <= GREEDY_TEMPERATURE`."""
-
-    temperature: float = DEFAULT_TEMPERATURE  # >= 0; <= GREEDY_TEMPERATURE takes the argmax
-    top_k: int = 0  # keep the k most likely tokens; 0 disables it
-    top_p: float = DEFAULT_TOP_P  # keep the smallest set with this much probability; 1 disables it
-    reference_filtering: bool = False  # True: top-k alone when both are set, as the reference
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (<= {GREEDY_TEMPERATURE:g} takes the "
-                             f"argmax), got {t!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        p = self.top_p
-        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 < p <= 1:  # NaN fails too
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {p!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= GREEDY_TEMPERATURE
-
-    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        if self.greedy:  # top-k and top-p always keep the largest logit; ties take the lowest id
-            return logits.argmax(-1)
-        logits = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p,
-                               reference=self.reference_filtering)
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
-
-
-@torch.no_grad()
-def generate_tokens(
-    model: Kronos,
-    s1: torch.Tensor,
-    s2: torch.Tensor,
-    stamps: torch.Tensor,
-    pred_len: int,
-    *,
-    max_context: int,
-    sample_count: int = 1,
-    sampler: Sampler | None = None,
-    use_cache: bool = True,
-    sliding: str = "exact",
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generate `pred_len` (s1, s2) pairs after each history; `sample_count` paths per series.
-
-    s1, s2: (N, H) history tokens; stamps: (N, H + pred_len, 5). Returns (N * sample_count,
-    H + pred_len) token tensors, series-major (rows n * sample_count ... are series n's paths).
-    Both paths draw random numbers in the same order, so a seeded generator gives the same tokens.
-    """
-    _check_sliding(sliding)
-    sampler = sampler or Sampler()
-    n, hist_len = s1.shape
-    s1 = s1.repeat_interleave(sample_count, 0)
-    s2 = s2.repeat_interleave(sample_count, 0)
-    stamps_rows = stamps.repeat_interleave(sample_count, 0)
-    tokens1 = torch.cat([s1, s1.new_zeros(s1.shape[0], pred_len)], 1)
-    tokens2 = torch.cat([s2, s2.new_zeros(s2.shape[0], pred_len)], 1)
-    step = _CachedStepper(model, tokens1, tokens2, stamps, stamps_rows, n, sample_count, max_context, sliding) \
-        if use_cache else None
-    for i in tqdm(range(pred_len), desc="forecast", unit="bar", disable=not progress, leave=False):
-        cur = hist_len + i  # tokens known so far
-        if step is None:
-            start = max(0, cur - max_context)
-            logits1, context = model.decode_s1(tokens1[:, start:cur], tokens2[:, start:cur],
-                                               stamps_rows[:, start:cur])
-            next1 = sampler(logits1[:, -1], generator)
-            next2 = sampler(model.decode_s2(context, next1[:, None])[:, -1], generator)
-        else:
-            logits1, last_context = step.advance(cur)
-            next1 = sampler(logits1, generator)
-            next2 = sampler(model.decode_s2_step(last_context, next1, step.cache), generator)
-        tokens1[:, cur], tokens2[:, cur] = next1, next2
-    return tokens1, tokens2
-
-
-def decode_forecast(
-    tokenizer: KronosTokenizer, tokens1: torch.Tensor, tokens2: torch.Tensor, pred_len: int, *, max_context: int
-) -> torch.Tensor:
-    """Decode the last `pred_len` token pairs into (B, pred_len, d_in) normalised bars.
-
-    As the reference, the last `max_context` tokens are decoded together and the forecast bars
-    among them kept; a longer horizon continues in windows of `max_context` tokens counted back
-    from the end (the tokenizer is causal, so no bar is decoded from later tokens).
-    """
-    parts, end, first = [], tokens1.shape[1], tokens1.shape[1] - pred_len
-    while end > first:
-        start = max(0, end - max_context)
-        decoded = tokenizer.decode([tokens1[:, start:end], tokens2[:, start:end]], half=True)
-        parts.append(decoded[:, max(start, first) - start :])
-        end = start
-    return torch.cat(parts[::-1], dim=1)
-
-
-class _CachedStepper:
-    """Keeps a predictor cache in step with the token buffers during generation."""
-
-    def __init__(self, model, tokens1, tokens2, stamps, stamps_rows, n_series, samples, max_context, sliding):
-        self.model, self.tokens1, self.tokens2 = model, tokens1, tokens2
-        self.stamps, self.stamps_rows = stamps, stamps_rows
-        self.n_series, self.samples, self.max_context, self.sliding = n_series, samples, max_context, sliding
-        self.hist_len = 0  # set on the first advance
-        self.cache: PredictorCache | None = None
-
-    def _run(self, start: int, end: int, rows_are_series: bool):
-        """Feed positions [start, end) into the cache; rows are series (N) or paths (N * samples)."""
-        rows = slice(None, None, self.samples) if rows_are_series else slice(None)
-        stamps = self.stamps[:, start:end] if rows_are_series else self.stamps_rows[:, start:end]
-        logits, context = self.model.decode_s1(self.tokens1[rows, start:end], self.tokens2[rows, start:end],
-                                               stamps, cache=self.cache)
-        self.model.extend_s2_cache(context, self.cache)
-        return logits[:, -1], context[:, -1:]
-
-    def _rebuild(self, start: int, cur: int, hist_len: int):
-        """Recompute the window [start, cur) from position 0, sharing the history part per series."""
-        self.cache = PredictorCache.empty(self.model.n_layers)
-        logits, context = None, None
-        if start < hist_len:
-            logits, context = self._run(start, min(hist_len, cur), rows_are_series=True)
-            self.cache.repeat_interleave(self.samples)
-            logits = logits.repeat_interleave(self.samples, 0)
-            context = context.repeat_interleave(self.samples, 0)
-        if cur > max(start, hist_len):
-            logits, context = self._run(max(start, hist_len), cur, rows_are_series=False)
-        return logits, context
-
-    def advance(self, cur: int):
-        """s1 logits and last context for the window ending at token `cur` (exclusive)."""
-        if self.cache is None:  # first step: everything known is history
-            self.hist_len = cur
-            return self._rebuild(max(0, cur - self.max_context), cur, cur)
-        if cur <= self.max_context:
-            return self._run(cur - 1, cur, rows_are_series=False)
-        if self.sliding == "approx":
-            self.cache.drop_front(self.cache.length + 1 - self.max_context)
-            return self._run(cur - 1, cur, rows_are_series=False)
-        return self._rebuild(cur - self.max_context, cur, self.hist_len)
+def _stacked_time_stamps(series: Sequence[Sequence[pd.DatetimeIndex]]) -> np.ndarray:
+    """`time_stamps` of each series' indexes joined, (N, T, 5), in one call (it costs ~1 ms a call);
+    zoned times by their local wall clock, as `time_features` reads them."""
+    wall = [(ix.tz_localize(None) if ix.tz is not None else ix).to_numpy() for parts in series for ix in parts]
+    return time_stamps(np.concatenate(wall)).reshape(len(series), -1, 5)
 
 
 @dataclass
@@ -339,10 +162,13 @@ class KronosPredictor:
         if missing:
             raise ValueError(f"{where}: price columns {missing} not found; columns are {list(df.columns)}")
         if "volume" not in df.columns:  # the reference fills both with 0 when volume is absent
-            df["volume"], df["amount"] = 0.0, 0.0
+            df = df.assign(volume=0.0, amount=0.0)
         if "amount" not in df.columns:
-            df["amount"] = fill_amount(df["volume"], *(df[c] for c in PRICE_COLUMNS))
-        values = df[list(FEATURE_COLUMNS)].to_numpy(dtype=np.float64)
+            df = df.assign(amount=fill_amount(df["volume"], *(df[c] for c in PRICE_COLUMNS)))
+        # column by column (selecting a list of columns costs ~1 ms a call in pandas), stored column-major as
+        # pandas gives it: the mean and std below sum each column pairwise, and a row-major copy would
+        # sum in another order and change their last bits, and so the tokens
+        values = np.array([df[c].to_numpy(dtype=np.float64) for c in FEATURE_COLUMNS]).T
         bad = ~np.isfinite(values)
         if bad.any():
             rows, cols = np.nonzero(bad)
@@ -359,9 +185,7 @@ class KronosPredictor:
         x = values.astype(np.float32)
         mean, std = x.mean(0), x.std(0)
         x = normalize(x, mean, std, self.clip)
-        stamps = np.concatenate([time_stamps(x_timestamp), time_stamps(y_timestamp)])
-        future = pd.DatetimeIndex(pd.to_datetime(pd.Series(y_timestamp).to_numpy()))
-        return x, stamps, mean, std, future
+        return x, mean, std, _datetime_index(x_timestamp), _datetime_index(y_timestamp)
 
     # ------------------------------------------------------------------ core
     def predict_paths_batch(
@@ -403,7 +227,7 @@ class KronosPredictor:
         if len(lengths) > 1:
             raise ValueError(f"all histories must have the same length for a batch; got lengths {sorted(lengths)}")
         x = torch.from_numpy(np.stack([p[0] for p in prepared])).to(self.device)
-        stamps = torch.from_numpy(np.stack([p[1] for p in prepared])).to(self.device)
+        stamps = torch.from_numpy(_stacked_time_stamps([p[3:] for p in prepared])).to(self.device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -413,10 +237,11 @@ class KronosPredictor:
                 self.model, s1, s2, stamps, pred_len, max_context=self.max_context, sample_count=sample_count,
                 sampler=sampler, use_cache=use_cache, sliding=sliding, generator=generator, progress=verbose,
             )
-            decoded = decode_forecast(self.tokenizer, tokens1, tokens2, pred_len, max_context=self.max_context)
+            decoded = decode_forecast(self.tokenizer, tokens1, tokens2, pred_len, max_context=self.max_context,
+                                      sample_count=sample_count, use_cache=use_cache)
         preds = decoded.float().cpu().numpy().reshape(len(prepared), sample_count, pred_len, len(FEATURE_COLUMNS))
-        mean = np.stack([p[2] for p in prepared])[:, None, None]
-        std = np.stack([p[3] for p in prepared])[:, None, None]
+        mean = np.stack([p[1] for p in prepared])[:, None, None]
+        std = np.stack([p[2] for p in prepared])[:, None, None]
         paths = denormalize(preds, std=std, mean=mean)
         extra = {} if quantile_levels is None else {"quantile_levels": tuple(quantile_levels)}
         return Forecast(paths, [p[4] for p in prepared], **extra)
@@ -461,7 +286,8 @@ def _lowercase_features(df: pd.DataFrame, where: str) -> pd.DataFrame:
             if name in found:
                 raise ValueError(f"{where}: columns {found[name]!r} and {col!r} both name {name!r}; keep one")
             found[name] = col
-    return df.rename(columns={col: name for name, col in found.items() if col != name})
+    renames = {col: name for name, col in found.items() if col != name}
+    return df.rename(columns=renames) if renames else df  # renaming copies the frame: only when needed
 
 
 # ---------------------------------------------------------------------- forecasting a frame

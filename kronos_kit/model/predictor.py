@@ -169,9 +169,10 @@ class PredictorCache:
     def length(self) -> int:
         return self.blocks[0].length
 
-    def repeat_interleave(self, n: int) -> None:
+    def share(self, n: int) -> None:
+        """Each row so far becomes n rows sharing its cached positions (`KVCache.share`)."""
         for c in [*self.blocks, self.dep]:
-            c.repeat_interleave(n)
+            c.share(n)
 
     def drop_front(self, n: int) -> None:
         """Approximate sliding window: forget the oldest n positions everywhere."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kronos_kit.model.checkpoint import CheckpointMixin
-from kronos_kit.model.layers import TransformerBlock
+from kronos_kit.model.layers import KVCache, TransformerBlock
 
 
 class QuantizerOutput(NamedTuple):
@@ -343,6 +343,29 @@ class KronosTokenizer(CheckpointMixin, nn.Module):
     def decode(self, indices, half: bool = False) -> torch.Tensor:
         """Reconstruct (B, T, d_in) from a full index tensor or, with `half=True`, `[s1, s2]`."""
         return self._decode(self.post_quant_embed(self.indices_to_bits(indices, half)))
+
+    def decode_paths(self, s1: torch.Tensor, s2: torch.Tensor, *, history: int, paths: int) -> torch.Tensor:
+        """Decode the bars after the first `history` positions of (R, T) token pairs, (R, T - history, d_in).
+
+        The rows are sample paths, `paths` consecutive rows per series, whose first `history` tokens
+        are the series' own. The decoder is causal, so those positions' keys and values do not depend
+        on the path: they are computed once per series and attended by each of its paths
+        (`KVCache.share`); their outputs are not needed, so the last block only caches them. Equals
+        `decode([s1, s2], half=True)[:, history:]` up to float rounding.
+        """
+        caches = [KVCache() for _ in self.decoder]
+        if history:
+            z = self.post_quant_embed(self.indices_to_bits([s1[::paths, :history], s2[::paths, :history]], half=True))
+            for i, (block, cache) in enumerate(zip(self.decoder, caches)):
+                if i + 1 < len(self.decoder):
+                    z = block(z, cache=cache)
+                else:
+                    block.extend_cache(z, cache)
+                cache.share(paths)
+        z = self.post_quant_embed(self.indices_to_bits([s1[:, history:], s2[:, history:]], half=True))
+        for block, cache in zip(self.decoder, caches):
+            z = block(z, cache=cache)
+        return self.head(z)
 
     def decode_s1(self, s1_ids: torch.Tensor) -> torch.Tensor:
         """Reconstruct from the coarse tokens alone (the s1-only decoder of `forward`)."""
