@@ -122,6 +122,10 @@ class RunDir:
     def state(self, phase: str) -> Path:
         return self.path / STATE_DIR / f"{phase}.pt"
 
+    def phase_files(self, phase: str) -> list[Path]:
+        """What the folder holds of a training phase (its state, `best`, `last`): a fresh start would replace it."""
+        return [p for p in (self.state(phase), *(self.checkpoint(phase, k) for k in CHECKPOINT_KINDS)) if p.exists()]
+
     @property
     def figures(self) -> Path:
         folder = self.path / FIGURES_DIR
@@ -173,6 +177,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     try:
         try:
             write(tmp)
+            # a writer that creates its file 0600 (safetensors does) would leave the weights unreadable to the
+            # group while every other file of the run is 0644: every file gets the mode a plain open() gives
+            os.chmod(tmp, 0o666 & ~_UMASK)
             _fsync(tmp)  # the data on disk before the rename makes it visible (power loss, not only kills)
         except (OSError, RuntimeError) as err:
             _raise_if_disk_full(err, path)
@@ -182,6 +189,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
 
 
 class DiskFullError(OSError):
