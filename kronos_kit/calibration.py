@@ -95,6 +95,21 @@ class PathCalibration:
             return np.ones(horizon)
         return self.scale * np.arange(1, horizon + 1, dtype=np.float64) ** self.power
 
+    @property
+    def no_change_median(self) -> bool:
+        """True when the calibrated median path is the last close at every step (`spread_center` with center
+        weight 0): the point forecast is then persistence, and its direction, IC and RankIC are undefined."""
+        return self.method == "spread_center" and self.center == 0.0
+
+    def point_forecast(self) -> str:
+        """What the calibrated paths' median (the point forecast) is, in words."""
+        if self.no_change_median:
+            return ("no change: the path calibration fitted on validation shrank the model's median move to 0 "
+                    "(center factor 0), so the median close is the last close (to about 1e-6: the median of an even "
+                    "number of paths averages the middle two); the quantiles carry the model's spread, and the "
+                    "direction, IC and RankIC of this point forecast are undefined")
+        return "the median of the sample paths, bar by bar"
+
     def describe(self) -> str:
         """The fitted transform in words."""
         if self.method == "none":
