@@ -95,6 +95,7 @@ class DataConfig:
     max_samples_per_epoch: int | None = None  # cap on windows per epoch (large data)
     fill: str | None = None  # None: NaN is an error; "ffill": forward-fill within a symbol
     columns: dict[str, str] | None = None  # {source column: canonical name}, e.g. {Date: timestamps}
+    adj_close: bool = False  # True: close = 'Adj Close', open/high/low scaled by Adj Close / Close
 
     def __post_init__(self) -> None:
         if self.lookback < 2 or self.predict < 1:
@@ -434,13 +435,51 @@ def config_fields(cls: type | None = None, prefix: str = "") -> list[str]:
     return out
 
 
+# names other tools use for a field, mapped to the kit's (a `-p learning_rate=...` gets `lr` suggested first)
+FIELD_SYNONYMS = {
+    "learning_rate": "lr", "lr_rate": "lr", "steps": "max_steps", "num_steps": "max_steps", "iterations": "max_steps",
+    "max_iters": "max_steps", "num_epochs": "epochs", "n_epochs": "epochs", "batch": "batch_size", "bs": "batch_size",
+    "wd": "weight_decay", "clip": "grad_clip", "max_grad_norm": "grad_clip", "warmup": "pct_start",
+    "gradient_accumulation_steps": "grad_accum_steps", "accumulation": "grad_accum_steps", "horizon": "pred_len",
+    "samples": "sample_count", "num_samples": "sample_count", "paths": "sample_count", "context": "max_context",
+    "temp": "temperature", "topp": "top_p", "topk": "top_k", "window": "lookback", "history": "lookback",
+    "rank": "lora_rank", "early_stopping": "patience",
+}
+
+
 def unknown_key_message(key: str) -> str:
-    """What to say about a mistyped parameter: the closest valid names first, then every valid name."""
+    """What to say about a mistyped parameter: the closest valid names first (a known synonym, then the fields of
+    the section it names), then only the names that apply, never the whole list of fields on one line."""
     params, fields = [*NOTEBOOK_PARAMETERS, *RUN_PARAMETERS], config_fields()
-    close = difflib.get_close_matches(key, params + fields, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    return (f"unknown parameter {key!r}{hint} Notebook parameters: {', '.join(params)}. "
-            f"Config fields (dotted): {', '.join(fields)}.")
+    sections = [name for name, hint in _field_hints(KitConfig).items() if dataclasses.is_dataclass(hint)]
+    head, _, leaf = key.rpartition(".")
+    if head and head not in sections:  # a mistyped section: read the key in the closest one
+        head = next(iter(difflib.get_close_matches(head, sections, n=1, cutoff=0.6)), head)
+    prefix = f"{head}." if head else ""
+    own = [f[len(prefix):] for f in fields if f.startswith(prefix) and "." not in f[len(prefix):]] if head else []
+    if head in sections:
+        names = own
+    else:
+        names = params + [f for f in fields if "." not in f] + [f.split(".")[-1] for f in fields]
+    close = [FIELD_SYNONYMS[leaf]] if FIELD_SYNONYMS.get(leaf) in names else []
+    close += [c for c in difflib.get_close_matches(leaf, names, n=3, cutoff=0.6) if c not in close]
+    suggestions = list(dict.fromkeys(n for c in close[:3] for n in _full_names(prefix + c, fields)))
+    hint = f"; did you mean {' or '.join(repr(c) for c in suggestions)}?" if suggestions else "."
+    if head in sections:
+        listing = f" The fields of {head}: {', '.join(own)}."
+    else:
+        listing = (f" Notebook parameters: {', '.join(params)}. Config sections: {', '.join(sections)} (e.g. "
+                   f"-p predictor.lr=1e-5); other fields: {', '.join(f for f in fields if '.' not in f)}.")
+    return (f"unknown parameter {key!r}{hint}{listing} `python -m kronos_kit pipeline --help` and the README's "
+            "Configuration table describe every one.")
+
+
+def _full_names(name: str, fields: list[str]) -> list[str]:
+    """A bare field name as the dotted config fields that have it (`lookback` -> data.lookback; `lr` ->
+    tokenizer.lr and predictor.lr); a parameter or a full field as it is."""
+    if name in fields or name in NOTEBOOK_PARAMETERS or name in RUN_PARAMETERS:
+        return [name]
+    return [f for f in fields if f.endswith("." + name)] or [name]
 
 
 def notebook_config(config: str | Path, run_dir: str | Path | None, **parameters: Any) -> KitConfig:

@@ -71,6 +71,27 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and os.listdir(path.parent) == ["a.txt"]
 
 
+def test_saved_weights_are_readable_like_every_other_file_of_the_run(tmp_path):
+    """safetensors creates its file 0600: every model.safetensors of a run was unreadable to the group while
+    config.json beside it was 0644."""
+    import stat
+
+    from kronos_kit.model import Kronos
+
+    folder = Kronos.from_preset("tiny").save_pretrained(tmp_path / "predictor")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    expected = 0o666 & ~_umask()
+    assert modes == {"model.safetensors": expected, "config.json": expected}
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_replace_dir_swaps_whole_and_recover_finishes_an_interrupted_swap(tmp_path):
     target = tmp_path / "best"
     replace_dir(target, lambda d: (d.mkdir(), (d / "w").write_text("1")))

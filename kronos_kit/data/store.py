@@ -183,11 +183,13 @@ def _split_positions(offsets: np.ndarray, part: SplitRows) -> tuple[np.ndarray, 
 # the cache
 
 
-def source_key(source: str, *, symbol: str | None, fill: str | None, columns: dict[str, str] | None) -> str:
+def source_key(source: str, *, symbol: str | None, fill: str | None, columns: dict[str, str] | None,
+               use_adj_close: bool = False) -> str:
     """sha256 of what a load reads and how: every file's name and bytes (a sample: its name and the
     version of the package it ships in), the loader options and the cache format."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "symbol": symbol, "fill": fill, "columns": columns,
-                                   "numpy": np.__version__, "pandas": pd.__version__}, sort_keys=True).encode())
+    options = {"format": FORMAT, "symbol": symbol, "fill": fill, "columns": columns, "numpy": np.__version__,
+               "pandas": pd.__version__, **({"use_adj_close": True} if use_adj_close else {})}  # old keys unchanged
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     if source.startswith("sample:"):
         h.update(f"{source}|arch {metadata.version('arch')}".encode())
         return h.hexdigest()
@@ -235,7 +237,7 @@ def _prune_stale(cache_dir: Path, source: str, keep: Path) -> None:
 
 
 def cached_arrays(source: str, cache_dir: str | Path | None, *, symbol: str | None = None, fill: str | None = None,
-                  columns: dict[str, str] | None = None) -> MarketArrays:
+                  columns: dict[str, str] | None = None, use_adj_close: bool = False) -> MarketArrays:
     """The validated arrays of ``source`` (a file, folder or ``sample:NAME``), memory-mapped from the
     cache entry for its current bytes, built first when there is none (or it is damaged).
 
@@ -249,15 +251,17 @@ def cached_arrays(source: str, cache_dir: str | Path | None, *, symbol: str | No
     def load() -> MarketArrays:
         if source.startswith("sample:"):
             return MarketArrays.from_frame(load_sample(source.removeprefix("sample:")))
-        return MarketArrays.from_validated(load_validated(source, symbol=symbol, fill=fill, columns=columns))
+        return MarketArrays.from_validated(load_validated(source, symbol=symbol, fill=fill, columns=columns,
+                                                          use_adj_close=use_adj_close))
 
     if cache_dir is None:
         return _build(load)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = source_key(source, symbol=symbol, fill=fill, columns=columns)
+    key = source_key(source, symbol=symbol, fill=fill, columns=columns, use_adj_close=use_adj_close)
     entry = cache_dir / f"data-{key[:32]}"
-    label = json.dumps({"source": source, "symbol": symbol, "fill": fill, "columns": columns}, sort_keys=True)
+    label = json.dumps({"source": source, "symbol": symbol, "fill": fill, "columns": columns,
+                        **({"use_adj_close": True} if use_adj_close else {})}, sort_keys=True)
     with _locked(cache_dir / f"data-{key[:32]}.lock"):
         if (entry / "meta.json").is_file():
             try:
