@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kronos_kit.data import load_sample
 from kronos_kit.model import Kronos, KronosTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +69,10 @@ def test_the_published_checkpoints_route_from_the_hub_cache_through_both_phases_
                         "print(m.config['d_model'], m.config['n_layers'], t.config['d_model'], t.s1_bits)"], env)
     assert loaded.split() == ["512", "8", "256", "10"]
 
+    bars = tmp_path / "nasdaq_tail.csv"  # 600 daily bars: enough windows and origins for every stage, quickly
+    load_sample("nasdaq").tail(600).drop(columns="symbol").to_csv(bars, index=False)
     run_dir = tmp_path / "run"
-    words = [w for p in REDUCED for w in ("-p", p)]
+    words = [w for p in [*REDUCED, f"data={bars}"] for w in ("-p", p)]
     out = run(["-m", "kronos_kit", "pipeline", "--config", "configs/kronos-small.yaml", "--run-dir", str(run_dir),
                *words], env)
     assert "[pipeline] summary" in out and "tokenizer" in out and "predictor" in out
@@ -80,6 +83,6 @@ def test_the_published_checkpoints_route_from_the_hub_cache_through_both_phases_
     assert (run_dir / "report.md").read_text().startswith("# Report: run\n\n**Bottom line.** ")
 
     csv = tmp_path / "next.csv"
-    out = run(["-m", "kronos_kit", "forecast", "--run", str(run_dir), "--data", "sample:nasdaq", "--horizon", "3",
+    out = run(["-m", "kronos_kit", "forecast", "--run", str(run_dir), "--data", str(bars), "--horizon", "3",
                "--out", str(csv), "--samples", "2", "--threads", "1"], env)
     assert csv.is_file() and "how far to trust it" in out

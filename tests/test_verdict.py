@@ -198,9 +198,13 @@ def test_report_opens_with_the_verdict_and_metrics_json_carries_it(tmp_path):
     frame = market(("X",), n=500, seed=2)
     models = {"base": good(frame), "finetuned": bad(frame)}
     res = walk_forward(frame, models, lookback=40, pred_len=6, stride=6, sample_count=5, seed=0, progress=False)
+    from kronos_kit.runs import MetricsLog
+
+    MetricsLog(tmp_path / "metrics.jsonl").write({"phase": "tokenizer", "kind": "reference", "step": 0})  # a run
     paths = write_report(res, tmp_path, n_boot=200)
     lines = paths["report"].read_text().splitlines()
     assert lines[0] == f"# Report: {tmp_path.name}"  # the verdict first: the title, then the bottom line
+    assert lines.index("## Did finetuning help?") < lines.index("## Phase 1: tokenizer adaptation")  # phases last
     assert lines[2].startswith("**Bottom line.** Finetuning did not help: on 76 test origins the finetuned model's "
                                "close CRPS is ")
     assert "its close MAE is" in lines[2] and "than persistence's (significantly, DM p < 0.001)" in lines[2]
