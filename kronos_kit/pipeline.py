@@ -345,7 +345,7 @@ class _StageProgress:
             if seen["shown"] >= 0 or r.get("elapsed", 0) >= self.quiet_below:
                 _say(f"{what}  done in {format_seconds(r.get('elapsed', 0))}")
             return
-        if r.get("elapsed", 0) < self.quiet_below:
+        if r.get("elapsed", 0) < self.quiet_below or (total and n >= total):  # the end is said by "done in"
             return
         tenth = int(10 * n / total) if total else -1
         if tenth <= seen["shown"] and now - seen["at"] < 30:
