@@ -38,7 +38,7 @@ setup: $(PY)  ## create .venv with kronos-kit[dev] and register the Jupyter kern
 git-filter:  ## install nbstripout as this clone's git filter for notebooks (make setup runs it)
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(VENV)/bin/nbstripout --install --attributes .gitattributes && \
-	  git config filter.nbstripout.extrakeys "metadata.papermill cell.metadata.papermill" && \
+	  git config filter.nbstripout.extrakeys "$$($(PY) -c 'from kronos_kit.notebooks import EXTRA_KEYS; print(EXTRA_KEYS)')" && \
 	  echo "git filter: nbstripout strips notebook outputs on commit"; \
 	else echo "not a git checkout: no git filter installed"; fi
 

@@ -307,14 +307,14 @@ class KitConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     name: str = "run"  # run name; the run directory is named after it
-    threads: int | None = None  # torch CPU threads; None: $KRONOS_THREADS, else torch's default
+    threads: int | None = None  # torch CPU threads; None: $KRONOS_THREADS, else runtime.default_threads (by width)
     cache_dir: str | None = None  # memory-mapped data cache, one entry per data hash; None: <run_dir>/cache
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or null (torch's default), got {self.threads}")
+            raise ValueError(f"threads must be >= 1 or null (the kit's rule by model width), got {self.threads}")
         if any(sep in self.name for sep in ("/", "\\")) or ".." in self.name or not self.name.strip():
             raise ValueError(f"name={self.name!r}: the run name names a folder under runs/, so it must be "
                              "non-empty without '/', '\\' or '..'; use e.g. name: my-run (or set run_dir)")
@@ -543,7 +543,8 @@ def resolve_paths(cfg: KitConfig) -> KitConfig:
 
 
 def thread_count(cfg: KitConfig | None = None) -> int | None:
-    """The torch CPU thread count asked for: `cfg.threads`, else $KRONOS_THREADS, else None (torch's default)."""
+    """The torch CPU thread count asked for: `cfg.threads`, else $KRONOS_THREADS, else None (then
+    `runtime.apply_threads` picks it by model width)."""
     if cfg is not None and cfg.threads is not None:
         return cfg.threads
     text = os.environ.get(THREADS_ENV, "").strip()

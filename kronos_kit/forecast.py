@@ -539,7 +539,8 @@ def forecast_frame(
     if short:
         raise ValueError(f"forecast_frame: symbols {short} have 1 bar; at least 2 are needed per symbol")
     parts, repaired = [], []
-    for name, a, b in tqdm(list(zip(names, starts, ends)), desc="forecast", unit="symbol", disable=not progress):
+    for name, a, b in tqdm(list(zip(names, starts, ends)), desc="forecast", unit="symbol", disable=not progress,
+                           delay=2):  # shown only when the symbols take a while
         bars = frame.iloc[a:b]
         history = bars.iloc[-lookback:]
         fc = predictor.predict_paths(

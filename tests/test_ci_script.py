@@ -51,6 +51,8 @@ def test_setup_installs_nbstripout_as_the_clones_git_filter(tmp_path):
     code.update(execution_count=3, outputs=[{"output_type": "stream", "name": "stdout", "text": ["hi\n"]}])
     code["metadata"]["papermill"] = {"duration": 1.0}
     nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb["metadata"]["language_info"].update(version="3.11.7", mimetype="text/x-python", file_extension=".py",
+                                           codemirror_mode={"name": "ipython", "version": 3})  # Lab's kernel details
     notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     assert has_outputs(notebook)
     # the filter strips it: git sees the committed notebook, and a run's manifest says "not dirty"
