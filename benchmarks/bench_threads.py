@@ -25,26 +25,19 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from bench_train import batch  # benchmarks/ is the script's folder, so on its path
 
 from kronos_kit.config import PhaseConfig
 from kronos_kit.forecast import KronosPredictor
 from kronos_kit.model import Kronos, KronosTokenizer
 from kronos_kit.train import FrozenTokens, make_predictor_step, tokenizer_step
 
-BATCH, WINDOW, STEPS = 32, 101, 3
+BATCH, STEPS = 32, 3
 SHAPES = {  # name -> (tokenizer source, predictor source, width)
     "tiny": ("embedded:base/tokenizer", "embedded:base/predictor", 64),
     "mini": ("tokenizer-base", "mini", 256),
     "small": ("tokenizer-base", "small", 512),
 }
-
-
-def _batch(i: int) -> dict:
-    g = torch.Generator().manual_seed(i)
-    return {"x": torch.randn(BATCH, WINDOW, 6, generator=g).clamp(-5, 5),
-            "stamp": torch.stack([torch.randint(0, n, (BATCH, WINDOW), generator=g) for n in (60, 24, 7, 32, 13)],
-                                 -1).float(),
-            "symbol": ["BENCH"] * BATCH, "start": torch.arange(i * BATCH, (i + 1) * BATCH)}
 
 
 def _train(model, step, batches, lr: float) -> None:
@@ -77,7 +70,7 @@ def work(shape: str) -> float:
     tokenizer = KronosTokenizer.from_pretrained(tok_source)
     frozen = KronosTokenizer.from_pretrained(tok_source)
     predictor = Kronos.from_pretrained(pred_source)
-    batches = [_batch(i) for i in range(STEPS)]
+    batches = [batch(i, BATCH) for i in range(STEPS)]
     inputs = _forecast_inputs()
     step2 = make_predictor_step(FrozenTokens(frozen, cache=False), teacher_forcing=False)
     start = time.perf_counter()
