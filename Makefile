@@ -12,7 +12,7 @@ KERNEL_NAME ?= kronos-kit
 CONFIG ?=  # empty: configs/default.yaml for a new run; a resumed run uses its own saved config
 PYTEST_ARGS ?=
 
-.PHONY: help setup pipeline sweep base lab test test-fast lint format strip bench clean
+.PHONY: help setup git-filter pipeline sweep base lab test test-fast lint format strip bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,7 +29,18 @@ setup: $(PY)  ## create .venv with kronos-kit[dev] and register the Jupyter kern
 	fi
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL_NAME) --display-name "Python ($(KERNEL_NAME))" >/dev/null
+	@$(MAKE) --no-print-directory git-filter
 	@echo "ready: $(VENV) with kernel '$(KERNEL_NAME)'"
+
+# nbstripout as this clone's git filter: what JupyterLab's autosave writes into notebooks/ (outputs, widget
+# state) never reaches git, and `git status` stays clean; .gitattributes (committed) names the filter, the
+# filter's command lives in .git/config, which no clone carries: hence this step. Same keys as `make strip`.
+git-filter:  ## install nbstripout as this clone's git filter for notebooks (make setup runs it)
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  $(VENV)/bin/nbstripout --install --attributes .gitattributes && \
+	  git config filter.nbstripout.extrakeys "$$($(PY) -c 'from kronos_kit.notebooks import EXTRA_KEYS; print(EXTRA_KEYS)')" && \
+	  echo "git filter: nbstripout strips notebook outputs on commit"; \
+	else echo "not a git checkout: no git filter installed"; fi
 
 pipeline: $(PY)  ## run 01 -> 02 -> 03 into runs/ (ARGS="-p data=bars.csv", ARGS="--run-dir RUN --resume")
 	$(PY) -m kronos_kit pipeline $(if $(CONFIG),--config $(CONFIG)) $(ARGS)

@@ -22,12 +22,13 @@ from kronos_kit.train import FrozenTokens, make_predictor_step, tokenizer_step
 BATCH, WINDOW = 16, 101
 
 
-def batch(i: int) -> dict:
+def batch(i: int, size: int = BATCH) -> dict:
+    """A seeded random batch of `size` windows of WINDOW bars (x, time stamps, symbol, start)."""
     g = torch.Generator().manual_seed(i)
-    return {"x": torch.randn(BATCH, WINDOW, 6, generator=g).clamp(-5, 5),
-            "stamp": torch.stack([torch.randint(0, n, (BATCH, WINDOW), generator=g) for n in (60, 24, 7, 32, 13)],
+    return {"x": torch.randn(size, WINDOW, 6, generator=g).clamp(-5, 5),
+            "stamp": torch.stack([torch.randint(0, n, (size, WINDOW), generator=g) for n in (60, 24, 7, 32, 13)],
                                  -1).float(),
-            "symbol": ["BENCH"] * BATCH, "start": torch.arange(i * BATCH, (i + 1) * BATCH)}
+            "symbol": ["BENCH"] * size, "start": torch.arange(i * size, (i + 1) * size)}
 
 
 def time_steps(model, step, batches, cfg: PhaseConfig) -> float:

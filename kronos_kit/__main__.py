@@ -79,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--column", action="append", default=[], metavar="SOURCE=CANONICAL",
                     help="map a column name, e.g. --column Date=timestamps (repeatable)")
     fc.add_argument("--symbol", help="symbol name for a file without a symbol column (or: keep only this symbol)")
+    fc.add_argument("--adj-close", action="store_true",
+                    help="use the 'Adj Close' column: open/high/low/close scaled by Adj Close / Close")
     fc.add_argument("--horizon", type=int, required=True, help="bars to forecast after each symbol's last bar")
     fc.add_argument("--out", required=True, help="output CSV")
     fc.add_argument("--samples", type=int, default=32, help="sample paths per symbol (default 32)")
@@ -157,8 +159,7 @@ def run_models(run_dir: str | Path) -> dict[str, Any]:
         check_stages(rd.path, cfg, reader="forecast --run", stages=("01", "02"), external=False)
     choice = run_choice(rd.path, cfg, model="promoted" if decided else "finetuned")
     return {"max_context": choice.max_context, "top_k": choice.top_k, "lookback": choice.lookback,
-            "promoted": choice.promoted,
-            "tokenizer": choice.tokenizer_source,
+            "model": choice.promoted, "tokenizer": choice.tokenizer_source,
             "predictor": choice.predictor_source, "sampling": choice.sampling, "calibrated": choice.calibrated,
             "path_calibration": choice.path_calibration,  # plain JSON, read by calibration.PathCalibration
             "handover": choice.handover,  # plain JSON, read by calibration.Handover
@@ -233,7 +234,8 @@ def _forecast(args: argparse.Namespace) -> int:
                 "top_p": args.top_p if args.top_p is not None else chosen["sampling"]["top_p"]}
     columns = {k: str(v) for k, v in parse_overrides(args.column).items()} or None
     # the same path rule and loader as a pipeline run's data.source
-    sources = resolve_paths(KitConfig(data=DataConfig(source=args.data, symbol=args.symbol, columns=columns),
+    sources = resolve_paths(KitConfig(data=DataConfig(source=args.data, symbol=args.symbol, columns=columns,
+                                                      adj_close=args.adj_close),
                                       tokenizer=TokenizerPhaseConfig(start_from=chosen["tokenizer"]),
                                       predictor=PredictorPhaseConfig(start_from=chosen["predictor"])))
     frame = load_source(sources.data)
@@ -252,18 +254,23 @@ def _forecast(args: argparse.Namespace) -> int:
                                                                                    where="--run calibration.json")
     table = forecast_frame(predictor, frame, horizon=args.horizon, sample_count=args.samples, lookback=history,
                            quantiles=_quantiles(args.quantiles), seed=args.seed, top_k=chosen["top_k"],
-                           calibration=calibration, handover=handover, **sampling)
+                           calibration=calibration, handover=handover, progress=True, **sampling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     n_symbols = table["symbol"].nunique()
+    about = table.attrs["forecast"]
     print(f"wrote {len(table)} rows ({n_symbols} symbol(s) x {args.horizon} steps) to {out}\n"
           f"models: {chosen['chosen']}: tokenizer {chosen['tokenizer']}, predictor {chosen['predictor']}\n"
           f"history: {_history_used(frame, history, why_history)}\n"
           f"sampling: temperature {sampling['temperature']:g}, top_p {sampling['top_p']:g}"
           f"{' (calibrated on validation)' if chosen['calibrated'] else ''}, {args.samples} paths, seed {args.seed}\n"
-          f"path calibration: {(calibration or PathCalibration()).describe()}\n"
-          f"handed over: {_handed_over_line(args, chosen, handover)}")
+          f"path calibration: {about['path_calibration']}\n"
+          f"handed over: {_handed_over_line(args, chosen, handover)}\n"
+          f"point forecast (the *_median columns): {about['point_forecast']}\n"
+          f"candles: every row is a valid candle ({about['candles']['rule']}; "
+          f"{about['candles']['repaired_share']:.1%} of the sampled bars needed it)")
+    print(_write_about(out, chosen, args, about, handed_over=handover is not None and bool(chosen.get("handover"))))
     return 0
 
 
@@ -310,10 +317,32 @@ def _check_forecast_size(args: argparse.Namespace, model: Any, max_context: int,
 def _handed_over_line(args: argparse.Namespace, chosen: dict[str, Any], handover: Any) -> str:
     """What the CSV holds beyond the model's own paths, in words (the ensemble's weights, the tails)."""
     if handover is not None and chosen.get("handover"):
-        return f"{handover.describe(chosen.get('promoted', 'the model'))} (fitted on validation, calibration.json)"
+        return f"{handover.describe(chosen.get('model', 'the model'))} (fitted on validation, calibration.json)"
     why = "--uncalibrated" if args.uncalibrated else "--model-only" if args.model_only else \
         "the run has no handed-over forecast" if args.run else "explicit checkpoints"
     return f"the model alone ({why})"
+
+
+def _write_about(out: Path, chosen: dict[str, Any], args: argparse.Namespace, about: dict[str, Any], *,
+                 handed_over: bool) -> str:
+    """Write `<csv stem>.about.json` beside the CSV (what made it, what its median is, the run's test evidence);
+    return the lines the command prints about how far to trust it."""
+    from kronos_kit.evaluate.evidence import TestEvidence, test_evidence
+    from kronos_kit.evaluate.scores import HANDED_OVER
+    from kronos_kit.runs import save_json
+
+    if args.run is not None:
+        # the CSV holds the handed-over forecast when the run hands one over: its test record is the one to trust
+        evidence = test_evidence(args.run, HANDED_OVER) if handed_over else None
+        if evidence is None or not evidence.available:
+            evidence = test_evidence(args.run, chosen["model"])
+    else:
+        evidence = TestEvidence("given", False, "explicit checkpoints: no run says how they did on held-out data")
+    path = out.with_name(f"{out.stem}.about.json")
+    save_json(path, {"csv": str(out), "run": args.run, "data": args.data, **{k: chosen[k] for k in
+                     ("chosen", "tokenizer", "predictor", "calibrated")}, "forecast": about,
+                     "test_evidence": evidence.to_dict()}, allow_nan=False)
+    return "\n".join([*evidence.lines(), f"about this forecast: {path}"])
 
 
 # ---------------------------------------------------------------------------------------------

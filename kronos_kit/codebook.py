@@ -28,6 +28,7 @@ from kronos_kit.runtime import inference
 __all__ = [
     "PAPER_S1_USAGE",
     "PAPER_S2_USAGE",
+    "PAPER_VOCAB_SIZE",
     "CodeStats",
     "CodebookStats",
     "CodebookCounter",
@@ -43,6 +44,9 @@ __all__ = [
 PAPER_S1_USAGE = 0.9766
 #: Fine (s2) codebook usage the Kronos paper reports on its pretraining corpus.
 PAPER_S2_USAGE = 0.8525
+#: Codes per level behind the paper's usage figures (10 bits each): a usage share of a smaller codebook is not
+#: comparable with them (64 codes are far easier to fill than 1,024).
+PAPER_VOCAB_SIZE = 1024
 
 # Dense counts are readable in JSON for small vocabularies; the joint vocabulary (2**20 for the
 # base model) is written sparsely instead so that a stats file stays small.
@@ -239,9 +243,12 @@ class CodebookStats(JsonFile):
         )
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per vocabulary (s1, s2, joint) with the headline numbers and the paper's usage."""
+        """One row per vocabulary (s1, s2, joint) with the headline numbers and the paper's usage, the latter only
+        for a vocabulary of the paper's size (`PAPER_VOCAB_SIZE`; n/a otherwise: not comparable)."""
         rows = []
         paper = {"s1": PAPER_S1_USAGE, "s2": PAPER_S2_USAGE, "joint": float("nan")}
+        paper = {k: v if getattr(self, k) is not None and getattr(self, k).vocab_size == PAPER_VOCAB_SIZE
+                 else float("nan") for k, v in paper.items()}
         for cs in (self.s1, self.s2, self.joint):
             if cs is None:
                 continue
@@ -261,10 +268,15 @@ class CodebookStats(JsonFile):
         return pd.DataFrame(rows).set_index("level")
 
     def summary(self) -> str:
+        def paper(level: CodeStats, usage: float) -> str:
+            if level.vocab_size == PAPER_VOCAB_SIZE:
+                return f" (paper {usage:.2%})"
+            return f" (the paper's {usage:.2%} is of {PAPER_VOCAB_SIZE:,} codes: not comparable)"
+
         return (
-            f"{self.n_tokens:,} tokens: s1 usage {self.s1.usage:.1%} (paper {PAPER_S1_USAGE:.2%}), "
-            f"perplexity {self.s1.perplexity:.1f}/{self.s1.vocab_size}; "
-            f"s2 usage {self.s2.usage:.1%} (paper {PAPER_S2_USAGE:.2%}), "
+            f"{self.n_tokens:,} tokens: s1 usage {self.s1.usage:.1%} of {self.s1.vocab_size:,} codes"
+            f"{paper(self.s1, PAPER_S1_USAGE)}, perplexity {self.s1.perplexity:.1f}/{self.s1.vocab_size}; "
+            f"s2 usage {self.s2.usage:.1%} of {self.s2.vocab_size:,} codes{paper(self.s2, PAPER_S2_USAGE)}, "
             f"perplexity {self.s2.perplexity:.1f}/{self.s2.vocab_size}"
         )
 

@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from kronos_kit import runs
 from kronos_kit.config import HARMLESS_ON_RESUME, PhaseConfig
 from kronos_kit.data import take
+from kronos_kit.data.sampler import EpochSampler
 from kronos_kit.model import (
     save_merged,
 )
@@ -47,7 +48,7 @@ from kronos_kit.runs import (
     replace_dir,
     save_training_state,
 )
-from kronos_kit.runtime import DistContext, inference, seed_everything, tqdm, unwrap
+from kronos_kit.runtime import DistContext, format_seconds, inference, seed_everything, tqdm, unwrap
 
 __all__ = [
     "HARMLESS_ON_RESUME", "EpochSampler", "FrozenTokenizerChanged", "NonFiniteError", "NonFiniteGradientError",
@@ -103,31 +104,6 @@ class ResumeMismatchError(ValueError):
 
 class FrozenTokenizerChanged(RuntimeError):
     """The tokenizer's weights changed during phase 2, which must never happen."""
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled (or ordered) indices from (seed, epoch), strided over ranks, resumable mid-epoch.
-
-    Rank r takes positions r, r + world, ... of the epoch's permutation, so the union of the ranks'
-    k-th batches is the k-th global batch a single process would draw.
-
-    With `even` (training) every rank gets the same count, dropping up to world - 1 items so DDP
-    ranks stay in step; without it (validation, whose sums are reduced over ranks) every item goes
-    to exactly one rank, and a rank may get one item fewer, or none.
-    """
-
-    def __init__(self, n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world: int = 1,
-                 skip: int = 0, even: bool = True):
-        order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
-        usable = (n // world) * world if even else n
-        # this rank's share as its own array (8 bytes an index; a list of ints would be ~36 at market scale)
-        self.indices = order[:usable][rank::world][skip:].copy()
-
-    def __iter__(self) -> Iterator[int]:
-        return map(int, self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def save_checkpoint(model: nn.Module, directory: Path) -> None:
@@ -191,6 +167,32 @@ class PhaseResult:
 
 
 @dataclass
+class _Clock:
+    """Seconds spent in optimizer steps and in validations (with their saves), so the ETA counts both: the
+    validations still to come often cost more than the steps (phase 2's forecast-skill probe)."""
+
+    step_seconds: float = 0.0
+    steps: int = 0
+    eval_seconds: list[float] = field(default_factory=list)  # the step-0 reference validation first
+
+    def step_done(self, seconds: float) -> None:
+        self.step_seconds, self.steps = self.step_seconds + seconds, self.steps + 1
+
+    def eta(self, run: _Run) -> float | None:
+        """Seconds left: the remaining steps at the mean step time plus the remaining validations at the mean
+        validation time; None before the first timed step."""
+        if not self.steps:
+            return None
+        step, total, every = run.state.step, run.total_steps, run.cfg.eval_every
+        per_epoch = len(run.phase.train_set) // run.ctx.world_size // run.local_batch // run.cfg.grad_accum_steps
+        points = {s for s in range(every, total + 1, every)} | {total}
+        points |= {k * per_epoch for k in range(1, run.cfg.epochs + 1) if 0 < k * per_epoch <= total}
+        evals = sum(p > step for p in points)
+        per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
+        return (total - step) * self.step_seconds / self.steps + evals * per_eval
+
+
+@dataclass
 class _Run:
     """One phase in flight: what the engine's functions share."""
 
@@ -216,6 +218,7 @@ class _Run:
     saved_step: int | None = None  # step of the last `save_state` (for error messages)
     on_validate: OnValidate | None = None
     stop_request: str | None = None  # the reason `on_validate` gave to stop
+    clock: _Clock = field(default_factory=lambda: _Clock())  # step and validation seconds, for an honest ETA
 
     @property
     def best_dir(self) -> Path:
@@ -274,8 +277,8 @@ def run_phase(
 
 def _refuse_existing(run: _Run) -> None:
     """A fresh start would replace a phase this run folder holds: refuse unless asked to (overwrite)."""
-    name, state = run.phase.name, run.rd.state(run.phase.name)
-    held = [p for p in (state, run.best_dir, run.last_dir) if p.exists()]
+    name = run.phase.name
+    held = run.rd.phase_files(name)
     if held:
         listing = ", ".join(str(p.relative_to(run.rd.path)) for p in held)
         raise PhaseExistsError(
@@ -313,8 +316,10 @@ def _run_locked(run: _Run, *, resume: bool, progress: bool, on_step: OnStep | No
         run.train_model = nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
     if not resumed:
         save_state(run)  # a complete `last` from the start: a failure before the first evaluation keeps it
+    # the bar's own remaining-time guess ignores the validations ahead: it shows the engine's ETA instead
     bar = tqdm(total=run.total_steps, initial=run.state.step, desc=f"phase {phase.name}", unit="step",
-               disable=not progress)
+               disable=not progress, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                                "[{elapsed}{postfix}]")
     stopped, run.t0 = None, time.perf_counter()
     while run.state.epoch < cfg.epochs and run.state.step < run.total_steps:
         stopped = train_epoch(run, bar, on_step)
@@ -489,6 +494,7 @@ def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
     loader = DataLoader(phase.train_set, batch_size=run.local_batch, sampler=sampler, drop_last=True,
                         generator=torch.Generator())
     run.optimizer.zero_grad(set_to_none=True)
+    mark = time.perf_counter()
     for batch in loader:
         out = _forward_backward(run, batch)
         st.batch_in_epoch += 1
@@ -503,16 +509,27 @@ def train_epoch(run: _Run, bar: tqdm, on_step: OnStep | None) -> str | None:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         st.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{out.loss.item():.4f}")
+        run.clock.step_done(time.perf_counter() - mark)
+        _show_progress(run, bar, out.loss.item())
         _log_step(run, out, grad_norm, on_step)
         if st.step % cfg.eval_every == 0 or st.step == run.total_steps:
+            start = time.perf_counter()
             if validate(run):
                 return run.stop_request or "early_stopping"
             save_state(run)
+            run.clock.eval_seconds.append(time.perf_counter() - start)
         if st.step >= run.total_steps:
             return _length_reason(run)
+        mark = time.perf_counter()
     return None
+
+
+def _show_progress(run: _Run, bar: tqdm, loss: float) -> None:
+    """Advance the bar with the loss and the engine's ETA (the remaining steps and validations)."""
+    bar.eta_s = run.clock.eta(run)
+    eta = "" if bar.eta_s is None else f", ETA {format_seconds(bar.eta_s)}"
+    bar.set_postfix_str(f"loss {loss:.4f}{eta}", refresh=False)
+    bar.update(1)
 
 
 def _length_reason(run: _Run) -> str:
@@ -580,7 +597,9 @@ def write_reference(run: _Run) -> None:
     """Validate the starting model (the base checkpoint) before the first step and log it as the phase's
     `reference` record at step 0: the level every later validation is drawn and judged against. It
     takes no random numbers, so training is the same with or without it."""
+    start = time.perf_counter()
     metrics = {k: runs.json_float(v) if isinstance(v, float) else v for k, v in _validation_metrics(run).items()}
+    run.clock.eval_seconds.append(time.perf_counter() - start)  # what every later validation will cost
     extra = run.phase.reference() if run.phase.reference is not None else {}
     run.log.write({"phase": run.phase.name, "kind": "reference", "step": 0, "epoch": 0, "model": "start",
                    **metrics, **extra})
@@ -610,7 +629,8 @@ def validate(run: _Run) -> bool:
             save_checkpoint(run.model, run.best_dir)
     else:
         st.evals_since_best += 1
-    record = {"phase": phase.name, "kind": "eval", "step": st.step, "epoch": st.epoch, **metrics, "best": improved}
+    record = {"phase": phase.name, "kind": "eval", "step": st.step, "epoch": st.epoch, **metrics, "best": improved,
+              "select_metric": phase.select_metric}  # what `best` means, for reports read from the log alone
     st.history.append(record)
     run.log.write(record)
     if run.on_validate is not None:

@@ -30,10 +30,17 @@ import pandas as pd
 import torch
 
 from kronos_kit import metrics
-from kronos_kit.calibration import IDENTITY_HANDOVER, Handover, PathCalibration, apply_path_calibration
+from kronos_kit.calibration import (
+    IDENTITY_HANDOVER,
+    Handover,
+    PathCalibration,
+    apply_path_calibration,
+    describe_point_forecast,
+)
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kronos_kit.data.origins import forecast_origins, origin_inputs, walk_forward_frame
 from kronos_kit.data.schema import (
+    CANDLE_RULE,
     FEATURE_COLUMNS,
     PRICE_COLUMNS,
     denormalize,
@@ -41,6 +48,7 @@ from kronos_kit.data.schema import (
     modal_step,
     nanoseconds,
     normalize,
+    repair_candles,
     require_canonical,
     symbol_bounds,
     time_features,
@@ -354,10 +362,15 @@ def forecast_frame(
     before they are summarized, then `handover` (a run's handed-over forecast: the ensemble with naive
     forecasts drawn from the symbol's own history with `seed`, and the tails).
 
+    Every sampled bar is made a valid candle before the summaries (`data.schema.repair_candles`: the model
+    decodes each channel on its own), so each row's mean, median and every quantile level are valid candles
+    (low <= min(open, close), high >= max(open, close)); the share of sampled bars that needed it is reported.
+
     Returns one row per symbol and step, sorted by symbol then step: `symbol`, `timestamp`, `step`
     (1..horizon), then per channel (open, high, low, close, volume, amount) `<channel>_mean`,
     `<channel>_median` and `<channel>_q<level>` for each quantile, ascending (`close_q0.1`). The
-    settings are kept in `attrs["forecast"]`.
+    settings are kept in `attrs["forecast"]`, with `candles` (the rule, the repaired share) and
+    `point_forecast` (what the median is: a no-change forecast when the calibration centers it at 0).
     """
     require_canonical(frame, "forecast_frame")
     starts, ends, names = symbol_bounds(frame, "forecast_frame")
@@ -368,8 +381,9 @@ def forecast_frame(
     short = [f"{n} ({b - a} bar)" for n, a, b in zip(names, starts, ends) if b - a < 2]
     if short:
         raise ValueError(f"forecast_frame: symbols {short} have 1 bar; at least 2 are needed per symbol")
-    parts = []
-    for name, a, b in tqdm(list(zip(names, starts, ends)), desc="forecast", unit="symbol", disable=not progress):
+    parts, repaired = [], []
+    for name, a, b in tqdm(list(zip(names, starts, ends)), desc="forecast", unit="symbol", disable=not progress,
+                           delay=2):  # shown only when the symbols take a while
         bars = frame.iloc[a:b]
         history = bars.iloc[-lookback:]
         fc = predictor.predict_paths(
@@ -381,15 +395,22 @@ def forecast_frame(
             fc = fc.calibrated(calibration, [float(history["close"].iloc[-1])])
         if handover is not None:
             fc = fc.handed_over(handover, history[list(FEATURE_COLUMNS)], seed=seed)
+        paths, needed = repair_candles(fc.paths)  # after the hand-over: the naive members' bars are candles too
+        repaired.append(float(needed.mean()))
+        fc = Forecast(paths, fc.timestamps, fc.columns, fc.quantile_levels)
         parts.append(fc.summary(quantiles=levels).assign(symbol=name))
     out = pd.concat(parts, ignore_index=True)
     out = out[["symbol", *out.columns[:-1]]]
+    calibration = calibration or PathCalibration()
     out.attrs["forecast"] = {"horizon": horizon, "sample_count": sample_count, "quantiles": list(levels),
                              "seed": seed, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                              "lookback": lookback, "max_context": predictor.max_context,
-                             "path_calibration": (calibration or PathCalibration()).describe(),
-                             "handover": (handover or IDENTITY_HANDOVER).describe()}
+                             "path_calibration": calibration.describe(),
+                             "handover": (handover or IDENTITY_HANDOVER).describe(),
+                             "candles": {"rule": CANDLE_RULE, "repaired_share": float(np.mean(repaired))},
+                             "point_forecast": describe_point_forecast(calibration, handover)}
     return out
+
 
 
 # ---------------------------------------------------------------------- forecast skill on fixed origins

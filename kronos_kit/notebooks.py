@@ -13,6 +13,17 @@ def _notebook_files(paths: list[str]) -> list[Path]:
     return files
 
 
+# what stripping removes besides outputs and execution counts: nbstripout's default keys (the git filter `make
+# setup` installs, so `make strip` and a commit strip alike) plus papermill's and the kernel details JupyterLab
+# adds to language_info on save, set as the filter's extrakeys (`make git-filter`: EXTRA_KEYS, keep them equal)
+NOTEBOOK_KEYS = ("signature", "widgets", "papermill")
+CELL_KEYS = ("collapsed", "ExecuteTime", "execution", "heading_collapsed", "hidden", "scrolled", "papermill")
+LANGUAGE_INFO_KEYS = ("codemirror_mode", "file_extension", "mimetype", "nbconvert_exporter", "pygments_lexer",
+                      "version")
+EXTRA_KEYS = " ".join(["metadata.papermill", "cell.metadata.papermill",
+                       *(f"metadata.language_info.{k}" for k in LANGUAGE_INFO_KEYS)])
+
+
 def strip_notebook(path: Path) -> bool:
     """Remove outputs, execution counts and run metadata in place; return True if the file changed."""
     text = path.read_text()
@@ -21,9 +32,12 @@ def strip_notebook(path: Path) -> bool:
         if cell.get("cell_type") == "code":
             cell["outputs"] = []
             cell["execution_count"] = None
-        cell.get("metadata", {}).pop("papermill", None)
-        cell.get("metadata", {}).pop("execution", None)
-    nb.get("metadata", {}).pop("papermill", None)
+        for key in CELL_KEYS:
+            cell.get("metadata", {}).pop(key, None)
+    for key in NOTEBOOK_KEYS:
+        nb.get("metadata", {}).pop(key, None)
+    for key in LANGUAGE_INFO_KEYS:
+        nb.get("metadata", {}).get("language_info", {}).pop(key, None)
     new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
     if new != text:
         path.write_text(new)

@@ -26,7 +26,7 @@ from kronos_kit.config import KitConfig
 from kronos_kit.gate import GateResult
 from kronos_kit.runs import RunDir, load_json, read_metrics
 
-__all__ = ["phase_sections", "phase_one_lines", "phase_two_lines", "best_against_base"]
+__all__ = ["best_against_base", "phase_one_lines", "phase_sections", "phase_two_lines", "predictor_select_metric"]
 
 _RETURN_ROWS = (("close_error_bp", "close error (bp of the previous close)"),
                 ("high_error_bp", "high error (bp of the previous close)"),
@@ -85,7 +85,7 @@ def _best_line(phase: str, metric: str, best: dict[str, Any] | None) -> str:
 
 def phase_one_lines(rd: RunDir) -> list[str]:
     """Phase 1's section: gate, reconstruction in return units, codebook usage, best step vs base."""
-    lines = ["# Phase 1: tokenizer adaptation", ""]
+    lines = ["## Phase 1: tokenizer adaptation", ""]
     if not rd.gate.is_file():
         return [*lines, "No reconstruction gate was written (notebook 01 did not finish).", ""]
     gate = GateResult.load(rd.gate)
@@ -128,7 +128,7 @@ def _codebook_lines(rd: RunDir) -> list[str]:
 
 def phase_two_lines(rd: RunDir, select_metric: str = "val_loss") -> list[str]:
     """Phase 2's section: best step by ``select_metric`` vs the base's step-0 validation, token metrics."""
-    lines = ["# Phase 2: predictor finetune on the frozen tokenizer", ""]
+    lines = ["## Phase 2: predictor finetune on the frozen tokenizer", ""]
     records = read_metrics(rd.metrics_log, "predictor")
     best = best_against_base(records, select_metric)
     lines += [f"`best` is picked by {select_metric}. " + _best_line("predictor", select_metric, best), ""]
@@ -153,10 +153,19 @@ def phase_sections(run_dir: str | Path) -> list[str]:
     rd = RunDir(run_dir)
     if not (rd.gate.is_file() or rd.metrics_log.is_file()):
         return []  # not a training run's folder (e.g. an evaluation written elsewhere): nothing to say
-    select = "val_loss"
+    return [*phase_one_lines(rd), *phase_two_lines(rd, predictor_select_metric(rd))]
+
+
+def predictor_select_metric(rd: RunDir) -> str:
+    """What picked phase 2's `best`: as its validations logged it (`select_metric`), else the run's config.yaml
+    (logs written before the field), else `val_loss`."""
+    logged = [r["select_metric"] for r in read_metrics(rd.metrics_log, "predictor")
+              if r.get("kind") == "eval" and r.get("select_metric")]
+    if logged:
+        return logged[-1]
     if rd.config.is_file():
         try:
-            select = KitConfig.from_file(rd.config).predictor.select_metric
+            return KitConfig.from_file(rd.config).predictor.select_metric
         except (ValueError, OSError):
-            pass  # an unreadable config: the report still has its phase sections, by val_loss
-    return [*phase_one_lines(rd), *phase_two_lines(rd, select)]
+            pass  # an unreadable config: the report still has its phase sections
+    return "val_loss"

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import itertools
 import json
 import logging
-import platform
+import os
 import re
-import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,83 +50,42 @@ from kronos_kit.config import (
     project_root,
     resolve_path,
     resolve_paths,
+    thread_count,
 )
 from kronos_kit.data import load_data
 from kronos_kit.data.origins import forecast_origins, walk_forward_frame
 from kronos_kit.evaluate.universe_evaluation import check_promote_on
-from kronos_kit.model.checkpoint import WEIGHTS_NAME
+from kronos_kit.model.checkpoint import config_width
+from kronos_kit.provenance import (
+    NOTEBOOK_DIR,
+    PIPELINE_ENV,
+    RUN_KIND,
+    STAGES,
+    checkpoint_hashes,
+    finish_stage,
+    is_kit_run,
+    load_manifest,
+    open_run,
+    stage_input_hash,
+    start_stage,
+)
 from kronos_kit.run_lock import RunLockedError, run_lock
-from kronos_kit.runs import Promotion, RunDir, atomic_write_text, load_json, save_json
-from kronos_kit.runtime import check_device
-from kronos_kit.train import check_phases, planned_steps
+from kronos_kit.runs import Promotion, RunDir, load_json
+from kronos_kit.runtime import PROGRESS_ENV, apply_threads, check_device, format_seconds
+from kronos_kit.train import check_phases
 
-__all__ = ["STAGES", "Manifest", "UsageError", "checkpoint_hashes", "create_run_dir", "file_sha256",
-           "is_kit_run", "pipeline_summary", "run_name", "run_pipeline", "run_provenance"]
+# the run's record (config.yaml, manifest.json) is written by kronos_kit.provenance, which notebook runs and sweep
+# trials share; what each stage consumed is its own record (kronos_kit.binding, stages/<NN>.json)
+__all__ = ["NOTEBOOK_DIR", "RUN_KIND", "STAGES", "STAGE_CONFIG", "UsageError", "checkpoint_hashes", "create_run_dir",
+           "file_sha256", "is_kit_run", "pipeline_summary", "run_name", "run_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 DEFAULT_CONFIG = "configs/default.yaml"
-RUN_KIND = "kronos-kit run"  # the manifest's marker: --resume / --from / --overwrite only touch such folders
-STAGES = {
-    "01": "01_tokenizer_adaptation.ipynb",
-    "02": "02_predictor_finetune.ipynb",
-    "03": "03_diagnostics.ipynb",
-}
 KERNEL_NAME = "kronos-kit"
 # the kernel process's own log (a TCP-transport warning at start, a KeyboardInterrupt note at shutdown) is
 # noise in the terminal; what fails inside a notebook reaches the pipeline as a cell error instead
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
-PACKAGES = ["kronos-kit", "torch", "numpy", "pandas", "matplotlib", "papermill", "safetensors", "arch"]
-
-
-# ---------------------------------------------------------------------------------------------
-# hashes and provenance
-
-
-def checkpoint_hashes(run_dir: Path) -> dict[str, str]:
-    """sha256 of every model.safetensors under the run directory, by relative folder."""
-    return {str(p.parent.relative_to(run_dir)): file_sha256(p) for p in sorted(run_dir.rglob(WEIGHTS_NAME))
-            if not any(part.startswith(".") for part in p.relative_to(run_dir).parts)}
-
-
-def _git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def run_provenance() -> dict[str, Any]:
-    """What a manifest records about the code and machine (versions, git commit + dirty flag, platform)."""
-    return {"versions": _versions(), "git": _git_state(), "platform": platform.platform()}
-
-
-@dataclass
-class Manifest:
-    path: Path
-    data: dict[str, Any]
-
-    @classmethod
-    def load_or_new(cls, run_dir: Path) -> Manifest:
-        path = RunDir(run_dir).manifest
-        return cls(path, load_json(path) if path.is_file() else {"stages": {}})
-
-    def save(self) -> None:
-        save_json(self.path, self.data, sort_keys=True, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,19 +95,6 @@ class Manifest:
 class UsageError(ValueError):
     """A mistake in how the pipeline was called (a parameter, a path, a run folder). Nothing was
     created; the message says what to do. The command line prints it and exits with code 2."""
-
-
-def is_kit_run(path: str | Path) -> bool:
-    """True when `path` holds a run directory written by this kit (its manifest carries our marker)."""
-    manifest = RunDir(path).manifest
-    if not manifest.is_file():
-        return False
-    try:
-        data = load_json(manifest)
-    except ValueError:
-        return False
-    # manifests from before the marker have the same keys
-    return isinstance(data, dict) and (data.get("kind") == RUN_KIND or {"stages", "config", "versions"} <= set(data))
 
 
 def run_name(cfg: KitConfig, when: dt.datetime | None = None) -> str:
@@ -269,6 +214,7 @@ def _plan(config: str | Path | None, run_dir: str | Path | None, values: dict[st
         cfg = cfg.with_overrides(run_dir=str(run_dir.resolve()))  # the folder opened (moved or not) holds the cache
     cfg = resolve_paths(cfg)
     _usage(lambda: check_device(cfg.device), "device: ")
+    _usage(lambda: thread_count(cfg))  # a bad $KRONOS_THREADS, before the run folder exists
     return _Plan(cfg, values, config_source, run_dir, mode, from_stage)
 
 
@@ -291,7 +237,7 @@ def _check_consumed(plan: _Plan) -> None:
     from kronos_kit.gate import TokenizerGateError, gate_for_phase2
 
     names = list(STAGES)
-    done = {s for s, r in Manifest.load_or_new(plan.run_dir).data.get("stages", {}).items()
+    done = {s for s, r in load_manifest(plan.run_dir).get("stages", {}).items()
             if r.get("status") == "completed"}
     flag = "--resume" if plan.mode == "resume" else f"--from {plan.from_stage}"
     earlier = names if plan.mode == "resume" else names[:names.index(plan.from_stage)]
@@ -342,25 +288,23 @@ def _say(message: str, *, err: bool = False) -> None:
     print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _seconds(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s // 60:.0f} min {s % 60:02.0f} s"
+class _StageProgress:
+    """Prints a stage's progress in the terminal while papermill runs its notebook: every progress bar of the
+    kernel (`runtime.tqdm` reports its state to `progress_file`: training steps with the loss and the engine's
+    ETA, walk-forwards, GARCH fits, ...) and each training validation from the run's metrics log.
 
+    A bar is shown once it has run `quiet_below` seconds (short steps stay quiet), then at each further tenth
+    of its total or every 30 s, and when it ends ("done in ..."); about a dozen lines per long step."""
 
-class _TrainingProgress:
-    """Prints a training stage's progress (step / total, loss, elapsed, ETA) from the run's metrics log
-    while papermill runs the notebook: the kernel writes `metrics.jsonl`, this thread reads what it
-    appends. About ten lines per phase, plus each validation."""
-
-    def __init__(self, log: Path, totals: dict[str, int], *, interval: float = 0.5):
-        self.log, self.totals, self.interval = log, totals, interval
-        self.offset = log.stat().st_size if log.is_file() else 0  # only this attempt's records
+    def __init__(self, progress_file: Path, log: Path, *, interval: float = 0.5, quiet_below: float = 3.0):
+        self.files = {"bars": progress_file, "log": log}
+        self.offsets = {"bars": 0, "log": log.stat().st_size if log.is_file() else 0}  # only this attempt's records
+        self.interval, self.quiet_below = interval, quiet_below
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.shown: dict[str, int] = {}
-        self.first: dict[str, tuple[int, float]] = {}
-        self.last_print = 0.0
+        self.bars: dict[tuple[int, int], dict[str, float]] = {}
 
-    def __enter__(self) -> _TrainingProgress:
+    def __enter__(self) -> _StageProgress:
         self.thread.start()
         return self
 
@@ -374,42 +318,46 @@ class _TrainingProgress:
             self._read()
 
     def _read(self) -> None:
-        if not self.log.is_file():
-            return
-        with self.log.open() as f:
-            f.seek(self.offset)
-            text = f.read()
-        complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next read
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+        for which, path in self.files.items():
+            if not path.is_file():
                 continue
-            self._show(record)
+            with path.open() as f:
+                f.seek(self.offsets[which])
+                text = f.read()
+            complete = text[:text.rfind("\n") + 1]  # a line still being written waits for the next read
+            self.offsets[which] += len(complete.encode())
+            for line in complete.splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self._bar(record) if which == "bars" else self._validation(record)
 
-    def _show(self, r: dict[str, Any]) -> None:
-        phase, step, now = r.get("phase"), int(r.get("step", 0)), time.perf_counter()
-        total = self.totals.get(phase)
-        if total is None:
+    def _validation(self, r: dict[str, Any]) -> None:
+        shown = [k for k in ("val_recon_full", "val_loss", "val_crps") if r.get(k) is not None]
+        if r.get("kind") == "eval" and shown:  # `best` follows the phase's select metric
+            values = "  ".join(f"{k} {r[k]:.4g}" for k in shown)
+            best = "  (best so far)" if r.get("best") else ""
+            _say(f"    {r.get('phase', '')} validation at step {r.get('step')}:  {values}{best}")
+
+    def _bar(self, r: dict[str, Any]) -> None:
+        seen = self.bars.setdefault((r["pid"], r["id"]), {"shown": -1, "at": 0.0})
+        total, n, now = r.get("total"), r.get("n", 0), time.monotonic()
+        count = f"{n}/{total}" if total else f"{n}"
+        what = f"    {r.get('desc', '')}  {count} {r.get('unit', 'it')}"
+        if r.get("closed"):
+            if seen["shown"] >= 0 or r.get("elapsed", 0) >= self.quiet_below:
+                _say(f"{what}  done in {format_seconds(r.get('elapsed', 0))}")
             return
-        if r.get("kind") == "eval":
-            shown = [k for k in ("val_recon_full", "val_loss", "val_crps") if r.get(k) is not None]
-            if shown:  # `best` follows the phase's select metric: val_crps when the skill probe runs
-                values = "  ".join(f"{k} {r[k]:.4g}" for k in shown)
-                _say(f"    {phase:<9}  step {step:>{len(str(total))}}/{total}  {values}"
-                     f"{'  (best so far)' if r.get('best') else ''}")
+        if r.get("elapsed", 0) < self.quiet_below or (total and n >= total):  # the end is said by "done in"
             return
-        first_step, first_time = self.first.setdefault(phase, (step, now))
-        due = step - self.shown.get(phase, 0) >= max(1, total // 10) or now - self.last_print > 30
-        if not (due or step >= total):
+        tenth = int(10 * n / total) if total else -1
+        if tenth <= seen["shown"] and now - seen["at"] < 30:
             return
-        self.shown[phase], self.last_print = step, now
-        rate = (step - first_step) / (now - first_time) if step > first_step and now > first_time else None
-        eta = f"ETA {_seconds((total - step) / rate)}" if rate and step < total else ("done" if step >= total else "")
-        loss = r.get("loss")
-        loss_text = f"  loss {loss:.4f}" if loss is not None else ""
-        _say(f"    {phase:<9}  step {step:>{len(str(total))}}/{total}{loss_text}  {eta}".rstrip())
+        seen["shown"], seen["at"] = max(tenth, 0), now
+        postfix = re.sub(r",?\s*ETA [^,]*", "", r.get("postfix") or "").strip(", ")  # the ETA is said once, last
+        eta = f"  ETA {format_seconds(r['eta'])}" if r.get("eta") is not None else ""
+        _say(f"{what}{'  ' + postfix if postfix else ''}{eta}")
 
 
 class _KernelMessages:
@@ -447,8 +395,8 @@ def pipeline_summary(run_dir: str | Path, ran: dict[str, float], skipped: list[s
     if rd.promoted.is_file():
         promotion = Promotion.load(rd.path)
         lines.append(f"  promoted  {promotion.promoted}: {promotion.reason}")
-    times = [f"{s} {_seconds(t)}" for s, t in ran.items()] + [f"{s} skipped (done before)" for s in skipped]
-    lines.append(f"  stages    {', '.join(times)}; this run {_seconds(sum(ran.values()))}")
+    times = [f"{s} {format_seconds(t)}" for s, t in ran.items()] + [f"{s} skipped (done before)" for s in skipped]
+    lines.append(f"  stages    {', '.join(times)}; this run {format_seconds(sum(ran.values()))}")
     if rd.report.is_file():
         lines.append(f"  report    {rd.report}")
     lines.append(f"  run       {rd.path}")
@@ -509,29 +457,26 @@ def run_pipeline(
 
 
 def _run_stages(plan: _Plan, values: dict[str, Any], folder: Path, notebooks: Path, progress: bool) -> int:
-    run_dir, cfg, manifest = _open_run(plan, values, folder)
-    stage_run = _StageRun(run_dir, cfg, manifest, notebooks, _kernel_name(), progress,
-                          totals={"tokenizer": planned_steps(cfg.tokenizer, plan.train_windows),
-                                  "predictor": planned_steps(cfg.predictor, plan.train_windows)})
-    stage_run.say(f"[pipeline] run {run_dir}")
-    upstream = manifest.data["data"]["sha256"]
+    run_dir, cfg = _open_run(plan, values, folder)
+    stage_run = _StageRun(run_dir, cfg, notebooks, _kernel_name(), progress)
+    stage_run.say(f"[pipeline] run {run_dir}\n[pipeline] {apply_threads(thread_count(cfg), config_width(cfg))}")
     names = list(STAGES)
     ran: dict[str, float] = {}
     skipped: list[str] = []
     for stage in names[names.index(plan.from_stage) if plan.from_stage else 0:]:
-        stage_hash = _stage_hash(stage, cfg, upstream, notebooks / STAGES[stage])
-        record = manifest.data["stages"].get(stage, {})
-        if plan.mode == "resume" and record.get("status") == "completed" and record.get("inputs") == stage_hash:
+        manifest = load_manifest(run_dir)
+        record = manifest["stages"].get(stage, {})
+        unchanged = record.get("inputs") == stage_input_hash(stage, cfg, manifest, notebooks)
+        if plan.mode == "resume" and record.get("status") == "completed" and unchanged:
             stage_run.say(f"[pipeline] stage {stage}: completed before with unchanged inputs, skipped")
             skipped.append(stage)
-            upstream = record.get("outputs", stage_hash)
             continue
         # an interrupted or failed training stage continues from its saved state, not from step 0
         continues = plan.mode == "resume" and record.get("status") in ("running", "failed", "interrupted")
-        done = stage_run.execute(stage, stage_hash, continues=continues)
-        if done is None:
+        seconds = stage_run.execute(stage, continues=continues)
+        if seconds is None:
             return 1
-        ran[stage], upstream = done
+        ran[stage] = seconds
     stage_run.say(pipeline_summary(run_dir, ran, skipped))
     return 0
 
@@ -544,23 +489,12 @@ def _run_folder(plan: _Plan) -> Path:
     return plan.run_dir.resolve()
 
 
-def _open_run(plan: _Plan, values: dict[str, Any], run_dir: Path) -> tuple[Path, KitConfig, Manifest]:
-    """Write the (locked) run folder's resolved config.yaml and update manifest.json."""
-    cfg = plan.cfg
-    cfg = cfg.with_overrides(run_dir=str(run_dir))
-    atomic_write_text(RunDir(run_dir).config, f"# resolved from {plan.config_source} with {values}\n" + cfg.to_yaml())
-    manifest = Manifest.load_or_new(run_dir)
-    if plan.mode == "new":
-        manifest.data.update({"config_file": plan.config_source, "parameters": values})
-    manifest.data.update({
-        "kind": RUN_KIND, "config": cfg.to_dict(), "seed": cfg.seed,
-        "versions": _versions(), "git": _git_state(), "platform": platform.platform(),
-        "data": {"source": cfg.data.source, "sha256": plan.data_sha256},
-    })
-    manifest.data.setdefault("invocations", []).append(
-        {"mode": plan.mode, "from": plan.from_stage, "parameters": values, "started": dt.datetime.now()})
-    manifest.save()
-    return run_dir, cfg, manifest
+def _open_run(plan: _Plan, values: dict[str, Any], run_dir: Path) -> tuple[Path, KitConfig]:
+    """Write the (locked) run folder's resolved config.yaml and update manifest.json (`provenance.open_run`)."""
+    cfg = plan.cfg.with_overrides(run_dir=str(run_dir))
+    open_run(run_dir, cfg, by="pipeline", mode=plan.mode, config_source=plan.config_source, parameters=values,
+             from_stage=plan.from_stage, data_sha256=plan.data_sha256)
+    return run_dir, cfg
 
 
 @dataclass
@@ -569,82 +503,76 @@ class _StageRun:
 
     run_dir: Path
     cfg: KitConfig
-    manifest: Manifest
     notebooks: Path
     kernel: str
     progress: bool
-    totals: dict[str, int]  # planned optimizer steps per training phase (progress lines, ETA)
 
     def say(self, text: str) -> None:
         if self.progress:
             _say(text)
 
-    def execute(self, stage: str, stage_hash: str, *, continues: bool) -> tuple[float, str] | None:
-        """Run `stage`'s notebook into the run folder: (seconds, output hash), or None when it failed."""
+    def execute(self, stage: str, *, continues: bool) -> float | None:
+        """Run `stage`'s notebook into the run folder and record it: its seconds, or None when it failed."""
         import papermill
 
         notebook = STAGES[stage]
         output = self.run_dir / notebook
-        record = {"notebook": notebook, "status": "running", "inputs": stage_hash, "started": dt.datetime.now(),
-                  "resumed": continues}
-        self.manifest.data["stages"][stage] = record
-        self.manifest.save()
+        start_stage(self.run_dir, stage, self.cfg, by="pipeline", resumed=continues, notebooks=self.notebooks)
         start = time.perf_counter()
         self.say(f"[pipeline] stage {stage}: {notebook}{' (continuing its training)' if continues else ''}")
-        training = {"01": ("tokenizer",), "02": ("predictor",)}.get(stage, ())
-        phases = {p: self.totals[p] for p in training if getattr(self.cfg, p).enabled}
         rd = RunDir(self.run_dir)
-        parameters = stage_parameters(self.run_dir, continues)
         try:
-            with _TrainingProgress(rd.metrics_log, phases if self.progress else {}):
+            with _kernel_env(self.run_dir) as progress_file, \
+                    _StageProgress(progress_file, rd.metrics_log) if self.progress else contextlib.nullcontext():
                 papermill.execute_notebook(
-                    str(self.notebooks / notebook), str(output), parameters=parameters, kernel_name=self.kernel,
-                    cwd=str(self.notebooks), progress_bar=False, log_output=False,
+                    str(self.notebooks / notebook), str(output), parameters=stage_parameters(self.run_dir, continues),
+                    kernel_name=self.kernel, cwd=str(self.notebooks), progress_bar=False, log_output=False,
                     stderr_file=_KernelMessages() if self.progress else None,
                     stdout_file=_KernelMessages() if self.progress else None,  # the kit's INFO lines go to stdout
                     extra_arguments=KERNEL_ARGUMENTS,
                 )
         except papermill.PapermillExecutionError as err:
-            record.update(status="failed", seconds=round(time.perf_counter() - start, 1),
-                          error=f"{err.ename}: {err.evalue}")
-            self.manifest.data["checkpoints"] = checkpoint_hashes(self.run_dir)
-            self.manifest.save()
+            finish_stage(self.run_dir, stage, status="failed", seconds=time.perf_counter() - start,
+                         error=f"{err.ename}: {err.evalue}")
             _say(f"[pipeline] stage {stage} FAILED in {_failed_cell(output)}\n"
                  f"[pipeline] executed notebook with the error: {output}", err=True)
             return None
         except KeyboardInterrupt:
-            record.update(status="interrupted", seconds=round(time.perf_counter() - start, 1))
-            self.manifest.save()
+            finish_stage(self.run_dir, stage, status="interrupted", seconds=time.perf_counter() - start)
             _say(f"[pipeline] interrupted in stage {stage}; continue with: python -m kronos_kit pipeline "
                  f"--run-dir {self.run_dir} --resume", err=True)
             raise
-        checkpoints = checkpoint_hashes(self.run_dir)
-        # the stage's outputs: its inputs and the checkpoints it wrote (a later stage's are not its own)
-        own = {k: v for k, v in checkpoints.items() if k.split("/")[0] in training}
-        outputs = hashlib.sha256((stage_hash + json.dumps(own, sort_keys=True)).encode()).hexdigest()
-        seconds = round(time.perf_counter() - start, 1)
-        record.update(status="completed", seconds=seconds, outputs=outputs)
-        self.manifest.data["checkpoints"] = checkpoints
-        self.manifest.save()
-        self.say(f"[pipeline] stage {stage} done in {_seconds(seconds)}")
-        return seconds, outputs
+        seconds = time.perf_counter() - start
+        finish_stage(self.run_dir, stage, status="completed", seconds=seconds)
+        self.say(f"[pipeline] stage {stage} done in {format_seconds(seconds)}")
+        return seconds
+
+
+@contextmanager
+def _kernel_env(run_dir: Path) -> Iterator[Path]:
+    """What the stage's kernel learns from its environment (it inherits the pipeline's): that the pipeline runs and
+    records this run (`PIPELINE_ENV`: its notebook writes no manifest entries and may retrain the stage,
+    `stages.open_stage`), and the file its progress bars report to (`runtime.PROGRESS_ENV`); yields that file."""
+    fd, name = tempfile.mkstemp(prefix="kronos-progress-", suffix=".jsonl")
+    os.close(fd)
+    before = {key: os.environ.get(key) for key in (PIPELINE_ENV, PROGRESS_ENV)}
+    os.environ.update({PIPELINE_ENV: str(run_dir), PROGRESS_ENV: name})
+    try:
+        yield Path(name)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        Path(name).unlink(missing_ok=True)
 
 
 def stage_parameters(run_dir: Path, resume: bool) -> dict[str, Any]:
     """What papermill injects into a stage notebook: the run's folder and saved config, `resume`, and every
     notebook parameter as None, so values saved in the notebook's parameters cell (edited in Lab) never
-    override the run's config.yaml; the pipeline's -p values reach the notebook through config.yaml."""
+    override the run's config.yaml; the pipeline's -p values reach the notebook through config.yaml. No
+    `overwrite`: the kernel learns from its environment that the pipeline runs the stage (`_pipeline_env`), so
+    the executed copy in the run folder keeps `overwrite = False` and Run All there cannot retrain the run."""
     return {**dict.fromkeys(NOTEBOOK_PARAMETERS), "run_dir": str(run_dir), "config": str(RunDir(run_dir).config),
-            "resume": resume, "overwrite": True}
-
-
-def _stage_hash(stage: str, cfg: KitConfig, upstream: str, notebook: Path) -> str:
-    values = cfg.to_dict()
-    picked = {}
-    for key in STAGE_CONFIG[stage]:
-        node = values
-        for part in key.split("."):
-            node = node[part]
-        picked[key] = node
-    text = json.dumps(picked, sort_keys=True, default=str) + upstream + file_sha256(notebook)
-    return hashlib.sha256(text.encode()).hexdigest()
+            "resume": resume}

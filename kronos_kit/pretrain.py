@@ -16,7 +16,7 @@ from kronos_kit.config import KitConfig
 from kronos_kit.data import load_data
 from kronos_kit.data.store import source_sha256
 from kronos_kit.model.checkpoint import WEIGHTS_NAME
-from kronos_kit.pipeline import _git_state, _versions
+from kronos_kit.provenance import git_state, package_versions
 from kronos_kit.runs import save_json
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def pretrain_base(cfg: KitConfig, out: str | Path) -> Path:
                       "sha256": file_sha256(out / "tokenizer" / WEIGHTS_NAME)},
         "predictor": {"steps": pred.steps, "best_val_loss": pred.best_metric,
                       "sha256": file_sha256(out / "predictor" / WEIGHTS_NAME)},
-        "versions": _versions(), "git": _git_state(), "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": package_versions(), "git": git_state(), "created": dt.datetime.now().isoformat(timespec="seconds"),
     }
     save_json(out / "PROVENANCE.json", provenance, default=str)
     shutil.rmtree(work, ignore_errors=True)

@@ -1,32 +1,40 @@
-"""The run directory, defined once: its layout, atomic writes, the metrics log, JSON files, the training state.
+"""The run directory, defined once: its layout, the metrics log, JSON files, the training state, the decisions.
 
 The folder's layout is described once, in the README ("What appears in `runs/`"); `RunDir` below
 names every file in it. The run's decisions (`promoted.json`, `calibration.json`) have their schema
 here (`Promotion`, `SamplingCalibration`), and `run_choice` is the one answer to "which tokenizer,
 predictor and sampling does this run use".
 
-Every file the kit writes into a run directory goes through an atomic helper here (a temporary
-file renamed over the target), so a killed process never leaves half a file; checkpoint folders
-are swapped whole (`replace_dir`, `recover_dir`), and the next swap finishes or undoes one that a
-kill interrupted at any point.
+Every file the kit writes into a run directory goes through an atomic helper (`kronos_kit.atomic`,
+re-exported here: a temporary file renamed over the target), so a killed process never leaves half a
+file; checkpoint folders are swapped whole (`replace_dir`, `recover_dir`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
-import os
 import pickle
-import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from kronos_kit.atomic import (  # noqa: F401 (re-exported: every file of a run is written through these)
+    DiskFullError,
+    _alive,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_finite,
+    finish_swap,
+    recover_dir,
+    replace_dir,
+)
 from kronos_kit.binding import check_bound, check_stage_complete, check_stages, decision_source
 from kronos_kit.binding import run_relative as relative_source  # noqa: F401 (a source inside the run, relative)
 from kronos_kit.config import DEFAULT_MAX_CONTEXT, DEFAULT_TOP_K, DataConfig, KitConfig
@@ -127,6 +135,10 @@ class RunDir:
     def state(self, phase: str) -> Path:
         return self.path / STATE_DIR / f"{phase}.pt"
 
+    def phase_files(self, phase: str) -> list[Path]:
+        """What the folder holds of a training phase (its state, `best`, `last`): a fresh start would replace it."""
+        return [p for p in (self.state(phase), *(self.checkpoint(phase, k) for k in CHECKPOINT_KINDS)) if p.exists()]
+
     @property
     def figures(self) -> Path:
         folder = self.path / FIGURES_DIR
@@ -149,102 +161,6 @@ class RunDir:
     universe = property(lambda self: self.path / UNIVERSE_FILE)
     signals = property(lambda self: self.path / SIGNALS_FILE)
     tensorboard = property(lambda self: self.path / TENSORBOARD_DIR)
-
-
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def check_finite(tensors: Mapping[str, Any], target: str | Path, error: type[Exception] = ValueError) -> None:
-    """Refuse (raise `error`) before writing `target` when a floating tensor holds NaN or inf: never save those."""
-    bad = [k for k, v in tensors.items()
-           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise error(
-            f"refusing to write {target}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}; the files "
-            "already there are kept. Training diverged: lower the learning rate or check the data."
-        )
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`.
-
-    Temporaries that killed writers left behind (their process is gone) are removed first.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        try:
-            write(tmp)
-            _fsync(tmp)  # the data on disk before the rename makes it visible (power loss, not only kills)
-        except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
-            _raise_if_disk_full(err, path)
-            raise
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-class DiskFullError(OSError):
-    """A write into a run folder ran out of disk space; the previous file was kept."""
-
-
-def _raise_if_disk_full(err: BaseException, target: Path) -> None:
-    # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as a SafetensorError
-    full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err)
-    if not full:
-        try:
-            full = shutil.disk_usage(target.parent).free < (1 << 20)
-        except OSError:
-            full = False
-    if full:
-        raise DiskFullError(errno.ENOSPC, f"no space left on the device while writing {target}; the previous "
-                            "version of the file is kept. Free some space, then continue with --resume") from err
-
-
-def _fsync(path: Path) -> None:
-    """Flush a written file (or a folder's entries) to disk; a no-op where the OS cannot fsync folders."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,59 +189,6 @@ def load_training_state(path: str | Path, map_location: str | torch.device | Non
         raise RunFileError(f"{path} lacks the training-state keys {missing}: it was written by another kit "
                            "version or is not a kit state; delete it and train without resume")
     return state
-
-
-def _swap_names(directory: Path) -> tuple[Path, Path]:
-    return directory.with_name(f".{directory.name}.tmp"), directory.with_name(f".{directory.name}.old")
-
-
-def replace_dir(directory: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Replace `directory` with what `write(tmp_dir)` creates; a kill at any moment leaves a complete one.
-
-    The swap is: write `.<name>.tmp`, rename `<name>` -> `.<name>.old`, rename `.<name>.tmp` -> `<name>`,
-    delete `.<name>.old`. `finish_swap` first repairs whatever state a kill left (see there).
-    """
-    directory = Path(directory)
-    tmp, old = _swap_names(directory)
-    finish_swap(directory)
-    try:
-        write(tmp)
-        for written in [*tmp.rglob("*"), tmp]:
-            _fsync(written)
-    except Exception as err:  # OSError, torch's RuntimeError, safetensors' SafetensorError
-        _raise_if_disk_full(err, directory)
-        raise
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    _fsync(directory.parent)
-    shutil.rmtree(old, ignore_errors=True)  # what a failure leaves here, the next swap removes
-    return directory
-
-
-def finish_swap(directory: str | Path) -> Path:
-    """Repair a `replace_dir` swap that a kill interrupted at any point (writers only).
-
-    `<name>` present: the swap finished or never began, so `.old` (possibly half deleted) and `.tmp`
-    (possibly half written) are leftovers and go. `<name>` missing with `.old` present: killed
-    between the two renames; `.old` is the previous complete copy and comes back. `.tmp` alone is
-    never trusted (it may be half written).
-    """
-    directory = recover_dir(directory)
-    tmp, old = _swap_names(directory)
-    for leftover in (old, tmp):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    return directory
-
-
-def recover_dir(directory: str | Path) -> Path:
-    """Bring back the previous complete copy when a kill fell between a swap's two renames (readers too)."""
-    directory = Path(directory)
-    old = _swap_names(directory)[1]
-    if not directory.exists() and old.exists():
-        os.replace(old, directory)
-    return directory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ comes here, so each of these exists once.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,22 +22,85 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistContext", "check_device", "freeze", "inference", "module_device", "resolve_device", "seed_everything",
-           "set_threads", "state_dict_hash", "tqdm", "unwrap", "weights_hash"]
+__all__ = ["PROGRESS_ENV", "SMALL_MODEL_WIDTH", "DistContext", "apply_threads", "check_device", "default_threads",
+           "format_seconds", "freeze", "inference", "module_device", "resolve_device", "seed_everything", "set_threads",
+           "state_dict_hash", "tqdm", "unwrap", "weights_hash"]
+
+
+def format_seconds(seconds: float) -> str:
+    """`42 s`, `2 min 05 s`, `1 h 02 min`: rounded once, so 179.6 s reads 3 min 00 s, never 2 min 60 s."""
+    total = int(round(max(seconds, 0.0)))
+    if total < 120:
+        return f"{total} s"
+    if total < 3600:
+        return f"{total // 60} min {total % 60:02d} s"
+    return f"{total // 3600} h {total % 3600 // 60:02d} min"
+
+
+PROGRESS_ENV = "KRONOS_PROGRESS_FILE"  # set by the pipeline for its kernels: where their progress bars report
 
 
 def tqdm(*args: Any, **kwargs: Any):
     """The kit's progress bar: `tqdm.auto`, except inside a Jupyter kernel, where it is tqdm's text bar on
     stdout. A widget bar freezes at its first frame in a notebook opened without a kernel; a text bar
-    redraws in place and what the notebook keeps is its last state."""
+    redraws in place and what the notebook keeps is its last state.
+
+    Its rate is the average since the start (`smoothing=0`), so the ETA does not jump with a slow or fast
+    moment. A caller that knows better sets `bar.eta_s` (the training engine counts the validations still to
+    come). Under the pipeline ($KRONOS_PROGRESS_FILE) every bar also reports its state to that file, which the
+    pipeline prints in the terminal.
+    """
+    kwargs.setdefault("smoothing", 0)
     if "ipykernel" in sys.modules:
-        from tqdm.std import tqdm as text_bar
+        from tqdm.std import tqdm as bar_class
 
         kwargs.setdefault("file", sys.stdout)
-        return text_bar(*args, **kwargs)
-    from tqdm.auto import tqdm as auto_bar
+    else:
+        from tqdm.auto import tqdm as bar_class
+    path = os.environ.get(PROGRESS_ENV)
+    if path:
+        bar_class = _reporting(bar_class, path)
+    return bar_class(*args, **kwargs)
 
-    return auto_bar(*args, **kwargs)
+
+def _reporting(bar_class: type, path: str) -> type:
+    """`bar_class` whose every redraw (at most one a second) and close appends its state to `path` as a JSON line:
+    id, desc, n, total, unit, elapsed and ETA seconds, postfix, closed."""
+
+    class ReportingBar(bar_class):
+        _last_report = -1.0
+
+        def display(self, *args: Any, **kwargs: Any):
+            shown = super().display(*args, **kwargs)
+            if not getattr(self, "_closed_report", False):  # close() redraws once more after its own report
+                self._report(closed=False)
+            return shown
+
+        def close(self) -> None:
+            if not self.disable and not getattr(self, "_closed_report", False):
+                self._closed_report = True
+                self._report(closed=True)
+            super().close()
+
+        def _report(self, *, closed: bool) -> None:
+            now = time.monotonic()
+            if not closed and now - self._last_report < 1.0 and self.n != self.total:
+                return
+            self._last_report = now
+            elapsed = self.format_dict.get("elapsed", 0.0)
+            eta = getattr(self, "eta_s", None)
+            if eta is None and self.total and self.n:
+                eta = (self.total - self.n) * elapsed / self.n
+            record = {"id": id(self), "pid": os.getpid(), "desc": self.desc, "n": self.n, "total": self.total,
+                      "unit": self.unit, "elapsed": round(elapsed, 2), "eta": None if eta is None else round(eta, 1),
+                      "postfix": self.postfix or "", "closed": closed}
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError:
+                pass  # progress is a courtesy: never fail the work for it
+
+    return ReportingBar
 
 
 def seed_everything(seed: int) -> None:
@@ -54,6 +119,46 @@ def set_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
+
+
+# The default thread rule, measured (benchmarks/bench_threads.py, benchmarks/RESULTS.md "Threads"): models
+# at most this wide (d_model) run on one thread, because their matrices are too small for a second thread to
+# share work (it only waits, and on a busy CPU a descheduled one stalls every op); wider models keep torch's
+# default. The rule depends on the model only, so a rerun picks the same count and stays bit-identical.
+SMALL_MODEL_WIDTH = 256
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before anything set it
+
+
+def default_threads(width: int | None) -> int | None:
+    """The thread count used when none is asked for: 1 for models at most `SMALL_MODEL_WIDTH` wide, else None
+    (torch's default, one per core). `width` is the widest model's d_model (None: unknown, torch's default)."""
+    return 1 if width is not None and width <= SMALL_MODEL_WIDTH else None
+
+
+def apply_threads(requested: int | None, width: int | None) -> str:
+    """Set torch's CPU threads: `requested` when given (the `threads` config field or $KRONOS_THREADS), else
+    `default_threads(width)`; returns one line saying how many and why."""
+    if requested is not None:
+        return f"threads: {set_threads(requested)} (asked for)"
+    rule = default_threads(width)
+    if rule is not None:
+        return (f"threads: {set_threads(rule)} (the models are {width} wide, at most {SMALL_MODEL_WIDTH}: a second "
+                "thread would only wait; set `threads` to change it)")
+    count = set_threads(_TORCH_DEFAULT_THREADS)
+    why = f"the models are {width} wide" if width is not None else "the model width is unknown"
+    return f"threads: {count} (torch's default: {why}; set `threads` to change it){_busy_note(count)}"
+
+
+def _busy_note(count: int) -> str:
+    """A warning when several threads meet a machine whose cores are already taken (load average >= CPUs)."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return ""
+    if count < 2 or load < cpus:
+        return ""
+    return (f"; the machine is busy now (load average {load:.1f} on {cpus} CPUs): threads=1 may be several times "
+            "faster (benchmarks/RESULTS.md, Threads)")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

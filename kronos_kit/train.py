@@ -438,7 +438,7 @@ def _token_tables(cfg: KitConfig, tokenizer: KronosTokenizer, data: DataBundle,
         return {}
     d = cfg.data
     data_key = data.cache.name if data.cache is not None else source_key(d.source, symbol=d.symbol, fill=d.fill,
-                                                                          columns=d.columns)
+                                                                          columns=d.columns, use_adj_close=d.adj_close)
     return open_token_tables(cfg.predictor.token_cache_dir, tokenizer, {"train": data.train, "val": data.val},
                              data_key=data_key, cfg=cfg, progress=progress)
 

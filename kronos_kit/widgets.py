@@ -154,6 +154,7 @@ def window_browser(
     device: str | None = "cpu",
     symbols: Mapping[str, Sequence[int]] | None = None,
     reports: Mapping[str, ReconstructionReport] | None = None,
+    frame: Any = None,
 ) -> widgets.VBox:
     """Browse a window dataset and see each tokenizer's reconstruction of the selected window.
 
@@ -164,7 +165,10 @@ def window_browser(
     window's s1 and s2 codes.  ``symbols`` (symbol -> dataset positions) skips the one pass over the
     dataset that otherwise builds that index. ``reports`` (name -> `reconstruction_report` of that tokenizer
     on ``dataset``) adds an ``order`` toggle: ``worst close error`` walks the symbol's windows from the
-    selected tokenizer's largest close error (bp of the previous close) down."""
+    selected tokenizer's largest close error (bp of the previous close) down, at least half a window apart
+    (`WindowErrors.worst`: neighbours share most of their bars, so they would show one event again and again).
+    ``frame``, the frame the windows came from (e.g. ``data.splits.val`` for ``data.val``), puts dates on the
+    window and its figure instead of bar numbers."""
     if not tokenizers:
         raise ValueError("tokenizers must name at least one tokenizer")
     index = {str(k): list(v) for k, v in (symbols or _symbol_index(dataset)).items()}
@@ -172,6 +176,7 @@ def window_browser(
         raise ValueError("the dataset has no windows")
     names = list(tokenizers)
     errors = _close_errors(reports, names, len(dataset))
+    ranked = {n: [int(i) for i in reports[n].windows.worst(len(dataset))] for n in errors}  # spaced, worst first
 
     symbol = widgets.Dropdown(options=sorted(index), description="symbol")
     position = widgets.IntSlider(value=0, min=0, max=len(index[symbol.value]) - 1, description="window")
@@ -185,8 +190,8 @@ def window_browser(
         items = index[symbol.value]
         if order.value != _WORST:
             return items
-        e = errors[which.value]
-        return sorted(items, key=lambda i: -e[i] if np.isfinite(e[i]) else np.inf)
+        mine = set(items)
+        return [i for i in ranked[which.value] if i in mine]
 
     @lru_cache(maxsize=64)  # scrubbing back and forth should not re-run the tokenizer
     def _reconstruct(name: str, item: int) -> WindowReconstruction:
@@ -195,41 +200,52 @@ def window_browser(
     def _redraw(*_: Any) -> None:
         from kronos_kit.plots.codebook import plot_window_reconstruction
 
-        item = _items()[position.value]
+        items = _items()
+        item = items[position.value]
         rec = _reconstruct(which.value, item)
-        err = ((rec.full_recon - rec.x) ** 2).mean(), ((rec.s1_recon - rec.x) ** 2).mean()
         worst = (f"; close error {errors[which.value][item]:.1f} bp of the previous close, rank "
-                 f"{position.value + 1} from the worst" if order.value == _WORST else "")
-        info.value = (
-            f"<b>{html.escape(str(symbol.value))}</b> window {position.value + 1}/{len(index[symbol.value])}"
-            f" (dataset item {item}, start {rec.start}); tokenizer <b>{html.escape(which.value)}</b>: "
-            f"normalized MSE over all {rec.x.shape[-1]} channels: full {err[0]:.4f}, s1 only {err[1]:.4f} "
-            f"(the figure's titles: over open, high, low, close only){worst}")
-        _show(figure, plot_window_reconstruction(rec, title=f"{symbol.value} - {which.value}"))
+                 f"{position.value + 1} of {len(items)} from the worst (windows at least half a window apart)"
+                 if order.value == _WORST else "")
+        info.value = (f"<b>{html.escape(str(symbol.value))}</b> window {position.value + 1}/{len(items)} "
+                      f"({_window_span(rec, frame)}); tokenizer <b>{html.escape(which.value)}</b>: "
+                      f"{_window_errors(rec)}{worst}")
+        title = None if frame is not None else f"{symbol.value} - {which.value}"
+        _show(figure, plot_window_reconstruction(rec, frame=frame, title=title))
         codes.value = codes_table_html(rec.s1_ids, rec.s2_ids)
 
-    def _on_symbol(change: dict[str, Any]) -> None:
+    def _restart(*_: Any) -> None:
         # Setting max may clamp value and fire its own redraw; hold it so we draw exactly once.
         with position.hold_trait_notifications():
             position.value = 0
-            position.max = len(index[change["new"]]) - 1
+            position.max = len(_items()) - 1  # the worst order holds fewer windows (spaced)
         _redraw()
 
-    def _on_order(*_: Any) -> None:
-        with position.hold_trait_notifications():
-            position.value = 0
-        _redraw()
-
-    symbol.observe(_on_symbol, names="value")
+    symbol.observe(_restart, names="value")
     position.observe(_redraw, names="value")
-    which.observe(lambda *_: _on_order() if order.value == _WORST else _redraw(), names="value")
-    order.observe(_on_order, names="value")
+    which.observe(lambda *_: _restart() if order.value == _WORST else _redraw(), names="value")
+    order.observe(_restart, names="value")
     _redraw()
     controls = [symbol, which, order] if errors else [symbol, which]
     return _NotedBox([widgets.HBox(controls), position, info, figure, codes], "window browser")
 
 
 _WORST = "worst close error"
+
+
+def _window_errors(rec: WindowReconstruction) -> str:
+    full, s1 = ((rec.full_recon - rec.x) ** 2).mean(), ((rec.s1_recon - rec.x) ** 2).mean()
+    return (f"normalized MSE over all {rec.x.shape[-1]} channels: full {full:.4f}, s1 only {s1:.4f} (the figure's "
+            "titles: over open, high, low, close only)")
+
+
+def _window_span(rec: WindowReconstruction, frame: Any) -> str:
+    """A window's first and last bar: dates with its frame (`data.splits.val` for `data.val`), else bar numbers."""
+    if frame is None:
+        return f"bars {rec.start}..{int(rec.start) + len(rec.x) - 1}"
+    from kronos_kit.plots.codebook import _window_times
+
+    times = _window_times(frame, rec.symbol, int(rec.start), len(rec.x))
+    return f"{times[0]:%Y-%m-%d %H:%M} .. {times[-1]:%Y-%m-%d %H:%M}".replace(" 00:00", "")
 
 
 def _close_errors(reports: Mapping[str, ReconstructionReport] | None, names: list[str],

@@ -47,9 +47,20 @@ def test_mistyped_parameter_names_the_closest_ones(tmp_path, capsys, no_new_runs
     code, err = pipeline(capsys, "--run-dir", str(tmp_path / "run"), "-p", "tokenizer_step=3")
     assert code == 2
     assert err.startswith("error: unknown parameter 'tokenizer_step'; did you mean 'tokenizer_steps'")
-    assert "Notebook parameters: data, tokenizer_from" in err and "tokenizer.max_steps" in err
+    assert "Notebook parameters: data, tokenizer_from" in err and "Config sections: data, tokenizer" in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_field_suggests_the_kits_name_first_and_lists_only_its_section(tmp_path, capsys, no_new_runs):
+    """`predictor.learning_rate` once got `lora_rank` suggested before `lr`, and ~110 field names on one line."""
+    code, err = pipeline(capsys, "--run-dir", str(tmp_path / "run"), "-p", "predictor.learning_rate=1e-5")
+    assert code == 2 and err.startswith("error: unknown parameter 'predictor.learning_rate'; did you mean "
+                                        "'predictor.lr'")
+    assert "The fields of predictor: enabled, start_from" in err and "evaluation." not in err
+    assert len(err.split(",")) < 45  # one section's fields, not every field of every section
+    code, err = pipeline(capsys, "--run-dir", str(tmp_path / "run"), "-p", "predicter.max_step=3")
+    assert "did you mean 'predictor.max_steps'" in err
 
 
 def test_missing_data_path_is_the_loaders_message_and_creates_nothing(tmp_path, capsys, no_new_runs):
@@ -200,23 +211,58 @@ def test_summary_has_gate_verdict_promotion_times_and_report(tiny_run):
     assert f"report    {rd.report}" in text
 
 
-def test_training_progress_is_printed_from_the_metrics_log(tmp_path, capsys):
-    from kronos_kit.pipeline import _TrainingProgress
+def test_every_progress_bar_of_a_stage_reaches_the_terminal_with_its_eta(tmp_path, capsys, monkeypatch):
+    """Under the pipeline a kernel's bars (runtime.tqdm) report to a file the pipeline prints: a walk-forward
+    gets about a dozen lines with an ETA and a closing "done in", training validations come from the log."""
+    from kronos_kit.pipeline import _StageProgress
+    from kronos_kit.runtime import PROGRESS_ENV, tqdm
 
-    log = tmp_path / "metrics.jsonl"
-    log.write_text(json.dumps({"phase": "tokenizer", "kind": "train", "step": 1, "loss": 9.0}) + "\n")  # earlier
-    with _TrainingProgress(log, {"tokenizer": 20}, interval=0.01):
+    bars, log = tmp_path / "progress.jsonl", tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"phase": "predictor", "kind": "eval", "step": 1, "val_loss": 9.0}) + "\n")  # earlier
+    monkeypatch.setenv(PROGRESS_ENV, str(bars))
+    with _StageProgress(bars, log, interval=0.01, quiet_below=0.0):
+        with tqdm(total=40, desc="validation walk-forward (200 origins)", unit="batch", disable=False,
+                  mininterval=0, miniters=1) as bar:
+            for _ in range(40):
+                bar._last_report = -1.0  # report every update: a fast loop would otherwise report once a second
+                bar.update(1)
         with log.open("a") as f:
-            for step in range(1, 21):
-                f.write(json.dumps({"phase": "tokenizer", "kind": "train", "step": step, "loss": 1 / step}) + "\n")
-            f.write(json.dumps({"phase": "tokenizer", "kind": "eval", "step": 20, "val_recon_full": 0.05,
+            f.write(json.dumps({"phase": "predictor", "kind": "eval", "step": 50, "val_loss": 2.2, "val_crps": 70.1,
                                 "best": True}) + "\n")
     lines = capsys.readouterr().out.splitlines()
-    assert "loss 9.0000" not in "\n".join(lines)  # only this attempt's records
-    assert lines[0].split() == ["tokenizer", "step", "1/20", "loss", "1.0000"]
-    assert lines[-2].split()[:3] == ["tokenizer", "step", "20/20"] and lines[-2].endswith("done")
-    assert lines[-1].split() == ["tokenizer", "step", "20/20", "val_recon_full", "0.05", "(best", "so", "far)"]
-    assert 5 <= len(lines) <= 12  # about every tenth of the run, not every step
+    walk = [line for line in lines if "walk-forward" in line]
+    assert 8 <= len(walk) <= 13 and all(line.split()[5] == "batch" for line in walk)  # every tenth, not every batch
+    assert "ETA" in walk[1] and walk[1].split()[4] != "40/40" and walk[-1].split()[4:] == ["40/40", "batch", "done",
+                                                                                           "in", "0", "s"]
+    assert lines[-1].split() == ["predictor", "validation", "at", "step", "50:", "val_loss", "2.2", "val_crps",
+                                 "70.1", "(best", "so", "far)"]
+    assert "9" not in "".join(line for line in lines if "val_loss" in line).split("2.2")[0]  # only this attempt's
+
+
+def test_the_training_bar_shows_the_engines_eta_with_the_validations_to_come():
+    """The phase's ETA counts the remaining validations at the cost of the step-0 one, so it does not jump when
+    the first validation comes (stage 01's ETA once went from 13 s to 105 s)."""
+    from types import SimpleNamespace
+
+    from kronos_kit.engine import _Clock
+
+    clock = _Clock(step_seconds=10 * 0.1, steps=10, eval_seconds=[5.0])  # 0.1 s a step; a validation takes 5 s
+    run = SimpleNamespace(state=SimpleNamespace(step=10), total_steps=150, phase=SimpleNamespace(train_set=range(3904)),
+                          ctx=SimpleNamespace(world_size=1), local_batch=32,
+                          cfg=SimpleNamespace(eval_every=50, grad_accum_steps=1, epochs=2))
+    # validations at 50, 100, 122 (the epoch's end) and 150; 140 steps at 0.1 s
+    assert clock.eta(run) == pytest.approx(140 * 0.1 + 4 * 5.0)
+    run.state.step = 122
+    assert clock.eta(run) == pytest.approx(28 * 0.1 + 1 * 5.0)
+    assert _Clock().eta(run) is None  # nothing timed yet: no guess
+
+
+def test_times_are_rounded_once():
+    from kronos_kit.runtime import format_seconds
+
+    assert format_seconds(179.6) == "3 min 00 s"  # was "2 min 60 s"
+    assert [format_seconds(s) for s in (0.4, 59.5, 119.4, 125, 3725)] == ["0 s", "60 s", "119 s", "2 min 05 s",
+                                                                         "1 h 02 min"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +371,38 @@ def test_forecast_run_hands_over_the_ensemble_and_model_only_leaves_it_out(tmp_p
     err_args = ["forecast", "--tokenizer", "embedded:base/tokenizer", "--predictor", "embedded:base/predictor",
                 "--data", CSV, "--horizon", "2", "--out", str(tmp_path / "x.csv"), "--model-only"]
     assert main(err_args) == 2 and "--model-only goes with --run" in capsys.readouterr().err
+
+
+def test_forecast_says_how_far_to_trust_it_and_when_its_median_is_no_change(tmp_path, tiny_run, capsys):
+    """The CSV's median was flat at the last close with no word, and nothing said how the model did on test: the
+    command prints the run's test evidence and what the median is, and writes both beside the CSV."""
+    rd = RunDir(tiny_run)
+    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
+    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
+                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    centered = {"method": "spread_center", "scale": 1.5, "power": 0.0, "center": 0.0, "conformal": {}}
+    save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base",
+                               "paths": {"base": {"path_calibration": centered}}, "checkpoints": bound})
+    save_json(rd.metrics_json, {"n_origins": 200, "bottom_line": "Finetuning made no detectable difference: ...",
+                                "table": {"base": {"close_crps": 80.0, "close_mae": 110.0, "coverage_80": 0.73},
+                                          "persistence": {"close_crps": 111.0, "close_mae": 111.0},
+                                          "garch_rw": {"close_crps": 82.0}, "bootstrap": {"close_crps": 81.0}},
+                                "paired_comparisons": []})
+    stage_03_completed(rd)
+    table, out = forecast(tmp_path, capsys, "--run", str(tiny_run), "--data", CSV)
+    last_close = pd.read_csv(CSV)["close"].iloc[-1]
+    np.testing.assert_allclose(table["close_median"], last_close, rtol=1e-4)  # flat at the last close ...
+    assert "point forecast (the *_median columns): no change: the path calibration" in out  # ... and it says so
+    assert "close CRPS 80 vs the best naive forecast (bootstrap) 81: 1.2% lower, untested" in out
+    assert "its 80% interval covered 0.73 of the realized closes (nominal 0.80)" in out
+    assert "the run's verdict: Finetuning made no detectable difference" in out and "candles: every row" in out
+    about = json.loads((tmp_path / "fc.about.json").read_text())
+    assert about["test_evidence"]["best_naive"] == "bootstrap" and about["test_evidence"]["model"] == "base"
+    assert about["forecast"]["point_forecast"].startswith("no change") and about["chosen"].startswith("promoted")
+    # explicit checkpoints: nothing says how they did, and the command says that
+    pair = ("--tokenizer", "embedded:base/tokenizer", "--predictor", "embedded:base/predictor")
+    _, out = forecast(tmp_path, capsys, *pair, "--data", CSV)
+    assert "how far to trust it: unknown (explicit checkpoints" in out
 
 
 def test_forecast_resolves_promoted_sources_inside_the_run(tmp_path, tiny_run, capsys, monkeypatch):

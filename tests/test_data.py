@@ -91,28 +91,32 @@ def test_csv_loads_into_the_canonical_frame(tmp_path):
     assert frame.attrs["notices"] == []
 
 
-def test_aliases_match_case_insensitively_and_adj_close_is_ignored(tmp_path):
+def test_aliases_match_case_insensitively_and_adj_close_is_not_used_by_default_and_said_so(tmp_path):
     src = candles(20)
     raw = pd.DataFrame({
         "Ticker": "XYZ", "Date": src["timestamps"].astype(str), "OPEN": src["open"], "High": src["high"],
         "low": src["low"], "Close": src["close"], "Adj Close": src["close"] * 0.5, "Vol": src["volume"],
         "Turnover": src["amount"],
     })
-    frame = load_quiet(to_csv(raw, tmp_path / "file.csv"))
+    with pytest.warns(DataNotice, match="the close is the 'Close' column, unadjusted .* 'Adj Close' is there too "
+                                        "and is not used. To use it, set data.adj_close: true"):
+        frame = load_ohlcv(to_csv(raw, tmp_path / "file.csv"))
     assert frame["symbol"].unique().tolist() == ["XYZ"]  # the column beats the file stem
-    np.testing.assert_allclose(frame["close"], src["close"])  # Adj Close ignored by default
+    np.testing.assert_allclose(frame["close"], src["close"])  # Adj Close not used by default
     np.testing.assert_allclose(frame["volume"], src["volume"])
     np.testing.assert_allclose(frame["amount"], src["amount"])
+    quiet = raw.drop(columns="Adj Close")
     for alias in ("datetime", "time", "timestamp", "TIMESTAMPS"):
-        other = load_quiet(raw.rename(columns={"Date": alias, "Ticker": "code", "Turnover": "amt"}))
+        other = load_quiet(quiet.rename(columns={"Date": alias, "Ticker": "code", "Turnover": "amt"}))
         assert other["timestamps"].equals(frame["timestamps"])
-    assert load_quiet(raw.rename(columns={"Ticker": "instrument"}))["symbol"].iat[0] == "XYZ"
+    assert load_quiet(quiet.rename(columns={"Ticker": "instrument"}))["symbol"].iat[0] == "XYZ"
 
 
 def test_use_adj_close_replaces_close_and_scales_the_candle():
     src = candles(10)
     adj = src["close"] * np.linspace(0.5, 0.9, 10)
-    frame = load_quiet(src.assign(**{"Adj Close": adj}), use_adj_close=True)
+    with pytest.warns(DataNotice, match="prices adjusted: close = 'Adj Close'"):
+        frame = load_ohlcv(src.assign(**{"Adj Close": adj}), use_adj_close=True)
     factor = adj / src["close"]
     np.testing.assert_allclose(frame["close"], adj)
     for col in ("open", "high", "low"):
@@ -120,6 +124,42 @@ def test_use_adj_close_replaces_close_and_scales_the_candle():
     np.testing.assert_allclose(frame["volume"], src["volume"])
     with pytest.raises(DataError, match="no 'Adj Close' column"):
         load_ohlcv(src, use_adj_close=True)
+
+
+def test_a_semicolon_separated_file_with_decimal_commas_loads_and_says_how_it_was_read(tmp_path):
+    """Once read as one column named 'timestamps;open;...' with advice to rename the columns."""
+    src = candles(20)
+    path = tmp_path / "eu.csv"
+    src.to_csv(path, index=False, sep=";", decimal=",")
+    with pytest.warns(DataNotice, match="eu.csv: read as ';'-separated with decimal commas"):
+        frame = load_ohlcv(path)
+    np.testing.assert_allclose(frame[FEATURES].to_numpy(), src[FEATURES].to_numpy())
+    src.to_csv(path, index=False, sep="\t")
+    with pytest.warns(DataNotice, match="read as tab-separated"):
+        np.testing.assert_allclose(load_ohlcv(path)["close"], src["close"])
+
+
+def test_a_close_only_file_is_told_the_way_forward(tmp_path):
+    src = candles(20)[["timestamps", "close"]]
+    message = refused(to_csv(src, tmp_path / "closes.csv"), match="only a close price")
+    assert "resample" in message and "open = high = low = close" in message and "Rename" not in message
+
+
+def test_adj_close_reaches_the_loader_from_the_config_and_keys_its_own_cache_entry(tmp_path):
+    from kronos_kit.config import KitConfig
+    from kronos_kit.data import load_data
+
+    src = candles(300)
+    adj = src["close"] * 0.5
+    path = to_csv(src.assign(**{"Adj Close": adj}), tmp_path / "adj.csv")
+    cfg = KitConfig().with_overrides({"data.source": str(path), "data.lookback": 20, "run_dir": str(tmp_path / "r")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataNotice)
+        plain = load_data(cfg).frame
+        adjusted = load_data(cfg.with_overrides({"data.adj_close": True})).frame
+    np.testing.assert_allclose(plain["close"], src["close"])
+    np.testing.assert_allclose(adjusted["close"], adj)
+    np.testing.assert_allclose(adjusted["high"], src["high"] * 0.5)
 
 
 def test_folder_and_list_of_files_take_symbols_from_stems(tmp_path):

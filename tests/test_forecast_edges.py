@@ -246,3 +246,33 @@ def test_forecast_frame_refuses_bad_arguments(tiny, two_symbols, kwargs, match):
 def test_forecast_frame_wants_the_canonical_frame(tiny, bars):
     with pytest.raises(ValueError, match="symbol"):
         forecast_frame(tiny, bars.iloc[:30], horizon=2)
+
+
+class BrokenCandles:
+    """A stand-in predictor whose sampled bars break the candle rule, as Kronos's can: it decodes each channel
+    on its own (the issue's median candle had its low above its close and its high below its open)."""
+
+    max_context = 512
+
+    def predict_paths(self, df, x_timestamp, y_timestamp, pred_len, *, sample_count, seed, **kwargs):
+        rng = np.random.default_rng(seed)
+        last = float(df["close"].iloc[-1])
+        paths = last * (1 + 0.01 * rng.standard_normal((1, sample_count, pred_len, 6)))  # channels independent
+        paths[..., 4:] = rng.normal(0, 1000, (1, sample_count, pred_len, 2))  # and volumes below 0
+        return forecast.Forecast(paths, [pd.DatetimeIndex(y_timestamp)])
+
+
+def test_forecast_frame_rows_are_valid_candles(two_symbols):
+    out = forecast_frame(BrokenCandles(), two_symbols, horizon=6, sample_count=16, quantiles=(0.05, 0.5, 0.95))
+    for stat in ("mean", "median", "q0.05", "q0.5", "q0.95"):
+        o, h, lo, c = (out[f"{k}_{stat}"] for k in ("open", "high", "low", "close"))
+        assert (lo <= np.minimum(o, c)).all() and (h >= np.maximum(o, c)).all(), stat
+        assert (out[f"volume_{stat}"] >= 0).all() and (out[f"amount_{stat}"] >= 0).all(), stat
+    candles = out.attrs["forecast"]["candles"]
+    assert candles["repaired_share"] > 0.5 and "low = min(low, open, close)" in candles["rule"]
+    # the close is never touched: its quantiles stay those of the sampled closes
+    raw = BrokenCandles().predict_paths(two_symbols[two_symbols.symbol == "AAA"], None,
+                                        future_timestamps(two_symbols.loc[two_symbols.symbol == "AAA", "timestamps"],
+                                                          6), 6, sample_count=16, seed=0)
+    np.testing.assert_allclose(out.loc[out.symbol == "AAA", "close_q0.05"], raw.quantile(0.05)["close"])
+    assert out.attrs["forecast"]["point_forecast"] == "the median of the sample paths, bar by bar"

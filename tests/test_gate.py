@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import DATA
@@ -269,23 +270,31 @@ def test_codebook_usage_and_bsq_term_count_in_split_bars_only(ashare):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_window_browser_walks_the_worst_windows_first():
+def test_window_browser_walks_the_worst_windows_first_half_a_window_apart_with_dates():
+    """The worst order once stepped through overlapping neighbours (one event seen again and again) and named
+    windows by bar numbers."""
     from kronos_kit.widgets import window_browser
 
-    windows = price_windows(n=12)
+    windows = price_windows(n=12)  # 16 bars each, one bar apart
+    frame = pd.DataFrame({"symbol": "AAA", "timestamps": pd.date_range("2024-03-01", periods=40, freq="D")})
     tokenizers = {"before": StandInTokenizer(seed=0, full_offset=[0.1] * 6),
                   "after": StandInTokenizer(seed=1, full_offset=[0.3] * 6)}
     reports = {name: reconstruction_report(tok, windows, progress=False) for name, tok in tokenizers.items()}
-    box = window_browser(tokenizers, windows, reports=reports)
+    box = window_browser(tokenizers, windows, reports=reports, frame=frame)
     (_, which, order), position, info = box.children[0].children, box.children[1], box.children[2]
-    assert "dataset item 0" in info.value  # in time order first
+    assert "(2024-03-01 .. 2024-03-16)" in info.value  # in time order first, by date
     order.value = "worst close error"
-    ranking = np.argsort(-reports["before"].windows.array("close_bp"))
-    assert f"dataset item {ranking[0]}," in info.value and "rank 1 from the worst" in info.value
-    position.value = 1
-    assert f"dataset item {ranking[1]}," in info.value
+    ranking = reports["before"].windows.worst(12)  # worst first, at least 8 bars (half a window) apart
+    assert len(ranking) < 12 and np.all(np.abs(np.diff(np.sort(ranking))) >= 8)
+    assert position.max == len(ranking) - 1 and "rank 1 of" in info.value
+    shown = []
+    for k in range(len(ranking)):
+        position.value = k
+        shown.append(pd.Timestamp(info.value.split("(")[1].split(" ..")[0]))
+    assert [(d - pd.Timestamp("2024-03-01")).days for d in shown] == list(ranking)  # the windows the ranking names
     which.value = "after"  # the ranking follows the selected tokenizer, from its worst
-    assert f"dataset item {np.argmax(reports['after'].windows.array('close_bp'))}," in info.value
+    first = reports["after"].windows.worst(12)[0]
+    assert f"({(pd.Timestamp('2024-03-01') + pd.Timedelta(days=int(first))):%Y-%m-%d} .." in info.value
     with pytest.raises(ValueError, match="same 12 windows"):
         window_browser(tokenizers, windows, reports={n: reconstruction_report(t, windows[:5], progress=False)
                                                       for n, t in tokenizers.items()})
@@ -340,15 +349,18 @@ def test_both_phases_log_the_start_checkpoint_at_step_zero(tmp_path, ashare):
                               "tokenizer.batch_size": 16, "tokenizer.max_val_batches": 2, "predictor.max_steps": 2,
                               "predictor.eval_every": 2, "predictor.batch_size": 16, "predictor.max_val_batches": 2,
                               "predictor.skill_origins": 2, "predictor.skill_paths": 2,
+                              "predictor.select_metric": "val_crps",
                               "gate.override": True})  # no gate here: phase 2 on the ungated tokenizer, warned
     train_tokenizer(cfg, data=data, progress=False)
     with pytest.warns(UserWarning, match="no reconstruction gate judged it"):
         train_predictor(cfg, data=data, progress=False)
-    for phase, keys in (("tokenizer", ("val_recon_full", "val_loss", "s1_usage")),
-                        ("predictor", ("val_loss", "val_ce_s1", "val_crps"))):
+    for phase, keys, select in (("tokenizer", ("val_recon_full", "val_loss", "s1_usage"), "val_recon_full"),
+                                ("predictor", ("val_loss", "val_ce_s1", "val_crps"), "val_crps")):
         records = read_metrics(tmp_path / "metrics.jsonl", phase)
         (ref,) = [r for r in records if r["kind"] == "reference"]
         assert ref["step"] == 0 and set(keys) <= set(ref) and records.index(ref) == 0
+        # each validation says what picks `best` (the report reads it there)
+        assert {r["select_metric"] for r in records if r["kind"] == "eval"} == {select}
     base = KronosTokenizer.from_pretrained(cfg.tokenizer.start_from)
     ctx = DistContext.from_env(torch.device("cpu"))
     expected = evaluate_tokenizer(base, validation_loader(data.val, 16, ctx, 2), ctx)
@@ -375,16 +387,37 @@ def test_phase_sections_read_the_run_files(tmp_path, good_and_bad):
         log.write(record)
     save_json(rd.token_metrics, {"base": {"s1_accuracy": 0.1}, "finetuned": {"s1_accuracy": 0.12}})
     text = "\n".join(phase_sections(tmp_path))
-    assert text.startswith("# Phase 1: tokenizer adaptation\n\n**Gate: FAILED.** full_mse_vs_base")
+    assert text.startswith("## Phase 1: tokenizer adaptation\n\n**Gate: FAILED.** full_mse_vs_base")
     assert "Try: " in text and "| check | adapted | base | threshold | result |" in text
     assert "| full_mse_vs_base | 64 | 1 | <= 1.05 | FAIL |" in text
     assert "| close error (bp of the previous close) |" in text and "| s1 usage | 1 | 1 |" in text
     assert "one-sided Diebold-Mariano" in text
     # phase 1's best is above the base's step 0: the report says so
     assert "val_recon_full 0.06 vs the base's 0.05 at step 0 (+20.0%): not below the base." in text
-    phase2 = text[text.index("# Phase 2"):]
+    phase2 = text[text.index("## Phase 2"):]
     assert "`best` is picked by val_loss. Best validation step 5 (of 10): val_loss 2.4 vs the base's 2.5" in phase2
     assert "| val_crps | 30 | 31 | +3.3% |" in phase2 and "| s1_accuracy | 0.1 | 0.12 |" in phase2
+
+
+def test_the_phase_2_section_names_the_metric_that_picked_best_from_the_log(tmp_path):
+    """A Lab run once had no config.yaml, and its report said val_loss picked `best` although val_crps did: the
+    validations now log what picks `best`, and the report reads it there before any config."""
+    from kronos_kit.phase_report import phase_two_lines
+    from kronos_kit.runs import MetricsLog, RunDir
+
+    rd = RunDir(tmp_path)
+    log = MetricsLog(rd.metrics_log, run="r1", attempt=1)
+    for record in ({"phase": "predictor", "kind": "reference", "step": 0, "val_loss": 2.5, "val_crps": 30.0},
+                   {"phase": "predictor", "kind": "eval", "step": 5, "val_loss": 2.4, "val_crps": 29.0, "best": True,
+                    "select_metric": "val_crps"},
+                   {"phase": "predictor", "kind": "eval", "step": 10, "val_loss": 2.3, "val_crps": 31.0, "best": False,
+                    "select_metric": "val_crps"}):
+        log.write(record)
+    assert not rd.config.is_file()
+    from kronos_kit.phase_report import predictor_select_metric
+
+    text = "\n".join(phase_two_lines(rd, predictor_select_metric(rd)))
+    assert "`best` is picked by val_crps. Best validation step 5 (of 10): val_crps 29 vs the base's 30" in text
 
 
 def test_above_the_tolerance_by_chance_is_not_a_failure():

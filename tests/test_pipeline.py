@@ -71,11 +71,10 @@ def test_pipeline_runs_all_notebooks_and_writes_artifacts(smoke_run):
     assert len(figures) >= 10 and "01_candles.png" in figures
     report = (smoke_run / "report.md").read_text()
     assert "finetuned" in report and "persistence" in report
-    # the phase sections come first, then the forecast evaluation with its bottom line
-    assert report.startswith("# Phase 1: tokenizer adaptation\n\n**Gate: passed.**")
-    phase2 = report.index("# Phase 2: predictor finetune")
-    forecast = report.index("# Forecast evaluation\n\n**Bottom line.** ")
-    assert phase2 < forecast and "## Promotion" in report
+    # the verdict first, the decisions and tables after it, the phase sections last
+    assert report.startswith(f"# Report: {smoke_run.name}\n\n**Bottom line.** ")
+    phase1 = report.index("## Phase 1: tokenizer adaptation\n\n**Gate: passed.**")
+    assert report.index("## Promotion") < phase1 < report.index("## Phase 2: predictor finetune")
     assert "| close_error_to_move |" in report and "| full_mse_vs_base |" in report and "Best validation step" in report
     gate = json.loads((smoke_run / "reconstruction_gate.json").read_text())
     assert gate["passed"] and {c["metric"] for c in gate["checks"]} >= {"full_mse_vs_base", "close_error_to_move"}
@@ -123,6 +122,24 @@ def test_notebooks_run_from_the_notebooks_folder_with_figures_inline(smoke_run, 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for phase in ("tokenizer", "predictor"):
         assert [r["step"] for r in records if r["phase"] == phase and r["kind"] == "reference"] == [0], phase
+
+    # a run made without the pipeline is a first-class run: config.yaml and a manifest with every stage complete,
+    # which forecast --run, compare and pipeline --resume accept
+    from kronos_kit.__main__ import main
+
+    manifest = manifest_of(run_dir)
+    assert manifest["kind"] == "kronos-kit run" and (run_dir / "config.yaml").is_file()
+    assert [manifest["stages"][s]["status"] for s in ("01", "02", "03")] == ["completed"] * 3
+    assert {i["by"] for i in manifest["invocations"]} == {"notebook 01", "notebook 02", "notebook 03"}
+    saved = KitConfig.from_file(run_dir / "config.yaml")
+    assert saved.tokenizer.max_steps == 2 and saved.evaluation.max_origins == 2
+    assert "`best` is picked by val_crps" in (run_dir / "report.md").read_text()  # configs/default.yaml's metric
+    out = tmp_path / "next.csv"
+    assert main(["forecast", "--run", str(run_dir), "--data", str(DATA / "ashare_5min_sample.csv"), "--horizon", "3",
+                 "--out", str(out), "--samples", "4", "--threads", "1"]) == 0 and out.is_file()
+    assert main(["compare", str(run_dir), str(smoke_run)]) == 0
+    assert run_pipeline(run_dir=run_dir, resume=True) == 0  # every stage completed with unchanged inputs: skipped
+    assert [i["mode"] for i in manifest_of(run_dir)["invocations"]][-1] == "resume"
 
 
 def test_failing_stage_stops_and_from_completes_it(smoke_run, tmp_path, capsys):
@@ -181,7 +198,8 @@ def test_resume_continues_an_interrupted_training_stage(smoke_run, tmp_path, cap
     out, err = capsys.readouterr()
     assert "stage 01: 01_tokenizer_adaptation.ipynb (continuing its training)" in out
     assert "tokenizer: resumed at step 2" in err  # the kernel's message, shown in the terminal
-    assert "tokenizer  step 4/4" in out and "02 skipped (done before), 03 skipped (done before)" in out
+    # the continued phase validates at its last step (the terminal relays metrics.jsonl), then later stages skip
+    assert "tokenizer validation at step 4:" in out and "02 skipped (done before), 03 skipped (done before)" in out
     after = manifest_of(run_dir)
     assert after["checkpoints"] == manifest_of(smoke_run)["checkpoints"]  # as if never interrupted
     assert after["stages"]["02"]["started"] == manifest["stages"]["02"]["started"]

@@ -324,3 +324,17 @@ def test_every_figure_function_returns_an_inline_figure():
     for fig in figures:
         assert isinstance(fig, plots.KitFigure)
         assert io.BytesIO(fig._repr_png_()).read(4) == b"\x89PNG"
+
+
+def test_the_selection_figure_rings_the_kept_best_only_on_the_metric_that_picked_it():
+    """It once ringed every best-so-far on every curve: three rings on val_loss although val_crps picked `best`."""
+    recs = [{"phase": "predictor", "kind": "reference", "step": 0, "val_loss": 2.5, "val_crps": 80.0, "val_mae": 99.0}]
+    for step, loss, crps, best in ((10, 2.4, 79.0, True), (20, 2.3, 75.0, True), (30, 2.2, 77.0, False)):
+        recs.append({"phase": "predictor", "kind": "eval", "step": step, "val_loss": loss, "val_crps": crps,
+                     "val_mae": 98.0, "best": best, "select_metric": "val_crps"})
+    fig = drawn(plots.plot_selection_curves(recs))
+    left, right = fig.axes
+    rings = [tuple(c.get_offsets()[0]) for ax in fig.axes for c in ax.collections]
+    assert rings == [(20.0, 75.0)] and not left.collections  # one ring, on val_crps, at the kept step
+    assert "best: step 20, by val_crps" in right.get_legend_handles_labels()[1]
+    assert [ln.get_xdata()[0] for ax in fig.axes for ln in ax.lines if ln.get_linestyle() == ":"] == [20, 20]

@@ -140,7 +140,10 @@ def test_parameters_saved_in_a_notebook_do_not_override_the_pipeline(tmp_path):
                 exec(c.source, namespace)
         assert namespace["tokenizer_steps"] is None and namespace["seed"] is None, notebook  # config.yaml decides
         assert {k: namespace[k] for k in NOTEBOOK_PARAMETERS} == dict.fromkeys(NOTEBOOK_PARAMETERS)
-        assert namespace["config"] == str(RunDir(tmp_path).config) and namespace["overwrite"] is True
+        assert namespace["config"] == str(RunDir(tmp_path).config)
+        # no overwrite is injected: the kernel learns from the pipeline's environment that it may retrain, and the
+        # executed copy keeps `overwrite = False`, so Run All there cannot retrain the run (stages.open_stage)
+        assert namespace["overwrite"] is False
 
 
 # ---------------------------------------------------------------------------------------------

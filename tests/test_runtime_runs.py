@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,27 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert path.read_text() == "old" and os.listdir(path.parent) == ["a.txt"]
 
 
+def test_saved_weights_are_readable_like_every_other_file_of_the_run(tmp_path):
+    """safetensors creates its file 0600: every model.safetensors of a run was unreadable to the group while
+    config.json beside it was 0644."""
+    import stat
+
+    from kronos_kit.model import Kronos
+
+    folder = Kronos.from_preset("tiny").save_pretrained(tmp_path / "predictor")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    expected = 0o666 & ~_umask()
+    assert modes == {"model.safetensors": expected, "config.json": expected}
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_replace_dir_swaps_whole_and_recover_finishes_an_interrupted_swap(tmp_path):
     target = tmp_path / "best"
     replace_dir(target, lambda d: (d.mkdir(), (d / "w").write_text("1")))
@@ -124,3 +146,32 @@ def test_bsq_loss_breakdown_recombines_to_the_loss():
         q.gamma0 * parts.per_sample_entropy - q.gamma * parts.codebook_entropy))
     torch.testing.assert_close(out.bsq_loss, tok(x).bsq_loss, rtol=0, atol=0)  # the plain call is unchanged
     assert parts.commitment > 0 and 0 < parts.codebook_entropy <= q.bits * torch.log(torch.tensor(2.0))
+
+
+def test_the_default_thread_count_follows_the_model_width(monkeypatch):
+    """The embedded base's matrices are 64 wide: a second thread only waits (on a busy CPU many times slower,
+    benchmarks/RESULTS.md "Threads"); wider models keep torch's default. Asked-for counts always win."""
+    import torch
+
+    from kronos_kit.config import KitConfig
+    from kronos_kit.model import config_width, source_width
+    from kronos_kit.runtime import _TORCH_DEFAULT_THREADS, SMALL_MODEL_WIDTH, apply_threads, default_threads
+
+    before = torch.get_num_threads()
+    try:
+        default = KitConfig.from_file(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")
+        assert config_width(default) == 64 and source_width("small") == 512
+        assert source_width("tokenizer-base", "KronosTokenizer") == 256 == SMALL_MODEL_WIDTH
+        assert source_width("NeoQuasar/Kronos-small") is None or source_width("NeoQuasar/Kronos-small") == 512
+        assert default_threads(64) == default_threads(256) == 1 and default_threads(512) is None
+        assert default_threads(None) is None  # unknown width (an uncached hub id): torch's default
+        assert apply_threads(None, 64).startswith("threads: 1 (the models are 64 wide") and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert apply_threads(None, 512).startswith(f"threads: {_TORCH_DEFAULT_THREADS} (torch's default")
+        assert "busy" not in apply_threads(None, 512)
+        monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+        if _TORCH_DEFAULT_THREADS > 1:
+            assert "the machine is busy now (load average 9.0" in apply_threads(None, 512)
+        assert apply_threads(3, 64) == "threads: 3 (asked for)" and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

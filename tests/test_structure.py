@@ -55,7 +55,7 @@ def test_a_row_added_to_the_metric_table_reaches_table_csv_summary_and_report(tm
     assert csv.loc["finetuned", "close_bias"] == pytest.approx(result.table.loc["finetuned", "close_bias"])
     # report.md: in the headline table and one sentence per comparison (GARCH is volatility only)
     report = paths["report"].read_text()
-    header = report.splitlines()[report.splitlines().index("## Headline metrics") + 2]
+    header = report.splitlines()[report.splitlines().index("### Headline metrics") + 2]
     assert "| close_bias |" in header
     sentences = [line for line in report.splitlines() if line.startswith("- Finetuned close bias ")]
     assert [s.split(" vs ")[1].split(" ")[0] for s in sentences] == ["base", "persistence"]

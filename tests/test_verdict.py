@@ -198,9 +198,13 @@ def test_report_opens_with_the_verdict_and_metrics_json_carries_it(tmp_path):
     frame = market(("X",), n=500, seed=2)
     models = {"base": good(frame), "finetuned": bad(frame)}
     res = walk_forward(frame, models, lookback=40, pred_len=6, stride=6, sample_count=5, seed=0, progress=False)
+    from kronos_kit.runs import MetricsLog
+
+    MetricsLog(tmp_path / "metrics.jsonl").write({"phase": "tokenizer", "kind": "reference", "step": 0})  # a run
     paths = write_report(res, tmp_path, n_boot=200)
     lines = paths["report"].read_text().splitlines()
-    assert lines[0] == "# Forecast evaluation"
+    assert lines[0] == f"# Report: {tmp_path.name}"  # the verdict first: the title, then the bottom line
+    assert lines.index("## Did finetuning help?") < lines.index("## Phase 1: tokenizer adaptation")  # phases last
     assert lines[2].startswith("**Bottom line.** Finetuning did not help: on 76 test origins the finetuned model's "
                                "close CRPS is ")
     assert "its close MAE is" in lines[2] and "than persistence's (significantly, DM p < 0.001)" in lines[2]
@@ -210,8 +214,15 @@ def test_report_opens_with_the_verdict_and_metrics_json_carries_it(tmp_path):
     assert all("minimum detectable effect" in v for v in verdicts)
     assert verdicts[0].startswith("- finetuned vs base, close CRPS: **worse** at 5%.")
     assert any(v.startswith("- finetuned vs persistence, close MAE: **worse** at 5%.") for v in verdicts)
-    assert lines.index("## Headline metrics") > lines.index(verdicts[-1])  # the old content stays, below
-    assert "## IC significance (Newey-West t)" in lines and "### finetuned vs base" in lines
+    assert lines.index("### Headline metrics") > lines.index(verdicts[-1])  # the old content stays, below
+    assert "### IC significance (Newey-West t)" in lines and "### finetuned vs base" in lines
+    # "Did finetuning help?" speaks with the verdict's voice: no counts of wins, the tested rows carry their test
+    helped = lines[lines.index("## Did finetuning help?"):lines.index("### finetuned vs persistence")]
+    assert not any(" is better on " in line or "finetuned is better" in line for line in helped)
+    crps = next(line for line in helped if line.startswith("- Finetuned close CRPS "))
+    assert crps.endswith("Paired test: **worse** (p < 0.001).")
+    rmse = next(line for line in helped if line.startswith("- Finetuned close RMSE "))
+    assert "higher" in rmse and "better" not in rmse and "worse" not in rmse  # untested: described only
     payload = json.loads(paths["json"].read_text())
     assert payload["bottom_line"] == lines[2].removeprefix("**Bottom line.** ")
     rows = {(r["other"], r["metric"]): r for r in payload["paired_comparisons"]}
@@ -455,3 +466,48 @@ def test_the_report_says_what_is_handed_over_and_whether_the_model_adds_anything
     assert "- handed_over vs garch_rw, close CRPS: **better** at 5%." in report
     forecasts = pd.read_parquet(paths["forecasts"])
     assert "handed_over" in set(forecasts["model"])
+def no_change(frame):
+    """A model whose median is exactly the last close (a calibration that centered its median move at 0), with
+    a spread around it: its point forecast is persistence's."""
+    def fn(histories, hist_stamps, future_stamps, pred_len, sample_count):
+        last = np.stack([h.to_numpy()[-1] for h in histories])  # (n, 6)
+        spread = np.linspace(-0.02, 0.02, sample_count)  # symmetric: the median is the middle path, spread 0
+        return last[:, None, None, :] * (1 + spread[None, :, None, None]) * np.ones((1, 1, pred_len, 1))
+
+    return fn
+
+
+def test_a_no_change_point_forecast_has_no_direction_ic_or_test_against_persistence(tmp_path):
+    """The issue's run: validation shrank the median to no change, and the report still computed IC 0.084 (t 1.39)
+    on float rounding. IC, RankIC and direction are undefined there, and its close MAE equals persistence's."""
+    frame = market(("X",), n=300, seed=3)
+    res = walk_forward(frame, {"base": good(frame), "finetuned": no_change(frame)}, lookback=40, pred_len=6,
+                       stride=4, sample_count=5, seed=0, progress=False)
+    row = res.table.loc["finetuned"]
+    assert np.isnan(row["ic"]) and np.isnan(row["rank_ic"]) and np.isnan(row["directional_accuracy"])
+    assert res.scores["finetuned"]["point_is_no_change"] and not res.scores["base"]["point_is_no_change"]
+    assert np.isfinite(res.table.loc["base", "ic"])
+    assert ic_significance(res).loc["finetuned", ["ic_t", "rank_ic_t"]].isna().all()
+    rows = paired_comparisons(res, "finetuned", ("base", "persistence"), n_boot=50)
+    mae = rows[(rows["other"] == "persistence") & (rows["metric"] == "close_ae")].iloc[0]
+    assert mae["verdict"] == "identical" and np.isnan(mae["p_value"])
+    assert "its close MAE is the same as persistence's (the two point forecasts coincide: no test)" in bottom_line(rows)
+    text = write_report(res, tmp_path, n_boot=50)["report"].read_text()
+    assert "Finetuned IC n/a vs base" in text and "a no-change point forecast" in text
+
+
+def test_a_calibration_that_centers_the_median_at_zero_makes_the_point_forecast_no_change():
+    """With an even number of paths np.median lands a hair above the last close (cosh of half the middle gap):
+    the IC of that hair is what the issue's report printed. The calibration says what the median is."""
+    from kronos_kit.calibration import PathCalibration
+
+    frame = market(("X",), n=300, seed=4)
+    res = walk_forward(frame, {"finetuned": good(frame)}, lookback=40, pred_len=6, stride=4, sample_count=6,
+                       seed=0, progress=False)
+    assert np.isfinite(res.table.loc["finetuned", "ic"])
+    res.calibrate({"finetuned": PathCalibration(method="spread_center", scale=1.0, center=0.0)})
+    drift = res.point("finetuned")[..., 3] / res.last_close[:, None] - 1
+    assert 0 < np.abs(drift).max() < 1e-3  # not exactly no change ...
+    assert res.scores["finetuned"]["point_is_no_change"] and np.isnan(res.table.loc["finetuned", "ic"])  # ... but so
+    rows = paired_comparisons(res, "finetuned", ("persistence",), n_boot=50)
+    assert rows.set_index("metric").loc["close_ae", "verdict"] == "identical"

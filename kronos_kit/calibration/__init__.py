@@ -29,7 +29,9 @@ from kronos_kit.calibration.handover import (
     TAIL_CRPS_TOLERANCE,
     Handover,
     HandoverFit,
+    describe_point_forecast,
     fit_handover,
+    no_change_point,
 )
 from kronos_kit.calibration.paths import (
     CONFORMAL_LEVELS,
@@ -48,5 +50,6 @@ from kronos_kit.calibration.tails import NO_TAILS, TailCalibration, apply_tails,
 __all__ = ["COMBINATIONS", "CONFORMAL_LEVELS", "IDENTITY", "IDENTITY_HANDOVER", "METHODS", "MODEL", "NO_ENSEMBLE",
            "NO_TAILS", "TAIL_CRPS_TOLERANCE", "Ensemble", "Handover", "HandoverFit", "PathCalibration",
            "PathCalibrationFit", "TailCalibration", "apply_path_calibration", "apply_tails", "blocked_folds",
-           "check_prices", "conformal_quantile", "fit_ensemble", "fit_handover", "fit_linear_pool",
-           "fit_path_calibration", "fit_quantile_average", "fit_tails", "coverage_error", "slot_counts"]
+           "check_prices", "conformal_quantile", "describe_point_forecast", "fit_ensemble", "fit_handover",
+           "fit_linear_pool", "fit_path_calibration", "fit_quantile_average", "fit_tails", "coverage_error",
+           "no_change_point", "slot_counts"]

@@ -36,6 +36,7 @@ from kronos_kit.calibration.ensemble import (
     fit_ensemble,
 )
 from kronos_kit.calibration.paths import (
+    PathCalibration,
     PathCalibrationFit,
     apply_path_calibration,
     blocked_folds,
@@ -61,6 +62,12 @@ class Handover:
     def identity(self) -> bool:
         """True when the handed-over forecast is the calibrated model as it is."""
         return self.ensemble.method == MODEL and self.tails.identity
+
+    @property
+    def keeps_model_median(self) -> bool:
+        """True when the handed-over median is the model's own (calibrated) median: no naive member has weight
+        (the tail map moves the paths around their median, never the median itself)."""
+        return not self.ensemble.naive_members
 
     def describe(self, model: str = "the model") -> str:
         return f"{self.ensemble.describe(model)}; {self.tails.describe()}"
@@ -95,6 +102,29 @@ class Handover:
 
 
 IDENTITY_HANDOVER = Handover()
+
+
+def no_change_point(calibration: PathCalibration, handover: Handover | None = None) -> bool:
+    """True when a forecast's point forecast (the median path) is the last close at every step: the model's path
+    calibration centers its median at 0 (`PathCalibration.no_change_median`) and what is handed over keeps the
+    model's median. Its direction, IC and RankIC are then undefined (they would correlate float rounding)."""
+    return calibration.no_change_median and (handover is None or handover.keeps_model_median)
+
+
+def describe_point_forecast(calibration: PathCalibration, handover: Handover | None = None) -> str:
+    """What a forecast's median (its point forecast: the `*_median` columns) is, in words."""
+    if no_change_point(calibration, handover):
+        return ("no change: the path calibration fitted on validation shrank the model's median move to 0 (center "
+                "factor 0), so the median close is the last close (to about 1e-6: the median of an even number of "
+                "paths averages the middle two); the quantiles carry the spread, and the direction, IC and RankIC "
+                "of this point forecast are undefined")
+    if handover is None or handover.keeps_model_median:
+        return "the median of the sample paths, bar by bar"
+    naive = ", ".join(handover.ensemble.naive_members)
+    if calibration.no_change_median:
+        return (f"the median of the handed-over paths, bar by bar: the model's own median move is 0 (center factor "
+                f"0), so any move of the median comes from the naive forecasts it is combined with ({naive})")
+    return f"the median of the handed-over paths (the model's combined with {naive}), bar by bar"
 
 
 @dataclass
@@ -265,4 +295,5 @@ def _rule(n: int, names: list[str], handover: Handover, tails: Mapping[str, Any]
             f"{tails.get('why', '')[:1].upper()}{tails.get('why', '')[1:]}. The test split is never read.")
 
 
-__all__ = ["IDENTITY_HANDOVER", "TAIL_CRPS_TOLERANCE", "Handover", "HandoverFit", "fit_handover"]
+__all__ = ["IDENTITY_HANDOVER", "TAIL_CRPS_TOLERANCE", "Handover", "HandoverFit", "describe_point_forecast",
+           "fit_handover", "no_change_point"]

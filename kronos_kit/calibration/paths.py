@@ -93,6 +93,13 @@ class PathCalibration:
             return np.ones(horizon)
         return self.scale * np.arange(1, horizon + 1, dtype=np.float64) ** self.power
 
+    @property
+    def no_change_median(self) -> bool:
+        """True when the calibrated median path is the last close at every step (`spread_center` with center
+        weight 0): the model's point forecast is then persistence, and its direction, IC and RankIC are undefined
+        (what is handed over may still move the median: `handover.no_change_point`)."""
+        return self.method == "spread_center" and self.center == 0.0
+
     def describe(self) -> str:
         """The fitted transform in words."""
         if self.method == "none":

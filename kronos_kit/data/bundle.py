@@ -64,10 +64,10 @@ class DataBundle:
 
 def load_source(d: DataConfig) -> pd.DataFrame:
     """The canonical long frame of `d.source`: an embedded sample (`sample:NAME`) or files loaded with
-    the config's symbol, fill and column mapping."""
+    the config's symbol, fill, column mapping and adjusted-close choice."""
     if d.source.startswith("sample:"):
         return load_sample(d.source.removeprefix("sample:"))
-    return load_ohlcv(d.source, symbol=d.symbol, fill=d.fill, columns=d.columns)
+    return load_ohlcv(d.source, symbol=d.symbol, fill=d.fill, columns=d.columns, use_adj_close=d.adj_close)
 
 
 def data_cache_dir(cfg: KitConfig) -> Path | None:
@@ -83,7 +83,8 @@ def load_data(cfg: KitConfig) -> DataBundle:
     A panel (several symbols) is cut on common calendar dates unless ``data.ratio_split`` says
     ``symbol``; a symbol without a window in a split is left out of it with a notice."""
     d = cfg.data
-    arrays = cached_arrays(d.source, data_cache_dir(cfg), symbol=d.symbol, fill=d.fill, columns=d.columns)
+    arrays = cached_arrays(d.source, data_cache_dir(cfg), symbol=d.symbol, fill=d.fill, columns=d.columns,
+                           use_adj_close=d.adj_close)
     if d.val_start or d.test_start:
         if not (d.val_start and d.test_start):
             raise ValueError("data.val_start and data.test_start go together: set both, or neither to use ratios")

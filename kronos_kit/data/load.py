@@ -3,6 +3,7 @@ canonical long frame, refusing bad data with a `DataError` that names the file, 
 
 from __future__ import annotations
 
+import gzip
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,15 +141,40 @@ def _expand(source: str | PathLike | Sequence[str | PathLike]) -> list[Path]:
     return files
 
 
-def _read(path: Path, columns: Mapping[str, str] | None) -> tuple[pd.DataFrame, np.ndarray, bool]:
+def _csv_dialect(path: Path) -> tuple[str, str]:
+    """(separator, decimal mark) of a CSV, told from its first lines: commas unless the header has none and splits
+    on `;`, a tab or `|` (then a decimal comma when the numbers are written 1,5 rather than 1.5)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rt", errors="replace") as f:
+            head = [f.readline() for _ in range(6)]
+    except OSError:
+        return ",", "."
+    if "," in head[0]:
+        return ",", "."
+    for sep in (";", "\t", "|"):
+        if sep in head[0]:
+            body = "".join(head[1:])
+            decimal = "," if re.search(r"\d,\d", body) and not re.search(r"\d\.\d", body) else "."
+            return sep, decimal
+    return ",", "."
+
+
+def _read(path: Path, columns: Mapping[str, str] | None,
+          notices: list[str]) -> tuple[pd.DataFrame, np.ndarray, bool]:
     """Read one file; return the frame, each row's number in the file, and whether it is a CSV."""
     try:
         if _file_kind(path) == "parquet":
             raw = pd.read_parquet(path)
             return raw, np.arange(1, len(raw) + 1), False
-        header = pd.read_csv(path, nrows=0).columns
+        sep, decimal = _csv_dialect(path)
+        if sep != ",":
+            names = {";": "';'", "\t": "tab", "|": "'|'"}
+            notify(notices, f"{path.name}: read as {names[sep]}-separated"
+                            f"{' with decimal commas' if decimal == ',' else ''} (its header has no commas).")
+        header = pd.read_csv(path, nrows=0, sep=sep).columns
         # keep blank lines as empty rows so row numbers stay CSV line numbers, then drop them
-        raw = pd.read_csv(path, skip_blank_lines=False, **_symbols_as_text(header, columns))
+        raw = pd.read_csv(path, skip_blank_lines=False, sep=sep, decimal=decimal, **_symbols_as_text(header, columns))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path.name}: could not be read ({exc}). Expect one header line and "
                         "comma-separated values (CSV) or a Parquet file.") from None
@@ -308,15 +334,7 @@ def _canonical_part(
         found["timestamps"] = first
         notify(notices, f"{label}: the unnamed first column holds dates; taken as the timestamps "
                         f"(name it, or pass columns={{'<name>': 'timestamps'}}, to silence this).")
-    missing = [c for c in _REQUIRED if c not in found]
-    if missing:
-        shown = [c for c in raw.columns if c != "__index_time__"]
-        raise DataError(
-            f"{label}: missing required column(s) {missing}; columns found: {shown}. Accepted names "
-            f"(any case): time {list(_ALIASES['timestamps'])}, open, high, low, close, volume "
-            f"{list(_ALIASES['volume'])}, amount {list(_ALIASES['amount'])}. Rename them or pass "
-            "columns={'<your name>': '<canonical name>'}."
-        )
+    _require_columns(raw, found, label)
     origin = _Origin([label], [csv], np.zeros(len(raw), np.int32), np.asarray(rows, np.int64))
 
     # `symbol` names the only unnamed series, else it selects one instrument
@@ -343,6 +361,40 @@ def _canonical_part(
     values = {c: _parse_numbers(raw[found[c]], origin, str(found[c]))
               for c in (*PRICE_COLUMNS, "volume", "amount") if c in found}
 
+    values = _adjusted(values, raw, found, origin, label, use_adj_close, notices)
+    _fill_volume_amount(values, found, label, notices)
+    return _Part(codes, names, seen, timestamps, values, origin)
+
+
+def _require_columns(raw: pd.DataFrame, found: dict[str, object], label: str) -> None:
+    """Refuse a source without the required columns, saying what to do (a separator, a close-only file)."""
+    missing = [c for c in _REQUIRED if c not in found]
+    if missing and len(raw.columns) == 1 and re.search(r"[;\t|]", str(raw.columns[0])):
+        raise DataError(f"{label}: one column named {str(raw.columns[0])!r}: the file is not comma-separated and its "
+                        "separator could not be told from the header; save it with commas, or read it with "
+                        "pd.read_csv(path, sep=...) and pass the DataFrame.")
+    if missing and "close" in found and {"open", "high", "low"} <= set(missing):
+        shown = [c for c in raw.columns if c != "__index_time__"]
+        raise DataError(
+            f"{label}: only a close price (columns found: {shown}). Kronos reads candles: the open, high, low and "
+            "close of each bar (and volume), and the kit does not invent highs and lows from closes (a tokenizer "
+            "trained on flat candles learns nothing about a bar's range). Build the bars from finer data, e.g. "
+            "pandas: bars = ticks.resample('1D', on='timestamp')['price'].ohlc(), or, knowingly, set open = high = "
+            "low = close in your file (flat candles) and load that."
+        )
+    if missing:
+        shown = [c for c in raw.columns if c != "__index_time__"]
+        raise DataError(
+            f"{label}: missing required column(s) {missing}; columns found: {shown}. Accepted names "
+            f"(any case): time {list(_ALIASES['timestamps'])}, open, high, low, close, volume "
+            f"{list(_ALIASES['volume'])}, amount {list(_ALIASES['amount'])}. Rename them or pass "
+            "columns={'<your name>': '<canonical name>'}."
+        )
+
+
+def _adjusted(values: dict[str, np.ndarray], raw: pd.DataFrame, found: dict[str, object], origin: _Origin, label: str,
+              use_adj_close: bool, notices: list[str]) -> dict[str, np.ndarray]:
+    """The prices scaled by Adj Close / Close (`use_adj_close`), and a notice naming which close is used."""
     if use_adj_close:
         if "adj_close" not in found:
             raise DataError(f"{label}: use_adj_close=True but no 'Adj Close' column; columns found: "
@@ -357,9 +409,16 @@ def _canonical_part(
         factor = adj / close  # one factor per bar scales the whole candle, so its shape is kept
         values = {**values, "open": values["open"] * factor, "high": values["high"] * factor,
                   "low": values["low"] * factor, "close": adj}
-
-    _fill_volume_amount(values, found, label, notices)
-    return _Part(codes, names, seen, timestamps, values, origin)
+        notify(notices, f"{label}: prices adjusted: close = '{found['adj_close']}', open/high/low scaled by "
+                        f"{found['adj_close']} / {found['close']} (use_adj_close).")
+    elif "adj_close" in found and not np.allclose(
+            pd.to_numeric(raw[found["adj_close"]], errors="coerce").to_numpy(np.float64), values["close"],
+            rtol=1e-9, atol=0.0, equal_nan=True):  # an Adj Close equal to Close (indices) changes nothing
+        notify(notices, f"{label}: the close is the '{found['close']}' column, unadjusted (splits and dividends show "
+                        f"as price jumps); '{found['adj_close']}' is there too and is not used. To use it, set "
+                        f"data.adj_close: true (load_ohlcv(..., use_adj_close=True)): open, high, low and close are "
+                        f"then scaled by {found['adj_close']} / {found['close']}.")
+    return values
 
 
 def _combine(parts: list[_Part]) -> tuple[np.ndarray, list[str], np.ndarray, object, dict[str, np.ndarray], _Origin]:
@@ -458,7 +517,7 @@ def load_validated(
         files = _expand(source)
         parts = []
         for path in files:
-            raw, rows, csv = _read(path, columns)
+            raw, rows, csv = _read(path, columns, notices)
             parts.append(_canonical_part(raw, rows, label=path.name, csv=csv, name=_stem(path),
                                          may_name=len(files) == 1, **options))
         label = files[0].name if len(files) == 1 else f"{len(files)} files"

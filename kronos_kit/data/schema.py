@@ -66,6 +66,25 @@ def fill_amount(volume, open_, high, low, close):
     return volume * ((open_ + high + low + close) / 4.0)
 
 
+CANDLE_RULE = ("high = max(high, open, close), low = min(low, open, close), volume and amount at least 0, "
+               "per sample path and bar")
+
+
+def repair_candles(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled bars as valid candles (`CANDLE_RULE`): the model decodes each channel on its own, so a sampled bar
+    can have its low above its close. `values` (..., 6) in `FEATURE_COLUMNS` order; returns the repaired copy and
+    a boolean mask (...) of the bars that needed it. Summaries taken per channel at one level (mean, median, any
+    quantile) of repaired paths are valid candles too: high >= open on every path keeps the q-quantile of the
+    highs at or above the q-quantile of the opens."""
+    out = np.array(values, dtype=np.float64, copy=True)
+    o, h, lo, c, v, a = (out[..., k] for k in range(6))
+    top, bottom = np.maximum(o, c), np.minimum(o, c)
+    needed = (h < top) | (lo > bottom) | (v < 0) | (a < 0)
+    out[..., 1], out[..., 2] = np.maximum(h, top), np.minimum(lo, bottom)
+    out[..., 4], out[..., 5] = np.maximum(v, 0.0), np.maximum(a, 0.0)
+    return out, needed
+
+
 def time_features(timestamps: pd.Series | pd.DatetimeIndex | Sequence | np.ndarray) -> pd.DataFrame:
     """Calendar features as the Kronos reference computes them: columns exactly
     ``minute, hour, weekday (Monday=0), day (of month, 1..31), month (1..12)``, int64.

@@ -275,11 +275,13 @@ def source_sha256(source: str) -> str:
 
 
 def source_key(source: str, *, symbol: str | None, fill: str | None, columns: dict[str, str] | None,
-               content: str | None = None) -> str:
+               content: str | None = None, use_adj_close: bool = False) -> str:
     """sha256 of what a load reads and how: the source's bytes (``content``, else `source_sha256`), the loader
-    options and the cache format."""
+    options (the adjusted close only when asked for, so the keys of other loads stay as they were) and the cache
+    format."""
     options = {"format": FORMAT, "symbol": symbol, "fill": fill, "columns": columns, "numpy": np.__version__,
-               "pandas": pd.__version__, "content": content or source_sha256(source)}
+               "pandas": pd.__version__, "content": content or source_sha256(source),
+               **({"use_adj_close": True} if use_adj_close else {})}
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
@@ -318,7 +320,7 @@ def _prune_stale(cache_dir: Path, source: str, keep: Path) -> None:
 
 
 def cached_arrays(source: str, cache_dir: str | Path | None, *, symbol: str | None = None, fill: str | None = None,
-                  columns: dict[str, str] | None = None) -> MarketArrays:
+                  columns: dict[str, str] | None = None, use_adj_close: bool = False) -> MarketArrays:
     """The validated arrays of ``source`` (a file, folder or ``sample:NAME``), memory-mapped from the
     cache entry for its current bytes, built first when there is none (or it is not this source's, or damaged).
 
@@ -336,15 +338,17 @@ def cached_arrays(source: str, cache_dir: str | Path | None, *, symbol: str | No
         if source.startswith("sample:"):
             arrays = MarketArrays.from_frame(load_sample(source.removeprefix("sample:")))
         else:
-            arrays = MarketArrays.from_validated(load_validated(source, symbol=symbol, fill=fill, columns=columns))
+            arrays = MarketArrays.from_validated(load_validated(source, symbol=symbol, fill=fill, columns=columns,
+                                                                use_adj_close=use_adj_close))
         return dataclasses.replace(arrays, source_sha256=content)
 
     if cache_dir is None:
         return _build(load)
     cache_dir = Path(cache_dir)
-    key = source_key(source, symbol=symbol, fill=fill, columns=columns, content=content)
+    key = source_key(source, symbol=symbol, fill=fill, columns=columns, content=content, use_adj_close=use_adj_close)
     entry = cache_dir / f"data-{key[:32]}"
-    label = json.dumps({"source": source, "symbol": symbol, "fill": fill, "columns": columns}, sort_keys=True)
+    label = json.dumps({"source": source, "symbol": symbol, "fill": fill, "columns": columns,
+                        **({"use_adj_close": True} if use_adj_close else {})}, sort_keys=True)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         handle = (cache_dir / f"data-{key[:32]}.lock").open("a")

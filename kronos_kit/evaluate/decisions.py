@@ -154,7 +154,7 @@ def decide_promotion(
     shown = bool(np.isfinite(p_one) and p_one < promotion_level)
     n_origins = int(main["n_origins"])
     # "not testable" is no evidence that the close MAE is not worse: only a test that ran can clear it
-    mae_cleared = mae["verdict"] in ("better", "no detectable difference")
+    mae_cleared = mae["verdict"] in ("better", "no detectable difference", "identical")
     enough = n_origins >= MIN_DECISION_ORIGINS
     promote = lower and shown and mae_cleared and enough
     label = ORIGIN_LOSSES[metric]
@@ -229,7 +229,7 @@ def decide_on_validation(
     base: str = "base",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: bool = True,
 ) -> ValidationDecision:
     """Promotion and forecast calibration, both on the validation split only (never the test split).
 
@@ -249,7 +249,7 @@ def decide_on_validation(
     e = evaluation
     pairs = {name: models[name] for name in (base, finetuned)}
     result = evaluate_models(frame, pairs, lookback=lookback, **_validation_settings(e), baselines=(), seed=seed,
-                             device=device, progress=progress)
+                             device=device, progress=progress, label="validation walk-forward")
     root = Path(run_dir) if run_dir is not None else None
     promotion = decide_promotion(result, finetuned=finetuned, base=base, seed=seed, promotion_level=e.promotion_level,
                                  finetuned_sources=tuple(relative_source(s, root) for s in finetuned_sources),

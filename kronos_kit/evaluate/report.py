@@ -1,12 +1,17 @@
 """The run's evaluation files: metrics.json, metrics_table.csv, report.md and forecasts.parquet.
 
-The report compares every headline metric (:data:`~kronos_kit.evaluate.table.METRICS`), wins and
-losses alike; metric definitions live in :mod:`kronos_kit.metrics`.
+`report.md` is a sequence of sections (:data:`REPORT_SECTIONS`, functions of one :class:`ReportContext`), in
+reading order: the verdict first, then the paired tests behind it, "Did finetuning help?" in the same voice
+(only tested differences are called better or worse), the decisions taken on validation, the test evaluation's
+tables, and the phase 1 and 2 sections. A new section is one function added to the tuple. The report compares
+every headline metric (:data:`~kronos_kit.evaluate.table.METRICS`), wins and losses alike; metric definitions
+live in :mod:`kronos_kit.metrics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,7 @@ from kronos_kit.evaluate import table as table_module
 from kronos_kit.evaluate.baselines import BASELINES
 from kronos_kit.evaluate.handover import handover_comparisons, handover_section, handover_summary
 from kronos_kit.evaluate.scores import EvaluationResult
-from kronos_kit.evaluate.text import fmt
+from kronos_kit.evaluate.text import fmt, fmt_p
 from kronos_kit.evaluate.text import markdown_table as _markdown_table
 from kronos_kit.evaluate.tokens import TOKEN_HEADLINE
 from kronos_kit.evaluate.universe_report import universe_section
@@ -59,6 +64,8 @@ def compare(value: float, other: float, direction: str | float) -> tuple[bool | 
 
 def _sentence(label: str, ft: str, ft_val: float, other: str, other_val: float, direction: str | float,
               why_missing: str = "") -> dict:
+    """One metric of ``ft`` against ``other``, described without a verdict: most metrics have no test here, so
+    the sentence says lower / higher / closer to nominal, never better or worse (``better`` stays in the row)."""
     better, change = compare(ft_val, other_val, direction)
     head = f"{ft.capitalize()} {label} {fmt(ft_val)} vs {other} {fmt(other_val)}"
     if isinstance(direction, float):
@@ -67,20 +74,23 @@ def _sentence(label: str, ft: str, ft_val: float, other: str, other_val: float, 
         missing = ft if not np.isfinite(ft_val) else other
         text = f"{head}: not comparable ({missing} has no value{why_missing})."
     elif better is None:
-        text = f"{head}: a tie."
+        text = f"{head}: equal."
+    elif isinstance(direction, float):
+        gaps = f"|error| {abs(ft_val - direction):.3g} vs {abs(other_val - direction):.3g}"
+        text = f"{head}: {'closer to' if better else 'further from'} nominal ({gaps})."
+    elif direction == "higher":
+        # correlations, R^2 and hit rates can be negative or near 0: a difference reads better than a %
+        text = f"{head}: {'higher' if ft_val > other_val else 'lower'} by {abs(ft_val - other_val):.3g}."
     else:
-        verdict = f"{ft} is {'better' if better else 'worse'}"
-        if isinstance(direction, float):
-            gaps = f"|error| {abs(ft_val - direction):.3g} vs {abs(other_val - direction):.3g}"
-            text = f"{head}: {verdict} (closer to nominal is better; {gaps})."
-        elif direction == "higher":
-            # correlations, R^2 and hit rates can be negative or near 0: a difference reads better than a %
-            text = f"{head}: {verdict} (difference {ft_val - other_val:+.3g})."
-        else:
-            pct = f" ({change:+.1f}%)" if change is not None else ""
-            text = f"{head}: {verdict}{pct}."
+        text = f"{head}: {_change_text(change) if change is not None else 'different'}."
     return {"metric": label, "against": other, "finetuned": ft_val, "other": other_val, "better": better,
             "change_pct": change, "sentence": text}
+
+
+def _change_text(change: float) -> str:
+    """`1.8% lower`, `0.02% higher`: two significant digits below 1%, so a small change never reads as 0.0%."""
+    size = f"{abs(change):.2g}%" if abs(change) < 1 else f"{abs(change):.1f}%"
+    return f"{size} {'lower' if change < 0 else 'higher'}"
 
 
 def report_comparisons(
@@ -156,15 +166,16 @@ def write_report(
     """Write ``metrics.json`` (every number, NaN as null), ``metrics_table.csv``, ``report.md`` and
     ``forecasts.parquet`` (:func:`forecast_table`: every origin's forecast, for backtests).
 
-    ``report.md`` opens with a one-sentence bottom line (:func:`bottom_line`) and one verdict line per
-    paired comparison (:func:`paired_comparisons` at ``level``: better / no detectable difference /
-    worse, the numbers and the test), then the promotion and sampling calibration when given (both
-    decided on validation), the IC / RankIC with Newey-West t-statistics, the headline table for every
-    model and baseline and one sentence per headline metric saying whether ``finetuned`` beat ``base``
-    and persistence (and GARCH on volatility), with the numbers. ``tokens`` optionally maps model names
-    to :func:`token_metrics` outputs. ``metrics.json`` holds the same verdicts. ``universe`` (a panel's
-    :func:`~kronos_kit.evaluate.evaluate_universe`) adds its sentences to the bottom line and its section
-    after the verdicts; without a cross-section it changes nothing.
+    ``report.md`` is :data:`REPORT_SECTIONS` in order: the bottom line (:func:`bottom_line`) first, one line
+    per paired test (:func:`paired_comparisons` at ``level``: better / no detectable difference / worse, the
+    numbers and the test), "Did finetuning help?" (one sentence per headline metric against ``base``,
+    persistence and GARCH, descriptive except where a paired test stands behind it), the promotion and the
+    calibration when given (both decided on validation), the handed-over forecast (:func:`handover_section`), the
+    universe evaluation when given (:func:`universe_section`), the test evaluation's table, IC / RankIC with
+    Newey-West t-statistics, token metrics, and the phase 1 and 2 sections from the run's files. ``tokens``
+    optionally maps model names to :func:`token_metrics` outputs. ``metrics.json`` holds the same verdicts.
+    ``universe`` (a panel's :func:`~kronos_kit.evaluate.evaluate_universe`) adds its sentences to the bottom
+    line and its section after the handover; without a cross-section it changes nothing.
     """
     rd = RunDir(run_dir)
     comparisons = report_comparisons(result, finetuned=finetuned, base=base, tokens=tokens)
@@ -206,88 +217,151 @@ def write_report(
     save_json(paths["json"], jsonable(payload), newline=False, allow_nan=False)
     atomic_write_text(paths["table"], result.table.to_csv())
     atomic_write(paths["forecasts"], lambda tmp: forecast_table(result).to_parquet(tmp, index=False))
-
-    lines = phase_sections(rd.path)  # phase 1 and phase 2, from the run's files, before the forecast evaluation
-    lines += _report_head(result, headline, paired, level, promotion, calibration, payload)
-    lines += handover_section(result, handover_rows, handover_text, calibration)
-    lines += universe_section(universe) if universe is not None else []
-    lines += _report_details(result, ic_table, comparisons, finetuned, base, tokens)
-    atomic_write_text(paths["report"], "\n".join(lines))
+    ctx = ReportContext(result, rd, finetuned, base, tokens, level, promotion, calibration, paired, headline,
+                        ic_table, comparisons, payload, handover_rows, handover_text, universe)
+    atomic_write_text(paths["report"], "\n".join(line for section in REPORT_SECTIONS for line in section(ctx)))
     return paths
 
 
-def _report_head(result: EvaluationResult, headline: str, paired: pd.DataFrame, level: float,
-                 promotion: Promotion | None, calibration: SamplingCalibration | None,
-                 payload: Mapping[str, Any]) -> list[str]:
-    """report.md's opening: the bottom line, the paired verdicts, promotion, calibration, the headline table."""
-    cfg = result.config
-    lines = ["# Forecast evaluation", "", f"**Bottom line.** {headline}", ""]
-    if not paired.empty:
-        lines += [f"## Verdict (paired tests at {level:.0%}, test split)", "",
-                  "Each line compares per-origin losses on the same origins: the Diebold-Mariano test with a "
-                  "Newey-West variance (neighbouring origins are correlated) decides better / no detectable "
-                  "difference / worse; relative skill is 1 - model/other (positive: the model is better) with a "
-                  "moving-block bootstrap interval. Origins at the same time are averaged into one value.", ""]
-        lines += verdict_lines(paired) + [""]
-    if promotion is not None:
-        lines += ["## Promotion (decided on the validation split)", "", promotion.reason, "",
-                  f"Tokenizer: `{promotion.tokenizer}`; predictor: `{promotion.predictor}`. Rule: {promotion.rule}", ""]
-    if calibration is not None:
-        lines += _calibration_lines(calibration, result)
-    lines += [
+@dataclass
+class ReportContext:
+    """Everything a report section reads: the evaluation, the run folder, the decisions and the verdicts."""
+
+    result: EvaluationResult
+    rd: RunDir
+    finetuned: str
+    base: str
+    tokens: Mapping[str, Mapping[str, float]] | None
+    level: float
+    promotion: Promotion | None
+    calibration: SamplingCalibration | None
+    paired: pd.DataFrame  # paired_comparisons of `finetuned` against the base and every baseline
+    headline: str  # bottom_line: the verdict in a sentence or two
+    ic_table: pd.DataFrame
+    comparisons: list[dict]  # report_comparisons: every headline metric against base, persistence, GARCH
+    payload: Mapping[str, Any]  # metrics.json
+    handover_rows: pd.DataFrame  # handover_comparisons: the handed-over forecast against the model and the naive ones
+    handover_text: str | None  # handover_summary: what is handed over, in a sentence (part of the bottom line)
+    universe: UniverseEvaluation | None  # a panel's universe evaluation, or None
+
+
+def verdict_section(ctx: ReportContext) -> list[str]:
+    """The title and the verdict, before anything else."""
+    return [f"# Report: {ctx.rd.path.name}", "", f"**Bottom line.** {ctx.headline}", "",
+            "Decided on the test split, which no choice of this run looked at: the promotion and the forecast "
+            "calibration below were decided on validation. The sections after the tests give the details.", ""]
+
+
+def paired_section(ctx: ReportContext) -> list[str]:
+    """One line per paired test (`verdict_lines`): the evidence the bottom line is made of."""
+    if ctx.paired.empty:
+        return []
+    return [f"## The tests behind it (paired, at {ctx.level:.0%}, test split)", "",
+            "Each line compares per-origin losses on the same origins: the Diebold-Mariano test with a Newey-West "
+            "variance (neighbouring origins are correlated) decides better / no detectable difference / worse; "
+            "relative skill is 1 - model/other (positive: the model is better) with a moving-block bootstrap "
+            "interval. Origins at the same time are averaged into one value.", "",
+            *verdict_lines(ctx.paired), ""]
+
+
+def finetuning_section(ctx: ReportContext) -> list[str]:
+    """"Did finetuning help?" in the verdict's voice: the tested metrics carry their verdicts, the others are
+    described (lower / higher), never counted as wins."""
+    ft, base, result = ctx.finetuned, ctx.base, ctx.result
+    lines = ["## Did finetuning help?", ""]
+    if ft not in result.table.index:
+        return [*lines, f"No model named {ft!r} was evaluated, so there is nothing to compare.", ""]
+    if base not in result.table.index:
+        lines += [f"No model named {base!r} was evaluated; comparisons are against the baselines only.", ""]
+    lines += [f"The answer is the bottom line above: close CRPS and close MAE are the metrics this run tests (paired, "
+              f"at {ctx.level:.0%}). Every other difference below is descriptive: no test stands behind it, so it is "
+              "not evidence either way, however many of them point the same way.", ""]
+    tested = {(r["other"], r["metric"]): r for r in ctx.paired.to_dict(orient="records")}
+    for other in dict.fromkeys(c["against"] for c in ctx.comparisons):
+        lines += [f"### {ft} vs {other}", ""]
+        for c in (c for c in ctx.comparisons if c["against"] == other):
+            test = tested.get((other, {"close_crps": "close_crps", "close_mae": "close_ae"}.get(c["column"], "")))
+            note = f" Paired test: **{test['verdict']}** ({fmt_p(test['p_value'])})." if test else ""
+            lines.append(f"- {c['sentence']}{note}")
+        lines.append("")
+        if other in result.samples and ft in result.samples:
+            lines += [_paired_crps_line(result, ft, other), ""]
+    return lines
+
+
+def promotion_section(ctx: ReportContext) -> list[str]:
+    p = ctx.promotion
+    if p is None:
+        return []
+    return ["## Promotion (decided on the validation split)", "", p.reason, "",
+            f"Tokenizer: `{p.tokenizer}`; predictor: `{p.predictor}`. Rule: {p.rule}", ""]
+
+
+def calibration_section(ctx: ReportContext) -> list[str]:
+    return _calibration_lines(ctx.calibration, ctx.result) if ctx.calibration is not None else []
+
+
+def handover_section_of(ctx: ReportContext) -> list[str]:
+    """The handed-over forecast: what the kit gives the user, against the model alone and the naive forecasts."""
+    return handover_section(ctx.result, ctx.handover_rows, ctx.handover_text, ctx.calibration)
+
+
+def universe_section_of(ctx: ReportContext) -> list[str]:
+    """A panel's ranking and portfolio evaluation (nothing without a cross-section)."""
+    return universe_section(ctx.universe) if ctx.universe is not None else []
+
+
+def evaluation_section(ctx: ReportContext) -> list[str]:
+    """How the test evaluation ran, and the headline table of every model and baseline."""
+    result, cfg, payload = ctx.result, ctx.result.config, ctx.payload
+    return [
+        "## The test evaluation", "",
         f"Walk-forward on the test split: {result.n_origins} origins over {payload['n_symbols']} symbol(s) "
         f"({payload['origin_time_range'][0]} to {payload['origin_time_range'][1]}), lookback {cfg['lookback']}, "
         f"horizon {cfg['pred_len']}, stride {cfg['stride']}, {cfg['sample_count']} sample paths. Every origin "
         f"counts and every model and baseline is scored on the same origins. Point metrics use the "
         f"{cfg['point']} of the sample paths; MASE uses the seasonal-naive error (m={cfg['season']}) of each "
-        "history window; WQL averages 2*pinball/sum|y| over q=0.1..0.9.",
-        "",
-        "## Headline metrics",
-        "",
-        _markdown_table(result.table),
-        "",
-    ]
-    return lines
+        "history window; WQL averages 2*pinball/sum|y| over q=0.1..0.9.", "",
+        "### Headline metrics", "", _markdown_table(result.table), ""]
 
 
-def _report_details(result: EvaluationResult, ic_table: pd.DataFrame, comparisons: list[dict], finetuned: str,
-                    base: str, tokens: Mapping[str, Mapping[str, float]] | None) -> list[str]:
-    """report.md's body: IC significance, GARCH fallbacks, one sentence per headline metric, token metrics."""
+def ic_section(ctx: ReportContext) -> list[str]:
+    """IC significance (undefined for a no-change point forecast) and GARCH fallbacks."""
     lines: list[str] = []
-    if len(ic_table):
-        lines += ["## IC significance (Newey-West t)", "",
+    if len(ctx.ic_table):
+        lines += ["### IC significance (Newey-West t)", "",
                   "t = IC / its Newey-West standard error (time series: the slope of within-symbol z-scored "
                   "realized on predicted returns; cross-sectional: the mean of the per-date ICs); |t| > 1.96 "
-                  f"rejects 'no correlation' at 5% (lag {int(ic_table['lag'].iloc[0])}).", "",
-                  _markdown_table(ic_table.drop(columns="lag")), ""]
-    if result.garch_fallbacks:
-        fb = result.garch_fallbacks
+                  f"rejects 'no correlation' at 5% (lag {int(ctx.ic_table['lag'].iloc[0])}). A point forecast of no "
+                  "change has no IC (n/a).", "", _markdown_table(ctx.ic_table.drop(columns="lag")), ""]
+    fb = ctx.result.garch_fallbacks
+    if fb:
         reasons = ", ".join(f"{k}: {v}" for k, v in fb.items() if k != "total") or "none"
-        lines += [f"GARCH(1,1) fell back to the sample variance on {fb['total']} of {result.n_origins} origins "
+        lines += [f"GARCH(1,1) fell back to the sample variance on {fb['total']} of {ctx.result.n_origins} origins "
                   f"({reasons}).", ""]
-    lines += ["## Did finetuning help?", ""]
-    if finetuned not in result.table.index:
-        lines += [f"No model named {finetuned!r} was evaluated, so there is nothing to compare.", ""]
-    else:
-        if base not in result.table.index:
-            lines += [f"No model named {base!r} was evaluated; comparisons are against the baselines only.", ""]
-        for other in dict.fromkeys(c["against"] for c in comparisons):
-            rows = [c for c in comparisons if c["against"] == other]
-            wins = sum(c["better"] is True for c in rows)
-            losses = sum(c["better"] is False for c in rows)
-            lines += [f"### {finetuned} vs {other}", "",
-                      f"{finetuned.capitalize()} is better on {wins} and worse on {losses} of the {len(rows)} "
-                      f"metrics compared against {other} (the rest tie or are not comparable).", ""]
-            lines += [f"- {c['sentence']}" for c in rows] + [""]
-            if other in result.samples and finetuned in result.samples:
-                lines += [_paired_crps_line(result, finetuned, other), ""]
-    if tokens:
-        keys = [k for k, _, _ in TOKEN_HEADLINE]
-        token_table = pd.DataFrame.from_dict({n: {k: t.get(k) for k in keys + ["n_tokens"]} for n, t in tokens.items()},
-                                             orient="index")
-        token_table.index.name = "model"
-        lines += ["## Token-level metrics (test windows, causal path)", "", _markdown_table(token_table), ""]
     return lines
+
+
+def token_section(ctx: ReportContext) -> list[str]:
+    if not ctx.tokens:
+        return []
+    keys = [k for k, _, _ in TOKEN_HEADLINE]
+    table = pd.DataFrame.from_dict({n: {k: t.get(k) for k in keys + ["n_tokens"]} for n, t in ctx.tokens.items()},
+                                   orient="index")
+    table.index.name = "model"
+    return ["### Token-level metrics (test windows, causal path)", "", _markdown_table(table), ""]
+
+
+def phase_section(ctx: ReportContext) -> list[str]:
+    """Phase 1 (the gate, reconstruction, codebook) and phase 2 (best step vs base), from the run's files."""
+    return phase_sections(ctx.rd.path)
+
+
+Section = Callable[[ReportContext], list[str]]
+REPORT_SECTIONS: tuple[Section, ...] = (verdict_section, paired_section, finetuning_section, promotion_section,
+                                        calibration_section, handover_section_of, universe_section_of,
+                                        evaluation_section, ic_section, token_section, phase_section)
+"""report.md's sections in reading order (read at write time: a section added here is written)."""
 
 
 def _calibration_lines(cal: SamplingCalibration, result: EvaluationResult) -> list[str]:
@@ -319,4 +393,5 @@ def _paired_crps_line(result: EvaluationResult, a: str, b: str) -> str:
             f"(ties {ties:.1f}%). Origins overlap when stride < horizon, so they are not independent.")
 
 
-__all__ = ["FORECAST_QUANTILES", "compare", "forecast_table", "report_comparisons", "write_report"]
+__all__ = ["FORECAST_QUANTILES", "REPORT_SECTIONS", "ReportContext", "compare", "forecast_table", "report_comparisons",
+           "write_report"]

@@ -76,6 +76,10 @@ class EvaluationResult:
             self.vol_pred[name] = M.predicted_vol(self.samples[name], self.last_close)
         self.config["path_calibration"] = {**self.config.get("path_calibration", {}),
                                            **{n: c.describe() for n, c in calibrations.items()}}
+        # a calibration that centers the median at 0 makes the point forecast no change (np.median of an even
+        # number of paths lands a hair above the last close: the mean of exp(+x) and exp(-x), not exactly it)
+        kept = {n for n in self.config.get("no_change_point", []) if n not in calibrations}
+        self.config["no_change_point"] = sorted(kept | {n for n, c in calibrations.items() if c.no_change_median})
         self.rescore()
 
     def hand_over(self, handover: Handover, model: str) -> None:
@@ -96,6 +100,11 @@ class EvaluationResult:
         self.kinds = dict(kinds[:at] + [(HANDED_OVER, "handed_over")] + kinds[at:])
         self.config["handed_over"] = {"model": model, "describe": handover.describe(model),
                                       **handover.to_dict()}
+        # its median is the model's when no naive member has weight: no change too when the model's is
+        no_change = set(self.config.get("no_change_point", [])) - {HANDED_OVER}
+        if model in no_change and handover.keeps_model_median:
+            no_change.add(HANDED_OVER)
+        self.config["no_change_point"] = sorted(no_change)
         self.rescore()
 
     def uncalibrated_scores(self) -> pd.DataFrame:
@@ -202,7 +211,19 @@ def score_entry(result: EvaluationResult, name: str) -> dict[str, Any]:
     out["by_step"] = by_step
     pred_ret, real_ret = result.horizon_returns(name)
     out.update(M.information_coefficients(pred_ret, real_ret, result.symbols, result.origin_time))
+    # a point forecast of no change (persistence, or a model whose calibration centers its median at 0) has no
+    # direction: its "changes" are float rounding, whose correlations with the realized moves mean nothing
+    out["point_is_no_change"] = name in result.config.get("no_change_point", ()) or bool(
+        np.all(np.abs(pred_change) <= NO_CHANGE_RTOL * np.abs(last)[:, None]))
+    if out["point_is_no_change"]:
+        out["directional_accuracy"] = np.nan
+        by_step["directional_accuracy"] = np.full(point.shape[1], np.nan)
+        out.update({k: np.nan for k in ("ic", "rank_ic", "xs_ic", "xs_rank_ic")})
     return out
+
+
+NO_CHANGE_RTOL = 1e-9
+"""A point forecast within this relative distance of the last close at every origin and step is no change."""
 
 
 def summary_table(result: EvaluationResult) -> pd.DataFrame:
@@ -225,4 +246,4 @@ def _by_channel(values: np.ndarray) -> dict[str, Any]:
     return {f: values[k] for k, f in enumerate(FEATURE_COLUMNS)}
 
 
-__all__ = ["HANDED_OVER", "EvaluationResult", "score_entry", "summary_table"]
+__all__ = ["HANDED_OVER", "NO_CHANGE_RTOL", "EvaluationResult", "score_entry", "summary_table"]

@@ -46,7 +46,8 @@ def entry_value(key: str, *, missing: Any = np.nan) -> MetricValue:
 
 
 _NO_INTERVAL = ": a single path has no interval"
-_CONSTANT = ": correlation is undefined for constant predictions"
+_CONSTANT = ": correlation is undefined for constant predictions (e.g. a no-change point forecast)"
+_NO_DIRECTION = ": a no-change point forecast has no direction"
 
 METRICS: tuple[Metric, ...] = (
     Metric("close_mae", "close MAE", "lower", close_channel("mae")),
@@ -58,11 +59,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("coverage_50", "close 50% interval coverage", 0.5, close_channel("coverage", "0.5"), _NO_INTERVAL),
     Metric("coverage_80", "close 80% interval coverage", 0.8, close_channel("coverage", "0.8"), _NO_INTERVAL),
     Metric("coverage_95", "close 95% interval coverage", 0.95, close_channel("coverage", "0.95"), _NO_INTERVAL),
-    Metric("directional_accuracy", "directional accuracy", "higher", entry_value("directional_accuracy")),
+    Metric("directional_accuracy", "directional accuracy", "higher", entry_value("directional_accuracy"),
+           _NO_DIRECTION),
     Metric("ic", "IC", "higher", entry_value("ic"), _CONSTANT),
     Metric("rank_ic", "RankIC", "higher", entry_value("rank_ic"), _CONSTANT),
-    Metric("xs_ic", "cross-sectional IC", "higher", entry_value("xs_ic")),
-    Metric("xs_rank_ic", "cross-sectional RankIC", "higher", entry_value("xs_rank_ic")),
+    Metric("xs_ic", "cross-sectional IC", "higher", entry_value("xs_ic"), _CONSTANT),
+    Metric("xs_rank_ic", "cross-sectional RankIC", "higher", entry_value("xs_rank_ic"), _CONSTANT),
     Metric("vol_mae", "realized-vol MAE", "lower", lambda result, name, entry: entry["vol_mae"]),
     Metric("vol_r2", "realized-vol R^2", "higher", lambda result, name, entry: entry["vol_r2"]),
 )

@@ -14,7 +14,9 @@ from kronos_kit.evaluate.table import ORIGIN_LOSSES
 from kronos_kit.evaluate.text import fmt, fmt_p, fmt_pct
 
 VERDICTS: tuple[str, ...] = ("better", "no detectable difference", "worse")
-"""What a paired test can say at the chosen level; "not testable" when it has fewer than 3 time points."""
+"""What a paired test can say at the chosen level; "not testable" when it has fewer than 3 time points, and
+"identical" when the two forecasts' losses coincide (e.g. a model whose point forecast is no change against
+persistence on close MAE): a test of their float rounding would mean nothing."""
 
 
 def overlap_lag(result: EvaluationResult) -> int:
@@ -107,6 +109,11 @@ def paired_comparisons(
             continue
         for metric in ("close_crps", "close_ae") if other in result.samples else ("vol_ae",):
             a, b, n_used = paired_losses(result, model, other, metric)
+            both_no_change = metric == "close_ae" and all(result.scores.get(n, {}).get("point_is_no_change")
+                                                          for n in (model, other))
+            if len(a) and (both_no_change or np.allclose(a, b, rtol=IDENTICAL_RTOL, atol=0.0)):
+                rows.append(_identical(result, model, other, metric, a, n_used, level))
+                continue
             la, lb = result.origin_loss(model, metric), result.origin_loss(other, metric)
             ok = np.isfinite(la) & np.isfinite(lb)
             model_mean = float(la[ok].mean()) if ok.any() else float("nan")
@@ -133,6 +140,19 @@ def paired_comparisons(
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
+IDENTICAL_RTOL = 1e-9  # per-origin losses this close are the same forecast's, up to float rounding
+
+
+def _identical(result: EvaluationResult, model: str, other: str, metric: str, a: np.ndarray, n_used: int,
+               level: float) -> dict:
+    mean = float(result.origin_loss(model, metric)[np.isfinite(result.origin_loss(model, metric))].mean())
+    return {"model": model, "other": other, "metric": metric, "label": ORIGIN_LOSSES[metric], "model_mean": mean,
+            "other_mean": mean, "change_pct": 0.0, "relative_skill": 0.0, "ci_low": np.nan, "ci_high": np.nan,
+            "ci_level": 1 - level, "dm_stat": np.nan, "p_value": np.nan, "mean_diff": 0.0, "verdict": "identical",
+            "test": "none: the losses coincide", "n_origins": n_used, "n_periods": len(a), "lag": 0, "block": 0,
+            "mde": np.nan}
+
+
 COMPARISON_COLUMNS = ["model", "other", "metric", "label", "model_mean", "other_mean", "change_pct",
                        "relative_skill", "ci_low", "ci_high", "ci_level", "dm_stat", "p_value", "mean_diff",
                        "verdict", "test", "n_origins", "n_periods", "lag", "block", "mde"]
@@ -146,6 +166,8 @@ COVERAGE_TOLERANCE = 0.05  # the 80% interval reads as calibrated when its cover
 
 def _vs(r: pd.Series, what: str, than: str) -> str:
     """'<what> 5.2% lower than <than> (the verdict in words)' for one comparison row."""
+    if r["verdict"] == "identical":
+        return f"{what} the same as {than} (the two point forecasts coincide: no test)"
     size = f"{abs(r['change_pct']):.1f}% {'lower' if r['change_pct'] < 0 else 'higher'}"
     if r["verdict"] in ("better", "worse"):
         sure = f"significantly, DM {fmt_p(r['p_value'])}"
@@ -239,6 +261,8 @@ def ic_significance(result: EvaluationResult, *, lag: int | None = None) -> pd.D
         pred, real = result.horizon_returns(name)
         t = M.ic_tstats(pred, real, result.symbols, result.origin_time, lag=lag)
         s = result.scores[name]
+        if s.get("point_is_no_change"):  # no direction to correlate: undefined, not a t of rounding noise
+            t = dict.fromkeys(t, np.nan)
         rows[name] = {"ic": s["ic"], "ic_t": t["ic_t"], "rank_ic": s["rank_ic"], "rank_ic_t": t["rank_ic_t"],
                       "xs_ic": s["xs_ic"], "xs_ic_t": t["xs_ic_t"], "xs_rank_ic": s["xs_rank_ic"],
                       "xs_rank_ic_t": t["xs_rank_ic_t"], "lag": lag}

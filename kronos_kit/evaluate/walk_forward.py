@@ -56,13 +56,15 @@ def walk_forward(
     batch_size: int = 32,
     point: str = "median",
     season: int = 1,
+    label: str = "walk-forward",
 ) -> EvaluationResult:
     """Walk-forward evaluation of ``models`` and ``baselines`` on the same origins of the test split.
 
     ``frame`` is the canonical long frame (symbol, timestamps, open, high, low, close, volume, amount,
     optional boolean ``is_context``). Origins come from :func:`forecast_origins`; each model is called
     with up to ``batch_size`` origins at a time. ``point`` picks the median or mean of the sample paths
-    for point metrics; ``season`` is the MASE seasonal period m. Baselines
+    for point metrics; ``season`` is the MASE seasonal period m; ``label`` names the progress bar (one bar over
+    every model's batches, so its ETA is the whole forecast's). Baselines
     (:mod:`~kronos_kit.evaluate.baselines`): "persistence" (one path), "drift", "random_walk", "garch_rw"
     and "bootstrap" (``sample_count`` seeded paths each), "garch" (volatility only).
     """
@@ -105,8 +107,9 @@ def walk_forward(
     )
 
     _forecast_models(result, frame, rows, models, lookback=lookback, pred_len=pred_len, sample_count=sample_count,
-                     batch_size=batch_size, progress=progress)
-    _forecast_baselines(result, baselines, pred_len=pred_len, sample_count=sample_count, seed=seed, progress=progress)
+                     batch_size=batch_size, progress=progress, label=label)
+    _forecast_baselines(result, baselines, pred_len=pred_len, sample_count=sample_count, seed=seed,
+                        progress=progress, label=label)
     t0 = time.perf_counter()
     for name, paths in result.samples.items():
         result.vol_pred[name] = M.predicted_vol(paths, result.last_close)
@@ -116,15 +119,19 @@ def walk_forward(
 
 
 def _forecast_models(result: EvaluationResult, frame: pd.DataFrame, rows: np.ndarray, models: Mapping[str, ForecastFn],
-                     *, lookback: int, pred_len: int, sample_count: int, batch_size: int, progress: bool) -> None:
+                     *, lookback: int, pred_len: int, sample_count: int, batch_size: int, progress: bool,
+                     label: str) -> None:
     """Every model's sample paths at every origin, ``batch_size`` origins per call, into ``result``."""
     def inputs(batch: np.ndarray) -> tuple[list[pd.DataFrame], list[pd.Series], list[pd.Series]]:
         return origin_inputs(frame, rows[batch], lookback=lookback, pred_len=pred_len)
 
     batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
+    bar = tqdm(total=len(batches) * len(models), desc=f"{label} ({len(rows)} origins)", unit="batch",
+               disable=not progress)
     for name, fn in models.items():
         parts, build_s, call_s = [], 0.0, 0.0
-        for batch in tqdm(batches, desc=f"forecast {name}", disable=not progress):
+        bar.set_postfix_str(f"forecasting {name}")
+        for batch in batches:
             t0 = time.perf_counter()
             args = inputs(batch)
             t1 = time.perf_counter()
@@ -137,14 +144,16 @@ def _forecast_models(result: EvaluationResult, frame: pd.DataFrame, rows: np.nda
             if parts and out.shape[1] != parts[0].shape[1]:
                 raise ValueError(f"model {name!r} changed its sample count between batches")
             parts.append(out)
+            bar.update(1)
         result.samples[name] = np.concatenate(parts)
         # the model's own time apart from building its input frames (the evaluator's share)
         result.timings[f"model:{name}"] = call_s
         result.timings[f"inputs:{name}"] = build_s
+    bar.close()
 
 
 def _forecast_baselines(result: EvaluationResult, baselines: Sequence[str], *, pred_len: int, sample_count: int,
-                        seed: int, progress: bool) -> None:
+                        seed: int, progress: bool, label: str) -> None:
     """Baseline paths and GARCH volatility at every origin, into ``result`` (one GARCH fit per origin
     serves both ``garch`` and ``garch_rw``; its time is counted once, under the first of them)."""
     history = result.history
@@ -153,8 +162,8 @@ def _forecast_baselines(result: EvaluationResult, baselines: Sequence[str], *, p
     for name in sorted(baselines, key=BASELINES.index):  # one draw order, whatever the order asked for
         t0 = time.perf_counter()
         if name in ("garch", "garch_rw") and fits is None:
-            fits = [fit_garch(history[i, :, CLOSE]) for i in tqdm(range(len(history)), desc="GARCH(1,1)",
-                                                                   disable=not progress)]
+            fits = [fit_garch(history[i, :, CLOSE]) for i in tqdm(range(len(history)), desc=f"{label}: GARCH(1,1)",
+                                                                   unit="fit", disable=not progress)]
             reasons = Counter(f.fallback for f in fits if f.fallback is not None)
             result.garch_fallbacks = {"total": sum(reasons.values()), **dict(reasons)}
         if name == "garch":
@@ -186,6 +195,7 @@ def evaluate_models(
     point: str = "median",
     season: int = 1,
     calibration: SamplingCalibration | None = None,
+    label: str = "walk-forward",
 ) -> EvaluationResult:
     """Walk-forward evaluation of Kronos (predictor, tokenizer) pairs: the notebook one-liner.
 
@@ -230,7 +240,7 @@ def evaluate_models(
     result = walk_forward(frame, fns, lookback=lookback, pred_len=s["pred_len"], stride=s["stride"],
                           sample_count=s["sample_count"], max_origins=s["max_origins"], baselines=baselines,
                           seed=0 if seed is None else seed, progress=progress, batch_size=batch_size, point=point,
-                          season=season)
+                          season=season, label=label)
     if calibration is not None:  # each model's path calibration fitted on validation, applied to its paths
         result.calibrate({name: PathCalibration.from_dict(calibration.path_calibration(name), where="calibration.json")
                           for name in fns if name in calibration.paths})

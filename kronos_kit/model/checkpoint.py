@@ -168,6 +168,38 @@ class CheckpointMixin:
             )
 
 
+def source_width(source: str, model: str = "Kronos") -> int | None:
+    """d_model of a checkpoint source without loading its weights: a folder's or an embedded checkpoint's
+    config.json, a preset of `model` ("Kronos" or "KronosTokenizer"), or a hub id already in the local hub cache
+    (never fetched); None when it cannot be told."""
+    name = str(source)
+    try:
+        if name.startswith("embedded:"):
+            return int(load_json(embedded_folder(name) / CONFIG_NAME)["d_model"])
+        path = Path(name).expanduser()
+        if (path / CONFIG_NAME).is_file():
+            return int(load_json(path / CONFIG_NAME)["d_model"])
+        preset = PRESETS.get(model, {}).get(name.removeprefix("preset:"))
+        if preset is not None:
+            return int(preset["d_model"])
+        if _HUB_ID.fullmatch(name) and not _looks_local(name):
+            import huggingface_hub
+
+            return int(load_json(huggingface_hub.hf_hub_download(name, CONFIG_NAME, local_files_only=True))["d_model"])
+    except Exception:  # an unreadable or uncached config: the width is unknown, the caller falls back
+        return None
+    return None
+
+
+def config_width(cfg: Any) -> int | None:
+    """The widest model a `KitConfig` starts from (its tokenizer and predictor `start_from`), None if unknown."""
+    widths = [source_width(cfg.tokenizer.start_from, "KronosTokenizer"), source_width(cfg.predictor.start_from)]
+    if cfg.predictor.tokenizer_from:
+        widths.append(source_width(cfg.predictor.tokenizer_from, "KronosTokenizer"))
+    known = [w for w in widths if w is not None]
+    return max(known) if len(known) == len(widths) else None
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder needs {CONFIG_NAME} and {WEIGHTS_NAME}")

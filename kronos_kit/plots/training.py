@@ -157,22 +157,28 @@ def plot_training_curves(
 
 def plot_selection_curves(metrics: str | Path | list[dict], phase: str = "predictor") -> Figure:
     """What picks phase 2's `best`: validation loss (left) and forecast skill (right: close CRPS and MAE
-    on the validation origins) by step, the base model's level on the same origins dashed, and the
-    evaluations that became `best` ringed."""
+    on the validation origins) by step, the base model's level on the same origins dashed, and the one
+    evaluation kept as `best` ringed on the curve of the metric that picked it (the log's `select_metric`),
+    with a dotted line at its step on both panels."""
     records = _records(metrics, phase)
     evals = [r for r in records if r["kind"] == "eval"]
     reference = next((r for r in records if r["kind"] == "reference"), {})
+    kept = [r for r in evals if r.get("best")]
+    best = kept[-1] if kept else None  # each improvement was `best` in its time; the last one is the checkpoint
+    select = (best or {}).get("select_metric") or "val_loss"
     fig = new_figure((11, 3.6))
     left, right = fig.subplots(1, 2)
     for ax, keys in ((left, ("val_loss",)), (right, ("val_crps", "val_mae"))):
+        if best is not None:
+            ax.axvline(best["step"], color="0.5", ls=":", lw=1)
         for key in keys:
-            points = [(r["step"], r[key], r.get("best")) for r in evals if key in r]
+            points = [(r["step"], r[key]) for r in evals if key in r]
             if not points:
                 continue
             line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
-            best = [(p[0], p[1]) for p in points if p[2]]
-            if best:
-                ax.scatter(*zip(*best), s=120, facecolors="none", edgecolors=line.get_color())
+            if best is not None and key == select and key in best:
+                ax.scatter([best["step"]], [best[key]], s=160, facecolors="none", edgecolors=line.get_color(),
+                           linewidths=1.8, label=f"best: step {best['step']}, by {select}", zorder=4)
             if reference.get(key) is not None:
                 ax.axhline(reference[key], color=line.get_color(), ls="--", lw=1, label=f"{key} (base model)")
                 ax.plot([0], [reference[key]], ls="none", marker="D", markersize=7, mfc="white",
@@ -184,5 +190,5 @@ def plot_selection_curves(metrics: str | Path | list[dict], phase: str = "predic
         else:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
     left.set_title(f"{phase} validation loss")
-    right.set_title("forecast skill on validation origins (ringed: best)")
+    right.set_title("forecast skill on validation origins (ringed: the kept best)")
     return fig

@@ -35,8 +35,8 @@ from kronos_kit.pipeline import (  # the pipeline's own checks of a call, reused
     _check_origins,
     _usage,
     run_name,
-    run_provenance,
 )
+from kronos_kit.provenance import run_provenance
 from kronos_kit.runtime import check_device, set_threads, tqdm
 from kronos_kit.sweep.folder import SweepDir, load_sweep_study
 from kronos_kit.sweep.objective import OBJECTIVES, choose_objective

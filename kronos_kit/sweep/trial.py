@@ -35,7 +35,7 @@ from kronos_kit.config import KitConfig, apply_overrides
 from kronos_kit.data import DataBundle, load_data
 from kronos_kit.evaluate import decide_on_validation
 from kronos_kit.model import Kronos, KronosTokenizer
-from kronos_kit.pipeline import RUN_KIND, Manifest, run_provenance
+from kronos_kit.provenance import RUN_KIND, run_provenance, update_manifest
 from kronos_kit.run_lock import run_lock
 from kronos_kit.runs import RunDir, atomic_write_text, run_choice, save_json
 from kronos_kit.runtime import resolve_device
@@ -132,27 +132,27 @@ def _finish(study: optuna.Study, trial: optuna.Trial, *, value: float | None = N
 def _run(ctx: SweepContext, trial: optuna.Trial, params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Phases 1 and 2 and the validation step in the locked run folder; the trial's outcome record."""
     cfg = apply_overrides(ctx.base, {**params, "run_dir": str(run_dir)})
-    manifest = _open_manifest(ctx, trial, cfg, params, run_dir)
+    _open_manifest(ctx, trial, cfg, params, run_dir)
     bundle = load_data(cfg)
     data_key = bundle.cache.name if bundle.cache is not None else ctx.data_sha256
     unit = ensure_phase1(cfg, ctx.sweep_dir, bundle, data_key)
     cfg = cfg.with_overrides(attach_phase1(unit, run_dir))
     atomic_write_text(RunDir(run_dir).config, f"# sweep {ctx.study_name}, trial {trial.number}\n" + cfg.to_yaml())
-    manifest.data["config"] = cfg.to_dict()
+    update_manifest(run_dir, lambda data: data.update(config=cfg.to_dict()))
     shared = {"folder": str(unit.folder), **unit.to_dict()}
-    _stage(manifest, "01", "completed", shared=shared, seconds=unit.seconds)
+    _stage(run_dir, "01", "completed", shared=shared, seconds=unit.seconds)
     if not unit.gate_passed and not cfg.gate.override:
-        _stage(manifest, "02", "failed", error="the tokenizer gate failed")
+        _stage(run_dir, "02", "failed", error="the tokenizer gate failed")
         return {"state": "failed", "error": f"the tokenizer gate failed: {unit.gate_summary}", "phase1": unit.key[:16]}
     started = time.perf_counter()
     result = _phase2(ctx, trial, cfg, bundle)
     if result is not None and result.stopped == PRUNED:
-        _stage(manifest, "02", PRUNED, step=result.steps, seconds=round(time.perf_counter() - started, 1))
+        _stage(run_dir, "02", PRUNED, step=result.steps, seconds=round(time.perf_counter() - started, 1))
         return {"state": PRUNED, "pruned_at_step": result.steps, "phase1": unit.key[:16]}
-    _stage(manifest, "02", "completed", seconds=round(time.perf_counter() - started, 1))
+    _stage(run_dir, "02", "completed", seconds=round(time.perf_counter() - started, 1))
     started = time.perf_counter()
     promotion = validation_step(cfg, bundle, run_dir)
-    _stage(manifest, "03", "completed", seconds=round(time.perf_counter() - started, 1),
+    _stage(run_dir, "03", "completed", seconds=round(time.perf_counter() - started, 1),
            scope="validation decisions only (promoted.json, calibration.json); the test split was not evaluated")
     value = ctx.objective.read(run_dir)
     base_value = promotion.evidence.get("metric", {}).get("other_mean")
@@ -192,26 +192,27 @@ def validation_step(cfg: KitConfig, bundle: DataBundle, run_dir: Path) -> Any:
 
 
 def _open_manifest(ctx: SweepContext, trial: optuna.Trial, cfg: KitConfig, params: dict[str, Any],
-                   run_dir: Path) -> Manifest:
-    """The trial folder's manifest.json, as the pipeline writes one, with what the sweep knows about it."""
-    manifest = Manifest.load_or_new(run_dir)
-    manifest.data.update({
-        "kind": RUN_KIND, "config_file": str(ctx.sweep_dir / "config.yaml"), "parameters": params,
-        "config": cfg.to_dict(), "seed": cfg.seed, **run_provenance(),
-        "data": {"source": cfg.data.source, "sha256": ctx.data_sha256},
-        "sweep": {"folder": str(ctx.sweep_dir), "study": ctx.study_name, "trial": trial.number,
-                  "slot": trial.user_attrs.get(SLOT), "role": trial.user_attrs.get(ROLE)},
-    })
-    manifest.data.setdefault("invocations", []).append(
-        {"mode": "sweep trial", "trial": trial.number, "parameters": params, "started": dt.datetime.now()})
-    manifest.save()
-    return manifest
+                   run_dir: Path) -> None:
+    """The trial folder's manifest.json, as the pipeline writes one (`provenance`), with what the sweep knows."""
+
+    def header(data: dict[str, Any]) -> None:
+        data.update({
+            "kind": RUN_KIND, "config_file": str(ctx.sweep_dir / "config.yaml"), "parameters": params,
+            "config": cfg.to_dict(), "seed": cfg.seed, **run_provenance(),
+            "data": {"source": cfg.data.source, "sha256": ctx.data_sha256},
+            "sweep": {"folder": str(ctx.sweep_dir), "study": ctx.study_name, "trial": trial.number,
+                      "slot": trial.user_attrs.get(SLOT), "role": trial.user_attrs.get(ROLE)},
+        })
+        data.setdefault("invocations", []).append({"by": f"sweep trial {trial.number}", "mode": "sweep trial",
+                                                   "parameters": params, "started": dt.datetime.now()})
+
+    update_manifest(run_dir, header)
 
 
-def _stage(manifest: Manifest, stage: str, status: str, **extra: Any) -> None:
-    manifest.data["stages"][stage] = {"status": status, "via": "sweep trial (library calls, no notebook)",
-                                      "finished": dt.datetime.now(), **extra}
-    manifest.save()
+def _stage(run_dir: Path, stage: str, status: str, **extra: Any) -> None:
+    record = {"status": status, "by": "sweep trial (library calls, no notebook)", "finished": dt.datetime.now(),
+              **extra}
+    update_manifest(run_dir, lambda data: data["stages"].__setitem__(stage, record))
 
 
 def _write_trial_file(ctx: SweepContext, trial: optuna.Trial, params: dict[str, Any], run_dir: Path,
