@@ -355,12 +355,21 @@ def test_forecast_run_hands_over_the_ensemble_and_model_only_leaves_it_out(tmp_p
                         "weights": [0.0, 1.0, 0.0]}, "tails": {}}
     save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base", "handover": {"handover": fit},
                                "checkpoints": bound})
+    save_json(rd.metrics_json, {"n_origins": 200, "table": {
+        "base": {"close_crps": 80.0, "close_mae": 110.0, "coverage_80": 0.73},
+        "handed_over": {"close_crps": 79.0, "close_mae": 109.0, "coverage_80": 0.8},
+        "bootstrap": {"close_crps": 81.0}}, "paired_comparisons": [], "handover_comparisons": [
+            {"model": "handed_over", "other": "bootstrap", "metric": "close_crps", "verdict": "better"}]})
     stage_03_completed(rd)
     args = ("--run", str(tiny_run), "--data", CSV, "--quantiles", "0.1,0.9")
     handed, out = forecast(tmp_path, capsys, *args)
     alone, out_alone = forecast(tmp_path, capsys, *args, "--model-only")
     assert "handed over: garch_rw alone: base has weight 0; tails: none (fitted on validation" in out
     assert "handed over: the model alone (--model-only)" in out_alone
+    # how far to trust it: the test record of what the CSV holds (the handed-over forecast, or the model alone)
+    assert "model handed_over" in out and "close CRPS 79 vs the best naive forecast (bootstrap) 81: 2.5% lower, " \
+        "better in the run's paired test" in out
+    assert "model base" in out_alone and "close CRPS 80 vs" in out_alone
     # the naive member comes from the series' own last 90 bars (the run's lookback) and the seed: the run folder
     # alone reproduces the forecast
     history = load_ohlcv(CSV).tail(90)[list(FEATURE_COLUMNS)].to_numpy(np.float64)[None]

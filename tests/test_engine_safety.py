@@ -173,7 +173,7 @@ def test_every_interrupted_swap_state_recovers_on_the_next_save(tmp_path, state)
 
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_a_rename_failing_mid_swap_is_recovered_by_the_next_save(tmp_path, monkeypatch, fail_at):
-    import kronos_kit.runs as runs_module
+    import kronos_kit.atomic as runs_module  # where the run files' atomic writes live
 
     target = tmp_path / "last"
     replace_dir(target, _write("1"))

@@ -276,3 +276,23 @@ def test_forecast_frame_rows_are_valid_candles(two_symbols):
                                                           6), 6, sample_count=16, seed=0)
     np.testing.assert_allclose(out.loc[out.symbol == "AAA", "close_q0.05"], raw.quantile(0.05)["close"])
     assert out.attrs["forecast"]["point_forecast"] == "the median of the sample paths, bar by bar"
+
+
+def test_handed_over_rows_are_valid_candles_too(two_symbols):
+    """The hand-over (ensemble with a naive forecast, then the tails) comes before the candle repair: every row of
+    the handed-over forecast is a valid candle, and the settings name both."""
+    from kronos_kit.calibration import Ensemble, Handover, TailCalibration
+
+    handover = Handover(Ensemble("quantile_average", ["model", "random_walk"], [0.5, 0.5]), TailCalibration(1.2, 1.5))
+    out = forecast_frame(BrokenCandles(), two_symbols, horizon=6, sample_count=16, quantiles=(0.05, 0.95),
+                         handover=handover)
+    plain = forecast_frame(BrokenCandles(), two_symbols, horizon=6, sample_count=16, quantiles=(0.05, 0.95))
+    assert not np.allclose(out["close_q0.95"], plain["close_q0.95"])  # the hand-over changed the forecast
+    for stat in ("mean", "median", "q0.05", "q0.95"):
+        o, h, lo, c = (out[f"{k}_{stat}"] for k in ("open", "high", "low", "close"))
+        assert (lo <= np.minimum(o, c)).all() and (h >= np.maximum(o, c)).all(), stat
+        assert (out[f"volume_{stat}"] >= 0).all(), stat
+    about = out.attrs["forecast"]
+    assert about["candles"]["repaired_share"] > 0.5 and "random_walk" in about["handover"]
+    assert about["point_forecast"].startswith("the median of the handed-over paths (the model's combined with "
+                                              "random_walk)")

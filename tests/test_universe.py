@@ -251,6 +251,8 @@ def test_the_report_carries_the_universe_section_and_bottom_line(universe_run):
     for heading in ("## Universe: does the model rank the names", "### IC decay", "### Quantile returns",
                     "### Portfolios", "### Verdicts (paired tests on the test split)"):
         assert heading in report
+    # the universe's word is in the verdict at the top; its section comes before the per-series tables
+    assert report.index(ev.bottom_line) < report.index("## Universe") < report.index("## The test evaluation")
     metrics = json.loads(paths["json"].read_text())
     assert metrics["bottom_line"].endswith(ev.bottom_line)
     assert "finetuned vs base, RankIC: **better" in report  # the oracle with less noise ranks better
@@ -266,8 +268,9 @@ def test_a_single_series_has_no_universe_and_its_report_is_unchanged(parts, tmp_
     assert not (tmp_path / "run").exists()
     result = walk_forward(one, {"finetuned": momentum_model, "base": momentum_model}, lookback=LOOKBACK,
                           pred_len=HORIZON, stride=20, sample_count=PATHS, baselines=("persistence",), progress=False)
-    with_universe = write_report(result, tmp_path / "a", n_boot=20, universe=ev)
-    without = write_report(result, tmp_path / "b", n_boot=20)
+    # the same folder name: report.md's title names the run folder
+    with_universe = write_report(result, tmp_path / "a" / "run", n_boot=20, universe=ev)
+    without = write_report(result, tmp_path / "b" / "run", n_boot=20)
     assert with_universe["report"].read_text() == without["report"].read_text()
     assert with_universe["json"].read_bytes() == without["json"].read_bytes()
     with pytest.raises(ValueError, match="promote_on=rank_ic needs a panel, but no cross-section"):

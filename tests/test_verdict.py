@@ -463,6 +463,10 @@ def test_the_report_says_what_is_handed_over_and_whether_the_model_adds_anything
     assert {("garch_rw", "close_crps"), ("bootstrap", "close_crps"), ("finetuned", "close_crps")} <= rows
     report = paths["report"].read_text()
     assert "## What is handed over (ensemble and tails fitted on the validation split)" in report
+    # one voice: the verdict first, what is handed over after the decisions, the tables after it
+    order = [report.index(h) for h in ("**Bottom line.**", "## The tests behind it", "## Did finetuning help?",
+                                       "## What is handed over", "## The test evaluation")]
+    assert order == sorted(order)
     assert "- handed_over vs garch_rw, close CRPS: **better** at 5%." in report
     forecasts = pd.read_parquet(paths["forecasts"])
     assert "handed_over" in set(forecasts["model"])
