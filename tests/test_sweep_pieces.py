@@ -422,3 +422,40 @@ def test_notebook_04_starts_with_a_parameters_cell_of_literals_each_documented()
     section = readme[readme.index("Notebook 04's parameters"):][:600]
     assert all(f"`{name}`" in section for name in names), names
     assert not any(c.get("outputs") or c.get("execution_count") for c in cells)
+
+
+def test_the_selection_optimism_sentence_measures_a_rankic_gain_in_rankic_units():
+    """The report's sentence for a RankIC sweep: the validation gain is a difference of RankICs (best 0.050 vs
+    trial 0's 0.030: +0.020), the test gain is the paired per-date difference (+0.005), so a quarter held."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from kronos_kit.sweep.holdout import holdout_lines
+
+    def trial(number: int, value: float):
+        made = create_trial(value=value, params={"predictor.lr": 1e-4}, user_attrs={"role": "search"},
+                            distributions={"predictor.lr": FloatDistribution(1e-5, 2e-4, log=True)})
+        made.number = number
+        return made
+
+    def row(metric: str, model_mean: float, other_mean: float) -> dict:
+        return {"model": "best", "other": "default", "metric": metric, "label": metric, "model_mean": model_mean,
+                "other_mean": other_mean, "difference": model_mean - other_mean, "ci_low": -0.1, "ci_high": 0.1,
+                "p_value": 0.6, "verdict": "no detectable difference", "mde": 0.08, "n": 77, "ci_level": 0.95}
+
+    signals = ("best", "default", "base", "momentum", "reversal", "placebo")
+    record = {"when": "now", "n_dates": 77, "n_symbols": 15, "best_naive": "momentum",
+              "settings": {"signal": "expected_return", "horizon": 10, "stride": 5, "paths": 8, "topk": 3,
+                           "n_drop": 1, "hold_bars": 5, "buy_cost_bps": 10.0, "sell_cost_bps": 15.0},
+              "table": {s: {"rank_ic": 0.01, "rank_ic_t": 0.3, "rank_ic_p": 0.76, "ic": 0.0, "topk_excess": 0.02,
+                            "topk_excess_gross": 0.05, "topk_ir": 0.1, "topk_breakeven_bps": -3.0,
+                            "long_short": -0.1} for s in signals},
+              "paired": [row("rank_ic", 0.012, 0.007), row("topk_excess", 0.04, 0.01)]}
+    text = "\n".join(holdout_lines(trial(7, 0.050), trial(0, 0.030), RANK_IC, record, looks=1, trials=10))
+    assert "RankIC is +0.050 against trial 0's +0.030 (+0.020); on test +0.012 against +0.007 (+0.005" in text
+    assert "25% of the validation gain held on test" in text and "best of the sweep's 10 trials" in text
+    assert "+4.0% a year against trial 0's +1.0%" in text
+    assert "| best (trial 7) | +0.010 | 0.30 | p = 0.76 |" in text and "| none |" in text  # loses before costs
+    record["paired"][0] = row("rank_ic", 0.002, 0.007)  # worse on test: nothing held, not a negative share
+    assert "0% of the validation gain held on test" in "\n".join(
+        holdout_lines(trial(7, 0.050), trial(0, 0.030), RANK_IC, record, looks=2, trials=10))
