@@ -113,11 +113,13 @@ def probe_lines(agreement: dict[str, Any], objective: Any, settings: SweepSettin
                      "objective is unknown. Where the correlation above is weak, sweep.prune: false (or a larger "
                      "sweep.prune_warmup_steps) lets every trial reach the objective.")
     elif agreement["would_stop"]:
-        stops = ", ".join(f"{n} at step {s} (rank {agreement['ranks'][n]})" for n, s in agreement["would_stop"].items())
+        n = agreement["n"]
+        stops = " and ".join(f"trial {t} at step {s} (its objective ranks {agreement['ranks'][t]} of {n})"
+                             for t, s in agreement["would_stop"].items())
         best = " It would have stopped the best trial." if 1 in agreement["ranks"].values() else ""
         lines.append(f"Pruning was off. Replayed on the finished trials in trial order, the median rule (after "
                      f"{settings.prune_startup_trials} finished trials, from step {settings.prune_warmup_steps}) would "
-                     f"have stopped trials {stops}, ranks by the objective among {agreement['n']}.{best}")
+                     f"have stopped {stops}.{best}")
     else:
         lines.append("Pruning was off. Replayed on the finished trials in trial order, the median rule would have "
                      "stopped none of them.")
