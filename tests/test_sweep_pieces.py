@@ -459,3 +459,17 @@ def test_the_selection_optimism_sentence_measures_a_rankic_gain_in_rankic_units(
     record["paired"][0] = row("rank_ic", 0.002, 0.007)  # worse on test: nothing held, not a negative share
     assert "0% of the validation gain held on test" in "\n".join(
         holdout_lines(trial(7, 0.050), trial(0, 0.030), RANK_IC, record, looks=2, trials=10))
+
+
+def test_sweep_figures_name_the_objective_on_their_axes():
+    """The history and slice figures label the objective with the study's metric name (finish_sweep sets it to
+    the objective's label), not Optuna's generic "Objective Value"."""
+    from kronos_kit.plots import plot_sweep_history, plot_sweep_slices
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("predictor.lr", 1e-5, 2e-4, log=True) * 100, n_trials=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([RANK_IC.label])
+    for fig in (plot_sweep_history(study), plot_sweep_slices(study)):
+        assert "validation RankIC" in {ax.get_ylabel() for ax in fig.axes}

@@ -174,6 +174,8 @@ def finish_sweep(sweep: SweepDir, *, storage: str | None = None, progress: bool 
     """Leaderboard (CSV, Markdown), figures (PNG), the test evaluation when due, report.md."""
     study = load_sweep_study(sweep, storage)
     objective = sweep.objective()
+    if study.metric_names != [objective.label]:  # the figures' axis names (a study made before this had none)
+        study.set_metric_names([objective.label])
     table = leaderboard(study, objective, [p.name for p in sweep.space().params])
     table.to_csv(sweep.leaderboard_csv)
     atomic_write_text(sweep.leaderboard_md, leaderboard_markdown(table, objective) + "\n")
