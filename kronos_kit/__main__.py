@@ -116,7 +116,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_sweep_parser(sub: Any) -> None:
     sweep = sub.add_parser("sweep", help="search the finetuning settings on validation (Optuna); each trial is a run",
-                           epilog="examples:\n  python -m kronos_kit sweep --space configs/sweep.yaml --workers 2\n"
+                           epilog="examples:\n  python -m kronos_kit sweep --config configs/sweep-small.yaml --space "
+                                  "configs/sweeps/default.yaml --workers 2\n  python -m kronos_kit sweep --config "
+                                  "configs/sweep-universe.yaml --space configs/sweeps/universe.yaml --workers 2   "
+                                  "(a panel: the validation RankIC)\n"
                                   "  python -m kronos_kit sweep --sweep-dir sweeps/NAME --resume\n"
                                   "  python -m kronos_kit sweep --space S.yaml --storage postgresql://host/db   "
                                   "(machine 1)\n  python -m kronos_kit sweep --storage postgresql://host/db --study "

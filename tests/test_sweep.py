@@ -151,6 +151,70 @@ def test_changing_the_test_split_changes_no_objective_and_not_the_best_trial(tmp
     assert values["same"] == values["changed"]
 
 
+PANEL = ["data.lookback=30", "data.predict=5", "data.train_ratio=0.6", "data.val_ratio=0.2", "tokenizer.max_steps=4",
+         "tokenizer.eval_every=2", "tokenizer.batch_size=16", "predictor.max_steps=8", "predictor.eval_every=2",
+         "predictor.batch_size=16", "predictor.skill_origins=4", "predictor.skill_paths=2", "predictor.skill_horizon=5",
+         "evaluation.val_origins=60", "evaluation.max_origins=12", "evaluation.sample_count=4", "evaluation.pred_len=5",
+         "evaluation.calibration_methods=[none,spread]", "evaluation.promote_on=rank_ic",
+         "evaluation.rebalance_stride=10", "evaluation.universe_sample_count=2", "evaluation.topk=2",
+         "evaluation.n_drop=1", "threads=1"]
+
+
+def test_a_panel_sweep_ranks_on_validation_and_the_test_split_changes_no_objective_and_not_the_best(tmp_path):
+    """Six stocks of sample:us15 from 2009 (a panel, so auto picks the RankIC objective): every trial's universe.json
+    holds the validation split only; another market on the test dates (each name's prices on its own random walk,
+    so the ranking changes) gives the same objectives, states and best trial; the report compares the best trial
+    and trial 0 once on the test split's universe metrics."""
+    from kronos_kit.data import load_ohlcv, load_sample, split
+
+    frame = load_sample("us15")
+    frame = frame[frame["symbol"].isin(sorted(frame["symbol"].unique())[:6])
+                  & (frame["timestamps"] >= "2009-01-01")].reset_index(drop=True)
+    parts = split(load_ohlcv(frame), lookback=30, predict=5, ratios=(0.6, 0.2, 0.2))
+    test_start = parts.test.loc[~parts.test["is_context"], "timestamps"].min()
+    rows = (frame["timestamps"] >= test_start).to_numpy()
+    changed = frame.copy()
+    rng = np.random.default_rng(0)
+    for _, group in changed[rows].groupby("symbol"):  # each name on its own random walk from the test start
+        factor = np.exp(np.cumsum(rng.normal(0, 0.02, len(group))))
+        changed.loc[group.index, ["open", "high", "low", "close"]] *= factor[:, None]
+    changed.loc[rows, "volume"] = changed.loc[rows, "volume"][::-1].to_numpy()
+    data = {"same": tmp_path / "same.csv", "changed": tmp_path / "changed.csv"}
+    frame.to_csv(data["same"], index=False)
+    changed.to_csv(data["changed"], index=False)
+    space = write_space(tmp_path, trials=3)
+    values = {}
+    for name, path in data.items():
+        words = [f"-p={w}" for w in [f"data={path}", *PANEL]]
+        command = [sys.executable, "-m", "kronos_kit", "sweep", "--space", str(space), "--sweep-dir",
+                   str(tmp_path / name), *words]
+        done = run(command)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "a proxy for the RankIC objective" in done.stdout  # pruning is on: the sweep says what it follows
+        sweep = SweepDir(tmp_path / name)
+        assert sweep.definition()["objective"] == "rank_ic"
+        study = load_sweep_study(sweep)
+        for t in study.get_trials():
+            if t.state.name == "COMPLETE":
+                universe = json.loads((Path(t.user_attrs["run_dir"]) / "universe.json").read_text())
+                assert universe["splits"] == ["validation"] and "test" not in universe
+                assert t.value == universe["validation"]["finetuned"]["rank_ic"]
+                assert json.loads((Path(t.user_attrs["run_dir"]) / "promoted.json").read_text())["metric"] == "rank_ic"
+        values[name] = ([(t.number, t.state.name, t.value, t.params) for t in study.get_trials()],
+                        study.best_trial.number)
+    assert values["same"] == values["changed"]
+    sweep = SweepDir(tmp_path / "same")
+    look = sweep.definition()["test_evaluations"][0]
+    assert look["objective"] == "rank_ic" and look["n_symbols"] == 6 and look["n_dates"] > 10
+    table = pd.read_csv(sweep.test_table, index_col="signal")
+    assert {"best", "base", "momentum", "reversal", "placebo"} <= set(table.index)
+    assert table["rank_ic"].between(-1, 1).all() and "topk_excess" in table
+    report = sweep.report.read_text()
+    assert f"{look['n_dates']} rebalance dates every 10 bars x 6 symbols" in report
+    assert "**Selection optimism.**" in report or "The base config was the best trial" in report
+    assert "## Pruning: did the probe order the trials as the objective?" in report
+
+
 def test_notebook_04_shows_a_sweep_and_notebook_03_evaluates_a_trial(tiny_sweep, tmp_path):
     """From notebooks/ as JupyterLab runs it: notebook 04 on the finished sweep shows the leaderboard, every figure
     inline and the report; `pipeline --from 03` runs notebook 03 on a trial folder (its test evaluation)."""

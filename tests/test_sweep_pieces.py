@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from conftest import DATA
 
 from kronos_kit.config import KitConfig
 from kronos_kit.runs import read_metrics, save_json
-from kronos_kit.sweep import CLOSE_CRPS, RANK_IC, SearchSpace, choose_objective, is_universe
+from kronos_kit.sweep import CLOSE_CRPS, RANK_IC, SearchSpace, choose_objective, universe_reason
+from kronos_kit.sweep.probe import ProbePruner, replay_pruning
 from kronos_kit.sweep.study import add_slots, open_storage, open_study, recover_orphans, take_trial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,32 +86,120 @@ def test_the_base_config_must_lie_inside_the_space_because_it_is_trial_0():
         bad.check(KitConfig())
 
 
+SHIPPED = {"default.yaml": "sweep-small.yaml", "universe.yaml": "sweep-universe.yaml"}  # space -> its base config
+
+
+@pytest.mark.parametrize(("space_file", "config_file"), SHIPPED.items())
+def test_the_shipped_search_spaces_load_and_hold_their_base_config(space_file, config_file):
+    """Each space file in configs/sweeps (a clone once lacked it: .gitignore hid the folder) loads, and its base
+    config, trial 0, lies inside it; the command in its header names that pair."""
+    assert {p.name for p in (ROOT / "configs" / "sweeps").glob("*.yaml")} == set(SHIPPED)
+    path = ROOT / "configs" / "sweeps" / space_file
+    SearchSpace.from_file(path).check(KitConfig.from_file(ROOT / "configs" / config_file))
+    assert f"--config configs/{config_file} --space configs/sweeps/{space_file}" in path.read_text()
+
+
 # ------------------------------------------------------------------------------------ the objective seam
 
 
 def test_the_objective_is_read_from_the_trials_own_validation_files(tmp_path):
     save_json(tmp_path / "promoted.json", {"metric": "close_crps", "evidence": {
         "finetuned": "finetuned", "metric": {"model_mean": 12.5, "other_mean": 13.0}}})
-    assert CLOSE_CRPS.read(tmp_path) == 12.5
-    with pytest.raises(ValueError, match="universe.json not found.*universe evaluation"):
+    assert CLOSE_CRPS.read(tmp_path) == 12.5 and CLOSE_CRPS.read_reference(tmp_path) == 13.0
+    with pytest.raises(ValueError, match="universe.json not found"):
         RANK_IC.read(tmp_path)
     # the contract of the universe evaluation (issue 25): validation.finetuned.rank_ic, maximized
-    save_json(tmp_path / "universe.json", {"validation": {"finetuned": {"rank_ic": 0.031}, "base": {"rank_ic": 0.0}},
-                                           "test": {"finetuned": {"rank_ic": 0.9}}})
+    save_json(tmp_path / "universe.json", {"validation": {"finetuned": {"rank_ic": 0.031}, "base": {"rank_ic": 0.02}},
+                                           "test": {"finetuned": {"rank_ic": 0.9}, "base": {"rank_ic": -0.9}}})
     assert RANK_IC.read(tmp_path) == 0.031 and RANK_IC.direction == "maximize"
+    assert RANK_IC.read_reference(tmp_path) == 0.02  # the base model on validation, never the test entry
     assert RANK_IC.better(0.04, 0.031) and CLOSE_CRPS.better(12.0, 12.5)
+    # a RankIC near zero changes by a difference (a share of 0.02 means nothing); a CRPS by a share
+    assert RANK_IC.change(0.031, 0.02) == pytest.approx(0.011) and RANK_IC.format_change(0.011) == "+0.011"
+    assert CLOSE_CRPS.change(12.5, 13.0) == pytest.approx(0.5 / 13) and CLOSE_CRPS.format_change(0.05) == "5.0%"
     save_json(tmp_path / "universe.json", {"validation": {"finetuned": {"rank_ic": None}}})
     with pytest.raises(ValueError, match="no finite validation RankIC"):
         RANK_IC.read(tmp_path)
 
 
-def test_auto_objective_is_rank_ic_for_a_universe_and_crps_for_one_series():
-    one = pd.DataFrame({"symbol": "A", "timestamps": pd.date_range("2024-01-01", periods=5)})
-    panel = pd.concat([one, one.assign(symbol="B")])
-    apart = pd.concat([one, one.assign(symbol="B", timestamps=one["timestamps"] + pd.Timedelta(days=30))])
-    assert not is_universe(one) and is_universe(panel) and not is_universe(apart)
-    assert choose_objective("auto", panel) is RANK_IC and choose_objective("auto", one) is CLOSE_CRPS
-    assert choose_objective("close_crps", panel) is CLOSE_CRPS
+def _splits(frame: pd.DataFrame):
+    from kronos_kit.data import load_ohlcv, split
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return split(load_ohlcv(frame), lookback=30, predict=5, ratios=(0.6, 0.2, 0.2))
+
+
+def _bars(symbol: str, start: str, n: int = 300) -> pd.DataFrame:
+    close = 50 * np.exp(np.cumsum(np.random.default_rng(len(symbol) + n).normal(0, 0.01, n)))
+    return pd.DataFrame({"symbol": symbol, "timestamps": pd.bdate_range(start, periods=n), "open": close,
+                         "high": close * 1.01, "low": close * 0.99, "close": close, "volume": 1e5})
+
+
+def test_the_objective_follows_the_universe_evaluations_own_rule():
+    """auto is the RankIC exactly when a run of the base config evaluates a universe (cross_section_reason):
+    enough symbols sharing rebalance dates in validation and test, and evaluation.universe on."""
+    from kronos_kit.evaluate.universe_evaluation import cross_section_reason
+
+    cfg = KitConfig().with_overrides({"data.lookback": 30, "evaluation.pred_len": 5, "evaluation.rebalance_stride": 5})
+    panel = _splits(pd.concat([_bars(f"S{k}", "2020-01-01") for k in range(6)]))
+    one = _splits(_bars("S0", "2020-01-01"))
+    few = cfg.with_overrides({"evaluation.universe_min_symbols": 7})  # 6 symbols share dates, 7 are asked for
+    off = cfg.with_overrides({"evaluation.universe": False})
+    assert choose_objective("auto", cfg, panel) is RANK_IC and choose_objective("auto", cfg, one) is CLOSE_CRPS
+    for other in (few, off):  # a stand-in rule ("several symbols share a date") would call both a universe
+        assert choose_objective("auto", other, panel) is CLOSE_CRPS
+        assert universe_reason(other, panel) == cross_section_reason(panel, other.evaluation, lookback=30)
+    assert choose_objective("close_crps", cfg, panel) is CLOSE_CRPS
+    with pytest.raises(ValueError, match="rank_ic needs a universe, but no cross-section: .* 1 symbol"):
+        choose_objective("rank_ic", cfg, one)
+    with pytest.raises(ValueError, match="promotes on the validation RankIC .*sweep.objective: rank_ic"):
+        choose_objective("close_crps", cfg.with_overrides({"evaluation.promote_on": "rank_ic"}), panel)
+
+
+# ------------------------------------------------------------------------------------ the pruner's probe
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_the_pruner_stops_the_worse_probe_whatever_the_objectives_direction(direction):
+    """The probe (val_crps) is lower-is-better also in a RankIC study (maximize): Optuna's MedianPruner would read
+    it the study's way round there and stop the trial that forecasts best."""
+    study = optuna.create_study(direction=direction, pruner=ProbePruner(n_startup_trials=2, n_warmup_steps=0))
+    for probe in (10.0, 12.0):  # two finished trials: the median of the probe at step 30 is 11
+        trial = study.ask()
+        trial.report(probe, 30)
+        study.tell(trial, 0.0)
+    worse, better = study.ask(), study.ask()
+    worse.report(11.5, 30)
+    better.report(10.5, 30)
+    assert worse.should_prune() and not better.should_prune()
+
+
+def test_the_replayed_median_rule_stops_what_the_live_pruner_stopped():
+    """With pruning off the report replays the rule on the finished trials; run live in the same order, the
+    pruner stops the same trials at the same steps."""
+    rng = np.random.default_rng(3)
+    curves = [dict(zip((30, 60, 90), 10 + np.cumsum(rng.normal(0, 1, 3)))) for _ in range(10)]
+    settings = SearchSpace.from_dict({"sweep": {"prune_startup_trials": 3}, "space": {
+        "predictor.lr": {"low": 1e-5, "high": 1e-4}}}).settings
+    live = optuna.create_study(direction="maximize", pruner=ProbePruner(3, 0))
+    off = optuna.create_study(direction="maximize")
+    stopped = {}
+    for number, curve in enumerate(curves):
+        trial, full = live.ask(), off.ask()
+        for step, value in curve.items():
+            full.report(value, step)
+            trial.report(value, step)
+            if number and trial.should_prune():  # trial 0 (the base config) is never pruned
+                stopped[number] = step
+                live.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            live.tell(trial, float(number))
+        off.tell(full, float(number))
+    done = off.get_trials()
+    done[0].user_attrs["role"] = "default"
+    assert stopped and replay_pruning(done, settings) == stopped
 
 
 # ------------------------------------------------------------------------------------ slots, workers, recovery
@@ -332,3 +422,54 @@ def test_notebook_04_starts_with_a_parameters_cell_of_literals_each_documented()
     section = readme[readme.index("Notebook 04's parameters"):][:600]
     assert all(f"`{name}`" in section for name in names), names
     assert not any(c.get("outputs") or c.get("execution_count") for c in cells)
+
+
+def test_the_selection_optimism_sentence_measures_a_rankic_gain_in_rankic_units():
+    """The report's sentence for a RankIC sweep: the validation gain is a difference of RankICs (best 0.050 vs
+    trial 0's 0.030: +0.020), the test gain is the paired per-date difference (+0.005), so a quarter held."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from kronos_kit.sweep.holdout import holdout_lines
+
+    def trial(number: int, value: float):
+        made = create_trial(value=value, params={"predictor.lr": 1e-4}, user_attrs={"role": "search"},
+                            distributions={"predictor.lr": FloatDistribution(1e-5, 2e-4, log=True)})
+        made.number = number
+        return made
+
+    def row(metric: str, model_mean: float, other_mean: float) -> dict:
+        return {"model": "best", "other": "default", "metric": metric, "label": metric, "model_mean": model_mean,
+                "other_mean": other_mean, "difference": model_mean - other_mean, "ci_low": -0.1, "ci_high": 0.1,
+                "p_value": 0.6, "verdict": "no detectable difference", "mde": 0.08, "n": 77, "ci_level": 0.95}
+
+    signals = ("best", "default", "base", "momentum", "reversal", "placebo")
+    record = {"when": "now", "n_dates": 77, "n_symbols": 15, "best_naive": "momentum",
+              "settings": {"signal": "expected_return", "horizon": 10, "stride": 5, "paths": 8, "topk": 3,
+                           "n_drop": 1, "hold_bars": 5, "buy_cost_bps": 10.0, "sell_cost_bps": 15.0},
+              "table": {s: {"rank_ic": 0.01, "rank_ic_t": 0.3, "rank_ic_p": 0.76, "ic": 0.0, "topk_excess": 0.02,
+                            "topk_excess_gross": 0.05, "topk_ir": 0.1, "topk_breakeven_bps": -3.0,
+                            "long_short": -0.1} for s in signals},
+              "paired": [row("rank_ic", 0.012, 0.007), row("topk_excess", 0.04, 0.01)]}
+    text = "\n".join(holdout_lines(trial(7, 0.050), trial(0, 0.030), RANK_IC, record, looks=1, trials=10))
+    assert "RankIC is +0.050 against trial 0's +0.030 (+0.020); on test +0.012 against +0.007 (+0.005" in text
+    assert "25% of the validation gain held on test" in text and "best of the sweep's 10 trials" in text
+    assert "+4.0% a year against trial 0's +1.0%" in text
+    assert "| best (trial 7) | +0.010 | 0.30 | p = 0.76 |" in text and "| none |" in text  # loses before costs
+    record["paired"][0] = row("rank_ic", 0.002, 0.007)  # worse on test: nothing held, not a negative share
+    assert "0% of the validation gain held on test" in "\n".join(
+        holdout_lines(trial(7, 0.050), trial(0, 0.030), RANK_IC, record, looks=2, trials=10))
+
+
+def test_sweep_figures_name_the_objective_on_their_axes():
+    """The history and slice figures label the objective with the study's metric name (finish_sweep sets it to
+    the objective's label), not Optuna's generic "Objective Value"."""
+    from kronos_kit.plots import plot_sweep_history, plot_sweep_slices
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("predictor.lr", 1e-5, 2e-4, log=True) * 100, n_trials=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([RANK_IC.label])
+    for fig in (plot_sweep_history(study), plot_sweep_slices(study)):
+        assert "validation RankIC" in {ax.get_ylabel() for ax in fig.axes}

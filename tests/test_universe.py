@@ -369,3 +369,44 @@ def test_evaluate_universe_samples_kronos_pairs_alike_and_applies_each_models_ca
     for kind in ("expected_return", "risk_adjusted", "prob_up"):
         np.testing.assert_array_equal(test.signals[f"base_{kind}"], test.signals[f"finetuned_{kind}"])
     assert test.forecast_scores["base"]["close_mae_bp"] != test.forecast_scores["finetuned"]["close_mae_bp"]
+
+
+class Unread:
+    """A split that fails the test the moment anything reads it (a column, its length, a copy)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read ({name})")
+
+    def __getitem__(self, key):
+        raise AssertionError(f"the test split was read ([{key!r}])")
+
+    def __len__(self):
+        raise AssertionError("the test split was read (len)")
+
+
+def test_the_validation_part_never_reads_the_test_split_and_equals_the_full_runs(frame, parts, universe_run,
+                                                                                  tmp_path):
+    """A sweep trial's call (test=False): with a test split that cannot be read it still writes universe.json (the
+    validation split only) and the validation signals, equal to what the full run wrote for validation; with
+    promote_on: rank_ic its promotion is the full run's."""
+    _, run_dir, _ = universe_run
+    blind = type(parts)(parts.train, parts.val, Unread())
+    models = {"base": Oracle(frame, noise=0.2, seed=1), "finetuned": Oracle(frame, noise=0.03)}
+    ev = run_universe(blind, models, evaluation(), lookback=LOOKBACK, run_dir=tmp_path / "part", progress=False,
+                      test=False)
+    assert not ev.exists and list(ev.analyses) == ["validation"] and "validation only" in ev.reason
+    part = json.loads((tmp_path / "part" / "universe.json").read_text())
+    full = json.loads((run_dir / "universe.json").read_text())
+    assert part["splits"] == ["validation"] and "test" not in part and full["splits"] == ["validation", "test"]
+    assert part["validation"] == full["validation"] and part["best_naive"] == full["best_naive"]
+    signals = pd.read_parquet(run_dir / "signals.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "part" / "signals.parquet"),
+                                  signals[signals["split"] == "validation"])
+    first = Promotion(promoted="base", tokenizer=BASE_SOURCES[0], predictor=BASE_SOURCES[1], reason="by CRPS")
+    promoted = {}
+    for name, splits, test in (("part", blind, False), ("whole", parts, True)):
+        run_universe(splits, models, evaluation(promote_on="rank_ic"), lookback=LOOKBACK, run_dir=tmp_path / name,
+                     decision=ValidationDecision(None, first, None), finetuned_sources=BASE_SOURCES,
+                     base_sources=BASE_SOURCES, progress=False, n_boot=50, test=test)
+        promoted[name] = Promotion.load(tmp_path / name)
+    assert promoted["part"].metric == "rank_ic" and promoted["part"] == promoted["whole"]

@@ -9,12 +9,16 @@ every signal, a top-k dropout and a long-short portfolio per signal); promotes o
 the best naive factor (chosen on validation) and the placebo, and writes ``universe.json`` and
 ``signals.parquet`` into the run folder. Without a cross-section it returns an evaluation that says why and
 writes nothing, so a single-series run is unchanged.
+
+``test=False`` runs the validation part alone (a sweep trial: its objective is the validation RankIC): it
+never reads the test split (not even its symbols), and ``universe.json`` then holds ``validation`` only. The
+validation part is the same computation either way, so a trial's numbers equal the full run's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +59,7 @@ class PortfolioRules:
 
     @classmethod
     def of(cls, e: EvalConfig, n_symbols: int) -> PortfolioRules:
+        """The rules for ``n_symbols`` names (the validation split's: sized before the test split is read)."""
         topk = e.topk if e.topk is not None else max(1, math.ceil(n_symbols / 5))
         n_drop = e.n_drop if e.n_drop is not None else max(1, round(topk / 10))
         costs = Costs(buy=e.buy_cost_bps * 1e-4, sell=e.sell_cost_bps * 1e-4, minimum=e.min_cost, account=e.account)
@@ -99,6 +104,24 @@ def analyze(result: UniverseResult, rules: PortfolioRules, *, horizon: int) -> S
     return SplitAnalysis(statistics, books, perf, bars)
 
 
+def signal_summary(analysis: SplitAnalysis) -> pd.DataFrame:
+    """One row per signal of ``analysis``: RankIC and IC at the decision horizon with their Newey-West t, the
+    spread, the top-k and long-short portfolios' annual excess return after costs, information ratio, breakeven
+    cost and turnover, the number of dates."""
+    rows = {}
+    for name, s in analysis.statistics.items():
+        topk, ls = analysis.performance[name]["topk"], analysis.performance[name]["long_short"]
+        rows[name] = {"rank_ic": s["rank_ic"], "rank_ic_t": s["rank_ic_t"], "ic": s["ic"], "ic_t": s["ic_t"],
+                      "spread": s["spread"], "topk_excess": topk["excess_return"],
+                      "topk_excess_gross": topk["excess_return_gross"], "topk_ir": topk["information_ratio"],
+                      "topk_breakeven_bps": topk["breakeven_bps"], "topk_turnover": topk["turnover"],
+                      "long_short": ls["excess_return"], "long_short_ir": ls["information_ratio"],
+                      "n_dates": s["n_dates"]}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "signal"
+    return table
+
+
 @dataclass
 class UniverseEvaluation:
     """What :func:`evaluate_universe` found: ``reason`` says what ran (or why nothing did); ``decision`` is the
@@ -115,7 +138,7 @@ class UniverseEvaluation:
 
     @property
     def exists(self) -> bool:
-        """True when a cross-section was evaluated (the data is a panel)."""
+        """True when a cross-section was evaluated on both splits (the data is a panel; not a validation-only part)."""
         return "test" in self.analyses
 
     def __bool__(self) -> bool:
@@ -133,29 +156,18 @@ class UniverseEvaluation:
     def summary(self, split: str = "test") -> pd.DataFrame | str:
         """One row per signal of ``split``: RankIC and IC at the decision horizon with t, the spread, the top-k and
         long-short portfolios' annual excess return after costs, information ratio and breakeven cost."""
-        if not self.exists:
+        if split not in self.analyses:
             return self.reason
-        a = self.analyses[split]
-        rows = {}
-        for name in a.statistics:
-            s, topk, ls = a.statistics[name], a.performance[name]["topk"], a.performance[name]["long_short"]
-            rows[name] = {"rank_ic": s["rank_ic"], "rank_ic_t": s["rank_ic_t"], "ic": s["ic"], "ic_t": s["ic_t"],
-                          "spread": s["spread"], "topk_excess": topk["excess_return"],
-                          "topk_excess_gross": topk["excess_return_gross"], "topk_ir": topk["information_ratio"],
-                          "topk_breakeven_bps": topk["breakeven_bps"], "topk_turnover": topk["turnover"],
-                          "long_short": ls["excess_return"], "long_short_ir": ls["information_ratio"],
-                          "n_dates": s["n_dates"]}
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        table.index.name = "signal"
-        return table
+        return signal_summary(self.analyses[split])
 
     def to_dict(self) -> dict[str, Any]:
         """``universe.json``: per split, every signal's statistics and portfolio performance; ``base`` and
         ``finetuned`` (their decision signal) and the naive factors also under their own names, each with
         ``rank_ic``, ``ic`` and ``n_dates`` at the decision horizon (the sweep's objective is
         ``["validation"]["finetuned"]["rank_ic"]``); the settings, comparisons and bottom line."""
-        out: dict[str, Any] = {"exists": self.exists, "reason": self.reason, "settings": self.settings,
-                               "bottom_line": self.bottom_line, "best_naive": self.best_naive}
+        out: dict[str, Any] = {"exists": self.exists, "reason": self.reason, "splits": list(self.analyses),
+                               "settings": self.settings, "bottom_line": self.bottom_line,
+                               "best_naive": self.best_naive}
         for split, a in self.analyses.items():
             signals = {name: {**a.statistics[name], **a.performance[name]} for name in a.statistics}
             entries = {alias: signals[column] for alias, column in self.entries().items()}
@@ -167,7 +179,8 @@ class UniverseEvaluation:
         return jsonable(out)
 
     def save(self, run_dir: str | Path) -> dict[str, Path]:
-        """Write ``universe.json`` and ``signals.parquet`` (both splits' per-date signals) into the run folder."""
+        """Write ``universe.json`` and ``signals.parquet`` (the evaluated splits' per-date signals) into the run
+        folder."""
         rd = RunDir(run_dir)
         save_json(rd.universe, self.to_dict(), newline=False, allow_nan=False)
         table = pd.concat([r.signal_table() for r in self.results.values()])
@@ -175,12 +188,14 @@ class UniverseEvaluation:
         return {"universe": rd.universe, "signals": rd.signals}
 
 
-def cross_section_reason(splits: Splits, e: EvalConfig, *, lookback: int) -> str | None:
-    """Why the data has no cross-section for the universe evaluation (None: it has one in both splits)."""
+def cross_section_reason(splits: Splits, e: EvalConfig, *, lookback: int,
+                         parts: Sequence[str] = SPLITS) -> str | None:
+    """Why the data has no cross-section for the universe evaluation (None: it has one in every split of ``parts``,
+    validation and test by default). The one rule for "is this a universe": the run and a sweep both ask it."""
     if not e.universe:
         return "the universe evaluation is switched off (evaluation.universe: false)"
-    for split, frame in (("validation", splits.val), ("test", splits.test)):
-        grid = PanelGrid.of(frame)
+    for split in parts:
+        grid = PanelGrid.of(splits.val if split == "validation" else splits.test)  # only the named splits are read
         at, _ = rebalance_dates(grid, lookback=lookback, pred_len=e.pred_len, stride=e.rebalance_stride,
                                 min_symbols=e.universe_min_symbols)
         if len(at) == 0:
@@ -190,11 +205,11 @@ def cross_section_reason(splits: Splits, e: EvalConfig, *, lookback: int) -> str
     return None
 
 
-def check_promote_on(splits: Splits, e: EvalConfig, *, lookback: int) -> None:
+def check_promote_on(splits: Splits, e: EvalConfig, *, lookback: int, parts: Sequence[str] = SPLITS) -> None:
     """Refuse ``evaluation.promote_on: rank_ic`` for data without a cross-section (ValueError naming why)."""
     if e.promote_on != "rank_ic":
         return
-    reason = cross_section_reason(splits, e, lookback=lookback)
+    reason = cross_section_reason(splits, e, lookback=lookback, parts=parts)
     if reason is not None:
         raise ValueError(f"evaluation.promote_on=rank_ic needs a panel, but {reason}. Use "
                          "evaluation.promote_on=close_crps, or data with more symbols sharing dates")
@@ -214,6 +229,7 @@ def evaluate_universe(
     device: str | torch.device = "cpu",
     level: float = 0.05,
     n_boot: int = 2000,
+    test: bool = True,
     progress: bool = True,
 ) -> UniverseEvaluation:
     """The universe evaluation of ``models`` (``base`` and ``finetuned`` pairs) on a panel: the notebook one-liner.
@@ -221,7 +237,8 @@ def evaluate_universe(
     ``decision`` is :func:`~kronos_kit.evaluate.decide_on_validation`'s: its calibration sets each model's sampling
     (temperature, top-p; else ``evaluation``'s) and path calibration; each pair samples through
     :meth:`~kronos_kit.forecast.KronosPredictor.as_forecast_fn` with ``seed`` (common random numbers for both
-    models). Everything else is :func:`run_universe`, whose arguments these are.
+    models). Everything else is :func:`run_universe`, whose arguments these are (``test=False``: the validation
+    part only, as a sweep trial runs it).
     """
     e = evaluation
     calibration = decision.calibration if decision is not None else None
@@ -233,7 +250,7 @@ def evaluate_universe(
     return run_universe(splits, fns, e, lookback=lookback, calibrations=cals,
                         sampling={"temperature": temperature, "top_p": top_p, "top_k": e.top_k}, decision=decision,
                         finetuned_sources=finetuned_sources, base_sources=base_sources, run_dir=run_dir, seed=seed,
-                        level=level, n_boot=n_boot, progress=progress)
+                        level=level, n_boot=n_boot, test=test, progress=progress)
 
 
 def run_universe(
@@ -251,6 +268,7 @@ def run_universe(
     seed: int = 0,
     level: float = 0.05,
     n_boot: int = 2000,
+    test: bool = True,
     progress: bool = True,
 ) -> UniverseEvaluation:
     """The universe evaluation of ``base`` and ``finetuned`` forecaster callables on ``splits`` (module docstring).
@@ -258,46 +276,57 @@ def run_universe(
     Validation first: walk-forward, analysis and, with ``evaluation.promote_on: rank_ic``, the promotion
     (replacing ``decision``'s, bound to the chosen weights and written like it: pass the ``*_sources`` and
     ``run_dir``); then test, the comparisons at ``level`` (``n_boot`` bootstrap resamples) and the bottom line.
-    ``calibrations`` are each model's path calibration; ``sampling`` is recorded in the settings. With
-    ``run_dir`` writes ``universe.json`` and ``signals.parquet``. Without a cross-section returns an
-    evaluation that says why (and refuses ``promote_on: rank_ic``).
+    ``test=False`` stops after validation and never reads ``splits.test`` (a sweep trial). ``calibrations`` are
+    each model's path calibration; ``sampling`` is recorded in the settings. With ``run_dir`` writes
+    ``universe.json`` and ``signals.parquet``. Without a cross-section returns an evaluation that says why (and
+    refuses ``promote_on: rank_ic``).
     """
     e = evaluation
-    check_promote_on(splits, e, lookback=lookback)
-    reason = cross_section_reason(splits, e, lookback=lookback)
+    parts = SPLITS if test else ("validation",)
+    check_promote_on(splits, e, lookback=lookback, parts=parts)
+    reason = cross_section_reason(splits, e, lookback=lookback, parts=parts)
     if reason is not None:
         return UniverseEvaluation(reason, decision)
     paths = e.universe_sample_count or e.sample_count
     walk = dict(lookback=lookback, pred_len=e.pred_len, stride=e.rebalance_stride, sample_count=paths,
                 min_symbols=e.universe_min_symbols, calibrations=calibrations, seed=seed, progress=progress)
     fns = {m: forecasters[m] for m in MODELS}
-    results = {"validation": universe_walk_forward(splits.val, fns, split="validation", **walk)}
-    symbols = set(results["validation"].grid.symbols) | set(PanelGrid.of(splits.test).symbols)
-    rules = PortfolioRules.of(e, len(symbols))
-    analyses = {"validation": analyze(results["validation"], rules, horizon=e.pred_len)}
-    signal = {m: f"{m}_{e.signal}" for m in MODELS}
+    validation = universe_walk_forward(splits.val, fns, split="validation", **walk)
+    rules = PortfolioRules.of(e, len(validation.grid.symbols))
+    out = UniverseEvaluation("evaluated" if test else "evaluated on validation only (the test split was not read)",
+                             decision, {"validation": validation},
+                             {"validation": analyze(validation, rules, horizon=e.pred_len)})
+    out.best_naive = best_naive_factor(out.analyses["validation"].statistics)
+    out.settings = {"signal": e.signal, "horizon": e.pred_len, "stride": e.rebalance_stride, "paths": paths,
+                    "min_symbols": e.universe_min_symbols, "n_symbols": len(validation.grid.symbols),
+                    **dict(sampling or {}), "calibrated": bool(calibrations), "level": level,
+                    "benchmark": "equal-weight universe (close to close)", **rules.to_dict()}
     if e.promote_on == "rank_ic":
-        decision = _promote_on_rank_ic(decision, analyses["validation"], signal, e, finetuned_sources, base_sources,
-                                       run_dir, seed=seed, level=level)
-    results["test"] = universe_walk_forward(splits.test, fns, split="test", **walk)  # validation decided first
-    analyses["test"] = analyze(results["test"], rules, horizon=e.pred_len)
-    best = best_naive_factor(analyses["validation"].statistics)
-    pairs = [("finetuned", "base"), ("finetuned", best), ("finetuned", PLACEBO), ("base", best), ("base", PLACEBO)]
-    test = analyses["test"]
-    named = {**signal, best: best, PLACEBO: PLACEBO}
-    comparisons = universe_comparisons({n: test.statistics[c] for n, c in named.items()},
-                                       {n: test.books[c]["topk"].excess for n, c in named.items()}, pairs=pairs,
-                                       stride=e.rebalance_stride, horizon=e.pred_len, bars_per_year=test.bars_per_year,
-                                       level=level, n_boot=n_boot, seed=seed)
-    settings = {"signal": e.signal, "horizon": e.pred_len, "stride": e.rebalance_stride, "paths": paths,
-                "min_symbols": e.universe_min_symbols, "n_symbols": len(symbols), **dict(sampling or {}),
-                "calibrated": bool(calibrations), "level": level,
-                "benchmark": "equal-weight universe (close to close)", **rules.to_dict()}
-    out = UniverseEvaluation("evaluated", decision, results, analyses, settings, comparisons, best)
-    out.bottom_line = universe_bottom_line(out)
+        out.decision = _promote_on_rank_ic(decision, out.analyses["validation"], out.decision_signals, e,
+                                           finetuned_sources, base_sources, run_dir, seed=seed, level=level)
+    if test:  # validation decided everything above; the test split is read from here on
+        _add_test(out, universe_walk_forward(splits.test, fns, split="test", **walk), rules, e, level=level,
+                  n_boot=n_boot, seed=seed)
     if run_dir is not None:
         out.save(run_dir)
     return out
+
+
+def _add_test(out: UniverseEvaluation, result: UniverseResult, rules: PortfolioRules, e: EvalConfig, *,
+              level: float, n_boot: int, seed: int) -> None:
+    """The test split's analysis, the comparisons with base, the best naive factor and the placebo, the bottom
+    line."""
+    out.results["test"] = result
+    test = out.analyses["test"] = analyze(result, rules, horizon=e.pred_len)
+    out.settings["n_symbols"] = len(set(out.results["validation"].grid.symbols) | set(result.grid.symbols))
+    best, signal = out.best_naive, out.decision_signals
+    pairs = [("finetuned", "base"), ("finetuned", best), ("finetuned", PLACEBO), ("base", best), ("base", PLACEBO)]
+    named = {**signal, best: best, PLACEBO: PLACEBO}
+    out.comparisons = universe_comparisons({n: test.statistics[c] for n, c in named.items()},
+                                           {n: test.books[c]["topk"].excess for n, c in named.items()}, pairs=pairs,
+                                           stride=e.rebalance_stride, horizon=e.pred_len,
+                                           bars_per_year=test.bars_per_year, level=level, n_boot=n_boot, seed=seed)
+    out.bottom_line = universe_bottom_line(out)
 
 
 def _promote_on_rank_ic(decision: ValidationDecision | None, validation: SplitAnalysis, signal: Mapping[str, str],
@@ -317,4 +346,4 @@ def _promote_on_rank_ic(decision: ValidationDecision | None, validation: SplitAn
 
 
 __all__ = ["PortfolioRules", "SplitAnalysis", "UniverseEvaluation", "analyze", "check_promote_on",
-           "cross_section_reason", "evaluate_universe", "run_universe"]
+           "cross_section_reason", "evaluate_universe", "run_universe", "signal_summary"]

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from kronos_kit.plots.figure import KitFigure, new_figure
 
@@ -54,11 +55,17 @@ def _finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+def _objective_name(study: Any) -> str:
+    """The objective's name on the axes: the study's metric name (the sweep sets it, e.g. "validation RankIC")."""
+    names = getattr(study, "metric_names", None)
+    return names[0] if names else "Objective Value"
+
+
 def plot_sweep_history(study: Any) -> Figure:
     """Each finished trial's objective in trial order, with the best so far."""
     from optuna.visualization.matplotlib import plot_optimization_history
 
-    return _adopt(lambda: plot_optimization_history(study), "optimization history")
+    return _adopt(lambda: plot_optimization_history(study, target_name=_objective_name(study)), "optimization history")
 
 
 def plot_sweep_intermediate(study: Any) -> Figure:
@@ -88,7 +95,10 @@ def plot_sweep_slices(study: Any) -> Figure:
     """The objective against each parameter, one panel per parameter."""
     from optuna.visualization.matplotlib import plot_slice
 
-    return _adopt(lambda: plot_slice(study), "slices")
+    fig = _adopt(lambda: plot_slice(study, target_name=_objective_name(study)), "slices")
+    for ax in fig.axes:  # a narrow log axis with labelled minor ticks prints them over each other
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    return fig
 
 
 def plot_sweep_parallel(study: Any) -> Figure:

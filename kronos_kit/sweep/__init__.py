@@ -13,9 +13,9 @@ The sweep folder's layout is `folder.SweepDir`.
 """
 
 from kronos_kit.sweep.folder import SweepDir, load_sweep_study
-from kronos_kit.sweep.objective import CLOSE_CRPS, RANK_IC, Objective, choose_objective, is_universe
+from kronos_kit.sweep.holdout import evaluate_on_test, evaluate_universe_on_test
+from kronos_kit.sweep.objective import CLOSE_CRPS, RANK_IC, Objective, choose_objective, universe_reason
 from kronos_kit.sweep.report import (
-    evaluate_on_test,
     finish_sweep,
     leaderboard,
     leaderboard_markdown,
@@ -25,5 +25,5 @@ from kronos_kit.sweep.runner import run_sweep
 from kronos_kit.sweep.space import ParamSpec, SearchSpace, SweepSettings
 
 __all__ = ["CLOSE_CRPS", "RANK_IC", "Objective", "ParamSpec", "SearchSpace", "SweepDir", "SweepSettings",
-           "choose_objective", "evaluate_on_test", "finish_sweep", "is_universe", "leaderboard",
-           "leaderboard_markdown", "load_sweep_study", "read_leaderboard", "run_sweep"]
+           "choose_objective", "evaluate_on_test", "evaluate_universe_on_test", "finish_sweep", "leaderboard",
+           "leaderboard_markdown", "load_sweep_study", "read_leaderboard", "run_sweep", "universe_reason"]

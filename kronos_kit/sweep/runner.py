@@ -39,7 +39,7 @@ from kronos_kit.pipeline import (  # the pipeline's own checks of a call, reused
 from kronos_kit.provenance import run_provenance
 from kronos_kit.runtime import check_device, set_threads, tqdm
 from kronos_kit.sweep.folder import SweepDir, load_sweep_study
-from kronos_kit.sweep.objective import OBJECTIVES, choose_objective
+from kronos_kit.sweep.objective import OBJECTIVES, RANK_IC, choose_objective
 from kronos_kit.sweep.space import SearchSpace
 from kronos_kit.sweep.study import (
     add_slots,
@@ -89,7 +89,7 @@ def _new_definition(config: str | Path | None, space: str | Path | None, values:
                     f"data.source {base.data.source!r}: ")
     _check_origins(base, bundle)
     _usage(lambda: check_phases(base, len(bundle.train)))
-    objective = _usage(lambda: choose_objective(searched.settings.objective, bundle.frame), "sweep.objective: ")
+    objective = _usage(lambda: choose_objective(searched.settings.objective, base, bundle.splits), "sweep.objective: ")
     return {"config_file": str(config_path), "space_file": str(space_path), "parameters": values,
             "config_yaml": base.to_yaml(), "space": searched.to_dict(), "objective": objective.name,
             "direction": objective.direction, "data": {"source": base.data.source,
@@ -147,6 +147,10 @@ def run_sweep(config: str | Path | None = None, space: str | Path | None = None,
     plan = _plan(config, space, sweep_dir=sweep_dir, values=values, trials=trials, timeout=timeout, storage=storage,
                  study_name=study_name, resume=resume)
     _open(plan, workers)
+    if plan.sweep.objective() is RANK_IC and plan.sweep.space().settings.prune:
+        print("[sweep] note: the pruner follows phase 2's probe (validation close CRPS per series), a proxy for the "
+              "RankIC objective; report.md says how well it ordered the trials (sweep.prune: false runs every trial "
+              "to its objective)", flush=True)
     deadline = time.time() + plan.timeout if plan.timeout else (
         time.time() + plan.sweep.space().settings.timeout if plan.sweep.space().settings.timeout else None)
     threads = max(1, _total_threads(plan.sweep) // workers)

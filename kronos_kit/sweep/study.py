@@ -36,6 +36,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kronos_kit.run_lock import RunLockedError, run_lock, waiting_run_lock
+from kronos_kit.sweep.probe import ProbePruner
 from kronos_kit.sweep.space import SweepSettings
 
 __all__ = ["HEARTBEAT_SECONDS", "STUDY_FILE", "add_slots", "heartbeat", "make_sampler", "open_storage", "open_study",
@@ -81,10 +82,10 @@ def make_sampler(settings: SweepSettings, number: int) -> optuna.samplers.TPESam
 
 
 def make_pruner(settings: SweepSettings) -> optuna.pruners.BasePruner:
+    """The median rule on the probe's val_crps (lower is better in any study, `probe.ProbePruner`), or none."""
     if not settings.prune:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup_trials,
-                                       n_warmup_steps=settings.prune_warmup_steps)
+    return ProbePruner(settings.prune_startup_trials, settings.prune_warmup_steps)
 
 
 def open_study(storage: optuna.storages.BaseStorage, name: str, settings: SweepSettings, *,

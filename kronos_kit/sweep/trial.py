@@ -10,7 +10,10 @@ A trial runs what notebooks 01, 02 and 03's validation step compute, through the
    probe's validation close CRPS (`val_crps`) at every validation to the pruner; a trial whose probe trails
    the median of earlier trials at the same step stops there (state `pruned`);
 3. notebook 03's validation step (`evaluate.decide_on_validation`: promotion and calibration on the
-   validation split, `promoted.json`, `calibration.json`), then the objective from the folder.
+   validation split, `promoted.json`, `calibration.json`) and, when the objective is the RankIC or the config
+   promotes on it, the validation part of notebook 03's universe evaluation (`evaluate_universe(...,
+   test=False)`: `universe.json` with the validation split only, the RankIC promotion), then the objective
+   from the folder.
 
 It skips the figures, the token metrics and the whole test split: a trial never reads test data. Its folder
 is a run folder like the pipeline's (manifest.json with stages 01-03, config.yaml, checkpoints, decision
@@ -33,13 +36,21 @@ import optuna
 
 from kronos_kit.config import KitConfig, apply_overrides
 from kronos_kit.data import DataBundle, load_data
-from kronos_kit.evaluate import decide_on_validation
+from kronos_kit.evaluate import decide_on_validation, evaluate_universe
 from kronos_kit.model import Kronos, KronosTokenizer
 from kronos_kit.provenance import RUN_KIND, run_provenance, update_manifest
 from kronos_kit.run_lock import run_lock
-from kronos_kit.runs import RunDir, atomic_write_text, run_choice, save_json
+from kronos_kit.runs import (
+    CALIBRATION_FILE,
+    PROMOTION_FILE,
+    UNIVERSE_FILE,
+    RunDir,
+    atomic_write_text,
+    run_choice,
+    save_json,
+)
 from kronos_kit.runtime import resolve_device
-from kronos_kit.sweep.objective import Objective
+from kronos_kit.sweep.objective import RANK_IC, Objective
 from kronos_kit.sweep.phase1 import attach_phase1, ensure_phase1
 from kronos_kit.sweep.space import SearchSpace
 from kronos_kit.sweep.study import ROLE, SLOT, heartbeat, requeue
@@ -151,13 +162,12 @@ def _run(ctx: SweepContext, trial: optuna.Trial, params: dict[str, Any], run_dir
         return {"state": PRUNED, "pruned_at_step": result.steps, "phase1": unit.key[:16]}
     _stage(run_dir, "02", "completed", seconds=round(time.perf_counter() - started, 1))
     started = time.perf_counter()
-    promotion = validation_step(cfg, bundle, run_dir)
+    promotion, written = validation_step(cfg, bundle, run_dir, ctx.objective)
     _stage(run_dir, "03", "completed", seconds=round(time.perf_counter() - started, 1),
-           scope="validation decisions only (promoted.json, calibration.json); the test split was not evaluated")
+           scope=f"validation decisions only ({', '.join(written)}); the test split was not evaluated")
     value = ctx.objective.read(run_dir)
-    base_value = promotion.evidence.get("metric", {}).get("other_mean")
-    return {"state": "complete", "value": value, "base_value": base_value, "promoted": promotion.promoted,
-            "phase1": unit.key[:16]}
+    return {"state": "complete", "value": value, "base_value": ctx.objective.read_reference(run_dir),
+            "promoted": promotion.promoted, "phase1": unit.key[:16]}
 
 
 def _phase2(ctx: SweepContext, trial: optuna.Trial, cfg: KitConfig, bundle: DataBundle) -> Any:
@@ -177,18 +187,27 @@ def _phase2(ctx: SweepContext, trial: optuna.Trial, cfg: KitConfig, bundle: Data
     return train_predictor(cfg, data=bundle, resume=True, progress=False, on_validate=on_validate)
 
 
-def validation_step(cfg: KitConfig, bundle: DataBundle, run_dir: Path) -> Any:
-    """Notebook 03's validation step (promotion and calibration on the validation split, the decision files);
-    returns the `Promotion`. The universe evaluation's validation part belongs here too."""
+def validation_step(cfg: KitConfig, bundle: DataBundle, run_dir: Path, objective: Objective) -> tuple[Any, list[str]]:
+    """Notebook 03's validation step: promotion and calibration on the validation split, and for the RankIC
+    objective (or `evaluation.promote_on: rank_ic`) the universe evaluation's validation part, which never reads
+    the test split. Returns the run's `Promotion` (the RankIC one when the config promotes on it) and the files
+    written."""
     sources = {name: run_choice(run_dir, cfg, model=name) for name in ("base", "finetuned")}
     models = {name: (Kronos.from_pretrained(s.predictor_source), KronosTokenizer.from_pretrained(s.tokenizer_source))
               for name, s in sources.items()}
-    decision = decide_on_validation(
-        bundle.splits, models, cfg.evaluation, lookback=cfg.data.lookback, run_dir=run_dir, seed=cfg.seed,
-        finetuned_sources=(sources["finetuned"].tokenizer_source, sources["finetuned"].predictor_source),
-        base_sources=(sources["base"].tokenizer_source, sources["base"].predictor_source),
-        device=resolve_device(cfg.device))
-    return decision.promotion
+    pairs = {f"{name}_sources": (sources[name].tokenizer_source, sources[name].predictor_source)
+             for name in ("base", "finetuned")}
+    common = dict(lookback=cfg.data.lookback, run_dir=run_dir, seed=cfg.seed, device=resolve_device(cfg.device))
+    decision = decide_on_validation(bundle.splits, models, cfg.evaluation, **pairs, **common)
+    written = [PROMOTION_FILE, CALIBRATION_FILE] if decision.calibration else [PROMOTION_FILE]
+    if objective is RANK_IC or cfg.evaluation.promote_on == "rank_ic":
+        universe = evaluate_universe(bundle.splits, models, cfg.evaluation, decision=decision, test=False,
+                                     progress=False, **pairs, **common)
+        if not universe.analyses:  # this trial's look-back leaves no cross-section on validation
+            raise ValueError(f"no validation RankIC: {universe.reason}")
+        decision = universe.decision
+        written.append(UNIVERSE_FILE)
+    return decision.promotion, written
 
 
 def _open_manifest(ctx: SweepContext, trial: optuna.Trial, cfg: KitConfig, params: dict[str, Any],
