@@ -33,7 +33,8 @@ setup: $(PY)  ## create .venv with kronos-kit[dev] and register the Jupyter kern
 	@echo "ready: $(VENV) with kernel '$(KERNEL_NAME)'"
 
 # nbstripout as this clone's git filter: what JupyterLab's autosave writes into notebooks/ (outputs, widget
-# state) never reaches git, and `git status` stays clean; .gitattributes (committed) names the filter, the
+# state) never reaches git and `git diff` stays empty (`git status` lists such a notebook until `git add`, which
+# stages nothing: git compares sizes before it filters); .gitattributes (committed) names the filter, the
 # filter's command lives in .git/config, which no clone carries: hence this step. Same keys as `make strip`.
 git-filter:  ## install nbstripout as this clone's git filter for notebooks (make setup runs it)
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
@@ -65,7 +66,7 @@ test: $(PY)  ## run the whole test suite (what CI runs)
 test-fast: $(PY)  ## the test suite without the slow end-to-end tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-lint: $(PY)  ## ruff, and a check that notebooks carry no outputs
+lint: $(PY)  ## ruff, and a check that notebooks are stripped as the git filter writes them
 	$(VENV)/bin/ruff check .
 	$(PY) -m kronos_kit strip-notebooks --check notebooks
 

@@ -159,11 +159,15 @@ class PhaseResult:
     stopped: str  # "max_steps", "epochs", "early_stopping"
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluation records
     skipped_steps: int = 0  # steps without an update for a non-finite gradient (nonfinite_grad: skip)
+    select_metric: str = ""  # the validation metric that picked `best` (Phase.select_metric)
 
-    def __repr__(self) -> str:  # one line in a notebook, not the whole history
+    def __repr__(self) -> str:  # one line in a notebook, not the whole history: which metric, which step
         skipped = f", {self.skipped_steps} skipped" if self.skipped_steps else ""
-        return (f"{self.name}: {self.steps} steps ({self.stopped}{skipped}), best {self.best_metric:.6g} -> "
-                f"{self.best_dir}")
+        picked = [r["step"] for r in self.history if r.get("best")]
+        metric = f"{self.select_metric} " if self.select_metric else ""
+        at = f" at step {picked[-1]}" if picked else ""
+        return (f"{self.name}: {self.steps} steps ({self.stopped}{skipped}), best {metric}{self.best_metric:.6g}{at} "
+                f"-> {self.best_dir}")
 
 
 @dataclass
@@ -231,7 +235,7 @@ class _Run:
     def result(self, stopped: str) -> PhaseResult:
         st = self.state
         return PhaseResult(self.phase.name, st.step, st.best, self.best_dir, self.last_dir, stopped, st.history,
-                           st.skipped_steps)
+                           st.skipped_steps, self.phase.select_metric)
 
     def saved_note(self) -> str:
         """Where training can go on from, for error messages (what is saved is always finite)."""

@@ -22,7 +22,7 @@ def test_ci_fails_when_no_test_is_collected():
 
 def test_setup_installs_nbstripout_as_the_clones_git_filter(tmp_path):
     """JupyterLab's autosave writes outputs into the tracked notebooks; with the filter `make setup` installs
-    (`make git-filter`), git sees the notebook stripped: status clean, nothing to commit, `make lint` unaffected."""
+    (`make git-filter`), git sees the notebook stripped: `git diff` empty, nothing to commit, `make lint` unaffected."""
     import json
     import shutil
 
@@ -66,3 +66,49 @@ def test_setup_installs_nbstripout_as_the_clones_git_filter(tmp_path):
                              text=True, check=True).stdout
     strip_notebook(notebook)
     assert notebook.read_text() == cleaned
+
+
+def _nbstripout(text: str) -> str:
+    """What the git filter `make setup` installs hands git for a notebook's text (its clean command)."""
+    from kronos_kit.notebooks import EXTRA_KEYS
+
+    return subprocess.run([sys.executable, "-m", "nbstripout", "--extra-keys", EXTRA_KEYS], input=text,
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def test_every_committed_notebook_is_what_the_git_filter_writes():
+    """A fresh clone with the filter installed must read clean: a committed notebook that is not the filter's fixed
+    point (say random cell ids, or `\\u00b7` escapes) shows as modified in `git status` and `git diff` before anyone
+    touches it, and every run's manifest then says "dirty". `make strip` and `make lint` hold the same form."""
+    from kronos_kit.notebooks import strip_notebooks, stripped_text
+
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 4
+    for notebook in notebooks:
+        text = notebook.read_text()
+        assert _nbstripout(text) == text, f"{notebook.name}: run `make strip` and commit"
+        assert stripped_text(text) == text, notebook.name
+    assert strip_notebooks([str(ROOT / "notebooks")], check=True) == 0
+
+
+def test_strip_writes_what_the_filter_writes_for_a_notebook_lab_saved(tmp_path, capsys):
+    """A notebook with nbformat 4.5 cell ids as Lab or papermill write them (random), outputs and non-ASCII text:
+    `make strip` renumbers the ids and writes the text as the filter does, and `make lint` refuses the unstripped
+    file even when it has no outputs (its ids alone make every clone read it as modified)."""
+    import json
+
+    from kronos_kit.notebooks import strip_notebook, strip_notebooks
+
+    nb = json.loads((ROOT / "notebooks" / "04_sweep.ipynb").read_text())
+    for k, cell in enumerate(nb["cells"]):
+        cell["id"] = f"a{k * 7919:07x}"
+    saved = tmp_path / "saved.ipynb"
+    saved.write_text(json.dumps(nb, indent=1, ensure_ascii=True) + "\n")  # ids and escapes only, no outputs
+    assert strip_notebooks([str(saved)], check=True) == 1
+    assert "is not stripped as the git filter writes it" in capsys.readouterr().out
+    code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    code.update(execution_count=2, outputs=[{"output_type": "stream", "name": "stdout", "text": ["· hi\n"]}])
+    saved.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    filtered = _nbstripout(saved.read_text())
+    assert strip_notebook(saved) and saved.read_text() == filtered
+    assert strip_notebooks([str(saved)], check=True) == 0

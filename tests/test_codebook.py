@@ -511,6 +511,23 @@ def test_plots_render():
     render(plots.plot_code_candle(prof, 0) if prof.counts[0] == 0 else plots.plot_code_candle(prof, 3))
 
 
+
+def test_the_code_candle_keeps_its_title_and_labels_inside_the_figure():
+    """The code inspector in Lab showed "s1 code 59 (111011): channel mear" and "n normalized value (each channel
+    averaged on its own)": the title and the y label ran past the figure's edges and were cut off."""
+    from kronos_kit.plots import plot_code_candle
+
+    prof = code_profile(StandInTokenizer(), make_windows(n=4))
+    for code in (int(np.argmax(prof.counts)), len(prof.counts) - 1):
+        fig = plot_code_candle(prof, code)
+        fig.draw_without_rendering()  # constrained layout places everything it can
+        ax, edge = fig.axes[0], fig.bbox
+        for text in (t for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()):
+            box = text.get_window_extent()
+            assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0 and box.y1 <= edge.y1, \
+                (text.get_text(), box, edge)
+
+
 def test_code_profile_by_hand():
     windows = make_windows(n=3, length=8)
     tok = StandInTokenizer()

@@ -315,6 +315,12 @@ def test_worst_windows_figure_and_error_distribution():
     fig = plot_worst_windows(worst, median_move_bp=reports["after"].returns["median_move_bp"])
     titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_visible() and ax.get_title(loc="left")]
     assert titles[0].startswith("#1 AAA start") and "x move" in titles[0] and len(titles) == 3
+    # the titles' numbers are window means, the ring one bar: in Lab "after 67 bp" sat beside a ring 300 bp off,
+    # unlabelled; the title says mean and the ring carries its own error
+    assert all("mean close error:" in t for t in titles)
+    for ax, w in zip(fig.axes, worst):
+        ring = [t.get_text() for t in ax.texts if t.get_text().endswith(" bp")]
+        assert len(ring) == 1 and float(ring[0][:-3]) >= w.close_bp["after"] - 0.5, (ring, w.close_bp)
     assert hasattr(fig, "_repr_png_") and fig._repr_png_()[:4] == b"\x89PNG"  # displays inline
     dist = plot_window_errors(reports)
     labels = dist.axes[0].get_legend_handles_labels()[1]

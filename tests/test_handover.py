@@ -302,6 +302,64 @@ def test_the_handover_line_says_whether_the_model_adds_anything():
     assert "3.0% lower than garch_rw's, the best naive forecast on test (significantly, DM p = 0.01" in text
 
 
+
+def test_the_handover_line_says_when_the_test_finds_the_model_alone_better():
+    """The walk's run: validation gave the model weight 0 and the bottom line said "the model adds nothing", while
+    its own test found the handed-over forecast significantly worse than the model alone (3.5%, p = 0.016)."""
+    zero = {"model": "finetuned", "describe": "garch_rw alone: finetuned has weight 0",
+            "ensemble": {"members": ["model", "garch_rw"], "weights": [0.0, 1.0]}}
+    vs_model = {"model": HANDED_OVER, "metric": "close_crps", "mde": 0.04, "other": "finetuned", "other_mean": 0.9}
+    worse = pd.concat([_rows("no detectable difference", 2.8, 0.07),
+                       pd.DataFrame([{**vs_model, "p_value": 0.0158, "verdict": "worse", "change_pct": 3.52}])])
+    text = handover_line(worse, zero)
+    assert "On test the handed-over forecast's close CRPS is 3.5% higher than finetuned alone's (significantly, " \
+        "DM p = 0.0158): validation's choice did not hold on test" in text and "--model-only" in text
+    same = pd.concat([_rows("no detectable difference", 2.8, 0.07),
+                      pd.DataFrame([{**vs_model, "p_value": 0.3, "verdict": "no detectable difference",
+                                     "change_pct": 1.0}])])
+    assert "did not hold" not in handover_line(same, zero)
+
+
+def test_the_point_forecast_of_a_hand_over_without_the_model_is_not_called_a_combination():
+    """`forecast --run` said "the median of the handed-over paths (the model's combined with random_walk)" for a
+    hand-over in which the model has weight 0."""
+    from kronos_kit.calibration import PathCalibration, describe_point_forecast
+
+    fit = PathCalibration.from_dict({"method": "spread", "scale": 1.5, "power": 0.0, "center": 1.0, "conformal": {}},
+                                    where="test")
+    alone = Handover(Ensemble("linear_pool", ["model", "garch_rw", "random_walk"], [0.0, 0.0, 1.0]))
+    text = describe_point_forecast(fit, alone)
+    assert "the naive forecasts alone (random_walk; the model has weight 0)" in text and "combined" not in text
+    pooled = Handover(Ensemble("linear_pool", ["model", "random_walk"], [0.5, 0.5]))
+    assert "(the model's combined with random_walk)" in describe_point_forecast(fit, pooled)
+
+
+def test_how_far_to_trust_a_handed_over_forecast_names_the_model_alone_and_every_test(tmp_path):
+    """The trust lines of `forecast --run`: the hand-over against the model alone (what --model-only writes) with its
+    paired test, and the MAE line says whether a paired test stands behind it (it printed a bare "3.8% higher")."""
+    from kronos_kit.evaluate.evidence import test_evidence
+    from kronos_kit.runs import save_json
+
+    row = {"model": HANDED_OVER, "metric": "close_crps"}
+    save_json(tmp_path / "metrics.json", {
+        "n_origins": 200, "bottom_line": "...", "config": {"handed_over": {"model": "finetuned"}},
+        "table": {"finetuned": {"close_crps": 80.79, "close_mae": 110.0, "coverage_80": 0.73},
+                  "handed_over": {"close_crps": 83.63, "close_mae": 115.3, "coverage_80": 0.75},
+                  "persistence": {"close_crps": 111.1, "close_mae": 111.1}, "bootstrap": {"close_crps": 81.32}},
+        "paired_comparisons": [{"model": "finetuned", "other": "persistence", "metric": "close_ae",
+                                "verdict": "no detectable difference"}],
+        "handover_comparisons": [{**row, "other": "bootstrap", "verdict": "no detectable difference"},
+                                 {**row, "other": "finetuned", "verdict": "worse"}]})
+    handed = "\n".join(test_evidence(tmp_path, HANDED_OVER).lines())
+    assert "close CRPS vs finetuned alone (what --model-only writes): 3.5% higher, worse in the run's paired test" \
+        in handed
+    assert "close MAE vs persistence (no change): 3.8% higher, untested" in handed
+    model = "\n".join(test_evidence(tmp_path, "finetuned").lines())
+    assert "alone" not in model
+    assert "close MAE vs persistence (no change): 1.0% lower, no detectable difference in the run's paired test" \
+        in model
+
+
 def test_plot_handover_shows_the_weights_and_the_coverage_before_and_after():
     from matplotlib.figure import Figure
 

@@ -254,6 +254,11 @@ def test_a_phase_result_shows_as_one_line(tmp_path):
     result = PhaseResult("tokenizer", 150, 0.04425, tmp_path / "best", tmp_path / "last", "max_steps",
                          history=[{"step": s, "val": 1.0} for s in range(50)])
     assert repr(result) == f"tokenizer: 150 steps (max_steps), best 0.04425 -> {tmp_path / 'best'}"
+    # which metric picked `best`, and at which step (Lab showed "best 74.1434" with no word of val_crps)
+    result = PhaseResult("predictor", 300, 74.1434, tmp_path / "best", tmp_path / "last", "max_steps",
+                         history=[{"step": s, "val_crps": 75.0 - (s == 200), "best": s in (100, 200)}
+                                  for s in (100, 200, 300)], select_metric="val_crps")
+    assert repr(result) == f"predictor: 300 steps (max_steps), best val_crps 74.1434 at step 200 -> {tmp_path / 'best'}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")

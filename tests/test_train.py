@@ -214,6 +214,7 @@ def test_early_stopping_after_patience_evaluations(tmp_path, data, monkeypatch):
     assert result.stopped == "early_stopping"
     assert result.steps == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
     assert [r["best"] for r in result.history] == [True, False, False]
+    assert "best val_recon_full 1 at step 2 -> " in repr(result)  # the metric that picked it, and when
 
 
 def test_live_curve_follows_training(tmp_path, data):

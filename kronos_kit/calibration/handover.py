@@ -121,6 +121,9 @@ def describe_point_forecast(calibration: PathCalibration, handover: Handover | N
     if handover is None or handover.keeps_model_median:
         return "the median of the sample paths, bar by bar"
     naive = ", ".join(handover.ensemble.naive_members)
+    if handover.ensemble.model_weight == 0:  # the model's paths do not enter: "combined with" would mislead
+        return (f"the median of the handed-over paths, bar by bar: the naive forecasts alone ({naive}; the model has "
+                "weight 0)")
     if calibration.no_change_median:
         return (f"the median of the handed-over paths, bar by bar: the model's own median move is 0 (center factor "
                 f"0), so any move of the median comes from the naive forecasts it is combined with ({naive})")

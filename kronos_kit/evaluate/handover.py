@@ -43,7 +43,8 @@ def handover_line(comparisons: pd.DataFrame, handed_over: dict, coverage: dict[s
 
     The best naive forecast is the one with the lowest test close CRPS. Significantly better: "the model adds
     X% over <best>"; no detectable difference: "the model adds nothing detectable", with the minimum detectable
-    effect and how much of the forecast is naive; worse: which naive forecast is better and by how much.
+    effect and how much of the forecast is naive; worse: which naive forecast is better and by how much. When the
+    test finds the hand-over significantly worse than the model alone (the row against ``model``), it says so.
     ``coverage`` (``coverage_80``, ``coverage_95`` of the handed-over forecast) is stated after.
     """
     rows = comparisons[(comparisons["model"] == name) & comparisons["other"].isin(PROBABILISTIC_BASELINES)
@@ -75,6 +76,13 @@ def handover_line(comparisons: pd.DataFrame, handed_over: dict, coverage: dict[s
         parts = f"{1 - share:.0%} naive ({naive}), {share:.0%} {model}" if naive else f"100% {model}"
         text = (f"{what}: the model adds nothing detectable over {best}, the best naive forecast on test (close CRPS "
                 f"{size} {lower}, {sure}, {numbers}); the forecast handed over is {parts}.")
+    alone = comparisons[(comparisons["model"] == name) & (comparisons["other"] == model)
+                        & (comparisons["metric"] == "close_crps")]
+    if share < 1 and not alone.empty and alone.iloc[0]["verdict"] == "worse":  # test contradicts validation: say so
+        a = alone.iloc[0]
+        text += (f" On test the handed-over forecast's close CRPS is {abs(a['change_pct']):.1f}% higher than {model} "
+                 f"alone's (significantly, DM {fmt_p(a['p_value'])}): validation's choice did not hold on test; it "
+                 "stands, since nothing is chosen on test (`forecast --model-only` writes the model alone).")
     if coverage:
         text += (f" Its 80% / 95% intervals cover {coverage.get('coverage_80', float('nan')):.2f} / "
                  f"{coverage.get('coverage_95', float('nan')):.2f} of the realized closes.")

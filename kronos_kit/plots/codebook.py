@@ -332,7 +332,7 @@ def plot_code_candle(profile: CodeProfile, code: int, *, ax: Axes | None = None)
     Channels are z-scored separately, so the mean high need not lie above the mean open: the
     candle shows where each price sits relative to its own window, not a literal bar.
     """
-    fig, ax = figure_and_axes(ax, (3.0, 4.0))
+    fig, ax = figure_and_axes(ax, (3.4, 4.0))
     n = int(profile.counts[code])
     share = n / profile.n_tokens if profile.n_tokens else 0.0
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
@@ -342,7 +342,9 @@ def plot_code_candle(profile: CodeProfile, code: int, *, ax: Axes | None = None)
     else:
         ax.text(0.5, 0.5, "never used", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
-    ax.set_ylabel("mean normalized value (each channel averaged on its own)")
+    # short lines: the explorer shows this figure 3.4 inches wide, and a longer title or label was cut off there
+    ax.set_ylabel("mean normalized value")
+    ax.set_xlabel("each channel averaged on its own:\nnot one real candle", fontsize="small")
     bits = format(code, f"0{profile.s1_bits}b")
-    ax.set_title(f"s1 code {code} ({bits}): channel means\n{n:,} bar positions ({share:.2%})", fontsize="medium")
+    ax.set_title(f"s1 code {code} ({bits})\n{n:,} bar positions ({share:.2%})", fontsize="medium")
     return fig

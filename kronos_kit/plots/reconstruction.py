@@ -35,7 +35,8 @@ def plot_worst_windows(
     """One panel per window of :func:`~kronos_kit.reconstruction.worst_windows`, worst first: the true
     close (black) and each tokenizer's full-decoder close, in prices; shaded bars are context borrowed
     from the previous split (not scored). Titles give each tokenizer's mean close error in bp of the
-    previous close and, with ``median_move_bp``, as a multiple of the median bar move. ``frame`` (the
+    previous close and, with ``median_move_bp``, as a multiple of the median bar move; the red ring marks the last
+    tokenizer's worst bar, with its own error. ``frame`` (the
     frame the dataset came from, e.g. ``data.splits.val``) puts dates on the x axes."""
     if not worst:
         fig = new_figure((6.0, 2.0))
@@ -64,11 +65,16 @@ def plot_worst_windows(
         t = int(np.argmax(err)) + 1
         ax.plot([t], [fit[t]], ls="none", marker="o", ms=9, mfc="none", mec="red", mew=1.5,
                 label="worst bar of " + name)
+        # the ring's own error: the title's numbers are means over the window, far below a single worst bar
+        ax.annotate(f"{err[t - 1] * 1e4:.0f} bp", (t, fit[t]), xytext=(7, -3), textcoords="offset points",
+                    color="red", fontsize="x-small", va="top",
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5})
         times = _window_times(frame, first.symbol, first.start, len(truth)) if frame is not None and \
             first.start is not None else None
         when = f" {times[0]:%Y-%m-%d}" if times is not None else (f" start {first.start}" if first.start is not None
                                                                     else "")
-        ax.set_title(f"#{w.rank} {first.symbol or 'window'}{when}\n" + ", ".join(parts), fontsize="small", loc="left")
+        ax.set_title(f"#{w.rank} {first.symbol or 'window'}{when}, mean close error:\n" + ", ".join(parts),
+                     fontsize="small", loc="left")
         if times is not None:
             bar_time_axis(ax, times, nbins=4, label=None)
         else:
