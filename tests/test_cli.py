@@ -311,11 +311,18 @@ def stage_03_completed(rd: RunDir) -> None:
     save_json(rd.manifest, manifest)
 
 
-def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, tiny_run, capsys):
-    rd = RunDir(tiny_run)
+def promote_embedded_base(rd: RunDir) -> dict:
+    """Write a promoted.json choosing the kit's embedded base pair, bound to its weights; the binding, for the
+    calibration.json a test writes next."""
     bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
     save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
                             "predictor": "embedded:base/predictor", "checkpoints": bound})
+    return bound
+
+
+def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, tiny_run, capsys):
+    rd = RunDir(tiny_run)
+    bound = promote_embedded_base(rd)
     save_json(rd.calibration, {"temperature": 1e-6, "top_p": 1.0, "checkpoints": bound})  # greedy: paths all the same
     stage_03_completed(rd)
     table, out = forecast(tmp_path, capsys, "--run", str(tiny_run), "--data", CSV, "--quantiles", "0.05,0.95")
@@ -326,9 +333,7 @@ def test_forecast_uses_the_runs_promoted_pair_and_calibrated_sampling(tmp_path, 
 
 def test_forecast_run_applies_the_runs_path_calibration(tmp_path, tiny_run, capsys):
     rd = RunDir(tiny_run)
-    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
-    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
-                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    bound = promote_embedded_base(rd)
     wide = {"method": "spread", "scale": 3.0, "power": 0.0, "center": 1.0, "conformal": {}}
     save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base",
                                "paths": {"base": {"path_calibration": wide}}, "checkpoints": bound})
@@ -348,9 +353,7 @@ def test_forecast_run_hands_over_the_ensemble_and_model_only_leaves_it_out(tmp_p
     from kronos_kit.naive import naive_paths
 
     rd = RunDir(tiny_run)
-    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
-    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
-                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    bound = promote_embedded_base(rd)
     fit = {"ensemble": {"method": "linear_pool", "members": ["model", "garch_rw", "bootstrap"],
                         "weights": [0.0, 1.0, 0.0]}, "tails": {}}
     save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base", "handover": {"handover": fit},
@@ -386,9 +389,7 @@ def test_forecast_says_how_far_to_trust_it_and_when_its_median_is_no_change(tmp_
     """The CSV's median was flat at the last close with no word, and nothing said how the model did on test: the
     command prints the run's test evidence and what the median is, and writes both beside the CSV."""
     rd = RunDir(tiny_run)
-    bound = bind({"tokenizer": "embedded:base/tokenizer", "predictor": "embedded:base/predictor"})
-    save_json(rd.promoted, {"promoted": "base", "tokenizer": "embedded:base/tokenizer",
-                            "predictor": "embedded:base/predictor", "checkpoints": bound})
+    bound = promote_embedded_base(rd)
     centered = {"method": "spread_center", "scale": 1.5, "power": 0.0, "center": 0.0, "conformal": {}}
     save_json(rd.calibration, {"temperature": 1.0, "top_p": 0.9, "model": "base",
                                "paths": {"base": {"path_calibration": centered}}, "checkpoints": bound})
