@@ -25,7 +25,6 @@ import torch
 
 from kronos_kit.atomic import (  # noqa: F401 (re-exported: every file of a run is written through these)
     DiskFullError,
-    _alive,
     atomic_torch_save,
     atomic_write,
     atomic_write_bytes,

@@ -18,8 +18,8 @@ import torch
 from conftest import DATA
 from test_train import smoke_config
 
+from kronos_kit import atomic, runs
 from kronos_kit import run_lock as locks
-from kronos_kit import runs
 from kronos_kit.__main__ import main
 from kronos_kit.data import load_data
 from kronos_kit.run_lock import RunLockedError, run_lock
@@ -280,7 +280,7 @@ def test_a_torchrun_worker_ends_when_its_launcher_is_killed(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     for _ in range(100):
-        if not runs._alive(child) or Path(f"/proc/{child}/status").read_text().count("zombie"):
+        if not atomic._alive(child) or Path(f"/proc/{child}/status").read_text().count("zombie"):
             break
         time.sleep(0.05)
     status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}").exists() else "gone"

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kronos_kit.runs import _alive as process_alive
+from kronos_kit.atomic import _alive as process_alive
 
 from .load import Validated, _expand, canonical_frame, load_validated
 from .schema import CONTEXT_COLUMN, FEATURE_COLUMNS, DataNotice, nanoseconds, time_features
